@@ -1,0 +1,124 @@
+"""Commands: what a client asks for. Field constraints live on the types, so the same definitions
+validate HTTP input and runner/NATS requests. Ids of new things (task, lease, approval) are chosen by
+the caller and passed in, which keeps the deciders pure."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from core.events import Escalation, Priority, Vote, WorkflowRef
+from core.ids import Token
+
+Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=366 * 24 * 3600)]
+LeaseSeconds = Annotated[float, msgspec.Meta(ge=1, le=24 * 3600)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+Approver = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Actor(msgspec.Struct, frozen=True):
+    """Who issues a command: a credential's identity and roles, never taken from a request body."""
+
+    id: str
+    roles: frozenset[str] = frozenset()
+
+
+SYSTEM = Actor(id="system", roles=frozenset({"admin"}))
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class TaskCommand(Command, frozen=True, kw_only=True):
+    task_id: Token
+
+
+class SubmitTask(TaskCommand, frozen=True, kw_only=True):
+    task_type: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    payload: Any = None
+    queue: Token = "default"
+    priority: Priority = "normal"
+    required_capabilities: Capabilities = ()
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    timeout_seconds: Seconds | None = None
+    retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    metadata: dict[str, Any] = {}
+    workflow: WorkflowRef | None = None
+
+
+class ClaimTask(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    queue: Token = "default"
+    capabilities: Capabilities = ()
+    lease_seconds: LeaseSeconds = 30
+
+
+class HeartbeatTask(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    lease_seconds: LeaseSeconds | None = None
+    progress: Any = None
+
+
+class RequestApproval(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    approval_id: Token
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    approvers: Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)] = ("role:approver",)
+    quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    timeout_seconds: Seconds | None = None
+    escalation: Escalation | None = None
+
+
+class DecideApproval(TaskCommand, frozen=True, kw_only=True):
+    approval_id: Token
+    decision: Vote
+    comment: ShortText | None = None
+
+
+class CompleteTask(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    result: Any = None
+
+
+class FailTask(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    error: Any = None
+    retryable: bool = True
+
+
+class CancelTask(TaskCommand, frozen=True, kw_only=True):
+    reason: ShortText | None = None
+
+
+class WorkerCommand(Command, frozen=True, kw_only=True):
+    worker_id: Token
+
+
+class RegisterWorker(WorkerCommand, frozen=True, kw_only=True):
+    queue: Token = "default"
+    capabilities: Capabilities = ()
+    labels: Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=64)] = {}
+    model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    provider: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    heartbeat_timeout_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+
+
+class HeartbeatWorker(WorkerCommand, frozen=True, kw_only=True):
+    status: Annotated[str, msgspec.Meta(pattern="^(ready|busy|draining)$")] = "ready"
+
+
+class ReportWorkerFailure(WorkerCommand, frozen=True, kw_only=True):
+    reason: ShortText
+
+
+class DeregisterWorker(WorkerCommand, frozen=True, kw_only=True):
+    pass

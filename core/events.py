@@ -1,0 +1,256 @@
+"""Every fact the log can hold. One frozen, tagged msgspec Struct per event type; ``type`` is the tag
+and ``v`` the schema version. Old events are never rewritten: register an upcaster instead.
+
+Events marked *timer* are fired by JetStream message schedules into the aggregate's subject. Each
+carries what it guards (a lease id, an approval id, an attempt); folding one whose guarded thing has
+moved on is a no-op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+Priority = Literal["critical", "high", "normal", "low"]
+TaskStatus = Literal["pending", "running", "awaiting_approval", "completed", "failed", "cancelled", "timed_out"]
+WorkerStatus = Literal["starting", "ready", "busy", "draining", "offline", "failed"]
+Vote = Literal["approve", "reject"]
+ApprovalOutcome = Literal["approved", "rejected"]
+
+PRIORITY_RANK: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "timed_out"})
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    """Base of every event. ``at`` is the moment the fact became true (injected, never read here)."""
+
+    VERSION: ClassVar[int] = 1
+    v: int = 1
+    at: datetime
+
+
+class WorkflowRef(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+
+
+class Escalation(msgspec.Struct, frozen=True):
+    after_seconds: float
+    approvers: tuple[str, ...]
+
+
+# --- task -----------------------------------------------------------------------------------------
+
+
+class TaskSubmitted(Event, frozen=True, tag="TaskSubmitted"):
+    task_id: str
+    org: str
+    queue: str
+    task_type: str
+    payload: Any
+    priority: Priority
+    required_capabilities: tuple[str, ...]
+    max_retries: int
+    timeout_seconds: float | None
+    retry_backoff_seconds: float
+    metadata: dict[str, Any]
+    workflow: WorkflowRef | None
+    submitted_by: str
+
+
+class TaskClaimed(Event, frozen=True, tag="TaskClaimed"):
+    worker_id: str
+    lease_id: str
+    lease_seconds: float
+    lease_expires_at: datetime
+    attempt: int
+
+
+class TaskHeartbeat(Event, frozen=True, tag="TaskHeartbeat"):
+    worker_id: str
+    lease_id: str
+    lease_expires_at: datetime
+    progress: Any = None
+
+
+class TaskLeaseExpired(Event, frozen=True, tag="TaskLeaseExpired"):
+    """timer: the lease ``lease_id`` was not renewed in time."""
+
+    lease_id: str
+
+
+class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
+    approval_id: str
+    lease_id: str
+    requested_by: str
+    requested_by_actor: str
+    reason: str
+    approvers: tuple[str, ...]
+    quorum: int
+    expires_at: datetime | None
+    escalation: Escalation | None
+
+
+class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
+    approval_id: str
+    by: str
+    decision: Vote
+    comment: str | None
+
+
+class ApprovalDecided(Event, frozen=True, tag="ApprovalDecided"):
+    approval_id: str
+    outcome: ApprovalOutcome
+
+
+class ApprovalTimedOut(Event, frozen=True, tag="ApprovalTimedOut"):
+    """timer: nobody reached a decision before ``expires_at``."""
+
+    approval_id: str
+
+
+class ApprovalEscalated(Event, frozen=True, tag="ApprovalEscalated"):
+    """timer: still pending after the escalation delay; more approvers may now decide."""
+
+    approval_id: str
+    approvers: tuple[str, ...]
+
+
+class TaskCompleted(Event, frozen=True, tag="TaskCompleted"):
+    worker_id: str
+    lease_id: str
+    result: Any
+
+
+class TaskRetryScheduled(Event, frozen=True, tag="TaskRetryScheduled"):
+    worker_id: str
+    lease_id: str
+    error: Any
+    attempt: int
+    not_before: datetime
+
+
+class TaskRetryDue(Event, frozen=True, tag="TaskRetryDue"):
+    """timer: the backoff of retry ``attempt`` has elapsed."""
+
+    attempt: int
+
+
+class TaskFailed(Event, frozen=True, tag="TaskFailed"):
+    worker_id: str
+    lease_id: str
+    error: Any
+
+
+class TaskCancelled(Event, frozen=True, tag="TaskCancelled"):
+    by: str
+    reason: str | None
+
+
+class TaskTimedOut(Event, frozen=True, tag="TaskTimedOut"):
+    """timer: the run deadline ``deadline_at`` (first claim + timeout_seconds) has passed."""
+
+    deadline_at: datetime
+
+
+# --- worker ---------------------------------------------------------------------------------------
+
+
+class WorkerRegistered(Event, frozen=True, tag="WorkerRegistered"):
+    worker_id: str
+    queue: str
+    capabilities: tuple[str, ...]
+    labels: dict[str, str]
+    model: str | None
+    provider: str | None
+    heartbeat_timeout_seconds: float
+
+
+class WorkerHeartbeat(Event, frozen=True, tag="WorkerHeartbeat"):
+    status: WorkerStatus
+
+
+class WorkerHeartbeatMissed(Event, frozen=True, tag="WorkerHeartbeatMissed"):
+    """timer: no heartbeat since ``last_heartbeat_at`` within the worker's heartbeat timeout."""
+
+    last_heartbeat_at: datetime
+
+
+class WorkerFailed(Event, frozen=True, tag="WorkerFailed"):
+    reason: str
+
+
+class WorkerDeregistered(Event, frozen=True, tag="WorkerDeregistered"):
+    pass
+
+
+TaskEvent = (
+    TaskSubmitted
+    | TaskClaimed
+    | TaskHeartbeat
+    | TaskLeaseExpired
+    | ApprovalRequested
+    | ApprovalVoteCast
+    | ApprovalDecided
+    | ApprovalTimedOut
+    | ApprovalEscalated
+    | TaskCompleted
+    | TaskRetryScheduled
+    | TaskRetryDue
+    | TaskFailed
+    | TaskCancelled
+    | TaskTimedOut
+)
+WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
+AnyEvent = TaskEvent | WorkerEvent
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__)  # type: ignore[attr-defined]
+}
+
+# --- encoding, versions and upcasting ------------------------------------------------------------
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+"""(type, from_version) -> function returning the payload at from_version + 1."""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+class UnknownEvent(ValueError):
+    """The log holds an event type or version this code cannot read."""
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyEvent:
+    try:
+        event = _decoder.decode(data)
+    except msgspec.ValidationError:
+        return _decode_old_version(data)
+    if event.v != type(event).VERSION:
+        return _decode_old_version(data)
+    return event
+
+
+def _decode_old_version(data: bytes) -> AnyEvent:
+    raw = msgspec.json.decode(data)
+    if not isinstance(raw, dict) or raw.get("type") not in EVENT_TYPES:
+        raise UnknownEvent(f"unknown event type in {data[:80]!r}")
+    current = EVENT_TYPES[raw["type"]].VERSION
+    version = raw.get("v", 1)
+    if not isinstance(version, int) or version > current:
+        raise UnknownEvent(f"{raw['type']} v{version} is newer than this code (v{current}); upgrade first")
+    while version < current:
+        upcast = UPCASTERS.get((raw["type"], version))
+        if upcast is None:
+            raise UnknownEvent(f"no upcaster for {raw['type']} v{version}")
+        raw = {**upcast(raw), "v": version + 1}
+        version += 1
+    return msgspec.convert(raw, AnyEvent)

@@ -1,0 +1,215 @@
+"""The command handler: load the aggregate, decide, append with optimistic concurrency, retry on a
+lost race, and arm or cancel the timers the new state needs.
+
+``handle(org, command)`` returns the recorded events, the new state and the last sequence, or raises a
+typed ``Rejected``. A command id seen before returns the original outcome and appends nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from core.commands import Actor, Command
+from core.decider import Decider, DecisionContext
+from core.errors import ConcurrencyExhausted
+from core.ids import new_id, validate_token
+from core.store import (
+    AppendMeta,
+    DuplicateAppend,
+    JetStreamEventStore,
+    RecordedEvent,
+    Schedule,
+    WrongExpectedSequence,
+)
+from core.subjects import aggregate_subject, schedule_subject
+from core.task import TASK
+from core.worker import WORKER
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    events: tuple[RecordedEvent, ...]
+    state: Any
+    seq: int
+    duplicate: bool = False
+
+
+@dataclass
+class _Aggregate:
+    """An aggregate as last read: its state, the sequence of its last event, and its history."""
+
+    state: Any
+    last_seq: int = 0
+    history: list[RecordedEvent] = field(default_factory=list)
+    by_command: dict[str, list[int]] = field(default_factory=dict)
+
+    def extend(self, decider: Decider[Any], recorded: Sequence[RecordedEvent]) -> None:
+        for item in recorded:
+            self.state = decider.evolve(self.state, item.event)
+            if item.command_id is not None:
+                self.by_command.setdefault(item.command_id, []).append(len(self.history))
+            self.history.append(item)
+            self.last_seq = item.seq
+
+    def outcome_of(self, decider: Decider[Any], command_id: str) -> Outcome | None:
+        positions = self.by_command.get(command_id)
+        if not positions:
+            return None
+        events = tuple(self.history[i] for i in positions)
+        state_then = decider.fold(item.event for item in self.history[: positions[-1] + 1])
+        return Outcome(events=events, state=state_then, seq=events[-1].seq, duplicate=True)
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        store: JetStreamEventStore,
+        *,
+        clock: Clock = utc_now,
+        deciders: Sequence[Decider[Any]] = (TASK, WORKER),
+        max_attempts: int = 20,
+        cache_size: int = 4096,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._deciders = {command: decider for decider in deciders for command in decider.commands}
+        self._max_attempts = max_attempts
+        self._cache: OrderedDict[str, _Aggregate] = OrderedDict()
+        self._cache_size = cache_size
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def handle(
+        self,
+        org: str,
+        command: Command,
+        *,
+        actor: Actor,
+        command_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Outcome:
+        decider = self._decider_for(command)
+        subject = aggregate_subject(org, decider.aggregate, decider.aggregate_id(command))
+        command_id = validate_token(command_id, "command id") if command_id is not None else new_id()
+        async with self._lock(subject):
+            for attempt in range(self._max_attempts):
+                aggregate = await self._load(subject, decider, refresh=attempt > 0)
+                prior = aggregate.outcome_of(decider, command_id)
+                if prior is not None:
+                    return prior
+                now = self._clock()
+                events = decider.decide(aggregate.state, command, DecisionContext(org=org, now=now, actor=actor))
+                new_state = decider.fold(events, aggregate.state)
+                armed, cancelled = _timer_changes(decider, aggregate.state, new_state, subject)
+                meta = AppendMeta(command_id, actor.id, now, correlation_id, causation_id)
+                try:
+                    seqs = await self._store.append(
+                        subject, events, expected_last_seq=aggregate.last_seq, meta=meta, schedules=armed
+                    )
+                except (WrongExpectedSequence, DuplicateAppend):
+                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+                    continue
+                recorded = tuple(
+                    RecordedEvent(
+                        seq=seq,
+                        subject=subject,
+                        event=event,
+                        recorded_at=now,
+                        command_id=command_id,
+                        actor=actor.id,
+                        correlation_id=correlation_id,
+                        causation_id=causation_id,
+                    )
+                    for seq, event in zip(seqs, events, strict=True)
+                )
+                aggregate.extend(decider, recorded)
+                if cancelled:
+                    self._cancel_later(cancelled, older_than_seq=seqs[-1] + 1)
+                return Outcome(events=recorded, state=aggregate.state, seq=seqs[-1])
+        raise ConcurrencyExhausted(f"{subject} kept changing; {self._max_attempts} attempts lost the race")
+
+    async def load(self, org: str, aggregate: str, aggregate_id: str) -> tuple[Any, int]:
+        """The current state of an aggregate and the sequence of its last event (0 if it has none)."""
+        loaded = await self._refreshed(org, aggregate, aggregate_id)
+        return loaded.state, loaded.last_seq
+
+    async def history(self, org: str, aggregate: str, aggregate_id: str) -> list[RecordedEvent]:
+        return list((await self._refreshed(org, aggregate, aggregate_id)).history)
+
+    async def _refreshed(self, org: str, aggregate: str, aggregate_id: str) -> _Aggregate:
+        decider = next((d for d in self._deciders.values() if d.aggregate == aggregate), None)
+        if decider is None:
+            raise ValueError(f"unknown aggregate type {aggregate!r}")
+        subject = aggregate_subject(org, aggregate, aggregate_id)
+        async with self._lock(subject):
+            return await self._load(subject, decider, refresh=True)
+
+    def _lock(self, subject: str) -> asyncio.Lock:
+        """One in-process writer per aggregate spares lost races; across processes OCC decides."""
+        lock = self._locks.get(subject)
+        if lock is None:
+            lock = self._locks[subject] = asyncio.Lock()
+        return lock
+
+    async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    def _decider_for(self, command: Command) -> Decider[Any]:
+        try:
+            return self._deciders[type(command)]
+        except KeyError:
+            raise TypeError(f"no aggregate handles {type(command).__name__}") from None
+
+    async def _load(self, subject: str, decider: Decider[Any], *, refresh: bool) -> _Aggregate:
+        cached = self._cache.get(subject)
+        if cached is None:
+            cached = _Aggregate(state=decider.initial)
+            refresh = True
+        if refresh:
+            cached.extend(decider, await self._store.read_subject(subject, after_seq=cached.last_seq))
+        self._cache[subject] = cached
+        self._cache.move_to_end(subject)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return cached
+
+    def _cancel_later(self, subjects: list[str], *, older_than_seq: int) -> None:
+        async def cancel() -> None:
+            try:
+                await self._store.cancel_schedules(subjects, older_than_seq=older_than_seq)
+            except Exception:  # a timer that still fires folds as a no-op
+                log.warning("could not cancel timers %s", subjects, exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+
+def _timer_changes(decider: Decider[Any], before: Any, after: Any, subject: str) -> tuple[list[Schedule], list[str]]:
+    old = {timer.key: timer for timer in decider.timers(before)}
+    new = {timer.key: timer for timer in decider.timers(after)}
+    armed = [
+        Schedule(subject=schedule_subject(subject, key), target=subject, event=timer.event)
+        for key, timer in new.items()
+        if old.get(key) != timer
+    ]
+    cancelled = [schedule_subject(subject, key) for key in old if key not in new]
+    return armed, cancelled

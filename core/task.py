@@ -1,0 +1,543 @@
+"""The task aggregate: the unit of work and the workflow instance. Pure: no I/O, no clock, no ids."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from core.commands import (
+    Actor,
+    CancelTask,
+    ClaimTask,
+    Command,
+    CompleteTask,
+    DecideApproval,
+    FailTask,
+    HeartbeatTask,
+    RequestApproval,
+    SubmitTask,
+    TaskCommand,
+)
+from core.decider import Decider, DecisionContext, Timer
+from core.errors import (
+    AlreadyDecided,
+    AlreadyExists,
+    AlreadyTerminal,
+    CapabilityMismatch,
+    InvalidCommand,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    NotPermitted,
+    NotReady,
+)
+from core.events import (
+    TERMINAL_STATUSES,
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalRequested,
+    ApprovalTimedOut,
+    ApprovalVoteCast,
+    Escalation,
+    Event,
+    Priority,
+    TaskCancelled,
+    TaskClaimed,
+    TaskCompleted,
+    TaskFailed,
+    TaskHeartbeat,
+    TaskLeaseExpired,
+    TaskRetryDue,
+    TaskRetryScheduled,
+    TaskStatus,
+    TaskSubmitted,
+    TaskTimedOut,
+    WorkflowRef,
+)
+
+MAX_BACKOFF = timedelta(minutes=10)
+TIMER_EVENTS = (TaskLeaseExpired, TaskRetryDue, TaskTimedOut, ApprovalTimedOut, ApprovalEscalated)
+APPROVER_ROLES = frozenset({"approver", "admin"})
+
+
+class Lease(msgspec.Struct, frozen=True):
+    id: str
+    worker_id: str
+    seconds: float
+    expires_at: datetime
+
+
+class ApprovalVote(msgspec.Struct, frozen=True):
+    by: str
+    decision: str
+    comment: str | None
+    at: datetime
+
+
+class Approval(msgspec.Struct, frozen=True):
+    id: str
+    task_id: str
+    status: str
+    reason: str
+    requested_by: str
+    requested_by_actor: str
+    approvers: tuple[str, ...]
+    quorum: int
+    decisions: tuple[ApprovalVote, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    decided_at: datetime | None
+    escalation: Escalation | None
+    escalated: bool = False
+
+
+class Task(msgspec.Struct, frozen=True):
+    id: str
+    org: str
+    queue: str
+    task_type: str
+    payload: Any
+    status: TaskStatus
+    priority: Priority
+    required_capabilities: tuple[str, ...]
+    metadata: dict[str, Any]
+    retries: int
+    max_retries: int
+    timeout_seconds: float | None
+    retry_backoff_seconds: float
+    workflow: WorkflowRef | None
+    submitted_by: str
+    created_at: datetime
+    updated_at: datetime
+    assigned_worker: str | None = None
+    lease: Lease | None = None
+    result: Any = None
+    error: Any = None
+    progress: Any = None
+    approvals: tuple[Approval, ...] = ()
+    completed_at: datetime | None = None
+    started_at: datetime | None = None
+    deadline_at: datetime | None = None
+    not_before: datetime | None = None
+    cancellation_reason: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def approval(self, approval_id: str) -> Approval | None:
+        return next((a for a in self.approvals if a.id == approval_id), None)
+
+
+TaskState = Task | None
+
+
+def retry_delay(task_id: str, attempt: int, base_seconds: float) -> timedelta:
+    """Exponential backoff with jitter in [0, 25%) derived from the task and attempt, so a replay
+    computes the very same moment."""
+    digest = hashlib.blake2b(f"{task_id}:{attempt}".encode(), digest_size=8).digest()
+    jitter = int.from_bytes(digest, "big") / 2**64 * 0.25
+    exponential = timedelta(seconds=base_seconds * 2 ** max(attempt - 1, 0))
+    return min(exponential, MAX_BACKOFF) * (1 + jitter)
+
+
+# --- decide ---------------------------------------------------------------------------------------
+
+
+def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence[Event]:
+    if isinstance(command, SubmitTask):
+        return _submit(state, command, ctx)
+    assert isinstance(command, TaskCommand)
+    if state is None:
+        raise NotFound(f"task {command.task_id} not found")
+    match command:
+        case ClaimTask():
+            return _claim(state, command, ctx)
+        case HeartbeatTask():
+            lease = _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            seconds = command.lease_seconds or lease.seconds
+            return [
+                TaskHeartbeat(
+                    at=ctx.now,
+                    worker_id=command.worker_id,
+                    lease_id=lease.id,
+                    lease_expires_at=ctx.now + timedelta(seconds=seconds),
+                    progress=command.progress,
+                )
+            ]
+        case RequestApproval():
+            return _request_approval(state, command, ctx)
+        case DecideApproval():
+            return _decide_approval(state, command, ctx)
+        case CompleteTask():
+            _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            return [
+                TaskCompleted(at=ctx.now, worker_id=command.worker_id, lease_id=command.lease_id, result=command.result)
+            ]
+        case FailTask():
+            return _fail(state, command, ctx)
+        case CancelTask():
+            _not_terminal(state, "cancel")
+            return [TaskCancelled(at=ctx.now, by=ctx.actor.id, reason=command.reason)]
+    raise TypeError(f"task aggregate does not handle {type(command).__name__}")
+
+
+def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequence[Event]:
+    if state is not None:
+        raise AlreadyExists(f"task {command.task_id} already exists")
+    return [
+        TaskSubmitted(
+            at=ctx.now,
+            task_id=command.task_id,
+            org=ctx.org,
+            queue=command.queue,
+            task_type=command.task_type,
+            payload=command.payload,
+            priority=command.priority,
+            required_capabilities=tuple(sorted(set(command.required_capabilities))),
+            max_retries=command.max_retries,
+            timeout_seconds=command.timeout_seconds,
+            retry_backoff_seconds=command.retry_backoff_seconds,
+            metadata=command.metadata,
+            workflow=command.workflow,
+            submitted_by=ctx.actor.id,
+        )
+    ]
+
+
+def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Event]:
+    _not_terminal(task, "claim")
+    if task.status != "pending":
+        raise InvalidTransition(f"task {task.id} is {task.status}, only a pending task can be claimed")
+    if task.queue != command.queue:
+        raise InvalidTransition(f"task {task.id} is on queue {task.queue!r}, not {command.queue!r}")
+    missing = set(task.required_capabilities) - set(command.capabilities)
+    if missing:
+        raise CapabilityMismatch(f"worker {command.worker_id} lacks capabilities {sorted(missing)}")
+    if task.not_before is not None and ctx.now < task.not_before:
+        raise NotReady(f"task {task.id} is backing off until {task.not_before.isoformat()}")
+    return [
+        TaskClaimed(
+            at=ctx.now,
+            worker_id=command.worker_id,
+            lease_id=command.lease_id,
+            lease_seconds=command.lease_seconds,
+            lease_expires_at=ctx.now + timedelta(seconds=command.lease_seconds),
+            attempt=task.retries + 1,
+        )
+    ]
+
+
+def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext) -> Sequence[Event]:
+    _held_lease(task, command.worker_id, command.lease_id, ctx.now)
+    if task.approval(command.approval_id) is not None:
+        raise AlreadyExists(f"approval {command.approval_id} already exists on task {task.id}")
+    named = {a for a in command.approvers if not a.startswith("role:")}
+    if named and len(named) == len(set(command.approvers)) and len(named) < command.quorum:
+        raise InvalidCommand(f"quorum {command.quorum} can never be reached by the {len(named)} named approvers")
+    return [
+        ApprovalRequested(
+            at=ctx.now,
+            approval_id=command.approval_id,
+            lease_id=command.lease_id,
+            requested_by=command.worker_id,
+            requested_by_actor=ctx.actor.id,
+            reason=command.reason,
+            approvers=tuple(dict.fromkeys(command.approvers)),
+            quorum=command.quorum,
+            expires_at=None
+            if command.timeout_seconds is None
+            else ctx.now + timedelta(seconds=command.timeout_seconds),
+            escalation=command.escalation,
+        )
+    ]
+
+
+def _decide_approval(task: Task, command: DecideApproval, ctx: DecisionContext) -> Sequence[Event]:
+    approval = task.approval(command.approval_id)
+    if approval is None:
+        raise NotFound(f"approval {command.approval_id} not found on task {task.id}")
+    if approval.status != "pending":
+        raise AlreadyDecided(f"approval {approval.id} is already {approval.status}")
+    _not_terminal(task, "decide an approval of")
+    _check_may_decide(approval, ctx.actor)
+    if any(vote.by == ctx.actor.id for vote in approval.decisions):
+        raise AlreadyDecided(f"{ctx.actor.id} has already voted on approval {approval.id}")
+    if command.decision == "reject" and not command.comment:
+        raise InvalidCommand("a rejection needs a reason")
+    vote = ApprovalVoteCast(
+        at=ctx.now, approval_id=approval.id, by=ctx.actor.id, decision=command.decision, comment=command.comment
+    )
+    approvals_after = sum(1 for v in approval.decisions if v.decision == "approve") + (command.decision == "approve")
+    if command.decision == "reject":
+        return [vote, ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome="rejected")]
+    if approvals_after >= approval.quorum:
+        return [vote, ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome="approved")]
+    return [vote]
+
+
+def _check_may_decide(approval: Approval, actor: Actor) -> None:
+    if actor.id in (approval.requested_by, approval.requested_by_actor):
+        raise NotPermitted("the worker that requested an approval cannot decide it")
+    if not actor.roles & APPROVER_ROLES:
+        raise NotPermitted("deciding an approval needs the approver or admin role")
+    roles = {a.removeprefix("role:") for a in approval.approvers if a.startswith("role:")}
+    named = {a for a in approval.approvers if not a.startswith("role:")}
+    role_match = bool(roles & actor.roles) or ("admin" in actor.roles and bool(roles))
+    if not (role_match or actor.id in named):
+        raise NotPermitted(f"approval {approval.id} may be decided only by {list(approval.approvers)}")
+
+
+def _fail(task: Task, command: FailTask, ctx: DecisionContext) -> Sequence[Event]:
+    _held_lease(task, command.worker_id, command.lease_id, ctx.now)
+    if command.retryable and task.retries < task.max_retries:
+        attempt = task.retries + 1
+        return [
+            TaskRetryScheduled(
+                at=ctx.now,
+                worker_id=command.worker_id,
+                lease_id=command.lease_id,
+                error=command.error,
+                attempt=attempt,
+                not_before=ctx.now + retry_delay(task.id, attempt, task.retry_backoff_seconds),
+            )
+        ]
+    return [TaskFailed(at=ctx.now, worker_id=command.worker_id, lease_id=command.lease_id, error=command.error)]
+
+
+def _not_terminal(task: Task, action: str) -> None:
+    if task.is_terminal:
+        raise AlreadyTerminal(f"cannot {action} task {task.id}: it is already {task.status}")
+
+
+def _held_lease(task: Task, worker_id: str, lease_id: str, now: datetime) -> Lease:
+    _not_terminal(task, "act on the lease of")
+    lease = task.lease
+    if task.status != "running" or lease is None or lease.id != lease_id or lease.worker_id != worker_id:
+        raise LeaseLost(
+            f"lease {lease_id} of worker {worker_id} is not held on task {task.id} "
+            f"(task is {task.status}); claim the task again"
+        )
+    if now >= lease.expires_at:
+        raise LeaseLost(f"lease {lease_id} on task {task.id} expired at {lease.expires_at.isoformat()}")
+    return lease
+
+
+# --- evolve ---------------------------------------------------------------------------------------
+
+
+def evolve(state: TaskState, event: Event) -> TaskState:
+    if isinstance(event, TaskSubmitted):
+        return state if state is not None else _created(event)
+    if state is None or state.is_terminal:
+        return state
+    if isinstance(event, TIMER_EVENTS) and event not in (timer.event for timer in timers(state)):
+        return state
+    task = state
+    match event:
+        case TaskClaimed():
+            started = task.started_at or event.at
+            deadline = task.deadline_at
+            if deadline is None and task.timeout_seconds is not None:
+                deadline = started + timedelta(seconds=task.timeout_seconds)
+            return msgspec.structs.replace(
+                task,
+                status="running",
+                assigned_worker=event.worker_id,
+                updated_at=event.at,
+                lease=Lease(event.lease_id, event.worker_id, event.lease_seconds, event.lease_expires_at),
+                started_at=started,
+                deadline_at=deadline,
+                not_before=None,
+            )
+        case TaskHeartbeat() if task.lease is not None and task.lease.id == event.lease_id:
+            return msgspec.structs.replace(
+                task,
+                updated_at=event.at,
+                progress=event.progress if event.progress is not None else task.progress,
+                lease=msgspec.structs.replace(task.lease, expires_at=event.lease_expires_at),
+            )
+        case TaskLeaseExpired():
+            if task.retries < task.max_retries:
+                return _released(
+                    task,
+                    event.at,
+                    status="pending",
+                    retries=task.retries + 1,
+                    error={"reason": "lease expired", "lease_id": event.lease_id},
+                )
+            return _released(
+                task,
+                event.at,
+                status="timed_out",
+                completed_at=event.at,
+                error={"reason": "lease expired and retries are exhausted", "lease_id": event.lease_id},
+            )
+        case ApprovalRequested():
+            approval = Approval(
+                id=event.approval_id,
+                task_id=task.id,
+                status="pending",
+                reason=event.reason,
+                requested_by=event.requested_by,
+                requested_by_actor=event.requested_by_actor,
+                approvers=event.approvers,
+                quorum=event.quorum,
+                decisions=(),
+                created_at=event.at,
+                expires_at=event.expires_at,
+                decided_at=None,
+                escalation=event.escalation,
+            )
+            return _released(task, event.at, status="awaiting_approval", approvals=(*task.approvals, approval))
+        case ApprovalVoteCast():
+            vote = ApprovalVote(by=event.by, decision=event.decision, comment=event.comment, at=event.at)
+            return _with_approval(
+                task, event.approval_id, event.at, lambda a: msgspec.structs.replace(a, decisions=(*a.decisions, vote))
+            )
+        case ApprovalDecided():
+            return _approval_closed(task, event.approval_id, event.outcome, event.at)
+        case ApprovalTimedOut():
+            return _approval_closed(task, event.approval_id, "timed_out", event.at)
+        case ApprovalEscalated():
+            return _with_approval(
+                task,
+                event.approval_id,
+                event.at,
+                lambda a: (
+                    a
+                    if a.escalated
+                    else msgspec.structs.replace(
+                        a, escalated=True, approvers=tuple(dict.fromkeys((*a.approvers, *event.approvers)))
+                    )
+                ),
+            )
+        case TaskCompleted() if _holds(task, event.lease_id):
+            return _released(task, event.at, status="completed", result=event.result, completed_at=event.at)
+        case TaskRetryScheduled() if _holds(task, event.lease_id):
+            return _released(
+                task, event.at, status="pending", retries=event.attempt, error=event.error, not_before=event.not_before
+            )
+        case TaskRetryDue():
+            return msgspec.structs.replace(task, not_before=None, updated_at=event.at)
+        case TaskFailed() if _holds(task, event.lease_id):
+            return _released(task, event.at, status="failed", error=event.error, completed_at=event.at)
+        case TaskCancelled():
+            return _released(
+                task, event.at, status="cancelled", completed_at=event.at, cancellation_reason=event.reason
+            )
+        case TaskTimedOut():
+            return _released(
+                task,
+                event.at,
+                status="timed_out",
+                completed_at=event.at,
+                error={"reason": "task deadline passed", "deadline_at": event.deadline_at.isoformat()},
+            )
+    return task
+
+
+def _created(event: TaskSubmitted) -> Task:
+    return Task(
+        id=event.task_id,
+        org=event.org,
+        queue=event.queue,
+        task_type=event.task_type,
+        payload=event.payload,
+        status="pending",
+        priority=event.priority,
+        required_capabilities=event.required_capabilities,
+        metadata=event.metadata,
+        retries=0,
+        max_retries=event.max_retries,
+        timeout_seconds=event.timeout_seconds,
+        retry_backoff_seconds=event.retry_backoff_seconds,
+        workflow=event.workflow,
+        submitted_by=event.submitted_by,
+        created_at=event.at,
+        updated_at=event.at,
+    )
+
+
+def _holds(task: Task, lease_id: str) -> bool:
+    return task.status == "running" and task.lease is not None and task.lease.id == lease_id
+
+
+def _released(task: Task, at: datetime, **changes: Any) -> Task:
+    return msgspec.structs.replace(task, lease=None, assigned_worker=None, updated_at=at, **changes)
+
+
+def _with_approval(task: Task, approval_id: str, at: datetime, change: Any) -> Task:
+    approval = task.approval(approval_id)
+    if approval is None or approval.status != "pending":
+        return task
+    approvals = tuple(change(a) if a.id == approval_id else a for a in task.approvals)
+    return msgspec.structs.replace(task, approvals=approvals, updated_at=at)
+
+
+def _approval_closed(task: Task, approval_id: str, status: str, at: datetime) -> Task:
+    closed = _with_approval(task, approval_id, at, lambda a: msgspec.structs.replace(a, status=status, decided_at=at))
+    if closed is task:
+        return task
+    waiting = task.status == "awaiting_approval" and not any(a.status == "pending" for a in closed.approvals)
+    return msgspec.structs.replace(closed, status="pending") if waiting else closed
+
+
+# --- timers ---------------------------------------------------------------------------------------
+
+
+def timers(state: TaskState) -> Sequence[Timer]:
+    if state is None or state.is_terminal:
+        return ()
+    task = state
+    wanted: list[Timer] = []
+    if task.status == "running" and task.lease is not None:
+        wanted.append(
+            Timer(f"lease-{task.lease.id}", TaskLeaseExpired(at=task.lease.expires_at, lease_id=task.lease.id))
+        )
+    if task.status == "pending" and task.not_before is not None:
+        wanted.append(Timer(f"retry-{task.retries}", TaskRetryDue(at=task.not_before, attempt=task.retries)))
+    for approval in task.approvals:
+        if approval.status != "pending":
+            continue
+        if approval.expires_at is not None:
+            wanted.append(
+                Timer(
+                    f"approval-{approval.id}-timeout", ApprovalTimedOut(at=approval.expires_at, approval_id=approval.id)
+                )
+            )
+        if approval.escalation is not None and not approval.escalated:
+            due = approval.created_at + timedelta(seconds=approval.escalation.after_seconds)
+            wanted.append(
+                Timer(
+                    f"approval-{approval.id}-escalation",
+                    ApprovalEscalated(at=due, approval_id=approval.id, approvers=approval.escalation.approvers),
+                )
+            )
+    if task.deadline_at is not None:
+        wanted.append(Timer("deadline", TaskTimedOut(at=task.deadline_at, deadline_at=task.deadline_at)))
+    return wanted
+
+
+TASK = Decider[TaskState](
+    aggregate="task",
+    commands=(
+        SubmitTask,
+        ClaimTask,
+        HeartbeatTask,
+        RequestApproval,
+        DecideApproval,
+        CompleteTask,
+        FailTask,
+        CancelTask,
+    ),
+    initial=None,
+    decide=decide,
+    evolve=evolve,
+    timers=timers,
+    aggregate_id=lambda command: command.task_id,  # type: ignore[attr-defined]
+)

@@ -1,0 +1,202 @@
+"""The rules of API.md as readable examples against the pure task decider."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from core.commands import (
+    Actor,
+    ClaimTask,
+    Command,
+    DecideApproval,
+    FailTask,
+    HeartbeatTask,
+    RequestApproval,
+    SubmitTask,
+)
+from core.decider import DecisionContext
+from core.errors import AlreadyDecided, CapabilityMismatch, InvalidCommand, LeaseLost, NotPermitted, NotReady
+from core.events import Escalation, Event
+from core.task import TASK, Task, retry_delay
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SUBMITTER = Actor("sub", frozenset({"submitter"}))
+WORKER = Actor("wkey", frozenset({"worker"}))
+ALICE = Actor("alice", frozenset({"approver"}))
+BOB = Actor("bob", frozenset({"approver"}))
+
+
+class Scenario:
+    def __init__(self, **submit: object) -> None:
+        self.state: Task | None = None
+        self.now = T0
+        self.armed: list[Event] = []
+        self.run(SubmitTask(task_id="t1", task_type="deploy", **submit), SUBMITTER)  # type: ignore[arg-type]
+
+    def run(self, command: Command, actor: Actor = WORKER) -> Task:
+        events = TASK.decide(self.state, command, DecisionContext("acme", self.now, actor))
+        self.state = TASK.fold(events, self.state)
+        self.armed += [t.event for t in TASK.timers(self.state) if t.event not in self.armed]
+        assert self.state is not None
+        return self.state
+
+    def wait(self, seconds: float) -> Task:
+        """Let time pass and fire every timer ever armed that falls due: one replaced or cancelled
+        may still arrive (a failed purge, a reconciler re-arming from an older read model)."""
+        self.now += timedelta(seconds=seconds)
+        while due := sorted((e for e in self.armed if e.at <= self.now), key=lambda e: e.at):
+            self.armed.remove(due[0])
+            self.state = TASK.evolve(self.state, due[0])
+            self.armed += [t.event for t in TASK.timers(self.state) if t.event not in self.armed]
+        assert self.state is not None
+        return self.state
+
+    def claim(self, lease: str = "l1", caps: tuple[str, ...] = (), lease_seconds: float = 30) -> Task:
+        return self.run(
+            ClaimTask(task_id="t1", worker_id="w1", lease_id=lease, capabilities=caps, lease_seconds=lease_seconds)
+        )
+
+    def ask(self, approval: str = "a1", **options: object) -> Task:
+        assert self.state is not None
+        assert self.state.lease is not None
+        return self.run(
+            RequestApproval(
+                task_id="t1",
+                worker_id="w1",
+                lease_id=self.state.lease.id,
+                approval_id=approval,
+                reason="prod deploy",
+                **options,
+            )
+        )  # type: ignore[arg-type]
+
+    def vote(self, actor: Actor, decision: str = "approve", approval: str = "a1") -> Task:
+        return self.run(
+            DecideApproval(
+                task_id="t1",
+                approval_id=approval,
+                decision=decision,  # type: ignore[arg-type]
+                comment="ok",
+            ),
+            actor,
+        )
+
+
+def test_capabilities_must_cover_the_required_ones() -> None:
+    s = Scenario(required_capabilities=("gpu", "python"))
+    with pytest.raises(CapabilityMismatch):
+        s.claim(caps=("python",))
+    assert s.claim(caps=("gpu", "python", "docker")).status == "running"
+
+
+def test_renewed_lease_is_not_expired_by_its_old_timer() -> None:
+    s = Scenario()
+    s.claim(lease_seconds=10)
+    s.wait(8)
+    s.run(HeartbeatTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=10))
+    assert s.wait(5).status == "running"
+    assert s.wait(6).status == "pending"
+
+
+def test_unrenewed_lease_returns_the_task_then_times_it_out_when_retries_run_out() -> None:
+    s = Scenario(max_retries=1)
+    s.claim("l1", lease_seconds=5)
+    task = s.wait(6)
+    assert (task.status, task.retries) == ("pending", 1)
+    s.claim("l2", lease_seconds=5)
+    assert s.wait(6).status == "timed_out"
+
+
+def test_retryable_failure_backs_off_deterministically() -> None:
+    s = Scenario(max_retries=2, retry_backoff_seconds=10)
+    s.claim()
+    task = s.run(FailTask(task_id="t1", worker_id="w1", lease_id="l1", error="flaky"))
+    assert task.status == "pending"
+    assert task.not_before == T0 + retry_delay("t1", 1, 10)
+    assert timedelta(seconds=10) <= retry_delay("t1", 1, 10) < timedelta(seconds=12.5)
+    with pytest.raises(NotReady):
+        s.claim("l2")
+    s.wait(13)
+    assert s.claim("l2").status == "running"
+
+
+def test_lost_lease_cannot_complete() -> None:
+    s = Scenario()
+    s.claim(lease_seconds=5)
+    s.now += timedelta(seconds=5)
+    with pytest.raises(LeaseLost):
+        s.run(HeartbeatTask(task_id="t1", worker_id="w1", lease_id="l1"))
+
+
+def test_requester_cannot_approve_and_quorum_needs_distinct_approvers() -> None:
+    s = Scenario()
+    s.claim()
+    s.ask(quorum=2)
+    with pytest.raises(NotPermitted):
+        s.vote(WORKER)
+    with pytest.raises(NotPermitted):
+        s.vote(Actor("w1", frozenset({"approver"})))
+    assert s.vote(ALICE).status == "awaiting_approval"
+    with pytest.raises(AlreadyDecided):
+        s.vote(ALICE)
+    task = s.vote(BOB)
+    assert task.status == "pending"
+    assert task.approvals[0].status == "approved"
+    with pytest.raises(AlreadyDecided):
+        s.vote(Actor("carol", frozenset({"approver"})))
+
+
+def test_one_rejection_rejects_and_needs_a_reason() -> None:
+    s = Scenario()
+    s.claim()
+    s.ask(quorum=2)
+    s.vote(ALICE)
+    with pytest.raises(InvalidCommand):
+        s.run(DecideApproval(task_id="t1", approval_id="a1", decision="reject"), BOB)
+    task = s.vote(BOB, "reject")
+    assert task.approvals[0].status == "rejected"
+    assert task.status == "pending"
+
+
+def test_named_approvers_only() -> None:
+    s = Scenario()
+    s.claim()
+    s.ask(approvers=("alice",))
+    with pytest.raises(NotPermitted):
+        s.vote(BOB)
+    assert s.vote(ALICE).approvals[0].status == "approved"
+
+
+def test_unreachable_quorum_is_refused() -> None:
+    s = Scenario()
+    s.claim()
+    with pytest.raises(InvalidCommand):
+        s.ask(approvers=("alice",), quorum=2)
+
+
+def test_escalation_adds_approvers_and_timeout_returns_the_task() -> None:
+    s = Scenario()
+    s.claim()
+    s.ask(approvers=("alice",), timeout_seconds=60, escalation=Escalation(after_seconds=30, approvers=("bob",)))
+    with pytest.raises(NotPermitted):
+        s.vote(BOB)
+    s.wait(31)
+    assert s.vote(BOB).approvals[0].status == "approved"
+
+    late = Scenario()
+    late.claim()
+    late.ask(timeout_seconds=60)
+    task = late.wait(61)
+    assert (task.status, task.approvals[0].status) == ("pending", "timed_out")
+
+
+def test_deadline_bounds_the_whole_run_from_first_claim() -> None:
+    s = Scenario(timeout_seconds=100)
+    s.wait(500)
+    s.claim()
+    s.ask()
+    task = s.wait(101)
+    assert task.status == "timed_out"
+    assert task.approvals[0].status == "pending"
