@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,10 @@ from pathlib import Path
 
 import uvloop
 
+from controlplane import stack
+from controlplane.seed import seed_org
+from controlplane.stack import run_gateway, run_projector
+from core.commands import SYSTEM, CreateOrg
 from core.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -22,9 +25,12 @@ from core.embedded import (
     nats_server_version,
     require_nats_version,
 )
+from core.errors import AlreadyExists
+from core.handler import CommandHandler
+from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
-
-log = logging.getLogger("controlplane")
+from gateway.factory import GatewaySettings, close_services, open_services
+from projections.projector import progress_bar, rebuild
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,12 +40,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = commands.add_parser(
         "dev",
         help="start the whole stack on embedded defaults, in the foreground",
-        description="Start NATS (JetStream) and PostgreSQL, provision the log, write DIR/dev.json. "
-        "Ctrl-C or SIGTERM stops everything cleanly; data in DIR survives a restart.",
+        description="Start NATS (JetStream) and PostgreSQL, migrations, the projector and the gateway; seed the "
+        "orgs acme and globex with a key per role; write DIR/dev.json. Ctrl-C or SIGTERM stops everything "
+        "cleanly; data in DIR survives a restart.",
     )
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8080, help="gateway port")
     dev.add_argument("--data-dir", type=Path, default=Path(".controlplane"))
+
+    for name, text in (("gateway", "serve the HTTP/SSE API"), ("projector", "fold the log into PostgreSQL")):
+        process = commands.add_parser(name, help=text)
+        _connection_args(process)
+        if name == "gateway":
+            process.add_argument("--host", default="127.0.0.1")
+            process.add_argument("--port", type=int, default=8080)
+
+    orgs = commands.add_parser("orgs", help="manage orgs").add_subparsers(dest="orgs_command", required=True)
+    create_org = orgs.add_parser("create", help="create an org and print its first admin key")
+    create_org.add_argument("org")
+    _connection_args(create_org, database=False)
+
+    projections = commands.add_parser("projections", help="manage read models").add_subparsers(
+        dest="projections_command", required=True
+    )
+    rebuild = projections.add_parser(
+        "rebuild",
+        help="drop and refold read models from sequence 1",
+        description="Stop the projector first. Example: controlplane projections rebuild tasks",
+    )
+    rebuild.add_argument("names", nargs="*", help="projections to rebuild (default: all)")
+    _connection_args(rebuild)
 
     provision = commands.add_parser("provision", help="create or update the CP_EVENTS stream")
     provision.add_argument("--nats-url", required=True)
@@ -49,18 +79,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
         match args.command:
             case "dev":
                 return run_dev(args.host, args.port, args.data_dir)
+            case "gateway":
+                return uvloop.run(run_gateway(_settings(args), args.host, args.port))
+            case "projector":
+                return uvloop.run(run_projector(_settings(args)))
+            case "orgs":
+                return uvloop.run(_create_org(args.nats_url, args.org))
+            case "projections":
+                return uvloop.run(_rebuild(_settings(args), args.names))
             case "provision":
                 return uvloop.run(_provision(args.nats_url, args.replicas))
             case "doctor":
                 return doctor()
-    except (NatsVersionTooOld, FileNotFoundError) as exc:
+    except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
+    parser.add_argument("--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"))
+    if database:
+        parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: $DATABASE_URL")
+
+
+def _settings(args: argparse.Namespace) -> GatewaySettings:
+    if not args.database_url:
+        raise ValueError("set --database-url or DATABASE_URL")
+    return GatewaySettings.from_env(args.nats_url, args.database_url)
 
 
 def doctor() -> int:
@@ -82,6 +133,32 @@ async def _provision(nats_url: str, replicas: int) -> int:
     return 0
 
 
+async def _create_org(nats_url: str, org: str) -> int:
+    validate_token(org, "org")
+    store = await JetStreamEventStore.connect(nats_url)
+    try:
+        handler = CommandHandler(store)
+        try:
+            await handler.handle(org, CreateOrg(org=org, name=org), actor=SYSTEM)
+        except AlreadyExists:
+            print(f"controlplane: org {org} already exists; create more keys with POST /v1/api-keys", file=sys.stderr)
+            return 1
+        keys = await seed_org(handler, org, ("admin",))
+        print(keys["admin"])
+    finally:
+        await store.close()
+    return 0
+
+
+async def _rebuild(settings: GatewaySettings, names: list[str]) -> int:
+    services = await open_services(settings)
+    try:
+        await rebuild(services.read_model.pool, services.store.nc, names or None, progress_bar())
+    finally:
+        await close_services(services)
+    return 0
+
+
 def run_dev(host: str, port: int, data_dir: Path) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedNats(data_dir / "nats") as nats_server:
@@ -91,32 +168,14 @@ def run_dev(host: str, port: int, data_dir: Path) -> int:
             if postgres is not None:
                 database_url = postgres.start()
             assert database_url is not None
-            return uvloop.run(_serve_dev(nats_server.url, database_url, data_dir))
+            settings = GatewaySettings.from_env(nats_server.url, database_url)
+            return uvloop.run(stack.run_dev(settings, host, port, data_dir))
         finally:
             # A second Ctrl-C must not cut the shutdown short and leave servers running.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if postgres is not None:
                 postgres.stop()
-
-
-async def _serve_dev(nats_url: str, database_url: str, data_dir: Path) -> int:
-    store = await JetStreamEventStore.connect(nats_url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    info = {"nats_url": nats_url, "database_url": database_url}
-    (data_dir / "dev.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"controlplane dev is up (data in {data_dir}):")
-    for name, value in info.items():
-        print(f"  {name}: {value}")
-    print("Ctrl-C stops it.")
-    await stop.wait()
-    async with asyncio.timeout(5):
-        await store.close()
-    print("controlplane dev stopped")
-    return 0
 
 
 if __name__ == "__main__":

@@ -122,3 +122,23 @@ class ReportWorkerFailure(WorkerCommand, frozen=True, kw_only=True):
 
 class DeregisterWorker(WorkerCommand, frozen=True, kw_only=True):
     pass
+
+
+ROLES = frozenset({"admin", "submitter", "worker", "approver", "viewer"})
+Role = Annotated[str, msgspec.Meta(pattern="^(admin|submitter|worker|approver|viewer)$")]
+
+
+class CreateOrg(Command, frozen=True, kw_only=True):
+    org: Token
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class CreateApiKey(Command, frozen=True, kw_only=True):
+    key_id: Token
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
+    secret_sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class RevokeApiKey(Command, frozen=True, kw_only=True):
+    key_id: Token

@@ -33,7 +33,7 @@ class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
 
 class WorkflowRef(msgspec.Struct, frozen=True):
     name: str
-    version: int
+    version: int | None = None
 
 
 class Escalation(msgspec.Struct, frozen=True):
@@ -186,6 +186,30 @@ class WorkerDeregistered(Event, frozen=True, tag="WorkerDeregistered"):
     pass
 
 
+# --- orgs and credentials -------------------------------------------------------------------------
+
+
+class OrgCreated(Event, frozen=True, tag="OrgCreated"):
+    org: str
+    name: str
+    created_by: str
+
+
+class ApiKeyCreated(Event, frozen=True, tag="ApiKeyCreated"):
+    """The key itself is never stored: only a SHA-256 of its secret part."""
+
+    key_id: str
+    name: str
+    roles: tuple[str, ...]
+    secret_sha256: str
+    created_by: str
+
+
+class ApiKeyRevoked(Event, frozen=True, tag="ApiKeyRevoked"):
+    key_id: str
+    revoked_by: str
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskClaimed
@@ -204,11 +228,12 @@ TaskEvent = (
     | TaskTimedOut
 )
 WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
-AnyEvent = TaskEvent | WorkerEvent
+AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked
+AnyEvent = TaskEvent | WorkerEvent | AccessEvent
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__)  # type: ignore[attr-defined]
+    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__, *AccessEvent.__args__)  # type: ignore[attr-defined]
 }
 
 # --- encoding, versions and upcasting ------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from core.access import API_KEY, ORG
 from core.commands import Actor, Command
 from core.decider import Decider, DecisionContext, Timer
 from core.errors import ConcurrencyExhausted, Rejected
@@ -94,7 +95,7 @@ class CommandHandler:
         store: JetStreamEventStore,
         *,
         clock: Clock = utc_now,
-        deciders: Sequence[Decider[Any]] = (TASK, WORKER),
+        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY),
         max_attempts: int = 20,
         cache_size: int = 4096,
     ) -> None:
@@ -106,6 +107,9 @@ class CommandHandler:
         self._cache_size = cache_size
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._cleanups: set[asyncio.Task[None]] = set()
+        self.last_appended_seq = 0
+        """The newest stream sequence this handler appended: what a reader of this process's writes
+        waits for."""
 
     async def handle(
         self,
@@ -128,11 +132,17 @@ class CommandHandler:
                 if guessed is not None:
                     aggregate, events = guessed
                 else:
+                    fresh = attempt > 0 or subject not in self._cache
                     aggregate = await self._load(subject, decider, refresh=attempt > 0)
                     prior = aggregate.outcome_of(decider, command_id)
                     if prior is not None:
                         return prior
-                    events = decider.decide(aggregate.state, command, context)
+                    try:
+                        events = decider.decide(aggregate.state, command, context)
+                    except Rejected:
+                        if fresh:
+                            raise
+                        continue  # refused by a cached state (a timer may have fired since): read, decide again
                 new_state = decider.fold(events, aggregate.state)
                 armed, cancelled = _timer_changes(decider, aggregate.state, new_state, subject)
                 meta = AppendMeta(command_id, actor.id, now, correlation_id, causation_id)
@@ -156,6 +166,7 @@ class CommandHandler:
                     )
                     for seq, event in zip(seqs, events, strict=True)
                 )
+                self.last_appended_seq = max(self.last_appended_seq, seqs[-1])
                 aggregate.record(recorded, new_state)
                 self._remember(subject, aggregate)
                 if cancelled:

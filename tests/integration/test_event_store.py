@@ -190,3 +190,13 @@ async def test_worker_goes_offline_when_heartbeats_stop(handler: CommandHandler,
         return state.status == "offline"
 
     await wait_for(offline, within=5)
+
+
+async def test_a_refusal_is_checked_against_the_log_not_a_stale_cache(handler: CommandHandler, org: str) -> None:
+    await submit(handler, org)
+    await handler.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=1), actor=WORKER)
+    await asyncio.sleep(1.5)  # the server fires TaskLeaseExpired; this handler's cache still says running
+    outcome = await handler.handle(org, ClaimTask(task_id="t1", worker_id="w2", lease_id="l2"), actor=WORKER)
+    assert outcome.state.status == "running"
+    assert outcome.state.assigned_worker == "w2"
+    assert outcome.state.retries == 1

@@ -1,0 +1,193 @@
+"""The human-in-the-loop lifecycle over HTTP, end to end:
+submit -> claim -> heartbeat -> request approval -> approve -> claim -> complete.
+
+Starts its own stack (``controlplane dev`` in a subprocess: NATS, PostgreSQL, projector, gateway) unless
+``--url`` and ``--dev-json`` point at a running one. Workers long-poll claims; an approver follows the
+org's event stream and approves each request as it appears.
+
+    .venv/bin/python bench/lifecycle.py [--tasks 2000] [--workers 4] [--in-flight 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import uvloop
+
+from core.embedded import free_port
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class Lifecycle:
+    def __init__(self, url: str, keys: dict[str, str], tasks: int, workers: int, in_flight: int) -> None:
+        self.url, self.keys = url, keys
+        self.total, self.workers, self.in_flight = tasks, workers, in_flight
+        self.queue = f"bench{int(time.time())}"
+        self.submitted_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.read_lag_ms: list[float] = []
+        self.done = asyncio.Event()
+        self.slots = asyncio.Semaphore(in_flight)
+        self.completed = 0
+        self.probes: set[asyncio.Task[None]] = set()
+
+    def client(self, role: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.keys[role]}"},
+            timeout=60,
+            limits=httpx.Limits(max_connections=64),
+        )
+
+    async def submitter(self) -> None:
+        async with self.client("submitter") as c:
+            for i in range(self.total):
+                await self.slots.acquire()
+                started = time.perf_counter()
+                r = await c.post(
+                    "/v1/tasks",
+                    json={"type": "agent-step", "queue": self.queue, "payload": {"step": i, "tool": "deploy"}},
+                )
+                r.raise_for_status()
+                self.submitted_at[r.json()["id"]] = started
+
+    async def worker(self, name: str) -> None:
+        async with self.client("worker") as c:
+            while not self.done.is_set():
+                r = await c.post("/v1/tasks/claim", json={"worker_id": name, "queue": self.queue, "block_ms": 1000})
+                if r.status_code == 204:
+                    continue
+                r.raise_for_status()
+                claimed = r.json()
+                task, lease = claimed["task"], claimed["lease"]
+                body = {"worker_id": name, "lease_id": lease["id"]}
+                if not task["approvals"]:
+                    (await c.post(f"/v1/tasks/{task['id']}/heartbeat", json=body)).raise_for_status()
+                    (
+                        await c.post(
+                            f"/v1/tasks/{task['id']}/approval-requests", json={**body, "reason": "run the deploy tool"}
+                        )
+                    ).raise_for_status()
+                    continue
+                r = await c.post(f"/v1/tasks/{task['id']}/complete", json={**body, "result": {"ok": True}})
+                r.raise_for_status()
+                self.latencies.append((time.perf_counter() - self.submitted_at[task["id"]]) * 1000)
+                self.completed += 1
+                self.slots.release()
+                if self.completed % 10 == 0:
+                    probe = asyncio.create_task(self.measure_read_lag(r.json()["seq"]))
+                    self.probes.add(probe)
+                    probe.add_done_callback(self.probes.discard)
+                if self.completed == self.total:
+                    self.done.set()
+
+    async def approver(self) -> None:
+        async with (
+            self.client("approver") as c,
+            c.stream("GET", "/v1/events", params={"types": "ApprovalRequested", "queue": self.queue}) as events,
+        ):
+            pending: set[asyncio.Task[None]] = set()
+            async for line in events.aiter_lines():
+                if line.startswith("data: "):
+                    approval_id = f"{json.loads(line[6:])['aggregate_id']}-1"
+                    job = asyncio.create_task(self.approve(c, approval_id))
+                    pending.add(job)
+                    job.add_done_callback(pending.discard)
+                if self.done.is_set():
+                    return
+
+    async def approve(self, c: httpx.AsyncClient, approval_id: str) -> None:
+        (await c.post(f"/v1/approvals/{approval_id}/approve", json={"comment": "ok"})).raise_for_status()
+
+    async def measure_read_lag(self, seq: int) -> None:
+        """How long until a list query (the read model) shows a write: read-your-writes lag."""
+        started = time.perf_counter()
+        async with self.client("viewer") as c:
+            (await c.get("/v1/tasks", params={"queue": self.queue, "limit": 1, "min_seq": seq})).raise_for_status()
+        self.read_lag_ms.append((time.perf_counter() - started) * 1000)
+
+    async def run(self) -> dict[str, float]:
+        started = time.perf_counter()
+        approver = asyncio.create_task(self.approver())
+        await asyncio.sleep(0.3)
+        jobs = [asyncio.create_task(self.worker(f"w{i}")) for i in range(self.workers)]
+        await self.submitter()
+        await self.done.wait()
+        elapsed = time.perf_counter() - started
+        approver.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        return {
+            "tasks": self.total,
+            "seconds": elapsed,
+            "tasks_per_second": self.total / elapsed,
+            "p50_ms": statistics.median(self.latencies),
+            "p99_ms": pct(self.latencies, 0.99),
+            "read_lag_p50_ms": statistics.median(self.read_lag_ms) if self.read_lag_ms else float("nan"),
+            "read_lag_p99_ms": pct(self.read_lag_ms, 0.99),
+        }
+
+
+def start_stack(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    controlplane = Path(sys.executable).parent / "controlplane"
+    process = subprocess.Popen(
+        [str(controlplane), "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(data_dir / "dev.log", "wb"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (data_dir / "dev.json").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the stack did not start; see {data_dir / 'dev.log'}")
+        time.sleep(0.2)
+    return process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--dev-json", type=Path, help="use a running stack described by this dev.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        process = None
+        dev_json = args.dev_json
+        if dev_json is None:
+            process = start_stack(Path(tmp), free_port())
+            dev_json = Path(tmp) / "dev.json"
+        info = json.loads(dev_json.read_text())
+        try:
+            bench = Lifecycle(info["gateway_url"], info["orgs"]["acme"], args.tasks, args.workers, args.in_flight)
+            result = uvloop.run(bench.run())
+        finally:
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(60)
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"tasks={args.tasks} workers={args.workers} in_flight={args.in_flight}")
+    print("| metric | value |")
+    print("|---|---|")
+    for key, value in result.items():
+        print(f"| {key} | {value:,.1f} |")
+
+
+if __name__ == "__main__":
+    main()

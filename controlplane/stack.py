@@ -1,0 +1,105 @@
+"""Long-running processes: the gateway, the projector, and the whole dev stack in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from controlplane.seed import seed_org
+from gateway.app import build_app
+from gateway.factory import GatewaySettings, close_services, open_services
+from gateway.services import Services
+from projections.projector import Projector
+
+log = logging.getLogger("controlplane")
+
+DEV_ORGS = ("acme", "globex")
+DEV_ROLES = ("admin", "submitter", "worker", "approver", "viewer")
+
+
+def stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_http(services: Services, host: str, port: int, stop: asyncio.Event) -> None:
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(services), host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await serving
+    stopping.cancel()
+
+
+async def run_gateway(settings: GatewaySettings, host: str, port: int) -> int:
+    stop = stop_on_signals()
+    services = await open_services(settings)
+    try:
+        print(f"gateway listening on http://{host}:{port}", flush=True)
+        await serve_http(services, host, port, stop)
+    finally:
+        await close_services(services)
+    return 0
+
+
+async def run_projector(settings: GatewaySettings) -> int:
+    stop = stop_on_signals()
+    services = await open_services(settings)
+    projector = Projector(services.read_model.pool, services.store.nc)
+    try:
+        await projector.start()
+        print("projector running", flush=True)
+        await stop.wait()
+    finally:
+        await projector.stop()
+        await close_services(services)
+    return 0
+
+
+async def run_dev(settings: GatewaySettings, host: str, port: int, data_dir: Path) -> int:
+    stop = stop_on_signals()
+    services = await open_services(settings)
+    projector = Projector(services.read_model.pool, services.store.nc)
+    try:
+        await projector.start()
+        info_path = data_dir / "dev.json"
+        known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
+        orgs = {org: await seed_org(services.handler, org, DEV_ROLES, known.get(org)) for org in DEV_ORGS}
+        await projector.run_until_caught_up()
+        info = {
+            "gateway_url": f"http://{host}:{port}",
+            "nats_url": settings.nats_url,
+            "database_url": settings.database_url,
+            "orgs": orgs,
+        }
+        serving = asyncio.create_task(serve_http(services, host, port, stop))
+        await asyncio.sleep(0.2)
+        if serving.done():
+            serving.result()  # the port was taken, say so
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
+        print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
+        print(f"  nats:     {settings.nats_url}")
+        print(f"  postgres: {settings.database_url}")
+        for org, keys in orgs.items():
+            print(f"  {org}: " + ", ".join(f"{role}={key}" for role, key in keys.items()))
+        print("Ctrl-C stops everything.", flush=True)
+        await serving
+    finally:
+        with contextlib.suppress(Exception):
+            await projector.stop()
+        await close_services(services)
+    print("controlplane dev stopped", flush=True)
+    return 0

@@ -1,0 +1,122 @@
+"""Credentials: hashed API keys from the read model, or JWT bearer tokens (HS256 with a shared
+secret, RS256 with a public key). The org always comes from the credential, never from a body."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import jwt
+
+from core.access import parse_key, secret_matches
+from core.commands import ROLES, Actor
+from core.ids import InvalidToken, validate_token
+from gateway.problems import Problem
+
+# What each role may do; admin may do everything.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "submitter": frozenset({"read", "submit", "cancel"}),
+    "worker": frozenset({"read", "claim", "lease", "workers"}),
+    "approver": frozenset({"read", "decide"}),
+    "viewer": frozenset({"read"}),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    org: str
+    actor: Actor
+    credential_id: str
+
+    def require(self, permission: str) -> None:
+        roles = self.actor.roles
+        if "admin" in roles or any(permission in PERMISSIONS.get(role, ()) for role in roles):
+            return
+        raise Problem(403, f"this credential (roles {sorted(roles)}) may not {permission}")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    org: str
+    roles: tuple[str, ...]
+    secret_sha256: str
+    revoked: bool
+
+
+KeyLookup = Callable[[str], Awaitable[KeyRecord | None]]
+
+
+@dataclass
+class JwtSettings:
+    hs256_secret: str | None = None
+    rs256_public_key: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hs256_secret or self.rs256_public_key)
+
+
+@dataclass
+class Authenticator:
+    lookup_key: KeyLookup
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    cache_seconds: float = 5.0
+    _cache: dict[str, tuple[float, KeyRecord | None]] = field(default_factory=dict)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise Problem(401, "send Authorization: Bearer <api key or JWT>", headers={"WWW-Authenticate": "Bearer"})
+        token = authorization[7:].strip()
+        if parsed := parse_key(token):
+            return await self._from_key(*parsed)
+        if token.count(".") == 2 and self.jwt.enabled:
+            return self._from_jwt(token)
+        raise Problem(401, "the credential is not a valid API key or JWT", headers={"WWW-Authenticate": "Bearer"})
+
+    def forget(self, key_id: str) -> None:
+        self._cache.pop(key_id, None)
+
+    async def _from_key(self, key_id: str, secret_sha256: str) -> Principal:
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            record = cached[1]
+        else:
+            record = await self.lookup_key(key_id)
+            self._cache[key_id] = (now, record)
+        if record is None or record.revoked or not secret_matches(record.secret_sha256, secret_sha256):
+            raise Problem(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        return Principal(record.org, Actor(f"key:{key_id}", frozenset(record.roles)), key_id)
+
+    def _from_jwt(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
+            if algorithm == "HS256" and self.jwt.hs256_secret:
+                key = self.jwt.hs256_secret
+            elif algorithm == "RS256" and self.jwt.rs256_public_key:
+                key = self.jwt.rs256_public_key
+            else:
+                raise Problem(401, f"JWT algorithm {algorithm!r} is not accepted here")
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self.jwt.audience,
+                issuer=self.jwt.issuer,
+                options={"require": ["exp", "sub"], "verify_aud": self.jwt.audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise Problem(401, f"invalid JWT: {exc}", headers={"WWW-Authenticate": "Bearer"}) from exc
+        try:
+            org = validate_token(claims.get("org"), "org claim")
+        except InvalidToken as exc:
+            raise Problem(401, f"invalid JWT: {exc}") from exc
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not set(roles) <= ROLES:
+            raise Problem(401, f"invalid JWT: roles must be a list of {sorted(ROLES)}")
+        subject = str(claims["sub"])
+        return Principal(org, Actor(f"jwt:{subject}", frozenset(roles)), f"jwt:{subject}")

@@ -1,0 +1,98 @@
+"""Request bodies of API.md. Field constraints are the command types' own (core.commands), so HTTP
+input and commands share one schema; unknown fields are ignored so clients can evolve first."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from core.commands import Approver, Capabilities, LeaseSeconds, Role, Seconds, ShortText
+from core.events import Escalation, Priority
+from core.ids import Token
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class WorkflowBody(msgspec.Struct, frozen=True):
+    name: Name
+    version: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+
+
+class SubmitTaskBody(msgspec.Struct, frozen=True):
+    type: Name
+    payload: Any = None
+    queue: Token = "default"
+    required_capabilities: Capabilities = ()
+    priority: Priority = "normal"
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    timeout_seconds: Seconds | None = None
+    retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    metadata: Annotated[dict[str, Any], msgspec.Meta(max_length=64)] = {}
+    workflow: WorkflowBody | None = None
+
+
+class ClaimBody(msgspec.Struct, frozen=True):
+    worker_id: Token
+    queue: Token = "default"
+    capabilities: Capabilities = ()
+    block_ms: Annotated[int, msgspec.Meta(ge=0, le=30_000)] = 0
+    lease_seconds: LeaseSeconds = 30
+
+
+class LeaseBody(msgspec.Struct, frozen=True):
+    worker_id: Token
+    lease_id: Token
+
+
+class HeartbeatBody(LeaseBody, frozen=True):
+    lease_seconds: LeaseSeconds | None = None
+    progress: Any = None
+
+
+class ApprovalRequestBody(LeaseBody, frozen=True):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] = ""
+    approvers: Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)] = ("role:approver",)
+    quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    timeout_seconds: Seconds | None = None
+    escalation: Escalation | None = None
+
+
+class CompleteBody(LeaseBody, frozen=True):
+    result: Any = None
+
+
+class FailBody(LeaseBody, frozen=True):
+    error: Any = None
+    retryable: bool = True
+
+
+class CancelBody(msgspec.Struct, frozen=True):
+    reason: ShortText | None = None
+
+
+class ApproveBody(msgspec.Struct, frozen=True):
+    comment: ShortText | None = None
+
+
+class RejectBody(msgspec.Struct, frozen=True):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class RegisterWorkerBody(msgspec.Struct, frozen=True):
+    worker_id: Token
+    queue: Token = "default"
+    capabilities: Capabilities = ()
+    labels: Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=64)] = {}
+    model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    provider: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    heartbeat_timeout_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+
+
+class WorkerHeartbeatBody(msgspec.Struct, frozen=True):
+    status: Literal["ready", "busy", "draining"] = "ready"
+
+
+class CreateApiKeyBody(msgspec.Struct, frozen=True):
+    name: Name
+    roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]

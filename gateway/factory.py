@@ -1,0 +1,80 @@
+"""Opening and closing the gateway's connections, from settings in the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from core.handler import CommandHandler
+from core.store import JetStreamEventStore
+from gateway.auth import Authenticator, JwtSettings, KeyRecord
+from gateway.idempotency import IdempotencyRecords
+from gateway.services import Limits, Services
+from projections.read import ReadModel
+from projections.schema import migrate
+
+
+@dataclass
+class GatewaySettings:
+    nats_url: str
+    database_url: str
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, nats_url: str, database_url: str) -> GatewaySettings:
+        """``CP_JWT_HS256_SECRET``, ``CP_JWT_RS256_PUBLIC_KEY_FILE``, ``CP_JWT_AUDIENCE``, ``CP_JWT_ISSUER``,
+        ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``."""
+        env = os.environ
+        public_key_file = env.get("CP_JWT_RS256_PUBLIC_KEY_FILE")
+        limits = Limits()
+        return cls(
+            nats_url=nats_url,
+            database_url=database_url,
+            jwt=JwtSettings(
+                hs256_secret=env.get("CP_JWT_HS256_SECRET") or None,
+                rs256_public_key=Path(public_key_file).read_text() if public_key_file else None,
+                audience=env.get("CP_JWT_AUDIENCE") or None,
+                issuer=env.get("CP_JWT_ISSUER") or None,
+            ),
+            limits=Limits(
+                max_body_bytes=int(env.get("CP_MAX_BODY_BYTES", limits.max_body_bytes)),
+                requests_per_second=float(env.get("CP_RATE_LIMIT_RPS", limits.requests_per_second)),
+                burst=float(env.get("CP_RATE_LIMIT_BURST", limits.burst)),
+                max_block_ms=int(env.get("CP_MAX_BLOCK_MS", limits.max_block_ms)),
+            ),
+        )
+
+
+async def open_services(settings: GatewaySettings) -> Services:
+    store = await JetStreamEventStore.connect(settings.nats_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=10)
+    await migrate(pool)
+    read_model = ReadModel(pool)
+
+    async def lookup_key(key_id: str) -> KeyRecord | None:
+        row = await read_model.find_api_key(key_id)
+        if row is None:
+            return None
+        return KeyRecord(
+            org=row.org_id, roles=tuple(row.roles), secret_sha256=row.secret_sha256, revoked=row.revoked_at is not None
+        )
+
+    return Services(
+        store=store,
+        handler=CommandHandler(store),
+        read_model=read_model,
+        auth=Authenticator(lookup_key, settings.jwt),
+        idempotency=await IdempotencyRecords.open(store),
+        limits=settings.limits,
+    )
+
+
+async def close_services(svc: Services) -> None:
+    await svc.handler.close()
+    await svc.read_model.close()
+    await svc.read_model.pool.close()
+    await svc.store.close()

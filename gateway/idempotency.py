@@ -1,0 +1,37 @@
+"""Idempotency for requests that do not name their aggregate up front (a claim picks a task): the
+outcome's aggregate id is kept in a JetStream key-value bucket for a day, keyed by the derived id."""
+
+from __future__ import annotations
+
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from core.store import JetStreamEventStore
+
+BUCKET = "CP_IDEMPOTENCY"
+TTL_SECONDS = 24 * 3600
+
+
+class IdempotencyRecords:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, store: JetStreamEventStore) -> IdempotencyRecords:
+        js = store.nc.jetstream()
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_SECONDS))
+        return cls(kv)
+
+    async def recall(self, derived_id: str) -> str | None:
+        try:
+            entry = await self._kv.get(derived_id)
+        except KeyNotFoundError:
+            return None
+        return entry.value.decode() if entry.value else None
+
+    async def remember(self, derived_id: str, aggregate_id: str) -> None:
+        await self._kv.put(derived_id, aggregate_id.encode())

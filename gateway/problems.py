@@ -1,0 +1,65 @@
+"""Errors as RFC 9457 problem+json, mapped in one place: domain rejections by kind, body decoding
+by msgspec's two error types, infrastructure outages as 503. Bad input never becomes a 5xx."""
+
+from __future__ import annotations
+
+import msgspec
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core.errors import ConcurrencyExhausted, Rejected
+from core.ids import InvalidToken
+from core.store import StoreError
+
+PROBLEM_JSON = "application/problem+json"
+_TITLES = {
+    400: "Malformed request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Invalid field values",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+_REJECTION_STATUS = {"not_found": 404, "conflict": 409, "forbidden": 403, "invalid": 422}
+
+
+class Problem(Exception):
+    def __init__(self, status: int, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    title = _TITLES.get(status, "Error")
+    body = {"type": f"https://controlplane.dev/problems/{status}", "title": title, "status": status, "detail": detail}
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+async def handle_problem(request: Request, exc: Exception) -> Response:
+    match exc:
+        case Problem():
+            return problem_response(exc.status, exc.detail, exc.headers)
+        case ConcurrencyExhausted():
+            return problem_response(409, f"{exc.detail}; retry the request")
+        case Rejected():
+            return problem_response(_REJECTION_STATUS[exc.kind], exc.detail)
+        case InvalidToken():
+            return problem_response(404, str(exc))
+        case msgspec.ValidationError():
+            return problem_response(422, str(exc))
+        case msgspec.DecodeError():
+            return problem_response(400, f"the body is not valid JSON: {exc}")
+        case StoreError():
+            return problem_response(503, f"the event log is unavailable: {exc}", {"Retry-After": "1"})
+        case HTTPException():
+            return problem_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    raise exc  # not ours to explain: ObserveRequests logs it and answers 503

@@ -1,0 +1,247 @@
+"""Task endpoints of API.md. Single tasks are read from the log (the handler's cached fold), so a GET
+after a POST always shows the write; lists and claim candidates come from the read model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core.commands import (
+    CancelTask,
+    ClaimTask,
+    CompleteTask,
+    FailTask,
+    HeartbeatTask,
+    RequestApproval,
+    SubmitTask,
+)
+from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
+from core.events import ApprovalRequested, TaskStatus, WorkflowRef
+from core.ids import new_id
+from core.task import Task
+from gateway.bodies import (
+    ApprovalRequestBody,
+    CancelBody,
+    ClaimBody,
+    CompleteBody,
+    FailBody,
+    HeartbeatBody,
+    SubmitTaskBody,
+)
+from gateway.http import (
+    body,
+    command_id,
+    derived_id,
+    idempotency_key,
+    json,
+    limit_param,
+    path_id,
+    principal,
+    read_after,
+    services,
+)
+from gateway.problems import Problem
+from gateway.views import approval_document, task_document
+
+TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
+PRIORITIES = {"critical", "high", "normal", "low"}
+CLAIM_CANDIDATES = 16
+READ_YOUR_WRITES_SECONDS = 2.0
+_UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
+
+
+async def submit(request: Request) -> Response:
+    who = await principal(request, "submit")
+    spec = await body(request, SubmitTaskBody)
+    key = idempotency_key(request)
+    task_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "task")
+    fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
+    command = SubmitTask(
+        task_id=task_id,
+        task_type=spec.type,
+        payload=spec.payload,
+        queue=spec.queue,
+        priority=spec.priority,
+        required_capabilities=spec.required_capabilities,
+        max_retries=spec.max_retries,
+        timeout_seconds=spec.timeout_seconds,
+        retry_backoff_seconds=spec.retry_backoff_seconds,
+        metadata=spec.metadata,
+        workflow=None if spec.workflow is None else WorkflowRef(spec.workflow.name, spec.workflow.version),
+    )
+    try:
+        outcome = await services(request).handler.handle(
+            who.org, command, actor=who.actor, command_id=command_id(request, who, "submit", fingerprint)
+        )
+    except AlreadyExists as exc:
+        raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc
+    return json(task_document(outcome.state, outcome.seq), 201)
+
+
+async def get_task(request: Request) -> Response:
+    who = await principal(request, "read")
+    task, seq = await _task(request, who.org)
+    return json(task_document(task, seq))
+
+
+async def list_tasks(request: Request) -> Response:
+    who = await principal(request, "read")
+    query = request.query_params
+    status, queue, priority = query.get("status"), query.get("queue"), query.get("priority")
+    if status is not None and status not in TASK_STATUSES:
+        raise Problem(422, f"status must be one of {sorted(TASK_STATUSES)}")
+    if priority is not None and priority not in PRIORITIES:
+        raise Problem(422, f"priority must be one of {sorted(PRIORITIES)}")
+    limit = limit_param(query.get("limit"))
+    svc = services(request)
+    await read_after(request, "tasks")
+    try:
+        rows, cursor = await svc.read_model.list_tasks(
+            who.org, status=status, queue=queue, priority=priority, limit=limit, cursor=query.get("cursor")
+        )
+    except ValueError as exc:
+        raise Problem(422, str(exc)) from exc
+    return json({"items": [task_document(task, seq) for task, seq in rows], "next_cursor": cursor})
+
+
+async def claim(request: Request) -> Response:
+    who = await principal(request, "claim")
+    spec = await body(request, ClaimBody)
+    svc = services(request)
+    key = idempotency_key(request)
+    lease_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "claim")
+
+    async def attempt(task_id: str) -> Response | None:
+        command = ClaimTask(
+            task_id=task_id,
+            worker_id=spec.worker_id,
+            lease_id=lease_id,
+            queue=spec.queue,
+            capabilities=spec.capabilities,
+            lease_seconds=spec.lease_seconds,
+        )
+        try:
+            outcome = await svc.handler.handle(who.org, command, actor=who.actor, command_id=lease_id)
+        except _UNCLAIMABLE:
+            return None
+        if key is not None:
+            await svc.idempotency.remember(lease_id, task_id)
+        task: Task = outcome.state
+        claimed = next(r for r in outcome.events if getattr(r.event, "lease_id", None) == lease_id)
+        lease = {"id": lease_id, "expires_at": claimed.event.lease_expires_at}  # type: ignore[union-attr]
+        return json({"task": task_document(task, outcome.seq), "lease": lease, "seq": outcome.seq})
+
+    if key is not None and (claimed_before := await svc.idempotency.recall(lease_id)):
+        replay = await attempt(claimed_before)
+        if replay is not None:
+            return replay
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(spec.block_ms, svc.limits.max_block_ms) / 1000
+    # Claim what this gateway has just written: let the read model see our own appends first.
+    await svc.read_model.wait_for("tasks", svc.handler.last_appended_seq, timeout=READ_YOUR_WRITES_SECONDS)
+    while True:
+        checkpoint = (await svc.read_model.checkpoints()).get("tasks", 0)
+        candidates = await svc.read_model.claim_candidates(
+            who.org, spec.queue, list(spec.capabilities), svc.clock(), limit=CLAIM_CANDIDATES
+        )
+        for task_id in candidates:
+            if (response := await attempt(task_id)) is not None:
+                return response
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return Response(status_code=204)
+        # Wake when the read model moves (a submission, a lease expiry, a retry coming due), not on a timer.
+        await svc.read_model.wait_for("tasks", checkpoint + 1, timeout=remaining)
+
+
+async def heartbeat(request: Request) -> Response:
+    who = await principal(request, "lease")
+    spec = await body(request, HeartbeatBody)
+    task_id = path_id(request, "task_id", "task")
+    command = HeartbeatTask(
+        task_id=task_id,
+        worker_id=spec.worker_id,
+        lease_id=spec.lease_id,
+        lease_seconds=spec.lease_seconds,
+        progress=spec.progress,
+    )
+    outcome = await _handle(request, who, command, "heartbeat")
+    lease = outcome.state.lease
+    return json({"lease": {"id": lease.id, "expires_at": lease.expires_at} if lease else None, "seq": outcome.seq})
+
+
+async def request_approval(request: Request) -> Response:
+    who = await principal(request, "lease")
+    spec = await body(request, ApprovalRequestBody)
+    if not spec.reason:
+        raise Problem(422, "reason is required: say what the human is approving")
+    task, _ = await _task(request, who.org)
+    command = RequestApproval(
+        task_id=task.id,
+        worker_id=spec.worker_id,
+        lease_id=spec.lease_id,
+        approval_id=f"{task.id}-{len(task.approvals) + 1}",
+        reason=spec.reason,
+        approvers=spec.approvers,
+        quorum=spec.quorum,
+        timeout_seconds=spec.timeout_seconds,
+        escalation=spec.escalation,
+    )
+    outcome = await _handle(request, who, command, "approval")
+    requested = next(r.event for r in outcome.events if isinstance(r.event, ApprovalRequested))
+    approval = outcome.state.approval(requested.approval_id)
+    return json({**approval_document(approval), "seq": outcome.seq}, 201)
+
+
+async def complete(request: Request) -> Response:
+    who = await principal(request, "lease")
+    spec = await body(request, CompleteBody)
+    command = CompleteTask(
+        task_id=path_id(request, "task_id", "task"),
+        worker_id=spec.worker_id,
+        lease_id=spec.lease_id,
+        result=spec.result,
+    )
+    outcome = await _handle(request, who, command, "complete")
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def fail(request: Request) -> Response:
+    who = await principal(request, "lease")
+    spec = await body(request, FailBody)
+    command = FailTask(
+        task_id=path_id(request, "task_id", "task"),
+        worker_id=spec.worker_id,
+        lease_id=spec.lease_id,
+        error=spec.error,
+        retryable=spec.retryable,
+    )
+    outcome = await _handle(request, who, command, "fail")
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def cancel(request: Request) -> Response:
+    who = await principal(request, "cancel")
+    spec = await body(request, CancelBody, optional=True)
+    command = CancelTask(task_id=path_id(request, "task_id", "task"), reason=spec.reason)
+    outcome = await _handle(request, who, command, "cancel")
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def _handle(request: Request, who: Any, command: Any, scope: str) -> Any:
+    return await services(request).handler.handle(
+        who.org, command, actor=who.actor, command_id=command_id(request, who, scope, command.task_id)
+    )
+
+
+async def _task(request: Request, org: str) -> tuple[Task, int]:
+    task_id = path_id(request, "task_id", "task")
+    task, seq = await services(request).handler.load(org, "task", task_id)
+    if task is None:
+        raise Problem(404, f"task {task_id} not found")
+    return task, seq

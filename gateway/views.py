@@ -1,0 +1,81 @@
+"""The public objects of API.md, rendered from folded aggregate state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.task import Approval, Task
+from core.worker import Worker
+
+
+def approval_document(approval: Approval) -> dict[str, Any]:
+    return {
+        "id": approval.id,
+        "task_id": approval.task_id,
+        "status": approval.status,
+        "reason": approval.reason,
+        "requested_by": approval.requested_by,
+        "approvers": list(approval.approvers),
+        "quorum": approval.quorum,
+        "decisions": [
+            {"by": vote.by, "decision": vote.decision, "comment": vote.comment, "at": vote.at}
+            for vote in approval.decisions
+        ],
+        "created_at": approval.created_at,
+        "expires_at": approval.expires_at,
+        "decided_at": approval.decided_at,
+        "escalation": None
+        if approval.escalation is None
+        else {"after_seconds": approval.escalation.after_seconds, "approvers": list(approval.escalation.approvers)},
+        "escalated": approval.escalated,
+    }
+
+
+def task_document(task: Task, seq: int) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "org": task.org,
+        "queue": task.queue,
+        "type": task.task_type,
+        "payload": task.payload,
+        "status": task.status,
+        "priority": task.priority,
+        "required_capabilities": list(task.required_capabilities),
+        "metadata": task.metadata,
+        "retries": task.retries,
+        "max_retries": task.max_retries,
+        "timeout_seconds": task.timeout_seconds,
+        "retry_backoff_seconds": task.retry_backoff_seconds,
+        "workflow": None if task.workflow is None else {"name": task.workflow.name, "version": task.workflow.version},
+        "assigned_worker": task.assigned_worker,
+        "lease": None if task.lease is None else {"id": task.lease.id, "expires_at": task.lease.expires_at},
+        "result": task.result,
+        "error": task.error,
+        "progress": task.progress,
+        "cancellation_reason": task.cancellation_reason,
+        "approvals": [approval_document(a) for a in task.approvals],
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "started_at": task.started_at,
+        "completed_at": task.completed_at,
+        "not_before": task.not_before,
+        "deadline_at": task.deadline_at,
+        "seq": seq,
+    }
+
+
+def worker_document(worker: Worker, tasks_completed: int, seq: int) -> dict[str, Any]:
+    return {
+        "id": worker.id,
+        "queue": worker.queue,
+        "capabilities": list(worker.capabilities),
+        "labels": worker.labels,
+        "model": worker.model,
+        "provider": worker.provider,
+        "status": worker.status,
+        "registered_at": worker.registered_at,
+        "last_heartbeat_at": worker.last_heartbeat_at,
+        "heartbeat_timeout_seconds": worker.heartbeat_timeout_seconds,
+        "tasks_completed": tasks_completed,
+        "seq": seq,
+    }

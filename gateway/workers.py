@@ -1,0 +1,87 @@
+"""Worker endpoints: registration, heartbeats, listing, deregistration."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
+from core.worker import Worker
+from gateway.bodies import RegisterWorkerBody, WorkerHeartbeatBody
+from gateway.http import body, command_id, json, path_id, principal, read_after, services
+from gateway.problems import Problem
+from gateway.views import worker_document
+
+
+async def register(request: Request) -> Response:
+    who = await principal(request, "workers")
+    spec = await body(request, RegisterWorkerBody)
+    command = RegisterWorker(
+        worker_id=spec.worker_id,
+        queue=spec.queue,
+        capabilities=spec.capabilities,
+        labels=spec.labels,
+        model=spec.model,
+        provider=spec.provider,
+        heartbeat_timeout_seconds=spec.heartbeat_timeout_seconds,
+    )
+    svc = services(request)
+    outcome = await svc.handler.handle(
+        who.org, command, actor=who.actor, command_id=command_id(request, who, "register", spec.worker_id)
+    )
+    return json(worker_document(outcome.state, await _completed(request, who.org, spec.worker_id), outcome.seq), 201)
+
+
+async def heartbeat(request: Request) -> Response:
+    who = await principal(request, "workers")
+    spec = await body(request, WorkerHeartbeatBody, optional=True)
+    worker_id = path_id(request, "worker_id", "worker")
+    outcome = await services(request).handler.handle(
+        who.org,
+        HeartbeatWorker(worker_id=worker_id, status=spec.status),
+        actor=who.actor,
+        command_id=command_id(request, who, "heartbeat", worker_id),
+    )
+    return json(worker_document(outcome.state, await _completed(request, who.org, worker_id), outcome.seq))
+
+
+async def deregister(request: Request) -> Response:
+    who = await principal(request, "workers")
+    worker_id = path_id(request, "worker_id", "worker")
+    await services(request).handler.handle(
+        who.org,
+        DeregisterWorker(worker_id=worker_id),
+        actor=who.actor,
+        command_id=command_id(request, who, "deregister", worker_id),
+    )
+    return Response(status_code=204)
+
+
+async def list_workers(request: Request) -> Response:
+    who = await principal(request, "read")
+    query = request.query_params
+    available = query.get("available")
+    if available is not None and available not in ("true", "false"):
+        raise Problem(422, "available must be true or false")
+    await read_after(request, "workers")
+    rows = await services(request).read_model.list_workers(
+        who.org,
+        queue=query.get("queue"),
+        capability=query.get("capability"),
+        available=None if available is None else available == "true",
+    )
+    return json({"items": [worker_document(worker, completed, seq) for worker, completed, seq in rows]})
+
+
+async def get_worker(request: Request) -> Response:
+    who = await principal(request, "read")
+    worker_id = path_id(request, "worker_id", "worker")
+    worker, seq = await services(request).handler.load(who.org, "worker", worker_id)
+    if not isinstance(worker, Worker):
+        raise Problem(404, f"worker {worker_id} not found")
+    return json(worker_document(worker, await _completed(request, who.org, worker_id), seq))
+
+
+async def _completed(request: Request, org: str, worker_id: str) -> int:
+    row = await services(request).read_model.get_worker(org, worker_id)
+    return 0 if row is None else row[1]

@@ -1,0 +1,516 @@
+"""What each projection does with a batch of events: the tables it owns and how events fold into them.
+
+Domain rules are never repeated here. Task, worker, org and key rows hold the state that core's pure
+``evolve`` functions compute: a batch loads the current state of the aggregates it touches in one
+query per table, folds its events in memory and writes each touched aggregate back once, with one
+statement per table (``unnest`` arrays, not a round trip per row). That is what makes a rebuild fast,
+and it makes live and rebuilt tables equal by construction: both are the same fold of the same log."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from functools import cached_property
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+import msgspec
+
+from core.access import API_KEY, ORG, ApiKey, Org
+from core.decider import Decider
+from core.events import PRIORITY_RANK, Event, TaskCompleted
+from core.store import RecordedEvent
+from core.task import TASK, TaskState
+from core.worker import WORKER, WorkerState
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+AggregateKey = tuple[str, str]
+"""``(org, aggregate id)`` as in the subject ``cp.<org>.<aggregate>.<id>``."""
+
+_encode = msgspec.json.Encoder().encode
+
+
+def to_json(value: Any) -> str:
+    """asyncpg passes ``jsonb`` parameters as text."""
+    return _encode(value).decode()
+
+
+def address(subject: str) -> tuple[str, str, str]:
+    """``(org, aggregate, id)`` of an event subject; the projector has checked its shape."""
+    _, org, aggregate, aggregate_id = subject.split(".")
+    return org, aggregate, aggregate_id
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """``INSERT … SELECT … FROM unnest(<one array per column>) ON CONFLICT DO UPDATE``: a whole batch
+    of rows in one statement and one round trip. Rows are tuples in ``columns`` order; a ``text[]``
+    column takes a Python sequence per row (sent as JSON, because ``unnest`` flattens arrays of arrays)."""
+
+    table: str
+    key: tuple[str, ...]
+    columns: tuple[tuple[str, str], ...]
+    on_insert: tuple[tuple[str, str], ...] = ()
+    """``(column, SQL expression over the row r)`` set by an insert and left alone by an update."""
+    merge: tuple[tuple[str, str], ...] = ()
+    """``(column, SQL expression)`` replacing ``excluded.<column>`` in the update."""
+    only_if: str | None = None
+    """Condition under which a conflicting row is updated."""
+
+    @cached_property
+    def sql(self) -> str:
+        names = [name for name, _ in self.columns]
+        params = ", ".join(
+            f"${number}::{'jsonb' if sql_type == 'text[]' else sql_type}[]"
+            for number, (_, sql_type) in enumerate(self.columns, start=1)
+        )
+        values = [
+            f"ARRAY(SELECT jsonb_array_elements_text(r.{name}))" if sql_type == "text[]" else f"r.{name}"
+            for name, sql_type in self.columns
+        ]
+        targets = names + [name for name, _ in self.on_insert]
+        merged = dict(self.merge)
+        updates = ", ".join(
+            f"{name} = {merged.get(name, f'excluded.{name}')}" for name in names if name not in self.key
+        )
+        return (
+            f"INSERT INTO {self.table} ({', '.join(targets)}) "
+            f"SELECT {', '.join(values + [expression for _, expression in self.on_insert])} "
+            f"FROM unnest({params}) AS r({', '.join(names)}) "
+            f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {updates}"
+            + (f" WHERE {self.only_if}" if self.only_if else "")
+        )
+
+    async def __call__(self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        for index, (_, sql_type) in enumerate(self.columns):
+            if sql_type == "text[]":
+                arrays[index] = [to_json(value) for value in arrays[index]]
+        await conn.execute(self.sql, *arrays)
+
+
+@dataclass(slots=True)
+class Folded(Generic[S]):
+    state: S
+    seq: int
+    """Stream sequence of the last event folded into ``state``."""
+
+
+class StateTable(ABC, Generic[S]):
+    """Where one aggregate type's state lives in the read model."""
+
+    decider: Decider[S]
+
+    @abstractmethod
+    async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, S]:
+        """The stored state of those of ``keys`` that have a row."""
+
+    @abstractmethod
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[S]]) -> None:
+        """Write the folded states back (a None state means the aggregate is gone or never existed)."""
+
+
+def _key_arrays(keys: Sequence[AggregateKey]) -> tuple[list[str], list[str]]:
+    return [org for org, _ in keys], [aggregate_id for _, aggregate_id in keys]
+
+
+def _where_keys(table: str, columns: str) -> str:
+    return f"SELECT {columns} FROM {table} WHERE (org_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+
+
+class JsonStateTable(StateTable[S]):
+    """States kept whole as msgspec JSON in a ``state`` column keyed by ``(org_id, id)``, so a fold
+    resumes from exactly what the previous one computed."""
+
+    table: str
+    decoder: msgspec.json.Decoder[S]
+
+    async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, S]:
+        rows = await conn.fetch(_where_keys(self.table, "org_id, id, state"), *_key_arrays(keys))
+        return {(row["org_id"], row["id"]): self.decoder.decode(row["state"]) for row in rows}
+
+
+_TASKS = Upsert(
+    "tasks",
+    key=("org_id", "id"),
+    columns=(
+        ("org_id", "text"),
+        ("id", "text"),
+        ("queue", "text"),
+        ("status", "text"),
+        ("priority", "text"),
+        ("priority_rank", "smallint"),
+        ("required_capabilities", "text[]"),
+        ("workflow_name", "text"),
+        ("workflow_version", "int"),
+        ("assigned_worker", "text"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
+        ("not_before", "timestamptz"),
+        ("state", "jsonb"),
+        ("seq", "bigint"),
+    ),
+)
+_APPROVALS = Upsert(
+    "approvals",
+    key=("org_id", "id"),
+    columns=(
+        ("org_id", "text"),
+        ("id", "text"),
+        ("task_id", "text"),
+        ("status", "text"),
+        ("created_at", "timestamptz"),
+        ("expires_at", "timestamptz"),
+        ("decided_at", "timestamptz"),
+        ("state", "jsonb"),
+        ("seq", "bigint"),
+    ),
+    # Approval ids are chosen by the caller and unique per org in practice; should two tasks reuse
+    # one, the first keeps the row, the same way in every rebuild.
+    only_if="approvals.task_id = excluded.task_id",
+)
+
+
+class TaskTable(JsonStateTable[TaskState]):
+    """A task row per task, and a row per approval of it (the approvals inbox)."""
+
+    decider = TASK
+    table = "tasks"
+    decoder = msgspec.json.Decoder(TaskState)
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[TaskState]]) -> None:
+        tasks: list[tuple[Any, ...]] = []
+        approvals: list[tuple[Any, ...]] = []
+        for (org, _), item in folded.items():
+            task = item.state
+            if task is None:  # events of a task never submitted: nothing to show
+                continue
+            tasks.append(
+                (
+                    org,
+                    task.id,
+                    task.queue,
+                    task.status,
+                    task.priority,
+                    PRIORITY_RANK[task.priority],
+                    task.required_capabilities,
+                    task.workflow.name if task.workflow else None,
+                    task.workflow.version if task.workflow else None,
+                    task.assigned_worker,
+                    task.created_at,
+                    task.updated_at,
+                    task.not_before,
+                    to_json(task),
+                    item.seq,
+                )
+            )
+            approvals.extend(
+                (org, a.id, task.id, a.status, a.created_at, a.expires_at, a.decided_at, to_json(a), item.seq)
+                for a in task.approvals
+            )
+        await _TASKS(conn, tasks)
+        await _APPROVALS(conn, approvals)
+
+
+_WORKERS = Upsert(
+    "workers",
+    key=("org_id", "id"),
+    columns=(
+        ("org_id", "text"),
+        ("id", "text"),
+        ("queue", "text"),
+        ("capabilities", "text[]"),
+        ("status", "text"),
+        ("last_heartbeat_at", "timestamptz"),
+        ("state", "jsonb"),
+        ("seq", "bigint"),
+    ),
+    on_insert=(
+        (
+            "tasks_completed",
+            "coalesce((SELECT c.tasks_completed FROM worker_counters c"
+            " WHERE c.org_id = r.org_id AND c.worker_id = r.id), 0)",
+        ),
+    ),
+)
+
+
+class WorkerTable(JsonStateTable[WorkerState]):
+    """A row per registered worker; deregistration (state None) deletes it."""
+
+    decider = WORKER
+    table = "workers"
+    decoder = msgspec.json.Decoder(WorkerState)
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[WorkerState]]) -> None:
+        gone = [key for key, item in folded.items() if item.state is None]
+        if gone:
+            await conn.execute(
+                "DELETE FROM workers WHERE (org_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                *_key_arrays(gone),
+            )
+        await _WORKERS(
+            conn,
+            [
+                (org, w.id, w.queue, w.capabilities, w.status, w.last_heartbeat_at, to_json(w), item.seq)
+                for (org, _), item in folded.items()
+                if (w := item.state) is not None
+            ],
+        )
+
+
+_ORGS = Upsert("orgs", key=("id",), columns=(("id", "text"), ("name", "text"), ("created_at", "timestamptz")))
+
+
+class OrgTable(StateTable[Org | None]):
+    decider = ORG
+
+    async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, Org | None]:
+        rows = await conn.fetch(
+            "SELECT id, name, created_at FROM orgs WHERE id = ANY($1::text[])", [org_id for _, org_id in keys]
+        )
+        found = {row["id"]: Org(id=row["id"], name=row["name"], created_at=row["created_at"]) for row in rows}
+        return {key: found[key[1]] for key in keys if key[1] in found}
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[Org | None]]) -> None:
+        await _ORGS(conn, [(o.id, o.name, o.created_at) for item in folded.values() if (o := item.state) is not None])
+
+
+_API_KEYS = Upsert(
+    "api_keys",
+    key=("id",),
+    columns=(
+        ("id", "text"),
+        ("org_id", "text"),
+        ("name", "text"),
+        ("roles", "text[]"),
+        ("secret_sha256", "text"),
+        ("created_by", "text"),
+        ("created_at", "timestamptz"),
+        ("revoked_at", "timestamptz"),
+    ),
+)
+
+
+class ApiKeyTable(StateTable[ApiKey | None]):
+    """A row per API key; its org is the org of the key's subject."""
+
+    decider = API_KEY
+
+    async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, ApiKey | None]:
+        rows = await conn.fetch(
+            _where_keys("api_keys", "org_id, id, name, roles, secret_sha256, created_by, created_at, revoked_at"),
+            *_key_arrays(keys),
+        )
+        return {
+            (row["org_id"], row["id"]): ApiKey(
+                id=row["id"],
+                name=row["name"],
+                roles=tuple(row["roles"]),
+                secret_sha256=row["secret_sha256"],
+                created_by=row["created_by"],
+                created_at=row["created_at"],
+                revoked_at=row["revoked_at"],
+            )
+            for row in rows
+        }
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[ApiKey | None]]) -> None:
+        await _API_KEYS(
+            conn,
+            [
+                (k.id, org, k.name, k.roles, k.secret_sha256, k.created_by, k.created_at, k.revoked_at)
+                for (org, _), item in folded.items()
+                if (k := item.state) is not None
+            ],
+        )
+
+
+def fold(
+    decider: Decider[S], histories: dict[AggregateKey, list[RecordedEvent]], states: dict[AggregateKey, S]
+) -> tuple[dict[AggregateKey, Folded[S]], int]:
+    """Fold each aggregate's new events onto its stored state; returns the results and how many events
+    could not be folded. ``evolve`` is pure and total for every event it knows, so a failure is a bug
+    or a corrupt event: it is logged and skipped rather than wedging the projection forever."""
+    folded: dict[AggregateKey, Folded[S]] = {}
+    failures = 0
+    for key, history in histories.items():
+        state = states.get(key, decider.initial)
+        for item in history:
+            try:
+                state = decider.evolve(state, item.event)
+            except Exception:
+                failures += 1
+                kind = type(item.event).__name__
+                log.exception("skipping %s at seq %d on %s: it cannot be folded", kind, item.seq, item.subject)
+        folded[key] = Folded(state, history[-1].seq)
+    return folded, failures
+
+
+class Projection(ABC):
+    """A named group of tables that one consumer and one checkpoint keep up to date."""
+
+    name: str
+    tables: tuple[str, ...]
+    """Every table it owns, emptied by a rebuild."""
+
+    @abstractmethod
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+        """Fold ``events`` (stream order, all newer than the checkpoint) inside the caller's
+        transaction; returns how many were skipped because they could not be folded."""
+
+
+class StateProjection(Projection):
+    """Tables holding aggregate states, one :class:`StateTable` per aggregate type."""
+
+    def __init__(self, name: str, tables: tuple[str, ...], states: dict[str, StateTable[Any]]) -> None:
+        self.name = name
+        self.tables = tables
+        self._states = states
+
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+        histories: dict[str, dict[AggregateKey, list[RecordedEvent]]] = defaultdict(lambda: defaultdict(list))
+        for item in events:
+            org, aggregate, aggregate_id = address(item.subject)
+            if aggregate in self._states:
+                histories[aggregate][(org, aggregate_id)].append(item)
+        failures = 0
+        for aggregate, by_key in histories.items():
+            table = self._states[aggregate]
+            folded, failed = fold(table.decider, by_key, await table.load(conn, list(by_key)))
+            await table.save(conn, folded)
+            failures += failed
+        return failures
+
+
+_COUNT_COMPLETIONS = """
+WITH counted AS (
+    INSERT INTO worker_counters (org_id, worker_id, tasks_completed)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[])
+    ON CONFLICT (org_id, worker_id)
+        DO UPDATE SET tasks_completed = worker_counters.tasks_completed + excluded.tasks_completed
+    RETURNING org_id, worker_id, tasks_completed
+)
+UPDATE workers w SET tasks_completed = c.tasks_completed FROM counted c WHERE w.org_id = c.org_id AND w.id = c.worker_id
+"""
+
+
+class WorkersProjection(StateProjection):
+    """Workers, plus how many tasks each worker id has completed (counted from ``TaskCompleted``, which
+    lives on the task's subject, so this projection reads task events too)."""
+
+    def __init__(self) -> None:
+        super().__init__("workers", ("workers", "worker_counters"), {"worker": WorkerTable()})
+
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+        failures = await super().apply(conn, events)
+        completed = Counter(
+            (address(item.subject)[0], item.event.worker_id) for item in events if isinstance(item.event, TaskCompleted)
+        )
+        if completed:
+            orgs, workers = _key_arrays(list(completed))
+            await conn.execute(_COUNT_COMPLETIONS, orgs, workers, list(completed.values()))
+        return failures
+
+
+class UsageDelta(msgspec.Struct, frozen=True):
+    """What one event adds to an org's usage of a model on a day."""
+
+    day: date
+    model: str
+    provider: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+
+    def __add__(self, other: UsageDelta) -> UsageDelta:
+        return msgspec.structs.replace(
+            other,
+            calls=self.calls + other.calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+
+def usage_of(event: Event) -> UsageDelta | None:
+    """The usage an event reports. No event carries usage yet; LLM call events (issue 4) each add one
+    ``case``, e.g. ``case LlmCallCompleted(): return UsageDelta(day=event.at.date(), ...)``."""
+    match event:
+        case _:
+            return None
+
+
+_USAGE = Upsert(
+    "usage",
+    key=("org_id", "day", "model"),
+    columns=(
+        ("org_id", "text"),
+        ("day", "date"),
+        ("model", "text"),
+        ("provider", "text"),
+        ("calls", "int"),
+        ("prompt_tokens", "bigint"),
+        ("completion_tokens", "bigint"),
+        ("cost_usd", "numeric"),
+    ),
+    merge=tuple(
+        (column, f"usage.{column} + excluded.{column}")
+        for column in ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
+    ),
+)
+
+
+class UsageProjection(Projection):
+    """Tokens, calls and cost per org, model and UTC day, summed over the batch first (an upsert may
+    touch a row once per statement)."""
+
+    name = "usage"
+    tables = ("usage",)
+
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+        totals: dict[tuple[str, date, str], UsageDelta] = {}
+        for item in events:
+            delta = usage_of(item.event)
+            if delta is not None:
+                key = (address(item.subject)[0], delta.day, delta.model)
+                totals[key] = totals[key] + delta if key in totals else delta
+        await _USAGE(
+            conn,
+            [
+                (org, day, model, d.provider, d.calls, d.prompt_tokens, d.completion_tokens, d.cost_usd)
+                for (org, day, model), d in totals.items()
+            ],
+        )
+        return 0
+
+
+PROJECTIONS: dict[str, Projection] = {
+    projection.name: projection
+    for projection in (
+        StateProjection("tasks", ("tasks", "approvals"), {"task": TaskTable()}),
+        WorkersProjection(),
+        StateProjection("access", ("orgs", "api_keys"), {"org": OrgTable(), "apikey": ApiKeyTable()}),
+        UsageProjection(),
+    )
+}
+
+
+def select(names: Sequence[str] | None) -> list[Projection]:
+    """The projections called ``names`` (all when None), in a stable order."""
+    if names is None:
+        return list(PROJECTIONS.values())
+    unknown = sorted(set(names) - PROJECTIONS.keys())
+    if unknown:
+        raise ValueError(f"unknown projection(s) {', '.join(unknown)}; known: {', '.join(PROJECTIONS)}")
+    return [projection for name, projection in PROJECTIONS.items() if name in names]

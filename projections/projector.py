@@ -1,0 +1,512 @@
+"""Keeps the read model up to date: one durable JetStream pull consumer per projection, folded into
+PostgreSQL one batch per transaction together with the projection's checkpoint.
+
+Exactly once, restartable. A batch, its rows and the checkpoint (stream sequence of its last message)
+commit together; the messages are acked after the commit. A crash between commit and ack therefore
+redelivers messages at or below the checkpoint, which the next transaction skips. The checkpoint in
+PostgreSQL is the truth and the consumer only a cursor: whenever a projection (re)starts it recreates
+its consumer at checkpoint + 1, so a restored or rebuilt database and its consumer always agree (the
+consumer is kept in memory on the server for the same reason: losing it costs nothing).
+
+One writer per projection. A shared durable consumer splits batches between its fetchers, and a
+batch committed out of order would move the checkpoint past one still in flight, so each projection
+runs only where its session-level advisory lock is held; another process running the same projection
+waits as a standby and takes over when the lock frees up (its holder stopped or its connection died).
+
+Consumers filter ``cp.>``, not single aggregates, so every projection's checkpoint advances with
+every event and "wait until projection X reached seq N" works for any N. Timer definitions on
+``cpsched.>`` never reach a projection; the events they fire are ordinary events on ``cp.>``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TextIO
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from core.ids import new_id
+from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
+from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from projections.folds import Projection, select
+from projections.schema import NOTIFY_CHANNEL, fetch_checkpoints, migrate
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILTER = f"{EVENTS_PREFIX}.>"
+CONSUMER_PREFIX = "proj-"
+LIVE_BATCH = 500
+REBUILD_BATCH = 2000
+ACK_WAIT_SECONDS = 120.0
+_LOCK_CLASS = 0x6370  # first key of the two-key advisory locks that elect each projection's writer
+_RETRY_MIN_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 30.0
+_STANDBY_RETRY_SECONDS = 2.0
+_REBUILD_WAIT_SECONDS = 5.0
+
+Progress = Callable[[int, int], None]
+"""``progress(events folded, events to fold)``."""
+
+
+class ProjectionBusy(RuntimeError):
+    """Another process holds the projection (a running projector or rebuild)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    last_seq: int
+    """Stream sequence of the batch's last message: the new checkpoint of every projection applied."""
+    applied: tuple[str, ...]
+    """The projections whose checkpoint was below ``last_seq``; the others had seen the whole batch."""
+    skipped: int
+    """Events that could not be decoded or folded, per applied projection."""
+
+
+def decode(msgs: Sequence[Msg]) -> tuple[list[RecordedEvent], int]:
+    """The batch's events and how many messages could not be read. An undecodable message is logged
+    with its sequence and subject and skipped: one bad event must not stop a projection forever."""
+    recorded: list[RecordedEvent] = []
+    failures = 0
+    for msg in msgs:
+        try:
+            item = recorded_from_message(msg)
+            parse_aggregate_subject(item.subject)
+        except Exception as exc:
+            failures += 1
+            seq = msg.metadata.sequence.stream
+            log.error("skipping undecodable event seq=%d subject=%s: %s", seq, msg.subject, exc)
+            continue
+        recorded.append(item)
+    return recorded, failures
+
+
+_SAVE_CHECKPOINTS = f"""
+WITH saved AS (
+    INSERT INTO checkpoints (projection, seq, updated_at) SELECT unnest($1::text[]), $2, now()
+    ON CONFLICT (projection) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+    RETURNING projection, seq
+)
+SELECT pg_notify('{NOTIFY_CHANNEL}', projection || ':' || seq) FROM saved
+"""
+
+
+async def commit_batch(conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg]) -> BatchResult:
+    """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
+    all in one transaction. Messages at or below a projection's checkpoint were committed before (a
+    crash between commit and ack) and are skipped, so applying a batch twice changes nothing."""
+    recorded, undecodable = decode(msgs)
+    last_seq = msgs[-1].metadata.sequence.stream
+    names = [projection.name for projection in projections]
+    applied: list[str] = []
+    skipped = undecodable
+    async with conn.transaction():
+        await conn.execute("SET LOCAL cp.projector = 'on'")
+        rows = await conn.fetch(
+            "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE", names
+        )
+        checkpoints = {row["projection"]: row["seq"] for row in rows}
+        for projection in projections:
+            checkpoint = checkpoints.get(projection.name, 0)
+            if last_seq <= checkpoint:
+                continue
+            skipped += await projection.apply(conn, [item for item in recorded if item.seq > checkpoint])
+            applied.append(projection.name)
+        if applied:
+            await conn.execute(_SAVE_CHECKPOINTS, applied, last_seq)
+    return BatchResult(last_seq, tuple(applied), skipped)
+
+
+async def last_event_seq(js: JetStreamContext, stream: str = STREAM_NAME) -> int:
+    """Sequence of the newest event (timer definitions excluded); 0 for an empty log."""
+    try:
+        return (await js.get_last_msg(stream, EVENTS_FILTER)).seq or 0
+    except NotFoundError:
+        return 0
+
+
+def _lock_key(name: str) -> int:
+    """A stable int4 per projection name (advisory locks take two int4 keys)."""
+    return int.from_bytes(zlib.crc32(name.encode()).to_bytes(4, "big"), "big", signed=True)
+
+
+async def _lead(conn: asyncpg.Connection, names: Sequence[str]) -> bool:
+    """Take the writer locks of ``names`` for this session, all or none."""
+    taken = await conn.fetchval(
+        "SELECT array_agg(pg_try_advisory_lock($1, key)) FROM unnest($2::int[]) AS key",
+        _LOCK_CLASS,
+        [_lock_key(name) for name in names],
+    )
+    if all(taken):
+        return True
+    await conn.execute("SELECT pg_advisory_unlock_all()")
+    return False
+
+
+async def _ensure_checkpoints(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, int]:
+    await conn.execute(
+        "INSERT INTO checkpoints (projection, seq) SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING", names
+    )
+    rows = await conn.fetch("SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[])", names)
+    return {row["projection"]: row["seq"] for row in rows}
+
+
+async def _recreate_consumer(js: JetStreamContext, stream: str, name: str, start_seq: int, batch_size: int) -> None:
+    """Point the durable consumer ``name`` at ``start_seq``, whatever it pointed at before."""
+    with suppress(NotFoundError):
+        await js.delete_consumer(stream, name)
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=name,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_ack_pending=2 * batch_size,
+            filter_subject=EVENTS_FILTER,
+            mem_storage=True,
+        ),
+    )
+
+
+class Puller:
+    """Fetches batches from a pull consumer, one request per batch: ``no_wait`` with ``expires`` makes
+    the server send what is there at once (or wait up to ``expires`` for the first event) and end the
+    batch with a 404 status. A subscription callback collects the messages; nats-py's ``fetch`` awaits
+    every message with a task and a timeout of its own, which costs more than folding it does."""
+
+    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+        self._nc = nc
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._subscription: Subscription | None = None
+        self._batch: list[Msg] = []
+        self._wanted = 0
+        self._done: asyncio.Future[list[Msg]] | None = None
+
+    async def fetch(self, batch: int, wait: float) -> list[Msg]:
+        """Up to ``batch`` messages; [] if none came within ``wait`` seconds."""
+        if self._subscription is None:
+            self._subscription = await self._nc.subscribe(self._inbox, cb=self._receive)
+        self._batch, self._wanted = [], batch
+        self._done = done = asyncio.get_running_loop().create_future()
+        request = {"batch": batch, "no_wait": True, "expires": int(wait * 1e9)}
+        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+        async with asyncio.timeout(wait + 5.0):  # the server always answers unless the connection broke
+            return await done
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            with suppress(Exception):
+                await self._subscription.unsubscribe()
+
+    async def _receive(self, msg: Msg) -> None:
+        done = self._done
+        if done is None or done.done():
+            return  # left over from an abandoned request; the consumer is recreated before the next run
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self._batch.append(msg)
+            if len(self._batch) >= self._wanted:
+                done.set_result(self._batch)
+        elif status in ("404", "408"):  # nothing (more) to deliver / the request expired
+            done.set_result(self._batch)
+        elif status != "100":  # 100 is a heartbeat
+            description = msg.headers.get("Description", "") if msg.headers else ""
+            done.set_exception(RuntimeError(f"pull from {self._next} failed: {status} {description}"))
+
+
+class Projector:
+    """Runs projections (all by default) until stopped, each on its own durable consumer, checkpoint
+    and PostgreSQL connection. ``start`` applies the migrations, so it is safe on a fresh database."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        nc: NATS,
+        *,
+        names: Sequence[str] | None = None,
+        consumer_prefix: str = CONSUMER_PREFIX,
+        stream: str = STREAM_NAME,
+        batch_size: int = LIVE_BATCH,
+        idle_wait: float = 1.0,
+    ) -> None:
+        """``consumer_prefix`` names the durable consumers (``<prefix><projection>``); databases fed
+        from one stream need distinct prefixes. ``idle_wait`` is how long one fetch lingers for new
+        events; events that arrive meanwhile are delivered at once, so it bounds nothing but idle
+        polling."""
+        self._pool = pool
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._projections = select(names)
+        self._prefix = consumer_prefix
+        self._stream = stream
+        self._batch_size = batch_size
+        self._idle_wait = idle_wait
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped: asyncio.Future[None] | None = None
+        self.committed: dict[str, int] = {projection.name: 0 for projection in self._projections}
+        """Messages each projection has committed since this projector was made (a metric)."""
+        self.skipped: dict[str, int] = {projection.name: 0 for projection in self._projections}
+        """Events each projection skipped because they could not be decoded or folded (a metric)."""
+
+    @property
+    def names(self) -> list[str]:
+        return [projection.name for projection in self._projections]
+
+    def consumer_name(self, projection: str) -> str:
+        return f"{self._prefix}{projection}"
+
+    async def start(self) -> None:
+        if self._tasks:
+            raise RuntimeError("the projector is already running")
+        await migrate(self._pool)
+        self._stopped = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._run(projection, self._stopped), name=f"projection-{projection.name}")
+            for projection in self._projections
+        ]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish the batch in hand (commit and ack it), then stop; cancels what takes longer than ``grace``."""
+        if self._stopped is None:
+            return
+        self._stopped.set_result(None)
+        _, hanging = await asyncio.wait(self._tasks, timeout=grace)
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self._stopped = [], None
+
+    async def checkpoints(self) -> dict[str, int]:
+        stored = await fetch_checkpoints(self._pool)
+        return {name: stored.get(name, 0) for name in self.names}
+
+    async def lag(self) -> dict[str, int]:
+        """Events each projection has yet to commit: its consumer's pending plus unacked messages. A
+        projection whose consumer does not exist yet counts the sequences between its checkpoint and
+        the newest event, an upper bound."""
+        lag: dict[str, int] = {}
+        for name in self.names:
+            try:
+                info = await self._js.consumer_info(self._stream, self.consumer_name(name))
+            except NotFoundError:
+                checkpoint = (await self.checkpoints())[name]
+                lag[name] = max(0, await last_event_seq(self._js, self._stream) - checkpoint)
+                continue
+            lag[name] = info.num_pending + info.num_ack_pending
+        return lag
+
+    async def run_until_caught_up(self) -> None:
+        """Wait until every projection has committed the newest event present when called (bound it
+        with ``asyncio.timeout``). Polls the checkpoints table, so it also works while another process
+        leads the projections."""
+        target = await last_event_seq(self._js, self._stream)
+        while True:
+            if min((await self.checkpoints()).values(), default=target) >= target:
+                return
+            await asyncio.sleep(0.02)
+
+    async def _run(self, projection: Projection, stopped: asyncio.Future[None]) -> None:
+        """Lead the projection (or stand by for it) until stopped. An error restarts it from its
+        checkpoint after a pause that grows while no batch gets committed: never a crash loop."""
+        name = projection.name
+        retry = _RETRY_MIN_SECONDS
+        standby_logged = False
+        while not stopped.done():
+            committed = self.committed[name]
+            try:
+                async with self._pool.acquire() as conn:
+                    if await _lead(conn, [name]):
+                        standby_logged = False
+                        await self._follow(conn, projection, stopped)
+                        continue
+                if not standby_logged:
+                    log.info("projection %s runs elsewhere; standing by", name)
+                    standby_logged = True
+                await asyncio.wait((stopped,), timeout=_STANDBY_RETRY_SECONDS)
+            except Exception:
+                if self.committed[name] > committed:
+                    retry = _RETRY_MIN_SECONDS
+                log.exception("projection %s failed; restarting from its checkpoint in %.1fs", name, retry)
+                await asyncio.wait((stopped,), timeout=retry)
+                retry = min(2 * retry, _RETRY_MAX_SECONDS)
+
+    async def _follow(self, conn: asyncpg.Connection, projection: Projection, stopped: asyncio.Future[None]) -> None:
+        name = projection.name
+        checkpoint = (await _ensure_checkpoints(conn, [name]))[name]
+        consumer = self.consumer_name(name)
+        await _recreate_consumer(self._js, self._stream, consumer, checkpoint + 1, self._batch_size)
+        puller = Puller(self._nc, self._stream, consumer)
+        log.info("projection %s following %s from seq %d", name, self._stream, checkpoint + 1)
+        try:
+            while (msgs := await self._next_batch(puller, stopped)) is not None:
+                if msgs:
+                    result = await commit_batch(conn, [projection], msgs)
+                    self.committed[name] += len(msgs)
+                    self.skipped[name] += result.skipped
+                    for msg in msgs:
+                        await msg.ack()
+        finally:
+            await puller.close()
+
+    async def _next_batch(self, puller: Puller, stopped: asyncio.Future[None]) -> list[Msg] | None:
+        """The next batch ([] when none came within ``idle_wait``), or None once stopped."""
+        if stopped.done():
+            return None
+        fetch = asyncio.ensure_future(puller.fetch(self._batch_size, self._idle_wait))
+        await asyncio.wait((fetch, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if fetch.done():
+            return fetch.result()
+        fetch.cancel()
+        with suppress(asyncio.CancelledError):
+            await fetch
+        return None
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    projections: tuple[str, ...]
+    events: int
+    last_seq: int
+    seconds: float
+    skipped: int
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+async def rebuild(
+    pool: asyncpg.Pool,
+    nc: NATS,
+    names: list[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    consumer_prefix: str = CONSUMER_PREFIX,
+    stream: str = STREAM_NAME,
+    batch_size: int = REBUILD_BATCH,
+) -> RebuildReport:
+    """Empty the projections' tables, reset their checkpoints to 0 and fold the log again up to the
+    newest event present at the start; then point their durable consumers just past it, where a
+    projector resumes (and catches up with whatever was appended meanwhile).
+
+    Meant to run while no projector runs these projections: it takes their writer locks and raises
+    :class:`ProjectionBusy` if another process holds them. The log is read once for all of them (one
+    ephemeral consumer; each batch commits every projection and its checkpoint in one transaction),
+    which is what makes rebuilding everything as fast as rebuilding one. An interrupted rebuild
+    leaves consistent tables at their last committed checkpoint, from which a projector continues."""
+    projections = select(names)
+    chosen = [projection.name for projection in projections]
+    js = nc.jetstream()
+    await migrate(pool)
+    started = time.monotonic()
+    async with pool.acquire() as conn:
+        if not await _lead(conn, chosen):
+            raise ProjectionBusy(f"projection(s) {', '.join(chosen)} are running elsewhere; stop the projector first")
+        async with conn.transaction():
+            await conn.execute(f"TRUNCATE {', '.join(table for p in projections for table in p.tables)}")
+            await conn.execute(_SAVE_CHECKPOINTS, chosen, 0)
+        for name in chosen:  # nothing may resume from a position the emptied tables no longer match
+            with suppress(NotFoundError):
+                await js.delete_consumer(stream, f"{consumer_prefix}{name}")
+        events, last_seq, skipped = await _fold_log(conn, nc, stream, projections, batch_size, progress)
+        for name in chosen:
+            await _recreate_consumer(js, stream, f"{consumer_prefix}{name}", last_seq + 1, LIVE_BATCH)
+    return RebuildReport(tuple(chosen), events, last_seq, time.monotonic() - started, skipped)
+
+
+async def _fold_log(
+    conn: asyncpg.Connection,
+    nc: NATS,
+    stream: str,
+    projections: Sequence[Projection],
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[int, int, int]:
+    """Fold every event up to the newest one present now; returns (events, last seq, skipped). The
+    next batch is requested before the current one commits, so NATS delivers while PostgreSQL writes."""
+    js = nc.jetstream()
+    target = await last_event_seq(js, stream)
+    reader = f"rebuild-{new_id()}"
+    info = await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            name=reader,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=EVENTS_FILTER,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        ),
+    )
+    puller = Puller(nc, stream, reader)
+    done = last_seq = skipped = 0
+    fetch: asyncio.Future[list[Msg]] | None = None
+    try:
+        if progress is not None:
+            progress(0, info.num_pending)
+        if target > 0:
+            fetch = asyncio.ensure_future(puller.fetch(batch_size, _REBUILD_WAIT_SECONDS))
+        while fetch is not None:
+            msgs = await fetch
+            if not msgs:
+                log.warning("the log ended at seq %d, before seq %d: were events deleted?", last_seq, target)
+                break
+            more = msgs[-1].metadata.sequence.stream < target
+            fetch = asyncio.ensure_future(puller.fetch(batch_size, _REBUILD_WAIT_SECONDS)) if more else None
+            result = await commit_batch(conn, projections, msgs)
+            done, last_seq, skipped = done + len(msgs), result.last_seq, skipped + result.skipped
+            if progress is not None:
+                progress(done, max(info.num_pending, done))
+    finally:
+        if fetch is not None:  # a read-ahead still in flight when a commit failed
+            fetch.cancel()
+            with suppress(Exception, asyncio.CancelledError):
+                await fetch
+        await puller.close()
+        with suppress(Exception):
+            await js.delete_consumer(stream, reader)
+    return done, last_seq, skipped
+
+
+def progress_bar(label: str = "rebuild", *, out: TextIO | None = None, width: int = 30) -> Progress:
+    """A one-line progress display for ``controlplane projections rebuild``, to pass as ``progress``.
+    Redraws in place (``\\r``) at most ten times a second, on stderr so that stdout stays parseable."""
+    return _ProgressBar(label, out or sys.stderr, width)
+
+
+class _ProgressBar:
+    def __init__(self, label: str, out: TextIO, width: int) -> None:
+        self._label = label
+        self._out = out
+        self._width = width
+        self._started = time.monotonic()
+        self._drawn_at = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        finished = done >= total
+        if not finished and now - self._drawn_at < 0.1:
+            return
+        self._drawn_at = now
+        filled = self._width if finished else self._width * done // max(total, 1)
+        rate = done / max(now - self._started, 1e-9)
+        self._out.write(
+            f"\r{self._label} [{'#' * filled}{'.' * (self._width - filled)}] {done:,}/{total:,} events, {rate:,.0f}/s"
+        )
+        if finished:
+            self._out.write("\n")
+        self._out.flush()

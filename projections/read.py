@@ -1,0 +1,335 @@
+"""The gateway's read side: queries over the projections' tables.
+
+Every org-scoped query is walled twice. It filters ``org_id`` explicitly, and it runs in a read-only
+transaction as ``cp_reader`` (``set_config('role', …, true)`` is ``SET LOCAL ROLE``: superusers bypass
+row-level security, the reader role does not) with ``cp.org`` set, so the tables' RLS policy hides
+every other org's rows even from a query that forgot its filter. Where the role cannot be used (see
+``projections.schema``) the explicit filter is the wall and a warning says so once."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime
+from typing import Any, TypeVar, get_args
+
+import asyncpg
+import msgspec
+
+from core.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
+from core.task import Approval, Task
+from core.worker import Worker
+from projections.schema import NOTIFY_CHANNEL, READER_ROLE, fetch_checkpoints
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_PAGE = 500
+
+_task_decoder = msgspec.json.Decoder(Task)
+_approval_decoder = msgspec.json.Decoder(Approval)
+_worker_decoder = msgspec.json.Decoder(Worker)
+_cursor_decoder = msgspec.json.Decoder(tuple[datetime, str])
+
+
+class ApiKeyRow(msgspec.Struct, frozen=True):
+    id: str
+    org_id: str
+    name: str
+    roles: tuple[str, ...]
+    secret_sha256: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def encode_cursor(created_at: datetime, item_id: str) -> str:
+    """Opaque to clients: the position after the last item of a page, in (created_at, id) order."""
+    return base64.urlsafe_b64encode(msgspec.json.encode((created_at, item_id))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        return _cursor_decoder.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, msgspec.DecodeError):  # binascii.Error is a ValueError
+        raise ValueError(f"invalid cursor {cursor[:64]!r}: pass back the next_cursor of a previous page") from None
+
+
+class _Where:
+    """``WHERE`` conditions with numbered parameters; ``{0}``, ``{1}`` … in a condition stand for its values."""
+
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+        self._conditions: list[str] = []
+
+    @classmethod
+    def matching(cls, org: str, **equal: Any) -> _Where:
+        """``org_id = org`` and ``column = value`` for every value that is not None."""
+        where = cls()
+        where.add("org_id = {0}", org)
+        for column, value in equal.items():
+            if value is not None:
+                where.add(f"{column} = {{0}}", value)
+        return where
+
+    def add(self, condition: str, *values: Any) -> None:
+        first = len(self.args) + 1
+        self.args.extend(values)
+        self._conditions.append(condition.format(*(f"${first + i}" for i in range(len(values)))))
+
+    def __str__(self) -> str:
+        return " AND ".join(self._conditions) or "true"
+
+
+class ReadModel:
+    """Queries for the gateway. One instance per process; ``close`` releases its LISTEN connection."""
+
+    def __init__(self, pool: asyncpg.Pool, *, poll_interval: float = 0.5) -> None:
+        """``poll_interval``: how often ``wait_for`` re-reads checkpoints when no notification came
+        (the listening connection may be reconnecting)."""
+        self._pool = pool
+        self._poll_interval = poll_interval
+        self._use_role: bool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._listen_lock = asyncio.Lock()
+        self._seen: dict[str, int] = {}
+        self._tick: asyncio.Future[None] | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The pool it reads from; a projector or rebuild in the same process may write through it
+        (a running projector holds one of its connections per projection)."""
+        return self._pool
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with suppress(Exception):
+                await self._listener.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+            await self._pool.release(self._listener)
+            self._listener = None
+
+    async def ping(self) -> None:
+        """Raises unless PostgreSQL answers (for readiness checks)."""
+        await self._pool.fetchval("SELECT 1")
+
+    # --- tasks and approvals ----------------------------------------------------------------------
+
+    async def get_task(self, org: str, task_id: str) -> tuple[Task, int] | None:
+        return await self._get(org, "tasks", task_id, _task_decoder.decode)
+
+    async def list_tasks(
+        self,
+        org: str,
+        status: str | None = None,
+        queue: str | None = None,
+        priority: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[tuple[Task, int]], str | None]:
+        """A page of the org's tasks, oldest first, and the cursor of the next page (None at the end)."""
+        where = _Where.matching(org, status=status, queue=queue, priority=priority)
+        return await self._page(org, "tasks", where, limit, cursor, _task_decoder.decode)
+
+    async def claim_candidates(
+        self, org: str, queue: str, capabilities: list[str], now: datetime, limit: int = 16
+    ) -> list[str]:
+        """Ids of tasks a worker with ``capabilities`` may claim now, best first: priority, then age.
+        Only candidates: the claim itself is decided on the log, where one worker wins."""
+        rows = await self._fetch(
+            org,
+            "SELECT id FROM tasks WHERE org_id = $1 AND queue = $2 AND status = 'pending'"
+            " AND required_capabilities <@ $3::text[] AND (not_before IS NULL OR not_before <= $4)"
+            " ORDER BY priority_rank, created_at, id LIMIT $5",
+            org,
+            queue,
+            capabilities,
+            now,
+            limit,
+        )
+        return [row["id"] for row in rows]
+
+    async def get_approval(self, org: str, approval_id: str) -> tuple[Approval, int] | None:
+        return await self._get(org, "approvals", approval_id, _approval_decoder.decode)
+
+    async def list_approvals(
+        self,
+        org: str,
+        status: str | None = None,
+        task_id: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[tuple[Approval, int]], str | None]:
+        """A page of approvals, oldest first. The pending inbox leaves out approvals of tasks that
+        ended meanwhile (cancelled, timed out…): nobody can decide those any more."""
+        where = _Where.matching(org, status=status, task_id=task_id)
+        if status == "pending":
+            where.add(
+                "NOT EXISTS (SELECT FROM tasks t WHERE t.org_id = approvals.org_id AND t.id = approvals.task_id"
+                " AND t.status = ANY({0}::text[]))",
+                sorted(TERMINAL_STATUSES),
+            )
+        return await self._page(org, "approvals", where, limit, cursor, _approval_decoder.decode)
+
+    async def _get(self, org: str, table: str, item_id: str, decode: Callable[[str], T]) -> tuple[T, int] | None:
+        rows = await self._fetch(org, f"SELECT state, seq FROM {table} WHERE org_id = $1 AND id = $2", org, item_id)
+        return (decode(rows[0]["state"]), rows[0]["seq"]) if rows else None
+
+    async def _page(
+        self, org: str, table: str, where: _Where, limit: int, cursor: str | None, decode: Callable[[str], T]
+    ) -> tuple[list[tuple[T, int]], str | None]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+        if cursor is not None:
+            where.add("(created_at, id) > ({0}, {1})", *decode_cursor(cursor))
+        rows = await self._fetch(
+            org,
+            f"SELECT state, seq, created_at, id FROM {table} WHERE {where}"
+            f" ORDER BY created_at, id LIMIT ${len(where.args) + 1}",
+            *where.args,
+            limit + 1,
+        )
+        page = rows[:limit]
+        next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+        return [(decode(row["state"]), row["seq"]) for row in page], next_cursor
+
+    # --- workers and stats ------------------------------------------------------------------------
+
+    async def get_worker(self, org: str, worker_id: str) -> tuple[Worker, int, int] | None:
+        """``(worker, tasks completed, seq)``."""
+        workers = await self._workers(org, _Where.matching(org, id=worker_id))
+        return workers[0] if workers else None
+
+    async def list_workers(
+        self, org: str, queue: str | None = None, capability: str | None = None, available: bool | None = None
+    ) -> list[tuple[Worker, int, int]]:
+        """``(worker, tasks completed, seq)`` by id; ``available`` means status ``ready``."""
+        where = _Where.matching(org, queue=queue)
+        if capability is not None:
+            where.add("{0} = ANY(capabilities)", capability)
+        if available is not None:
+            where.add("status = 'ready'" if available else "status <> 'ready'")
+        return await self._workers(org, where)
+
+    async def _workers(self, org: str, where: _Where) -> list[tuple[Worker, int, int]]:
+        rows = await self._fetch(
+            org, f"SELECT state, tasks_completed, seq FROM workers WHERE {where} ORDER BY id", *where.args
+        )
+        return [(_worker_decoder.decode(row["state"]), row["tasks_completed"], row["seq"]) for row in rows]
+
+    async def stats(self, org: str) -> dict[str, Any]:
+        """Counts for dashboards; every known status and priority is present, zero or not."""
+        by_status = dict.fromkeys(get_args(TaskStatus), 0)
+        by_priority = dict.fromkeys(get_args(Priority), 0)
+        workers = dict.fromkeys(get_args(WorkerStatus), 0)
+        async with self._scoped(org) as conn:
+            for row in await conn.fetch(
+                "SELECT status, priority, count(*) AS n FROM tasks WHERE org_id = $1"
+                " GROUP BY GROUPING SETS ((status), (priority))",
+                org,
+            ):
+                if row["status"] is not None:
+                    by_status[row["status"]] = row["n"]
+                else:
+                    by_priority[row["priority"]] = row["n"]
+            for row in await conn.fetch(
+                "SELECT status, count(*) AS n FROM workers WHERE org_id = $1 GROUP BY status", org
+            ):
+                workers[row["status"]] = row["n"]
+        return {"tasks": {"by_status": by_status, "by_priority": by_priority}, "workers": {"by_status": workers}}
+
+    # --- credentials and checkpoints --------------------------------------------------------------
+
+    async def find_api_key(self, key_id: str) -> ApiKeyRow | None:
+        """Not org-scoped: the org comes from the key itself."""
+        row = await self._pool.fetchrow(
+            "SELECT id, org_id, name, roles, secret_sha256, created_at, revoked_at FROM api_keys WHERE id = $1",
+            key_id,
+        )
+        return None if row is None else msgspec.convert(dict(row), ApiKeyRow)
+
+    async def checkpoints(self) -> dict[str, int]:
+        return await fetch_checkpoints(self._pool)
+
+    async def wait_for(self, projection: str, seq: int, timeout: float) -> bool:  # noqa: ASYNC109 (False, not an error)
+        """Wait until ``projection`` has committed stream sequence ``seq`` (read-your-writes); False
+        on timeout. Woken by ``pg_notify`` on one shared listening connection, with a poll every
+        ``poll_interval`` in case a notification was missed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._tick is None:
+            self._tick = loop.create_future()
+        await self._listen()
+        self._seen.update(await self.checkpoints())
+        while True:
+            tick = self._tick
+            if self._seen.get(projection, 0) >= seq:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait((tick,), timeout=min(remaining, self._poll_interval))
+            if not tick.done():
+                self._seen.update(await self.checkpoints())
+
+    async def _listen(self) -> None:
+        async with self._listen_lock:
+            if self._listener is not None:
+                if not self._listener.is_closed():
+                    return
+                await self._pool.release(self._listener)
+                self._listener = None
+            conn = await self._pool.acquire()
+            try:
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            except (OSError, asyncpg.PostgresError):
+                log.warning("cannot LISTEN on %s; waits fall back to polling", NOTIFY_CHANNEL, exc_info=True)
+                await self._pool.release(conn)
+                return
+            self._listener = conn
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        projection, _, seq = payload.rpartition(":")
+        with suppress(ValueError):
+            self._seen[projection] = int(seq)
+        if self._tick is not None:
+            tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+            tick.set_result(None)
+
+    # --- org scope --------------------------------------------------------------------------------
+
+    async def _fetch(self, org: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._scoped(org) as conn:
+            return await conn.fetch(sql, *args)
+
+    @asynccontextmanager
+    async def _scoped(self, org: str) -> AsyncIterator[asyncpg.Connection]:
+        """A read-only transaction that only sees ``org`` (as ``cp_reader`` where possible)."""
+        scope = (
+            f"SELECT set_config('role', '{READER_ROLE}', true), set_config('cp.org', $1, true)"
+            if await self._reader_role()
+            else "SELECT set_config('cp.org', $1, true)"
+        )
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(scope, org)
+            yield conn
+
+    async def _reader_role(self) -> bool:
+        if self._use_role is None:
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f"SET LOCAL ROLE {READER_ROLE}")
+                    self._use_role = True
+                except asyncpg.PostgresError as exc:
+                    log.warning(
+                        "cannot SET ROLE %s (%s): reads rely on their explicit org filters%s",
+                        READER_ROLE,
+                        exc,
+                        ""
+                        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                        else "; connected as a superuser, row-level security is bypassed",
+                    )
+                    self._use_role = False
+        return self._use_role

@@ -1,0 +1,99 @@
+"""A whole stack for HTTP tests: real nats-server and PostgreSQL, a fresh database, the projector,
+and the gateway on uvicorn on a free 127.0.0.1 port, with two orgs and a key per role."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from controlplane.seed import seed_org
+from core.embedded import EmbeddedNats, free_port
+from core.ids import new_id
+from gateway.app import build_app
+from gateway.auth import JwtSettings
+from gateway.factory import GatewaySettings, close_services, open_services
+from gateway.services import Limits, Services
+from projections.projector import Projector
+
+ROLES = ("admin", "submitter", "worker", "approver", "viewer")
+HS256_SECRET = "test-secret-that-is-long-enough-for-hs256"
+
+
+@dataclass
+class Stack:
+    url: str
+    keys: dict[str, dict[str, str]]  # org -> role -> key
+    services: Services
+    projector: Projector
+    rsa_private_pem: bytes
+
+    def client(self, org: str = "acme", role: str = "admin", **headers: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.keys[org][role]}", **headers},
+            timeout=20,
+        )
+
+
+@pytest.fixture(scope="session")
+async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[Stack]:
+    database = f"gw_{new_id()[-12:]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    await admin.close()
+    dsn = _with_database(database_url, database)
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    settings = GatewaySettings(
+        nats_url=nats_server.url,
+        database_url=dsn,
+        jwt=JwtSettings(hs256_secret=HS256_SECRET, rs256_public_key=public_pem.decode()),
+        limits=Limits(sse_keepalive_seconds=1.0, max_block_ms=10_000),
+    )
+    services = await open_services(settings)
+    projector = Projector(services.read_model.pool, services.store.nc)
+    await projector.start()
+    keys = {org: await seed_org(services.handler, org, ROLES) for org in ("acme", "globex")}
+    await projector.run_until_caught_up()
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield Stack(f"http://127.0.0.1:{port}", keys, services, projector, private_pem)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(serving, 10)
+        await projector.stop()
+        await close_services(services)
+        admin = await asyncpg.connect(database_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+def _with_database(dsn: str, database: str) -> str:
+    """The same server, another database: swap the path of the DSN."""
+    scheme, rest = dsn.split("://", 1)
+    authority, _, tail = rest.partition("/")
+    _, query_sep, query = tail.partition("?")
+    return f"{scheme}://{authority}/{database}{query_sep}{query}"
