@@ -40,6 +40,8 @@ class Lifecycle:
         self.total, self.workers, self.in_flight = tasks, workers, in_flight
         self.queue = f"bench{int(time.time())}"
         self.submitted_at: dict[str, float] = {}
+        self.marks: dict[str, dict[str, float]] = {}
+        """Per task, when each step finished: where the time goes."""
         self.latencies: list[float] = []
         self.read_lag_ms: list[float] = []
         self.done = asyncio.Event()
@@ -77,14 +79,15 @@ class Lifecycle:
                 claimed = r.json()
                 task, lease = claimed["task"], claimed["lease"]
                 body = {"worker_id": name, "lease_id": lease["id"]}
+                marks = self.marks.setdefault(task["id"], {})
                 if not task["approvals"]:
+                    marks["claimed"] = time.perf_counter()
                     (await c.post(f"/v1/tasks/{task['id']}/heartbeat", json=body)).raise_for_status()
-                    (
-                        await c.post(
-                            f"/v1/tasks/{task['id']}/approval-requests", json={**body, "reason": "run the deploy tool"}
-                        )
-                    ).raise_for_status()
+                    asked = {**body, "reason": "run the deploy tool"}
+                    (await c.post(f"/v1/tasks/{task['id']}/approval-requests", json=asked)).raise_for_status()
+                    marks["asked"] = time.perf_counter()
                     continue
+                marks["reclaimed"] = time.perf_counter()
                 r = await c.post(f"/v1/tasks/{task['id']}/complete", json={**body, "result": {"ok": True}})
                 r.raise_for_status()
                 self.latencies.append((time.perf_counter() - self.submitted_at[task["id"]]) * 1000)
@@ -114,6 +117,7 @@ class Lifecycle:
 
     async def approve(self, c: httpx.AsyncClient, approval_id: str) -> None:
         (await c.post(f"/v1/approvals/{approval_id}/approve", json={"comment": "ok"})).raise_for_status()
+        self.marks.setdefault(approval_id.rpartition("-")[0], {})["approved"] = time.perf_counter()
 
     async def measure_read_lag(self, seq: int) -> None:
         """How long until a list query (the read model) shows a write: read-your-writes lag."""
@@ -132,7 +136,21 @@ class Lifecycle:
         elapsed = time.perf_counter() - started
         approver.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
+        phases = {
+            "submit->claimed": ("submitted", "claimed"),
+            "claimed->asked": ("claimed", "asked"),
+            "asked->approved": ("asked", "approved"),
+            "approved->reclaimed": ("approved", "reclaimed"),
+        }
+        for task_id, started_at in self.submitted_at.items():
+            self.marks.setdefault(task_id, {})["submitted"] = started_at
+        spans = {
+            f"{name} p{q} ms": pct([(m[b] - m[a]) * 1000 for m in self.marks.values() if a in m and b in m], q / 100)
+            for name, (a, b) in phases.items()
+            for q in (50, 99)
+        }
         return {
+            **spans,
             "tasks": self.total,
             "seconds": elapsed,
             "tasks_per_second": self.total / elapsed,

@@ -4,11 +4,12 @@ from closing the connection."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -19,6 +20,7 @@ from gateway.http import path_id, principal, services
 from gateway.problems import Problem
 
 _encoder = msgspec.json.Encoder()
+FETCH_BATCH = 256
 
 
 async def task_events(request: Request) -> Response:
@@ -60,30 +62,41 @@ async def _follow(
 ) -> AsyncIterator[bytes]:
     svc = services(request)
     js = svc.store.nc.jetstream()
-    config = (
-        ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-        if after
-        else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    # An ephemeral pull consumer: no flow control to answer (a push consumer stalls when this loop
+    # filters events out faster than it acknowledges control messages), and the server removes it
+    # once we stop asking.
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
+        opt_start_seq=after + 1 if after else None,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
+        mem_storage=True,
     )
-    subscription = await js.subscribe(subject, stream=svc.store.stream, ordered_consumer=True, config=config)
+    subscription = await js.pull_subscribe(subject, stream=svc.store.stream, config=config)
     queues: dict[str, str | None] = {}
     try:
         yield b": connected\n\n"
         while True:
             try:
-                msg = await subscription.next_msg(timeout=svc.limits.sse_keepalive_seconds)
+                batch = await subscription.fetch(FETCH_BATCH, timeout=svc.limits.sse_keepalive_seconds)
             except NatsTimeoutError:
                 yield b": keepalive\n\n"
                 continue
-            recorded = recorded_from_message(msg)
-            name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
-            if types is not None and name not in types:
-                continue
-            if queue is not None and await _queue_of(request, recorded, queues) != queue:
-                continue
-            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (recorded.seq, name.encode(), _encoder.encode(_data(recorded)))
+            for msg in batch:
+                recorded = recorded_from_message(msg)
+                name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
+                if types is not None and name not in types:
+                    continue
+                if queue is not None and await _queue_of(request, recorded, queues) != queue:
+                    continue
+                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                    recorded.seq,
+                    name.encode(),
+                    _encoder.encode(_data(recorded)),
+                )
     finally:
-        await subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
 
 def _data(recorded: RecordedEvent) -> dict[str, object]:

@@ -142,10 +142,11 @@ async def claim(request: Request) -> Response:
             return replay
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(spec.block_ms, svc.limits.max_block_ms) / 1000
-    # Claim what this gateway has just written: let the read model see our own appends first.
+    # Claim in priority order among what this gateway has written too: let the read model see our
+    # own appends first (about a millisecond when the projector keeps up).
     await svc.read_model.wait_for("tasks", svc.handler.last_appended_seq, timeout=READ_YOUR_WRITES_SECONDS)
     while True:
-        checkpoint = (await svc.read_model.checkpoints()).get("tasks", 0)
+        checkpoint = await svc.read_model.checkpoint("tasks")
         candidates = await svc.read_model.claim_candidates(
             who.org, spec.queue, list(spec.capabilities), svc.clock(), limit=CLAIM_CANDIDATES
         )

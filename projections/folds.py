@@ -37,9 +37,35 @@ AggregateKey = tuple[str, str]
 _encode = msgspec.json.Encoder().encode
 
 
+NUL = "\x00"
+NUL_STAND_IN = "\u2400"
+"""PostgreSQL text and jsonb cannot hold U+0000, which commands accept inside strings; the read model
+shows it as ␀ (U+2400), the same way in every fold, rather than refusing the event."""
+
+
 def to_json(value: Any) -> str:
     """asyncpg passes ``jsonb`` parameters as text."""
     return _encode(value).decode()
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(NUL, NUL_STAND_IN)
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
+
+
+def storable_text(value: Any) -> Any:
+    return value.replace(NUL, NUL_STAND_IN) if isinstance(value, str) and NUL in value else value
+
+
+def storable_json(text: str) -> str:
+    """JSON text jsonb accepts. The substring check is a cheap filter (it also matches an escaped
+    backslash followed by ``u0000``); the rare hit re-encodes exactly."""
+    return to_json(_without_nul(msgspec.json.decode(text))) if "\\u0000" in text else text
 
 
 def address(subject: str) -> tuple[str, str, str]:
@@ -94,7 +120,11 @@ class Upsert:
         arrays = [list(column) for column in zip(*rows, strict=True)]
         for index, (_, sql_type) in enumerate(self.columns):
             if sql_type == "text[]":
-                arrays[index] = [to_json(value) for value in arrays[index]]
+                arrays[index] = [storable_json(to_json(value)) for value in arrays[index]]
+            elif sql_type == "jsonb":
+                arrays[index] = [storable_json(value) for value in arrays[index]]
+            elif sql_type == "text":
+                arrays[index] = [storable_text(value) for value in arrays[index]]
         await conn.execute(self.sql, *arrays)
 
 

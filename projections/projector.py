@@ -72,7 +72,8 @@ class BatchResult:
     applied: tuple[str, ...]
     """The projections whose checkpoint was below ``last_seq``; the others had seen the whole batch."""
     skipped: int
-    """Events that could not be decoded or folded, per applied projection."""
+    """Undecodable messages plus, summed over the applied projections, events a projection could not
+    fold or store."""
 
 
 def decode(msgs: Sequence[Msg]) -> tuple[list[RecordedEvent], int]:
@@ -103,17 +104,24 @@ SELECT pg_notify('{NOTIFY_CHANNEL}', projection || ':' || seq) FROM saved
 """
 
 
+POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+"""Errors an event's own data causes (a value out of a column's range, …): retrying cannot help."""
+
+
 async def commit_batch(conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg]) -> BatchResult:
     """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
     all in one transaction. Messages at or below a projection's checkpoint were committed before (a
-    crash between commit and ack) and are skipped, so applying a batch twice changes nothing."""
+    crash between commit and ack) and are skipped, so applying a batch twice changes nothing. Each
+    projection applies in a savepoint; if PostgreSQL refuses the data, see :func:`_apply_bisecting`."""
     recorded, undecodable = decode(msgs)
     last_seq = msgs[-1].metadata.sequence.stream
     names = [projection.name for projection in projections]
     applied: list[str] = []
     skipped = undecodable
     async with conn.transaction():
-        await conn.execute("SET LOCAL cp.projector = 'on'")
+        # Asynchronous commit: a server crash may lose the last batches, rows and checkpoint together,
+        # and they are folded again from the log. Not waiting for the WAL flush is most of a small batch's cost.
+        await conn.execute("SET LOCAL cp.projector = 'on'; SET LOCAL synchronous_commit = off")
         rows = await conn.fetch(
             "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE", names
         )
@@ -122,11 +130,31 @@ async def commit_batch(conn: asyncpg.Connection, projections: Sequence[Projectio
             checkpoint = checkpoints.get(projection.name, 0)
             if last_seq <= checkpoint:
                 continue
-            skipped += await projection.apply(conn, [item for item in recorded if item.seq > checkpoint])
+            skipped += await _apply_bisecting(conn, projection, [item for item in recorded if item.seq > checkpoint])
             applied.append(projection.name)
         if applied:
             await conn.execute(_SAVE_CHECKPOINTS, applied, last_seq)
     return BatchResult(last_seq, tuple(applied), skipped)
+
+
+async def _apply_bisecting(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+    """Apply ``events`` in a savepoint; if PostgreSQL refuses their data, apply each half on its own,
+    down to the single events it refuses, which are logged and skipped (like undecodable ones) so
+    that one event cannot wedge a projection. Applying in pieces folds the same as applying at once
+    (each piece loads what the previous one wrote), so live and rebuilt tables still agree."""
+    try:
+        async with conn.transaction():
+            return await projection.apply(conn, events)
+    except POISON as exc:
+        if len(events) == 1:
+            item = events[0]
+            kind = type(item.event).__name__
+            log.error("%s skips %s seq=%d subject=%s: %s", projection.name, kind, item.seq, item.subject, exc)
+            return 1
+    middle = len(events) // 2
+    return await _apply_bisecting(conn, projection, events[:middle]) + await _apply_bisecting(
+        conn, projection, events[middle:]
+    )
 
 
 async def last_event_seq(js: JetStreamContext, stream: str = STREAM_NAME) -> int:
@@ -231,7 +259,9 @@ class Puller:
 
 class Projector:
     """Runs projections (all by default) until stopped, each on its own durable consumer, checkpoint
-    and PostgreSQL connection. ``start`` applies the migrations, so it is safe on a fresh database."""
+    and PostgreSQL connection: a running projector holds one pool connection per projection (the
+    session that owns its writer lock), so size the pool for that. ``start`` applies the migrations,
+    so it is safe on a fresh database."""
 
     def __init__(
         self,
@@ -261,7 +291,7 @@ class Projector:
         self.committed: dict[str, int] = {projection.name: 0 for projection in self._projections}
         """Messages each projection has committed since this projector was made (a metric)."""
         self.skipped: dict[str, int] = {projection.name: 0 for projection in self._projections}
-        """Events each projection skipped because they could not be decoded or folded (a metric)."""
+        """Events each projection skipped because they could not be decoded, folded or stored (a metric)."""
 
     @property
     def names(self) -> list[str]:

@@ -252,6 +252,14 @@ class ReadModel:
     async def checkpoints(self) -> dict[str, int]:
         return await fetch_checkpoints(self._pool)
 
+    async def checkpoint(self, projection: str) -> int:
+        """The projection's committed sequence as last notified (read from the table when unknown): cheap
+        enough for every long-poll iteration."""
+        await self._listen()
+        if projection not in self._seen or self._listener is None:
+            self._seen.update(await self.checkpoints())
+        return self._seen.get(projection, 0)
+
     async def wait_for(self, projection: str, seq: int, timeout: float) -> bool:  # noqa: ASYNC109 (False, not an error)
         """Wait until ``projection`` has committed stream sequence ``seq`` (read-your-writes); False
         on timeout. Woken by ``pg_notify`` on one shared listening connection, with a poll every
@@ -261,7 +269,8 @@ class ReadModel:
         if self._tick is None:
             self._tick = loop.create_future()
         await self._listen()
-        self._seen.update(await self.checkpoints())
+        if projection not in self._seen or self._listener is None:
+            self._seen.update(await self.checkpoints())
         while True:
             tick = self._tick
             if self._seen.get(projection, 0) >= seq:
