@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -69,15 +69,16 @@ async def run_projector(settings: GatewaySettings) -> int:
 
 
 async def run_dev(settings: GatewaySettings, host: str, port: int, data_dir: Path) -> int:
+    """Gateway in this process, projector in a child process: each gets a core of its own."""
     stop = stop_on_signals()
     services = await open_services(settings)
-    projector = Projector(services.read_model.pool, services.store.nc)
+    projector = await start_projector_process(settings, data_dir / "projector.log")
     try:
-        await projector.start()
         info_path = data_dir / "dev.json"
         known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
         orgs = {org: await seed_org(services.handler, org, DEV_ROLES, known.get(org)) for org in DEV_ORGS}
-        await projector.run_until_caught_up()
+        async with asyncio.timeout(60):
+            await Projector(services.read_model.pool, services.store.nc).run_until_caught_up()
         info = {
             "gateway_url": f"http://{host}:{port}",
             "nats_url": settings.nats_url,
@@ -93,13 +94,43 @@ async def run_dev(settings: GatewaySettings, host: str, port: int, data_dir: Pat
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
         print(f"  nats:     {settings.nats_url}")
         print(f"  postgres: {settings.database_url}")
+        print(f"  projector: pid {projector.pid}, log {data_dir / 'projector.log'}")
         for org, keys in orgs.items():
             print(f"  {org}: " + ", ".join(f"{role}={key}" for role, key in keys.items()))
         print("Ctrl-C stops everything.", flush=True)
         await serving
     finally:
-        with contextlib.suppress(Exception):
-            await projector.stop()
+        await stop_process(projector)
         await close_services(services)
     print("controlplane dev stopped", flush=True)
     return 0
+
+
+async def start_projector_process(settings: GatewaySettings, log_path: Path) -> asyncio.subprocess.Process:
+    with log_path.open("ab") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controlplane",
+            "projector",
+            "--nats-url",
+            settings.nats_url,
+            "--database-url",
+            settings.database_url,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,  # stopped by us, in order, not by the terminal's Ctrl-C
+        )
+
+
+async def stop_process(process: asyncio.subprocess.Process, grace: float = 15.0) -> None:
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        async with asyncio.timeout(grace):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()

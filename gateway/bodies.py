@@ -79,16 +79,6 @@ class RejectBody(msgspec.Struct, frozen=True):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 
 
-class RegisterWorkerBody(msgspec.Struct, frozen=True):
-    worker_id: Token
-    queue: Token = "default"
-    capabilities: Capabilities = ()
-    labels: Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=64)] = {}
-    model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    provider: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    heartbeat_timeout_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
-
-
 class WorkerHeartbeatBody(msgspec.Struct, frozen=True):
     status: Literal["ready", "busy", "draining"] = "ready"
 

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from core.commands import RegisterWorker
 from gateway import bodies
 from gateway.http import json, principal, services
 from gateway.problems import problem_response
@@ -105,7 +106,7 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
     ("get", "/v1/approvals/{approval_id}", "Get an approval", "read", None, "200"),
     ("post", "/v1/approvals/{approval_id}/approve", "Approve", "decide", bodies.ApproveBody, "200"),
     ("post", "/v1/approvals/{approval_id}/reject", "Reject", "decide", bodies.RejectBody, "200"),
-    ("post", "/v1/workers", "Register a worker", "workers", bodies.RegisterWorkerBody, "201"),
+    ("post", "/v1/workers", "Register a worker", "workers", RegisterWorker, "201"),
     ("get", "/v1/workers", "List workers (queue, capability, available)", "read", None, "200"),
     ("get", "/v1/workers/{worker_id}", "Get a worker", "read", None, "200"),
     ("post", "/v1/workers/{worker_id}/heartbeat", "Worker heartbeat", "workers", bodies.WorkerHeartbeatBody, "200"),

@@ -161,17 +161,7 @@ async def claim(request: Request) -> Response:
 
 
 async def heartbeat(request: Request) -> Response:
-    who = await principal(request, "lease")
-    spec = await body(request, HeartbeatBody)
-    task_id = path_id(request, "task_id", "task")
-    command = HeartbeatTask(
-        task_id=task_id,
-        worker_id=spec.worker_id,
-        lease_id=spec.lease_id,
-        lease_seconds=spec.lease_seconds,
-        progress=spec.progress,
-    )
-    outcome = await _handle(request, who, command, "heartbeat")
+    outcome = await _path_command(request, "lease", HeartbeatBody, HeartbeatTask, "heartbeat")
     lease = outcome.state.lease
     return json({"lease": {"id": lease.id, "expires_at": lease.expires_at} if lease else None, "seq": outcome.seq})
 
@@ -200,38 +190,28 @@ async def request_approval(request: Request) -> Response:
 
 
 async def complete(request: Request) -> Response:
-    who = await principal(request, "lease")
-    spec = await body(request, CompleteBody)
-    command = CompleteTask(
-        task_id=path_id(request, "task_id", "task"),
-        worker_id=spec.worker_id,
-        lease_id=spec.lease_id,
-        result=spec.result,
-    )
-    outcome = await _handle(request, who, command, "complete")
+    outcome = await _path_command(request, "lease", CompleteBody, CompleteTask, "complete")
     return json(task_document(outcome.state, outcome.seq))
 
 
 async def fail(request: Request) -> Response:
-    who = await principal(request, "lease")
-    spec = await body(request, FailBody)
-    command = FailTask(
-        task_id=path_id(request, "task_id", "task"),
-        worker_id=spec.worker_id,
-        lease_id=spec.lease_id,
-        error=spec.error,
-        retryable=spec.retryable,
-    )
-    outcome = await _handle(request, who, command, "fail")
+    outcome = await _path_command(request, "lease", FailBody, FailTask, "fail")
     return json(task_document(outcome.state, outcome.seq))
 
 
 async def cancel(request: Request) -> Response:
-    who = await principal(request, "cancel")
-    spec = await body(request, CancelBody, optional=True)
-    command = CancelTask(task_id=path_id(request, "task_id", "task"), reason=spec.reason)
-    outcome = await _handle(request, who, command, "cancel")
+    outcome = await _path_command(request, "cancel", CancelBody, CancelTask, "cancel", optional=True)
     return json(task_document(outcome.state, outcome.seq))
+
+
+async def _path_command(
+    request: Request, permission: str, body_type: type, command_type: type, scope: str, *, optional: bool = False
+) -> Any:
+    """A command on the task in the path whose fields are exactly the body's."""
+    who = await principal(request, permission)
+    spec = await body(request, body_type, optional=optional)
+    command = command_type(task_id=path_id(request, "task_id", "task"), **msgspec.structs.asdict(spec))
+    return await _handle(request, who, command, scope)
 
 
 async def _handle(request: Request, who: Any, command: Any, scope: str) -> Any:

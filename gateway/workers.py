@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from core.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.worker import Worker
-from gateway.bodies import RegisterWorkerBody, WorkerHeartbeatBody
+from gateway.bodies import WorkerHeartbeatBody
 from gateway.http import body, command_id, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.views import worker_document
@@ -15,21 +15,12 @@ from gateway.views import worker_document
 
 async def register(request: Request) -> Response:
     who = await principal(request, "workers")
-    spec = await body(request, RegisterWorkerBody)
-    command = RegisterWorker(
-        worker_id=spec.worker_id,
-        queue=spec.queue,
-        capabilities=spec.capabilities,
-        labels=spec.labels,
-        model=spec.model,
-        provider=spec.provider,
-        heartbeat_timeout_seconds=spec.heartbeat_timeout_seconds,
-    )
+    command = await body(request, RegisterWorker)  # the command is the body: one schema
     svc = services(request)
     outcome = await svc.handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, "register", spec.worker_id)
+        who.org, command, actor=who.actor, command_id=command_id(request, who, "register", command.worker_id)
     )
-    return json(worker_document(outcome.state, await _completed(request, who.org, spec.worker_id), outcome.seq), 201)
+    return json(worker_document(outcome.state, await _completed(request, who.org, command.worker_id), outcome.seq), 201)
 
 
 async def heartbeat(request: Request) -> Response:
