@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import logging
 import os
 import signal
@@ -10,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
+import nats.errors
 import uvloop
 
 from controlplane import stack
@@ -99,7 +103,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
+    except (OSError, asyncpg.PostgresError, nats.errors.Error) as exc:
+        print(f"controlplane: {_unreachable(exc)}", file=sys.stderr)
+        return 3
     return 1
+
+
+def _unreachable(exc: BaseException) -> str:
+    """What went wrong with a server connection, and what to check."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"the port is already in use ({exc}); pick another with --port"
+    if isinstance(exc, asyncpg.PostgresError | ConnectionRefusedError) or "postgres" in repr(exc).lower():
+        return f"cannot use PostgreSQL ({exc!r}); check --database-url / DATABASE_URL"
+    return f"cannot reach a server ({exc!r}); check --nats-url and --database-url"
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
@@ -161,6 +177,10 @@ async def _rebuild(settings: GatewaySettings, names: list[str]) -> int:
 
 def run_dev(host: str, port: int, data_dir: Path) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
+    # dev.json means "ready": one left by the previous run must not be mistaken for this one.
+    info_path = data_dir / "dev.json"
+    known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
+    info_path.unlink(missing_ok=True)
     with EmbeddedNats(data_dir / "nats") as nats_server:
         database_url = database_url_from_env()
         postgres = None if database_url else EmbeddedPostgres(data_dir / "postgres")
@@ -169,7 +189,7 @@ def run_dev(host: str, port: int, data_dir: Path) -> int:
                 database_url = postgres.start()
             assert database_url is not None
             settings = GatewaySettings.from_env(nats_server.url, database_url)
-            return uvloop.run(stack.run_dev(settings, host, port, data_dir))
+            return uvloop.run(stack.run_dev(settings, host, port, data_dir, known))
         finally:
             # A second Ctrl-C must not cut the shutdown short and leave servers running.
             signal.signal(signal.SIGINT, signal.SIG_IGN)

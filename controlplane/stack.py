@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -31,16 +32,23 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def serve_http(services: Services, host: str, port: int, stop: asyncio.Event) -> None:
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(services), host=host, port=port, log_level="warning", lifespan="off", access_log=False)
-    )
-    serving = asyncio.create_task(server.serve())
+async def serve_http(
+    services: Services, host: str, port: int, stop: asyncio.Event, ready: asyncio.Event | None = None
+) -> None:
+    """Serve until ``stop``; ``ready`` is set once requests are being answered."""
+    # Bind here, not inside uvicorn: a taken port is then an OSError we can explain, not a sys.exit.
+    listener = socket.create_server((host, port))
+    server = uvicorn.Server(uvicorn.Config(build_app(services), log_level="warning", lifespan="off", access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn offers no startup event
+        await asyncio.sleep(0.02)
+    if ready is not None:
+        ready.set()
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
-    await serving
     stopping.cancel()
+    await serving
 
 
 async def run_gateway(settings: GatewaySettings, host: str, port: int) -> int:
@@ -68,14 +76,16 @@ async def run_projector(settings: GatewaySettings) -> int:
     return 0
 
 
-async def run_dev(settings: GatewaySettings, host: str, port: int, data_dir: Path) -> int:
-    """Gateway in this process, projector in a child process: each gets a core of its own."""
+async def run_dev(
+    settings: GatewaySettings, host: str, port: int, data_dir: Path, known: dict[str, dict[str, str]]
+) -> int:
+    """Gateway in this process, projector in a child process: each gets a core of its own. ``known``
+    holds the keys of the previous run, kept when the log still has them."""
     stop = stop_on_signals()
     services = await open_services(settings)
     projector = await start_projector_process(settings, data_dir / "projector.log")
     try:
         info_path = data_dir / "dev.json"
-        known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
         orgs = {org: await seed_org(services.handler, org, DEV_ROLES, known.get(org)) for org in DEV_ORGS}
         async with asyncio.timeout(60):
             await Projector(services.read_model.pool, services.store.nc).run_until_caught_up()
@@ -85,10 +95,11 @@ async def run_dev(settings: GatewaySettings, host: str, port: int, data_dir: Pat
             "database_url": settings.database_url,
             "orgs": orgs,
         }
-        serving = asyncio.create_task(serve_http(services, host, port, stop))
-        await asyncio.sleep(0.2)
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve_http(services, host, port, stop, ready))
+        await asyncio.wait({serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
-            serving.result()  # the port was taken, say so
+            serving.result()  # it could not start (a taken port): say why
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
