@@ -505,3 +505,59 @@ async def test_strings_with_nul_are_refused_before_they_reach_the_log(stack: Sta
         ok = await c.post("/v1/tasks", json={"type": "x", "payload": {"path": "C:\\u0000 is text here"}})
         assert ok.status_code == 201, "an escaped backslash followed by u0000 is not a NUL"
     assert await last_seq(stack) == before + 1
+
+
+async def test_an_approval_that_times_out_returns_the_task_and_escalation_widens_who_may_decide(stack: Stack) -> None:
+    q = queue()
+    async with stack.client() as admin, stack.client(role="approver") as approver:
+        task = await submit(admin, q)
+        leased = await claim(admin, q)
+        assert leased is not None
+        lease = {"worker_id": "w1", "lease_id": leased["lease"]["id"]}
+        approval = (
+            await admin.post(
+                f"/v1/tasks/{task['id']}/approval-requests",
+                json={
+                    **lease,
+                    "reason": "night deploy",
+                    "approvers": ["oncall-lead"],
+                    "timeout_seconds": 2,
+                    "escalation": {"after_seconds": 1, "approvers": ["role:approver"]},
+                },
+            )
+        ).json()
+        assert approval["expires_at"] is not None
+        problem(await approver.post(f"/v1/approvals/{approval['id']}/approve"), 403)
+        await asyncio.sleep(1.3)
+        escalated = (await approver.get(f"/v1/approvals/{approval['id']}")).json()
+        assert escalated["escalated"] is True
+        assert "role:approver" in escalated["approvers"]
+
+        other = await submit(admin, q)
+        leased = await claim(admin, q)
+        assert leased is not None
+        assert leased["task"]["id"] == other["id"]
+        late = (
+            await admin.post(
+                f"/v1/tasks/{other['id']}/approval-requests",
+                json={"worker_id": "w1", "lease_id": leased["lease"]["id"], "reason": "r", "timeout_seconds": 1},
+            )
+        ).json()
+        async with asyncio.timeout(10):
+            while (await admin.get(f"/v1/approvals/{late['id']}")).json()["status"] != "timed_out":
+                await asyncio.sleep(0.1)
+        back = (await admin.get(f"/v1/tasks/{other['id']}")).json()
+        assert back["status"] == "pending"
+        problem(await approver.post(f"/v1/approvals/{late['id']}/approve"), 409)
+
+
+async def test_workers_and_keys_of_other_orgs_are_not_found(stack: Stack) -> None:
+    async with stack.client() as acme, stack.client("globex") as globex:
+        worker = f"w{new_id()[-8:]}"
+        assert (await acme.post("/v1/workers", json={"worker_id": worker})).status_code == 201
+        problem(await globex.get(f"/v1/workers/{worker}"), 404)
+        problem(await globex.post(f"/v1/workers/{worker}/heartbeat", json={"status": "ready"}), 404)
+        problem(await globex.delete(f"/v1/workers/{worker}"), 404)
+        key = (await acme.post("/v1/api-keys", json={"name": "acme-only", "roles": ["viewer"]})).json()
+        problem(await globex.delete(f"/v1/api-keys/{key['id']}"), 404)
+        assert (await acme.get(f"/v1/workers/{worker}")).json()["id"] == worker
