@@ -130,7 +130,8 @@ class Lifecycle:
         started = time.perf_counter()
         approver = asyncio.create_task(self.approver())
         await asyncio.sleep(0.3)
-        jobs = [asyncio.create_task(self.worker(f"w{i}")) for i in range(self.workers)]
+        lanes = max(1, self.in_flight // self.workers)  # 4 workers x 2 lanes = 8 tasks worked on at once
+        jobs = [asyncio.create_task(self.worker(f"w{i}")) for i in range(self.workers) for _ in range(lanes)]
         await self.submitter()
         await self.done.wait()
         elapsed = time.perf_counter() - started
