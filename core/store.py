@@ -23,7 +23,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError
 
 from core.embedded import require_nats_version
 from core.events import AnyEvent, Event, decode_event, encode_event
@@ -345,13 +345,6 @@ class JetStreamEventStore:
                 batch.append(recorded_from_message(msg))
         finally:
             await sub.unsubscribe()
-
-    async def read_last(self, subject: str) -> RecordedEvent | None:
-        try:
-            raw = await self._js.get_last_msg(self.stream, subject, direct=True)
-        except NotFoundError:
-            return None
-        return _recorded(raw.seq, raw.subject, raw.data, raw.headers or {})
 
 
 def recorded_from_message(msg: Msg) -> RecordedEvent:
