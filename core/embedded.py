@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -114,7 +115,26 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
         return "(no log written)"
 
 
-class EmbeddedNats:
+class _Service(ABC):
+    """``with`` starts a server and stops it, whatever happens inside."""
+
+    @abstractmethod
+    def start(self) -> object: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedNats(_Service):
     """One nats-server process with JetStream, its config, data and log all under ``data_dir``.
 
     The client port is chosen on first start and kept, so ``restart()`` and ``kill()`` + ``start()``
@@ -221,15 +241,6 @@ class EmbeddedNats:
         self.stop()
         self.start()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def _config(self) -> str:
         # JSON string literals are valid nats-server config strings and take care of quoting paths.
         name = self._server_name or f"cp-{self.port}"
@@ -279,7 +290,7 @@ def database_url_from_env() -> str | None:
     return os.environ.get("DATABASE_URL") or None
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_Service):
     """A throwaway PostgreSQL under ``data_dir``, reachable only from this machine.
 
     Prefers the ``pgserver`` wheel (its own PostgreSQL build, unix socket only, so nothing listens on a
@@ -323,15 +334,6 @@ class EmbeddedPostgres:
         self._stop()
         self._stop = None
         self._dsn = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _start_pgserver(self) -> None:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes with the
