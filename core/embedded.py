@@ -151,7 +151,7 @@ class EmbeddedNats(_Service):
         routes: list[str] | None = None,
         cluster_name: str = "cp-cluster",
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # the server runs in data_dir: relative paths would break
         self.host = host
         self._port = port
         self._server_name = server_name
@@ -298,7 +298,7 @@ class EmbeddedPostgres(_Service):
     local connection, which is fine for a database that only tests and development use."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()
         self._dsn: str | None = None
         self._stop: Callable[[], None] | None = None
 

@@ -45,6 +45,7 @@ async def test_fuzzing_the_schema_finds_no_server_errors(stack: Stack, tmp_path:
         str(tmp_path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), 300)

@@ -114,3 +114,10 @@ async def test_asyncpg_connects(database_url: str) -> None:
         assert await conn.fetchval("select 1") == 1
     finally:
         await conn.close()
+
+
+def test_a_relative_data_dir_works_from_any_working_directory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedNats(Path("relative") / "nats") as server:
+        assert server.data_dir.is_absolute()
+        assert (tmp_path / "relative" / "nats" / "nats-server.conf").exists()
