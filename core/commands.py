@@ -74,6 +74,7 @@ class RequestApproval(TaskCommand, frozen=True, kw_only=True):
     quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
+    journal_index: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
 
 
 class DecideApproval(TaskCommand, frozen=True, kw_only=True):
@@ -97,6 +98,38 @@ class FailTask(TaskCommand, frozen=True, kw_only=True):
 
 class CancelTask(TaskCommand, frozen=True, kw_only=True):
     reason: ShortText | None = None
+
+
+JournalIndex = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+OperationKind = Annotated[str, msgspec.Meta(pattern="^(step|llm|policy|now|uuid)$")]
+
+
+class RecordOperation(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    index: JournalIndex
+    kind: OperationKind
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    result: Any = None
+
+
+class StartSleep(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    index: JournalIndex
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+
+
+class ReportNonDeterminism(TaskCommand, frozen=True, kw_only=True):
+    worker_id: Token
+    lease_id: Token
+    index: JournalIndex
+    expected: Any = None
+    actual: Any = None
+
+
+class ResumeTask(TaskCommand, frozen=True, kw_only=True):
+    pass
 
 
 class WorkerCommand(Command, frozen=True, kw_only=True):

@@ -91,6 +91,8 @@ class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
     quorum: int
     expires_at: datetime | None
     escalation: Escalation | None
+    journal_index: int | None = None
+    """Set when a workflow asked: the position of this wait in the workflow's journal."""
 
 
 class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
@@ -147,6 +149,44 @@ class TaskFailed(Event, frozen=True, tag="TaskFailed"):
 class TaskCancelled(Event, frozen=True, tag="TaskCancelled"):
     by: str
     reason: str | None
+
+
+class WorkflowOperationRecorded(Event, frozen=True, tag="WorkflowOperationRecorded"):
+    """One durable workflow operation (a step, an LLM call, a policy decision, a clock or id read) at
+    position ``index`` of the journal; on replay its result is returned instead of re-running it."""
+
+    index: int
+    kind: str
+    name: str
+    result: Any
+    worker_id: str
+    lease_id: str
+
+
+class WorkflowSleepStarted(Event, frozen=True, tag="WorkflowSleepStarted"):
+    """A durable sleep: the lease is released and the task waits, pending, until ``until``."""
+
+    index: int
+    until: datetime
+    worker_id: str
+    lease_id: str
+
+
+class WorkflowNonDeterministic(Event, frozen=True, tag="WorkflowNonDeterministic"):
+    """The code asked for something other than what the journal holds at ``index``: the task is
+    parked, nothing is guessed."""
+
+    index: int
+    expected: Any
+    actual: Any
+    worker_id: str
+    lease_id: str
+
+
+class TaskResumed(Event, frozen=True, tag="TaskResumed"):
+    """A parked task may be claimed again (after the workflow code was fixed)."""
+
+    by: str
 
 
 class TaskTimedOut(Event, frozen=True, tag="TaskTimedOut"):
@@ -226,6 +266,10 @@ TaskEvent = (
     | TaskFailed
     | TaskCancelled
     | TaskTimedOut
+    | WorkflowOperationRecorded
+    | WorkflowSleepStarted
+    | WorkflowNonDeterministic
+    | TaskResumed
 )
 WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
 AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked

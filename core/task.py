@@ -18,7 +18,11 @@ from core.commands import (
     DecideApproval,
     FailTask,
     HeartbeatTask,
+    RecordOperation,
+    ReportNonDeterminism,
     RequestApproval,
+    ResumeTask,
+    StartSleep,
     SubmitTask,
     TaskCommand,
 )
@@ -51,12 +55,16 @@ from core.events import (
     TaskFailed,
     TaskHeartbeat,
     TaskLeaseExpired,
+    TaskResumed,
     TaskRetryDue,
     TaskRetryScheduled,
     TaskStatus,
     TaskSubmitted,
     TaskTimedOut,
+    WorkflowNonDeterministic,
+    WorkflowOperationRecorded,
     WorkflowRef,
+    WorkflowSleepStarted,
 )
 
 MAX_BACKOFF = timedelta(minutes=10)
@@ -95,6 +103,16 @@ class Approval(msgspec.Struct, frozen=True):
     escalated: bool = False
 
 
+class JournalEntry(msgspec.Struct, frozen=True):
+    """One durable operation of a workflow, in order: what a replay answers from."""
+
+    index: int
+    kind: str
+    name: str
+    result: Any
+    at: datetime
+
+
 class Task(msgspec.Struct, frozen=True):
     id: str
     org: str
@@ -124,6 +142,8 @@ class Task(msgspec.Struct, frozen=True):
     deadline_at: datetime | None = None
     not_before: datetime | None = None
     cancellation_reason: str | None = None
+    journal: tuple[JournalEntry, ...] = ()
+    parked: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -183,6 +203,47 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
         case CancelTask():
             _not_terminal(state, "cancel")
             return [TaskCancelled(at=ctx.now, by=ctx.actor.id, reason=command.reason)]
+        case RecordOperation():
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            return [
+                WorkflowOperationRecorded(
+                    at=ctx.now,
+                    index=command.index,
+                    kind=command.kind,
+                    name=command.name,
+                    result=command.result,
+                    worker_id=command.worker_id,
+                    lease_id=command.lease_id,
+                )
+            ]
+        case StartSleep():
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            return [
+                WorkflowSleepStarted(
+                    at=ctx.now,
+                    index=command.index,
+                    until=ctx.now + timedelta(seconds=command.seconds),
+                    worker_id=command.worker_id,
+                    lease_id=command.lease_id,
+                )
+            ]
+        case ReportNonDeterminism():
+            _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            return [
+                WorkflowNonDeterministic(
+                    at=ctx.now,
+                    index=command.index,
+                    expected=command.expected,
+                    actual=command.actual,
+                    worker_id=command.worker_id,
+                    lease_id=command.lease_id,
+                )
+            ]
+        case ResumeTask():
+            _not_terminal(state, "resume")
+            if state.parked is None:
+                raise InvalidTransition(f"task {state.id} is not parked")
+            return [TaskResumed(at=ctx.now, by=ctx.actor.id)]
     raise TypeError(f"task aggregate does not handle {type(command).__name__}")
 
 
@@ -213,6 +274,8 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
     _not_terminal(task, "claim")
     if task.status != "pending":
         raise InvalidTransition(f"task {task.id} is {task.status}, only a pending task can be claimed")
+    if task.parked is not None:
+        raise NotReady(f"task {task.id} is parked ({task.parked}); resume it after fixing the workflow")
     if task.queue != command.queue:
         raise InvalidTransition(f"task {task.id} is on queue {task.queue!r}, not {command.queue!r}")
     missing = set(task.required_capabilities) - set(command.capabilities)
@@ -233,6 +296,8 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
 
 
 def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext) -> Sequence[Event]:
+    if command.journal_index is not None:
+        _journal_position(task, command.worker_id, command.lease_id, command.journal_index, ctx.now)
     _held_lease(task, command.worker_id, command.lease_id, ctx.now)
     if task.approval(command.approval_id) is not None:
         raise AlreadyExists(f"approval {command.approval_id} already exists on task {task.id}")
@@ -253,6 +318,7 @@ def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext
             if command.timeout_seconds is None
             else ctx.now + timedelta(seconds=command.timeout_seconds),
             escalation=command.escalation,
+            journal_index=command.journal_index,
         )
     ]
 
@@ -312,6 +378,17 @@ def _fail(task: Task, command: FailTask, ctx: DecisionContext) -> Sequence[Event
 def _not_terminal(task: Task, action: str) -> None:
     if task.is_terminal:
         raise AlreadyTerminal(f"cannot {action} task {task.id}: it is already {task.status}")
+
+
+def _journal_position(task: Task, worker_id: str, lease_id: str, index: int, now: datetime) -> None:
+    """Only the lease holder appends, and only at the next position: two runners can never
+    interleave one journal."""
+    _held_lease(task, worker_id, lease_id, now)
+    if index != len(task.journal):
+        raise InvalidCommand(
+            f"journal of task {task.id} has {len(task.journal)} operations; "
+            f"the next one is index {len(task.journal)}, not {index}"
+        )
 
 
 def _held_lease(task: Task, worker_id: str, lease_id: str, now: datetime) -> Lease:
@@ -378,6 +455,12 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 error={"reason": "lease expired and retries are exhausted", "lease_id": event.lease_id},
             )
         case ApprovalRequested():
+            journal = task.journal
+            if event.journal_index is not None and event.journal_index == len(journal):
+                journal = (
+                    *journal,
+                    JournalEntry(event.journal_index, "approval", "approval", event.approval_id, event.at),
+                )
             approval = Approval(
                 id=event.approval_id,
                 task_id=task.id,
@@ -393,7 +476,9 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 decided_at=None,
                 escalation=event.escalation,
             )
-            return _released(task, event.at, status="awaiting_approval", approvals=(*task.approvals, approval))
+            return _released(
+                task, event.at, status="awaiting_approval", approvals=(*task.approvals, approval), journal=journal
+            )
         case ApprovalVoteCast():
             vote = ApprovalVote(by=event.by, decision=event.decision, comment=event.comment, at=event.at)
             return _with_approval(
@@ -430,6 +515,17 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             return _released(
                 task, event.at, status="cancelled", completed_at=event.at, cancellation_reason=event.reason
             )
+        case WorkflowOperationRecorded() if _holds(task, event.lease_id) and event.index == len(task.journal):
+            entry = JournalEntry(event.index, event.kind, event.name, event.result, event.at)
+            return msgspec.structs.replace(task, journal=(*task.journal, entry), updated_at=event.at)
+        case WorkflowSleepStarted() if _holds(task, event.lease_id) and event.index == len(task.journal):
+            entry = JournalEntry(event.index, "sleep", "sleep", event.until.isoformat(), event.at)
+            return _released(task, event.at, status="pending", journal=(*task.journal, entry), not_before=event.until)
+        case WorkflowNonDeterministic() if _holds(task, event.lease_id):
+            reason = f"non-deterministic at operation {event.index}"
+            return _released(task, event.at, status="pending", parked=reason)
+        case TaskResumed() if task.parked is not None:
+            return msgspec.structs.replace(task, parked=None, updated_at=event.at)
         case TaskTimedOut():
             return _released(
                 task,
@@ -534,6 +630,10 @@ TASK = Decider[TaskState](
         CompleteTask,
         FailTask,
         CancelTask,
+        RecordOperation,
+        StartSleep,
+        ReportNonDeterminism,
+        ResumeTask,
     ),
     initial=None,
     decide=decide,

@@ -20,7 +20,11 @@ from core.commands import (
     DecideApproval,
     FailTask,
     HeartbeatTask,
+    RecordOperation,
+    ReportNonDeterminism,
     RequestApproval,
+    ResumeTask,
+    StartSleep,
     SubmitTask,
 )
 from core.decider import DecisionContext, Timer
@@ -62,6 +66,7 @@ class TaskMachine(RuleBasedStateMachine):
         self.approval_counter = 0
         self.terminal_snapshot: Task | None = None
         self.closed_approvals: dict[str, Any] = {}
+        self.last_journal: tuple[Any, ...] = ()
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class TaskMachine(RuleBasedStateMachine):
         if accepted:
             assert before is not None
             assert before.status == "pending", "no double claim: only a pending task can be claimed"
+            assert before.parked is None, "a parked task is never claimed"
             assert set(before.required_capabilities) <= caps
             assert before.not_before is None or self.now >= before.not_before
 
@@ -232,6 +238,60 @@ class TaskMachine(RuleBasedStateMachine):
         if before is not None and not before.is_terminal:
             assert accepted, "a task that is not terminal can always be cancelled"
 
+    @rule(stale=STALE, offset=st.sampled_from([0, 0, 0, 1, -1]), kind=st.sampled_from(["step", "llm", "now"]))
+    def record_operation(self, stale: bool, offset: int, kind: str) -> None:
+        worker, lease_id = self.lease(stale)
+        before = self.state
+        index = (len(before.journal) if before else 0) + offset
+        if index < 0:
+            return
+        accepted = self.run(
+            RecordOperation(
+                task_id=TASK_ID,
+                worker_id=worker,
+                lease_id=lease_id,
+                index=index,
+                kind=kind,
+                name=f"op{index}",
+                result={"n": index},
+            )
+        )
+        if accepted:
+            assert not stale
+            assert offset == 0, "an operation is recorded only at the next position"
+
+    @rule(stale=STALE, seconds=st.sampled_from([1.0, 30.0]))
+    def sleep(self, stale: bool, seconds: float) -> None:
+        worker, lease_id = self.lease(stale)
+        index = len(self.state.journal) if self.state else 0
+        if self.run(StartSleep(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, index=index, seconds=seconds)):
+            assert self.state is not None
+            assert self.state.status == "pending"
+            assert self.state.not_before == self.now + timedelta(seconds=seconds)
+
+    @rule(stale=STALE)
+    def non_determinism(self, stale: bool) -> None:
+        worker, lease_id = self.lease(stale)
+        index = len(self.state.journal) if self.state else 0
+        if self.run(
+            ReportNonDeterminism(
+                task_id=TASK_ID,
+                worker_id=worker,
+                lease_id=lease_id,
+                index=index,
+                expected={"kind": "step"},
+                actual={"kind": "llm"},
+            )
+        ):
+            assert self.state is not None
+            assert self.state.parked is not None
+
+    @rule()
+    def resume(self) -> None:
+        before = self.state
+        accepted = self.run(ResumeTask(task_id=TASK_ID), actor=ACTORS[2])
+        assert accepted == (before is not None and before.parked is not None and not before.is_terminal)
+
     @rule(seconds=st.sampled_from([0.5, 3, 10, 40, 120]))
     def time_passes(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -285,6 +345,13 @@ class TaskMachine(RuleBasedStateMachine):
         assert TASK.fold(self.events) == self.state
         decoded = [decode_event(encode_event(e)) for e in self.events]
         assert decoded == self.events, "every event survives the trip through the log's encoding"
+
+    @invariant()
+    def the_journal_only_grows_and_has_no_gaps(self) -> None:
+        journal = self.state.journal if self.state else ()
+        assert [entry.index for entry in journal] == list(range(len(journal)))
+        assert journal[: len(self.last_journal)] == self.last_journal, "recorded operations never change"
+        self.last_journal = journal
 
     @invariant()
     def attempts_count_claims(self) -> None:
