@@ -156,6 +156,11 @@ class Task(msgspec.Struct, frozen=True):
 TaskState = Task | None
 
 
+def workflow_capability(name: str, version: int | None) -> str:
+    """What a workflow task requires of its runner: a version pins it, none accepts any host of the name."""
+    return f"workflow:{name}" if version is None else f"workflow:{name}@v{version}"
+
+
 def retry_delay(task_id: str, attempt: int, base_seconds: float) -> timedelta:
     """Exponential backoff with jitter in [0, 25%) derived from the task and attempt, so a replay
     computes the very same moment."""
@@ -259,7 +264,7 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             task_type=command.task_type,
             payload=command.payload,
             priority=command.priority,
-            required_capabilities=tuple(sorted(set(command.required_capabilities))),
+            required_capabilities=tuple(sorted(set(command.required_capabilities) | _routing(command.workflow))),
             max_retries=command.max_retries,
             timeout_seconds=command.timeout_seconds,
             retry_backoff_seconds=command.retry_backoff_seconds,
@@ -268,6 +273,10 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             submitted_by=ctx.actor.id,
         )
     ]
+
+
+def _routing(workflow: WorkflowRef | None) -> set[str]:
+    return set() if workflow is None else {workflow_capability(workflow.name, workflow.version)}
 
 
 def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Event]:

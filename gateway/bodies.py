@@ -7,7 +7,16 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from core.commands import Approver, Capabilities, LeaseSeconds, Role, Seconds, ShortText
+from core.commands import (
+    Approver,
+    Capabilities,
+    JournalIndex,
+    LeaseSeconds,
+    OperationKind,
+    Role,
+    Seconds,
+    ShortText,
+)
 from core.events import Escalation, Priority
 from core.ids import Token
 
@@ -56,6 +65,29 @@ class ApprovalRequestBody(LeaseBody, frozen=True):
     quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
+    journal_index: JournalIndex | None = None
+
+
+class OperationBody(LeaseBody, frozen=True):
+    index: JournalIndex
+    kind: OperationKind
+    name: Name
+    result: Any = None
+
+
+class SleepBody(LeaseBody, frozen=True):
+    index: JournalIndex
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+
+
+class NonDeterminismBody(LeaseBody, frozen=True):
+    index: JournalIndex
+    expected: Any = None
+    actual: Any = None
+
+
+class NoBody(msgspec.Struct, frozen=True):
+    pass
 
 
 class CompleteBody(LeaseBody, frozen=True):

@@ -17,7 +17,11 @@ from core.commands import (
     CompleteTask,
     FailTask,
     HeartbeatTask,
+    RecordOperation,
+    ReportNonDeterminism,
     RequestApproval,
+    ResumeTask,
+    StartSleep,
     SubmitTask,
 )
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
@@ -31,6 +35,10 @@ from gateway.bodies import (
     CompleteBody,
     FailBody,
     HeartbeatBody,
+    NoBody,
+    NonDeterminismBody,
+    OperationBody,
+    SleepBody,
     SubmitTaskBody,
 )
 from gateway.http import (
@@ -182,6 +190,7 @@ async def request_approval(request: Request) -> Response:
         quorum=spec.quorum,
         timeout_seconds=spec.timeout_seconds,
         escalation=spec.escalation,
+        journal_index=spec.journal_index,
     )
     outcome = await _handle(request, who, command, "approval")
     requested = next(r.event for r in outcome.events if isinstance(r.event, ApprovalRequested))
@@ -201,6 +210,26 @@ async def fail(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     outcome = await _path_command(request, "cancel", CancelBody, CancelTask, "cancel", optional=True)
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def record_operation(request: Request) -> Response:
+    outcome = await _path_command(request, "lease", OperationBody, RecordOperation, "operation")
+    return json({"index": outcome.events[0].event.index, "seq": outcome.seq}, 201)
+
+
+async def sleep(request: Request) -> Response:
+    outcome = await _path_command(request, "lease", SleepBody, StartSleep, "sleep")
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def report_non_determinism(request: Request) -> Response:
+    outcome = await _path_command(request, "lease", NonDeterminismBody, ReportNonDeterminism, "non-determinism")
+    return json(task_document(outcome.state, outcome.seq))
+
+
+async def resume(request: Request) -> Response:
+    outcome = await _path_command(request, "admin", NoBody, ResumeTask, "resume", optional=True)
     return json(task_document(outcome.state, outcome.seq))
 
 

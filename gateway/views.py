@@ -54,6 +54,10 @@ def task_document(task: Task, seq: int) -> dict[str, Any]:
         "progress": task.progress,
         "cancellation_reason": task.cancellation_reason,
         "approvals": [approval_document(a) for a in task.approvals],
+        "journal": [
+            {"index": e.index, "kind": e.kind, "name": e.name, "result": e.result, "at": e.at} for e in task.journal
+        ],
+        "parked": task.parked,
         "created_at": task.created_at,
         "updated_at": task.updated_at,
         "started_at": task.started_at,

@@ -1,0 +1,139 @@
+"""The workflow context: the only way workflow code touches the world. Each call takes the next
+position in the task's journal; while the journal holds that position the recorded result is
+returned (replay), past its end the call runs once and is recorded. A call that does not match the
+recorded one is non-determinism: nothing is guessed."""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import litellm
+
+from runners.client import TaskApi
+
+
+class Suspended(Exception):
+    """The workflow waits (a durable sleep, a human): the lease is released; a later claim replays."""
+
+
+class NonDeterminism(Exception):
+    def __init__(self, index: int, expected: dict[str, Any], actual: dict[str, Any]) -> None:
+        super().__init__(f"operation {index}: the journal holds {expected}, the code asked for {actual}")
+        self.index, self.expected, self.actual = index, expected, actual
+
+
+class WorkflowContext:
+    def __init__(self, api: TaskApi, task: dict[str, Any], lease_id: str, worker_id: str) -> None:
+        self._api = api
+        self.task_id: str = task["id"]
+        self._journal: list[dict[str, Any]] = task["journal"]
+        self._approvals = {a["id"]: a for a in task["approvals"]}
+        self._lease = {"worker_id": worker_id, "lease_id": lease_id}
+        self._position = 0
+
+    @property
+    def replaying(self) -> bool:
+        return self._position < len(self._journal)
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args, idempotency_key=...)`` once; its result is recorded and replayed. The key is
+        stable for this position, so an external system can drop a repeat after a crash."""
+
+        async def run(index: int) -> Any:
+            result = fn(*args, idempotency_key=f"{self.task_id}:{index}")
+            return await result if inspect.isawaitable(result) else result
+
+        return await self._operation("step", name, run)
+
+    async def llm(self, name: str, *, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        """A LiteLLM completion (its own retries and fallbacks apply); response, usage and cost are recorded."""
+
+        async def call(index: int) -> dict[str, Any]:
+            response = await litellm.acompletion(model=model, messages=messages, **options)
+            usage = getattr(response, "usage", None)
+            try:
+                cost = litellm.completion_cost(completion_response=response)
+            except Exception:  # unknown pricing (a mock, a private model) is not an error
+                cost = None
+            return {
+                "model": getattr(response, "model", model),
+                "content": response.choices[0].message.content,
+                "usage": usage.model_dump() if usage is not None else None,
+                "cost_usd": cost,
+            }
+
+        return await self._operation("llm", name, call)  # type: ignore[no-any-return]
+
+    async def now(self) -> datetime:
+        async def read(index: int) -> str:
+            return datetime.now(UTC).isoformat()
+
+        return datetime.fromisoformat(await self._operation("now", "now", read))
+
+    async def uuid(self) -> str:
+        async def draw(index: int) -> str:
+            return str(uuid.uuid4())
+
+        return await self._operation("uuid", "uuid", draw)  # type: ignore[no-any-return]
+
+    async def sleep(self, seconds: float) -> None:
+        index = self._next("sleep", "sleep")
+        if index is None:
+            return  # slept already: the claim that brought us here came after the wake-up time
+        await self._api.lease_call(self.task_id, "sleep", {**self._lease, "index": index, "seconds": seconds})
+        raise Suspended(f"sleeping {seconds} s")
+
+    async def request_approval(
+        self,
+        reason: str,
+        *,
+        approvers: tuple[str, ...] = ("role:approver",),
+        quorum: int = 1,
+        timeout_seconds: float | None = None,
+    ) -> dict[str, Any]:
+        """Park until humans decide; returns the approval (``status`` approved, rejected or timed_out)."""
+        index = self._next("approval", "approval")
+        if index is None:
+            approval = self._approvals[self._journal[self._position - 1]["result"]]
+            if approval["status"] == "pending":
+                raise Suspended("still waiting for a decision")
+            return approval
+        body = {
+            **self._lease,
+            "reason": reason,
+            "approvers": list(approvers),
+            "quorum": quorum,
+            "timeout_seconds": timeout_seconds,
+            "journal_index": index,
+        }
+        await self._api.lease_call(self.task_id, "approval-requests", body)
+        raise Suspended("waiting for a human")
+
+    async def _operation(self, kind: str, name: str, run: Callable[[int], Awaitable[Any]]) -> Any:
+        index = self._next(kind, name)
+        if index is None:
+            return self._journal[self._position - 1]["result"]
+        result = await run(index)
+        await self._api.lease_call(
+            self.task_id, "operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result}
+        )
+        self._journal.append({"index": index, "kind": kind, "name": name, "result": result})
+        self._position += 1
+        return result
+
+    def _next(self, kind: str, name: str) -> int | None:
+        """None when replaying this position (after checking it matches), else the index to record at."""
+        index = self._position
+        if index < len(self._journal):
+            entry = self._journal[index]
+            if (entry["kind"], entry["name"]) != (kind, name):
+                raise NonDeterminism(
+                    index, {"kind": entry["kind"], "name": entry["name"]}, {"kind": kind, "name": name}
+                )
+            self._position += 1
+            return None
+        return index

@@ -1,0 +1,105 @@
+"""The runner process: registers as a worker that hosts some workflows, claims their tasks, replays
+each task's journal and continues it. Heartbeats keep the lease while a step runs; a runner that dies
+simply stops heartbeating, the lease expires, and another runner replays and finishes the task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from runners.client import LeaseLost, TaskApi
+from runners.context import NonDeterminism, Suspended, WorkflowContext
+from runners.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(
+        self,
+        api: TaskApi,
+        registry: Registry,
+        *,
+        worker_id: str,
+        queue: str = "default",
+        concurrency: int = 4,
+        lease_seconds: float = 30.0,
+        block_ms: int = 5000,
+    ) -> None:
+        self._api, self._registry = api, registry
+        self.worker_id, self.queue = worker_id, queue
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lease_seconds, self._block_ms = lease_seconds, block_ms
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
+        capabilities = self._registry.capabilities()
+        await self._api.register(self.worker_id, self.queue, capabilities)
+        await self._api.worker_heartbeat(self.worker_id, "ready")
+        while not stop.is_set():
+            await self._slots.acquire()
+            claimed = None
+            try:
+                claimed = await self._api.claim(
+                    self.worker_id, self.queue, capabilities, self._block_ms, self._lease_seconds
+                )
+            finally:
+                if claimed is None:
+                    self._slots.release()
+            if claimed is not None:
+                job = asyncio.create_task(self._execute(claimed["task"], claimed["lease"]["id"]))
+                self._running.add(job)
+                job.add_done_callback(self._running.discard)
+        await self._api.worker_heartbeat(self.worker_id, "draining")
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _execute(self, task: dict[str, Any], lease_id: str) -> None:
+        lease = {"worker_id": self.worker_id, "lease_id": lease_id}
+        renewing = asyncio.create_task(self._keep_lease(task["id"], lease))
+        try:
+            await self._advance(task, lease)
+        except LeaseLost as exc:
+            log.warning("task %s: lease lost (%s); another runner continues it", task["id"], exc)
+        except Exception:
+            log.exception("task %s: the runtime failed; the lease will expire and the task be retried", task["id"])
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            self._slots.release()
+
+    async def _advance(self, task: dict[str, Any], lease: dict[str, str]) -> None:
+        ref = task["workflow"] or {}
+        found = self._registry.find(ref.get("name", task["type"]), ref.get("version"))
+        if found is None:
+            await self._api.lease_call(task["id"], "fail", {**lease, "error": f"no workflow {ref}", "retryable": False})
+            return
+        context = WorkflowContext(self._api, task, lease["lease_id"], self.worker_id)
+        try:
+            result = await found.fn(context, task["payload"])
+        except Suspended:
+            return
+        except NonDeterminism as exc:
+            log.error("task %s parked: %s", task["id"], exc)
+            await self._api.lease_call(
+                task["id"],
+                "non-determinism",
+                {**lease, "index": exc.index, "expected": exc.expected, "actual": exc.actual},
+            )
+            return
+        except LeaseLost:
+            raise
+        except Exception as exc:  # the workflow's own failure: retried with backoff by the task's rules
+            await self._api.lease_call(
+                task["id"], "fail", {**lease, "error": {"type": type(exc).__name__, "message": str(exc)}}
+            )
+            return
+        await self._api.lease_call(task["id"], "complete", {**lease, "result": result})
+
+    async def _keep_lease(self, task_id: str, lease: dict[str, str]) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            await self._api.lease_call(task_id, "heartbeat", lease)

@@ -1,0 +1,174 @@
+"""Durable workflows over the real stack: a workflow waits for a human and a timer, a later claim
+replays its journal (no step or LLM call runs twice), and changed code is parked, not guessed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import litellm
+import pytest
+
+from core.ids import new_id
+from runners.client import TaskApi
+from runners.context import WorkflowContext
+from runners.registry import Registry, workflow
+from runners.runner import Runner
+from tests.gateway.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+calls: Counter[str] = Counter()
+idempotency_keys: list[str] = []
+
+
+def make_plan(payload: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+    calls["plan"] += 1
+    idempotency_keys.append(idempotency_key)
+    return {"steps": ["build", "ship"], "env": payload["env"]}
+
+
+async def ship(plan: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+    calls["ship"] += 1
+    idempotency_keys.append(idempotency_key)
+    return {"shipped": plan["steps"]}
+
+
+@workflow("hitl-deploy", version=1)
+async def hitl_deploy(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str, Any]:
+    plan = await ctx.step("plan", make_plan, payload)
+    summary = await ctx.llm(
+        "summarise",
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "summarise"}],
+        mock_response="build, then ship to prod",
+    )
+    decision = await ctx.request_approval(f"deploy to {plan['env']}: {summary['content']}")
+    if decision["status"] != "approved":
+        return {"deployed": False, "because": decision["status"]}
+    await ctx.sleep(0.3)
+    return {"deployed": True, **await ctx.step("ship", ship, plan)}
+
+
+@contextlib.asynccontextmanager
+async def running(stack: Stack, registry: Registry, queue: str) -> AsyncIterator[None]:
+    api = TaskApi(stack.url, stack.keys["acme"]["worker"])
+    runner = Runner(api, registry, worker_id=f"runner-{new_id()[-6:]}", queue=queue, block_ms=300, lease_seconds=10)
+    stop = asyncio.Event()
+    job = asyncio.create_task(runner.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, 10)
+        await api.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 15) -> None:
+    async with asyncio.timeout(within):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def test_a_workflow_waits_for_a_human_and_a_timer_and_never_repeats_a_step(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls.clear()
+    idempotency_keys.clear()
+    real_completion = litellm.acompletion
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["llm"] += 1
+        return await real_completion(*args, **kwargs)
+
+    monkeypatch.setattr(litellm, "acompletion", counted)
+    queue = f"wf{new_id()[-8:]}"
+    async with (
+        stack.client() as admin,
+        stack.client(role="approver") as approver,
+        running(stack, Registry([hitl_deploy]), queue),
+    ):
+        task = (
+            await admin.post(
+                "/v1/tasks",
+                json={
+                    "type": "hitl-deploy",
+                    "queue": queue,
+                    "payload": {"env": "prod"},
+                    "workflow": {"name": "hitl-deploy", "version": 1},
+                },
+            )
+        ).json()
+        assert "workflow:hitl-deploy@v1" in task["required_capabilities"]
+
+        async def state() -> dict[str, Any]:
+            return (await admin.get(f"/v1/tasks/{task['id']}")).json()
+
+        async def waiting_for_a_human() -> bool:
+            return (await state())["status"] == "awaiting_approval"
+
+        await until(waiting_for_a_human)
+        waiting = await state()
+        assert [e["kind"] for e in waiting["journal"]] == ["step", "llm", "approval"]
+        assert waiting["journal"][1]["result"]["content"] == "build, then ship to prod"
+        approval = waiting["approvals"][0]
+        assert approval["reason"] == "deploy to prod: build, then ship to prod"
+        assert (await approver.post(f"/v1/approvals/{approval['id']}/approve")).status_code == 200
+
+        async def completed() -> bool:
+            return (await state())["status"] == "completed"
+
+        await until(completed)
+        done = await state()
+    assert done["result"] == {"deployed": True, "shipped": ["build", "ship"]}
+    assert [e["kind"] for e in done["journal"]] == ["step", "llm", "approval", "sleep", "step"]
+    assert calls == Counter({"plan": 1, "llm": 1, "ship": 1}), "replays answered from the journal"
+    assert idempotency_keys == [f"{task['id']}:0", f"{task['id']}:4"]
+
+
+async def test_changed_workflow_code_parks_the_task_instead_of_guessing(stack: Stack) -> None:
+    @workflow("drift", version=1)
+    async def before(ctx: WorkflowContext, payload: Any) -> str:
+        await ctx.step("fetch", lambda *, idempotency_key: 1)
+        await ctx.request_approval("go on?")
+        return "done"
+
+    @workflow("drift", version=1)
+    async def after(ctx: WorkflowContext, payload: Any) -> str:
+        await ctx.step("fetch-v2", lambda *, idempotency_key: 2)  # renamed: not what the journal holds
+        return "done"
+
+    queue = f"wf{new_id()[-8:]}"
+    async with stack.client() as admin, stack.client(role="approver") as approver:
+        task = (
+            await admin.post(
+                "/v1/tasks", json={"type": "drift", "queue": queue, "workflow": {"name": "drift", "version": 1}}
+            )
+        ).json()
+
+        async def state() -> dict[str, Any]:
+            return (await admin.get(f"/v1/tasks/{task['id']}")).json()
+
+        async def waiting() -> bool:
+            return (await state())["status"] == "awaiting_approval"
+
+        async with running(stack, Registry([before]), queue):
+            await until(waiting)
+        approval = (await state())["approvals"][0]
+        await approver.post(f"/v1/approvals/{approval['id']}/approve")
+
+        async def parked() -> bool:
+            return (await state())["parked"] is not None
+
+        async with running(stack, Registry([after]), queue):
+            await until(parked)
+        stuck = await state()
+        assert stuck["status"] == "pending"
+        assert "non-deterministic at operation 0" in stuck["parked"]
+        assert [e["name"] for e in stuck["journal"]] == ["fetch", "approval"], "nothing was guessed or rewritten"
+        resumed = await admin.post(f"/v1/tasks/{task['id']}/resume")
+        assert resumed.status_code == 200
+        assert resumed.json()["parked"] is None
