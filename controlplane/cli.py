@@ -18,8 +18,8 @@ import uvloop
 
 from controlplane import stack
 from controlplane.seed import seed_org
-from controlplane.stack import run_gateway, run_projector
-from core.commands import SYSTEM, CreateOrg
+from controlplane.stack import run_gateway, run_projector, run_runner
+from core.commands import SYSTEM, CreateOrg, ResumeTask
 from core.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -29,7 +29,7 @@ from core.embedded import (
     nats_server_version,
     require_nats_version,
 )
-from core.errors import AlreadyExists
+from core.errors import AlreadyExists, Rejected
 from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
@@ -58,6 +58,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "gateway":
             process.add_argument("--host", default="127.0.0.1")
             process.add_argument("--port", type=int, default=8080)
+
+    runner = commands.add_parser(
+        "runner",
+        help="run workflows: claim their tasks, replay, continue",
+        description="Example: controlplane runner --url http://127.0.0.1:8080 --key $WORKER_KEY "
+        "--workflows runners.examples:EXAMPLES",
+    )
+    runner.add_argument("--url", default=os.environ.get("CP_GATEWAY_URL", "http://127.0.0.1:8080"))
+    runner.add_argument("--key", default=os.environ.get("CP_API_KEY"), help="a worker key (default: $CP_API_KEY)")
+    runner.add_argument("--queue", default="default")
+    runner.add_argument("--workflows", action="append", required=True, help="module:attr, repeatable")
+    runner.add_argument("--worker-id", default=f"runner-{os.getpid()}")
+    runner.add_argument("--concurrency", type=int, default=4)
+
+    tasks = commands.add_parser("tasks", help="operate on tasks").add_subparsers(dest="tasks_command", required=True)
+    resume = tasks.add_parser("resume", help="un-park a task after fixing its workflow code")
+    resume.add_argument("org")
+    resume.add_argument("task_id")
+    _connection_args(resume, database=False)
 
     orgs = commands.add_parser("orgs", help="manage orgs").add_subparsers(dest="orgs_command", required=True)
     create_org = orgs.add_parser("create", help="create an org and print its first admin key")
@@ -92,6 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return uvloop.run(run_gateway(_settings(args), args.host, args.port))
             case "projector":
                 return uvloop.run(run_projector(_settings(args)))
+            case "runner":
+                if not args.key:
+                    raise ValueError("a worker key is needed: --key or CP_API_KEY")
+                return uvloop.run(
+                    run_runner(args.url, args.key, args.queue, args.workflows, args.worker_id, args.concurrency)
+                )
+            case "tasks":
+                return uvloop.run(_resume(args.nats_url, args.org, args.task_id))
             case "orgs":
                 return uvloop.run(_create_org(args.nats_url, args.org))
             case "projections":
@@ -161,6 +188,19 @@ async def _create_org(nats_url: str, org: str) -> int:
             return 1
         keys = await seed_org(handler, org, ("admin",))
         print(keys["admin"])
+    finally:
+        await store.close()
+    return 0
+
+
+async def _resume(nats_url: str, org: str, task_id: str) -> int:
+    store = await JetStreamEventStore.connect(nats_url)
+    try:
+        outcome = await CommandHandler(store).handle(org, ResumeTask(task_id=task_id), actor=SYSTEM)
+        print(f"task {task_id} resumed at seq {outcome.seq}; a runner will claim and replay it")
+    except Rejected as exc:
+        print(f"controlplane: {exc.detail}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
     return 0

@@ -17,6 +17,9 @@ from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Services
 from projections.projector import Projector
+from runners.client import TaskApi
+from runners.registry import Registry
+from runners.runner import Runner
 
 log = logging.getLogger("controlplane")
 
@@ -76,6 +79,18 @@ async def run_projector(settings: GatewaySettings) -> int:
     return 0
 
 
+async def run_runner(url: str, key: str, queue: str, topics: list[str], worker_id: str, concurrency: int) -> int:
+    registry = Registry.load(topics)
+    stop = stop_on_signals()
+    api = TaskApi(url, key)
+    try:
+        print(f"runner {worker_id} on queue {queue!r} hosts {registry.capabilities()}", flush=True)
+        await Runner(api, registry, worker_id=worker_id, queue=queue, concurrency=concurrency).run(stop)
+    finally:
+        await api.close()
+    return 0
+
+
 async def run_dev(
     settings: GatewaySettings, host: str, port: int, data_dir: Path, known: dict[str, dict[str, str]]
 ) -> int:
@@ -83,7 +98,11 @@ async def run_dev(
     holds the keys of the previous run, kept when the log still has them."""
     stop = stop_on_signals()
     services = await open_services(settings)
-    projector = await start_projector_process(settings, data_dir / "projector.log")
+    projector = await start_child(
+        ["projector", "--nats-url", settings.nats_url, "--database-url", settings.database_url],
+        data_dir / "projector.log",
+    )
+    runner: asyncio.subprocess.Process | None = None
     try:
         info_path = data_dir / "dev.json"
         orgs = {org: await seed_org(services.handler, org, DEV_ROLES, known.get(org)) for org in DEV_ORGS}
@@ -95,39 +114,60 @@ async def run_dev(
             "database_url": settings.database_url,
             "orgs": orgs,
         }
-        ready = asyncio.Event()
-        serving = asyncio.create_task(serve_http(services, host, port, stop, ready))
+        ready, http_stop = asyncio.Event(), asyncio.Event()
+        serving = asyncio.create_task(serve_http(services, host, port, http_stop, ready))
         await asyncio.wait({serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
             serving.result()  # it could not start (a taken port): say why
+        runner = await start_child(
+            [
+                "runner",
+                "--url",
+                info["gateway_url"],
+                "--key",
+                orgs["acme"]["worker"],
+                "--workflows",
+                "runners.examples:EXAMPLES",
+                "--worker-id",
+                "dev-runner",
+            ],
+            data_dir / "runner.log",
+        )
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
         print(f"  nats:     {settings.nats_url}")
         print(f"  postgres: {settings.database_url}")
         print(f"  projector: pid {projector.pid}, log {data_dir / 'projector.log'}")
+        print(
+            f"  runner:   pid {runner.pid}, example workflows agent-deploy and two-person-change on acme/default,"
+            f" log {data_dir / 'runner.log'}"
+        )
         for org, keys in orgs.items():
             print(f"  {org}: " + ", ".join(f"{role}={key}" for role, key in keys.items()))
         print("Ctrl-C stops everything.", flush=True)
+        await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        # The runner talks to the gateway: it goes first, then the gateway, then the projector.
+        await stop_process(runner)
+        http_stop.set()
         await serving
     finally:
+        if runner is not None:
+            await stop_process(runner)
         await stop_process(projector)
         await close_services(services)
     print("controlplane dev stopped", flush=True)
     return 0
 
 
-async def start_projector_process(settings: GatewaySettings, log_path: Path) -> asyncio.subprocess.Process:
+async def start_child(arguments: list[str], log_path: Path) -> asyncio.subprocess.Process:
+    """Another ``controlplane`` process (its own core), logging to ``log_path``."""
     with log_path.open("ab") as log_file:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "controlplane",
-            "projector",
-            "--nats-url",
-            settings.nats_url,
-            "--database-url",
-            settings.database_url,
+            *arguments,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

@@ -6,10 +6,14 @@ recorded one is non-determinism: nothing is guessed."""
 from __future__ import annotations
 
 import inspect
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+
+# LiteLLM otherwise downloads its model price map at import; the bundled copy keeps a runner off the network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
 
@@ -94,8 +98,11 @@ class WorkflowContext:
         approvers: tuple[str, ...] = ("role:approver",),
         quorum: int = 1,
         timeout_seconds: float | None = None,
+        escalate_after_seconds: float | None = None,
+        escalate_to: tuple[str, ...] = ("role:admin",),
     ) -> dict[str, Any]:
-        """Park until humans decide; returns the approval (``status`` approved, rejected or timed_out)."""
+        """Park until humans decide; returns the approval (``status`` approved, rejected or timed_out).
+        ``escalate_after_seconds``: if still undecided then, ``escalate_to`` may decide too."""
         index = self._next("approval", "approval")
         if index is None:
             approval = self._approvals[self._journal[self._position - 1]["result"]]
@@ -109,6 +116,9 @@ class WorkflowContext:
             "quorum": quorum,
             "timeout_seconds": timeout_seconds,
             "journal_index": index,
+            "escalation": None
+            if escalate_after_seconds is None
+            else {"after_seconds": escalate_after_seconds, "approvers": list(escalate_to)},
         }
         await self._api.lease_call(self.task_id, "approval-requests", body)
         raise Suspended("waiting for a human")

@@ -7,6 +7,11 @@ Sections:
 
 from __future__ import annotations
 
+import os
+
+# LiteLLM would download its model price map at import: tests never touch the network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 from collections.abc import Iterator
 
 import pytest

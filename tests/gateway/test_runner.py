@@ -15,6 +15,7 @@ import pytest
 from core.ids import new_id
 from runners.client import TaskApi
 from runners.context import WorkflowContext
+from runners.examples import EXAMPLES
 from runners.registry import Registry, workflow
 from runners.runner import Runner
 from tests.gateway.conftest import Stack
@@ -172,3 +173,41 @@ async def test_changed_workflow_code_parks_the_task_instead_of_guessing(stack: S
         resumed = await admin.post(f"/v1/tasks/{task['id']}/resume")
         assert resumed.status_code == 200
         assert resumed.json()["parked"] is None
+
+
+async def test_the_shipped_examples_run_end_to_end(stack: Stack) -> None:
+    queue = f"wf{new_id()[-8:]}"
+    async with (
+        stack.client() as admin,
+        stack.client(role="approver") as approver,
+        running(stack, Registry(EXAMPLES), queue),
+    ):
+
+        async def submit(name: str, payload: dict[str, Any]) -> str:
+            body = {"type": name, "queue": queue, "workflow": {"name": name}, "payload": payload}
+            return str((await admin.post("/v1/tasks", json=body)).json()["id"])
+
+        async def reaches(task_id: str, status: str) -> dict[str, Any]:
+            async def check() -> bool:
+                return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == status
+
+            await until(check)
+            return (await admin.get(f"/v1/tasks/{task_id}")).json()  # type: ignore[no-any-return]
+
+        staging = await reaches(await submit("agent-deploy", {"environment": "staging"}), "completed")
+        assert staging["result"]["executed"] is True
+        assert [e["name"] for e in staging["journal"]] == ["plan", "needs-approval", "execute", "report"]
+
+        prod_id = await submit("agent-deploy", {"environment": "production"})
+        waiting = await reaches(prod_id, "awaiting_approval")
+        assert waiting["approvals"][0]["reason"].endswith("production environment")
+        await approver.post(f"/v1/approvals/{waiting['approvals'][0]['id']}/approve")
+        assert (await reaches(prod_id, "completed"))["result"]["executed"] is True
+
+        change_id = await submit("two-person-change", {"escalate_after_seconds": 0.5, "timeout_seconds": 60})
+        approval = (await reaches(change_id, "awaiting_approval"))["approvals"][0]
+        assert approval["quorum"] == 2
+        await approver.post(f"/v1/approvals/{approval['id']}/approve")
+        await asyncio.sleep(0.8)  # escalated: admins may now decide too
+        assert (await admin.post(f"/v1/approvals/{approval['id']}/approve")).json()["status"] == "approved"
+        assert (await reaches(change_id, "completed"))["result"]["decision"] == "approved"
