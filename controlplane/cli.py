@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.add_argument("--workflows", action="append", required=True, help="module:attr, repeatable")
     runner.add_argument("--worker-id", default=f"runner-{os.getpid()}")
     runner.add_argument("--concurrency", type=int, default=4)
+    runner.add_argument("--lease-seconds", type=float, default=30.0, help="how long a dead runner holds a task")
 
     tasks = commands.add_parser("tasks", help="operate on tasks").add_subparsers(dest="tasks_command", required=True)
     resume = tasks.add_parser("resume", help="un-park a task after fixing its workflow code")
@@ -115,7 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not args.key:
                     raise ValueError("a worker key is needed: --key or CP_API_KEY")
                 return uvloop.run(
-                    run_runner(args.url, args.key, args.queue, args.workflows, args.worker_id, args.concurrency)
+                    run_runner(
+                        args.url,
+                        args.key,
+                        args.queue,
+                        args.workflows,
+                        args.worker_id,
+                        args.concurrency,
+                        args.lease_seconds,
+                    )
                 )
             case "tasks":
                 return uvloop.run(_resume(args.nats_url, args.org, args.task_id))

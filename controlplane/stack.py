@@ -79,13 +79,18 @@ async def run_projector(settings: GatewaySettings) -> int:
     return 0
 
 
-async def run_runner(url: str, key: str, queue: str, topics: list[str], worker_id: str, concurrency: int) -> int:
+async def run_runner(
+    url: str, key: str, queue: str, topics: list[str], worker_id: str, concurrency: int, lease_seconds: float
+) -> int:
     registry = Registry.load(topics)
     stop = stop_on_signals()
     api = TaskApi(url, key)
     try:
         print(f"runner {worker_id} on queue {queue!r} hosts {registry.capabilities()}", flush=True)
-        await Runner(api, registry, worker_id=worker_id, queue=queue, concurrency=concurrency).run(stop)
+        runner = Runner(
+            api, registry, worker_id=worker_id, queue=queue, concurrency=concurrency, lease_seconds=lease_seconds
+        )
+        await runner.run(stop)
     finally:
         await api.close()
     return 0

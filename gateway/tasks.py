@@ -60,6 +60,7 @@ TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
 PRIORITIES = {"critical", "high", "normal", "low"}
 CLAIM_CANDIDATES = 16
 READ_YOUR_WRITES_SECONDS = 2.0
+DISCONNECT_CHECK_SECONDS = 1.0
 _UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
 
 
@@ -154,6 +155,9 @@ async def claim(request: Request) -> Response:
     # own appends first (about a millisecond when the projector keeps up).
     await svc.read_model.wait_for("tasks", svc.handler.last_appended_seq, timeout=READ_YOUR_WRITES_SECONDS)
     while True:
+        if await request.is_disconnected():
+            # Nobody would receive the lease: claiming now would strand the task until it expired.
+            return Response(status_code=204)
         checkpoint = await svc.read_model.checkpoint("tasks")
         candidates = await svc.read_model.claim_candidates(
             who.org, spec.queue, list(spec.capabilities), svc.clock(), limit=CLAIM_CANDIDATES
@@ -164,8 +168,9 @@ async def claim(request: Request) -> Response:
         remaining = deadline - loop.time()
         if remaining <= 0:
             return Response(status_code=204)
-        # Wake when the read model moves (a submission, a lease expiry, a retry coming due), not on a timer.
-        await svc.read_model.wait_for("tasks", checkpoint + 1, timeout=remaining)
+        # Wake when the read model moves (a submission, a lease expiry, a retry coming due), and at
+        # least every second to notice a client that went away.
+        await svc.read_model.wait_for("tasks", checkpoint + 1, timeout=min(remaining, DISCONNECT_CHECK_SECONDS))
 
 
 async def heartbeat(request: Request) -> Response:

@@ -41,9 +41,10 @@ def execute(plan: str, *, idempotency_key: str) -> dict[str, Any]:
 
 
 @workflow("agent-deploy", version=1)
-async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str, Any]:
+async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any] | None) -> dict[str, Any]:
     """An agent plans with an LLM, asks whether the plan needs a human, waits for one if so, executes
     and reports."""
+    payload = payload or {}
     goal = payload.get("goal", "deploy the web service")
     environment = payload.get("environment", "staging")
     plan = await ctx.llm(
@@ -76,8 +77,9 @@ async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[st
 
 
 @workflow("two-person-change", version=1)
-async def two_person_change(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str, Any]:
+async def two_person_change(ctx: WorkflowContext, payload: dict[str, Any] | None) -> dict[str, Any]:
     """A change two approvers must accept; if they have not decided in time, admins are added."""
+    payload = payload or {}
     change = payload.get("change", "rotate the database credentials")
     decision = await ctx.request_approval(
         change,

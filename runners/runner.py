@@ -33,6 +33,7 @@ class Runner:
         self._slots = asyncio.Semaphore(concurrency)
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
+        self._executing: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
@@ -57,18 +58,32 @@ class Runner:
         await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _execute(self, task: dict[str, Any], lease_id: str) -> None:
+        """Run the workflow while the lease is renewed beside it. If renewing fails the lease is gone:
+        the run stops at once rather than keep working on a task another runner may now own."""
         lease = {"worker_id": self.worker_id, "lease_id": lease_id}
+        previous = self._executing.pop(task["id"], None)
+        if previous is not None:  # our older run of this task lost its lease: never run a task twice
+            previous.cancel()
+        work = asyncio.create_task(self._advance(task, lease))
+        self._executing[task["id"]] = work
         renewing = asyncio.create_task(self._keep_lease(task["id"], lease))
         try:
-            await self._advance(task, lease)
+            await asyncio.wait({work, renewing}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+            await work
+        except asyncio.CancelledError:
+            log.warning("task %s: stopped; its lease was lost (%s)", task["id"], _why(renewing))
         except LeaseLost as exc:
             log.warning("task %s: lease lost (%s); another runner continues it", task["id"], exc)
         except Exception:
             log.exception("task %s: the runtime failed; the lease will expire and the task be retried", task["id"])
         finally:
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await renewing
+            if self._executing.get(task["id"]) is work:
+                del self._executing[task["id"]]
             self._slots.release()
 
     async def _advance(self, task: dict[str, Any], lease: dict[str, str]) -> None:
@@ -93,6 +108,7 @@ class Runner:
         except LeaseLost:
             raise
         except Exception as exc:  # the workflow's own failure: retried with backoff by the task's rules
+            log.warning("task %s: workflow %s raised %r; reporting a retryable failure", task["id"], found.name, exc)
             await self._api.lease_call(
                 task["id"], "fail", {**lease, "error": {"type": type(exc).__name__, "message": str(exc)}}
             )
@@ -100,6 +116,13 @@ class Runner:
         await self._api.lease_call(task["id"], "complete", {**lease, "result": result})
 
     async def _keep_lease(self, task_id: str, lease: dict[str, str]) -> None:
+        """Returns (or raises) only when the lease can no longer be renewed."""
         while True:
             await asyncio.sleep(self._lease_seconds / 3)
             await self._api.lease_call(task_id, "heartbeat", lease)
+
+
+def _why(renewing: asyncio.Task[None]) -> str:
+    if not renewing.done() or renewing.cancelled():
+        return "cancelled"
+    return repr(renewing.exception())

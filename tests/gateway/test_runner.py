@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import litellm
@@ -211,3 +215,103 @@ async def test_the_shipped_examples_run_end_to_end(stack: Stack) -> None:
         await asyncio.sleep(0.8)  # escalated: admins may now decide too
         assert (await admin.post(f"/v1/approvals/{approval['id']}/approve")).json()["status"] == "approved"
         assert (await reaches(change_id, "completed"))["result"]["decision"] == "approved"
+
+
+async def test_an_approval_decided_while_no_runner_lives_is_not_lost(stack: Stack) -> None:
+    queue = f"wf{new_id()[-8:]}"
+    async with stack.client() as admin, stack.client(role="approver") as approver:
+        task_id = (
+            await admin.post(
+                "/v1/tasks",
+                json={"type": "two-person-change", "queue": queue, "workflow": {"name": "two-person-change"}},
+            )
+        ).json()["id"]
+
+        async def status_is(status: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == status
+
+            return check
+
+        async with running(stack, Registry(EXAMPLES), queue):
+            await until(await status_is("awaiting_approval"))
+        approval_id = (await admin.get(f"/v1/tasks/{task_id}")).json()["approvals"][0]["id"]
+        await approver.post(f"/v1/approvals/{approval_id}/approve")
+        assert (await admin.post(f"/v1/approvals/{approval_id}/approve")).json()["status"] == "approved"
+        async with running(stack, Registry(EXAMPLES), queue):
+            await until(await status_is("completed"))
+        assert (await admin.get(f"/v1/tasks/{task_id}")).json()["result"]["decision"] == "approved"
+
+
+async def test_a_runner_killed_mid_step_is_replaced_and_each_effect_lands_once(stack: Stack, tmp_path: Path) -> None:
+    queue = f"wf{new_id()[-8:]}"
+    sink = tmp_path / "effects.log"
+    sink.touch()
+
+    repo = Path(__file__).parents[2]
+
+    def start_runner(name: str) -> subprocess.Popen[bytes]:
+        """A real runner process; the workflows live in this test package, so it gets the repo on its path."""
+        command = [
+            str(Path(sys.executable).parent / "controlplane"),
+            "runner",
+            "--url",
+            stack.url,
+            "--key",
+            stack.keys["acme"]["worker"],
+            "--queue",
+            queue,
+            "--worker-id",
+            name,
+            "--workflows",
+            "tests.gateway.crash_workflows:ALL",
+            "--lease-seconds",
+            "2",
+        ]
+        log = (tmp_path / f"{name}.log").open("wb")
+        return subprocess.Popen(command, stdout=log, stderr=log, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+
+    async with stack.client() as admin:
+        task_id = (
+            await admin.post(
+                "/v1/tasks",
+                json={
+                    "type": "crash-me",
+                    "queue": queue,
+                    "workflow": {"name": "crash-me", "version": 1},
+                    "payload": {"sink": str(sink), "slow_seconds": 3},
+                },
+            )
+        ).json()["id"]
+        doomed = start_runner("doomed")
+        try:
+            async with asyncio.timeout(20):
+                while f"started {task_id}:1" not in sink.read_text():
+                    assert doomed.poll() is None, (tmp_path / "doomed.log").read_text()[-2000:]
+                    await asyncio.sleep(0.05)
+            doomed.kill()  # kill -9 in the middle of the slow step
+        finally:
+            await asyncio.to_thread(doomed.wait, 10)
+        heir = start_runner("heir")
+        try:
+
+            async def completed() -> bool:
+                return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == "completed"
+
+            await until(completed, within=30)
+        finally:
+            heir.terminate()  # drains: its last calls go to the gateway served by this very event loop
+            await asyncio.to_thread(heir.wait, 15)
+        task = (await admin.get(f"/v1/tasks/{task_id}")).json()
+    keys = [f"{task_id}:{i}" for i in range(3)]
+    assert task["result"] == keys
+    assert [e["name"] for e in task["journal"]] == ["first", "slow", "third"]
+    lines = sink.read_text().splitlines()
+    assert sorted(line for line in lines if line.startswith("done ")) == sorted(f"done {k}" for k in keys)
+    assert lines.count(f"started {keys[0]}") == 1, "a recorded step is replayed, not re-run"
+    assert lines.count(f"started {keys[1]}") == 2, "the interrupted step ran again (at least once), same key"
+    history = [
+        (type(r.event).__name__, getattr(r.event, "worker_id", None), getattr(r.event, "lease_id", None), r.actor)
+        for r in await stack.services.handler.history("acme", "task", task_id)
+    ]
+    assert task["retries"] == 1, f"the dead runner's lease expired once: {history}"
