@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -35,13 +37,22 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's own signal handling would close connections at the first Ctrl-C, before the runner
+    that talks to this gateway has drained; the process's signal handlers decide the order instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve_http(
     services: Services, host: str, port: int, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
     """Serve until ``stop``; ``ready`` is set once requests are being answered."""
     # Bind here, not inside uvicorn: a taken port is then an OSError we can explain, not a sys.exit.
     listener = socket.create_server((host, port))
-    server = uvicorn.Server(uvicorn.Config(build_app(services), log_level="warning", lifespan="off", access_log=False))
+    server = _Server(uvicorn.Config(build_app(services), log_level="warning", lifespan="off", access_log=False))
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn offers no startup event
         await asyncio.sleep(0.02)

@@ -9,11 +9,14 @@ import contextlib
 import logging
 from typing import Any
 
+import httpx
+
 from runners.client import LeaseLost, TaskApi
 from runners.context import NonDeterminism, Suspended, WorkflowContext
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)
+RECONNECT_SECONDS = 1.0
 
 
 class Runner:
@@ -47,6 +50,9 @@ class Runner:
                 claimed = await self._api.claim(
                     self.worker_id, self.queue, capabilities, self._block_ms, self._lease_seconds
                 )
+            except httpx.TransportError as exc:  # the gateway restarts or is unreachable: keep trying
+                log.warning("claim failed (%r); retrying in %.0f s", exc, RECONNECT_SECONDS)
+                await asyncio.sleep(RECONNECT_SECONDS)
             finally:
                 if claimed is None:
                     self._slots.release()
