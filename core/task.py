@@ -156,6 +156,16 @@ class Task(msgspec.Struct, frozen=True):
 TaskState = Task | None
 
 
+def next_approval_id(task: Task) -> str:
+    """Approval ids are ``<task id>-<n>``: an approval is found from its id alone, on its task's subject."""
+    return f"{task.id}-{len(task.approvals) + 1}"
+
+
+def task_id_of_approval(approval_id: str) -> str | None:
+    task_id, _, ordinal = approval_id.rpartition("-")
+    return task_id if task_id and ordinal.isdigit() else None
+
+
 def workflow_capability(name: str, version: int | None) -> str:
     """What a workflow task requires of its runner: a version pins it, none accepts any host of the name."""
     return f"workflow:{name}" if version is None else f"workflow:{name}@v{version}"

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from core.commands import DecideApproval
 from core.ids import validate_token
-from core.task import Approval, Task
+from core.task import Approval, Task, task_id_of_approval
 from gateway.auth import Principal
 from gateway.bodies import ApproveBody, RejectBody
 from gateway.http import body, command_id, json, limit_param, principal, read_after, services
@@ -68,12 +68,11 @@ async def _decide(request: Request, who: Principal, decision: str, comment: str 
 
 async def _approval(request: Request, org: str) -> tuple[Task, Approval, int]:
     approval_id = request.path_params["approval_id"]
-    task_id, _, ordinal = approval_id.rpartition("-")
     try:
-        validate_token(task_id, "task id")
+        task_id = validate_token(task_id_of_approval(approval_id), "task id")
     except ValueError:
         raise Problem(404, f"approval {approval_id!r} not found") from None
-    task, seq = await services(request).handler.load(org, "task", task_id) if ordinal.isdigit() else (None, 0)
+    task, seq = await services(request).handler.load(org, "task", task_id)
     approval = task.approval(approval_id) if task is not None else None
     if task is None or approval is None:
         raise Problem(404, f"approval {approval_id!r} not found")

@@ -14,8 +14,7 @@ from core.commands import RegisterWorker
 from gateway import bodies
 from gateway.http import json, principal, services
 from gateway.problems import problem_response
-
-PROJECTIONS = ("tasks", "workers", "access", "usage")
+from projections.projector import Projector
 
 
 async def healthz(request: Request) -> Response:
@@ -45,9 +44,7 @@ async def readyz(request: Request) -> Response:
 async def projection_lag(request: Request) -> dict[str, int]:
     """Events in the log that each projection has not folded yet."""
     svc = services(request)
-    js = svc.store.nc.jetstream()
-    infos = await asyncio.gather(*(js.consumer_info(svc.store.stream, f"proj-{name}") for name in PROJECTIONS))
-    return {name: info.num_pending + info.num_ack_pending for name, info in zip(PROJECTIONS, infos, strict=True)}
+    return await Projector(svc.read_model.pool, svc.store.nc).lag()
 
 
 async def stats(request: Request) -> Response:

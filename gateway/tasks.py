@@ -27,7 +27,7 @@ from core.commands import (
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
 from core.events import ApprovalRequested, TaskStatus, WorkflowRef
 from core.ids import new_id
-from core.task import Task
+from core.task import Task, next_approval_id
 from gateway.bodies import (
     ApprovalRequestBody,
     CancelBody,
@@ -189,7 +189,7 @@ async def request_approval(request: Request) -> Response:
         task_id=task.id,
         worker_id=spec.worker_id,
         lease_id=spec.lease_id,
-        approval_id=f"{task.id}-{len(task.approvals) + 1}",
+        approval_id=next_approval_id(task),
         reason=spec.reason,
         approvers=spec.approvers,
         quorum=spec.quorum,

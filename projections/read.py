@@ -268,9 +268,7 @@ class ReadModel:
         deadline = loop.time() + timeout
         if self._tick is None:
             self._tick = loop.create_future()
-        await self._listen()
-        if projection not in self._seen or self._listener is None:
-            self._seen.update(await self.checkpoints())
+        await self.checkpoint(projection)
         while True:
             tick = self._tick
             if self._seen.get(projection, 0) >= seq:
