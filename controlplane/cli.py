@@ -16,6 +16,8 @@ import asyncpg
 import nats.errors
 import uvloop
 
+from controlplane import integrations as integration_commands
+from controlplane import replay as replay_commands
 from controlplane import stack
 from controlplane.seed import seed_org
 from controlplane.stack import run_gateway, run_projector, run_runner
@@ -100,11 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     provision.add_argument("--replicas", type=int, default=1)
 
     commands.add_parser("doctor", help="check that the tools the stack needs are present and recent enough")
+    replay_commands.register(commands)
+    integration_commands.register(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
+        if (run := getattr(args, "run", None)) is not None:  # commands that bring their own entry point
+            return int(run(args))
         match args.command:
             case "dev":
                 return run_dev(args.host, args.port, args.data_dir)

@@ -150,6 +150,7 @@ class EmbeddedNats(_Service):
         cluster_port: int | None = None,
         routes: list[str] | None = None,
         cluster_name: str = "cp-cluster",
+        extra_config: str = "",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()  # the server runs in data_dir: relative paths would break
         self.host = host
@@ -158,6 +159,8 @@ class EmbeddedNats(_Service):
         self._cluster_port = cluster_port
         self._routes = list(routes) if routes is not None else None
         self._cluster_name = cluster_name
+        self._extra_config = extra_config
+        """Appended to the generated config verbatim: accounts, users and permissions for tests of them."""
         self._monitor_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -258,6 +261,8 @@ class EmbeddedNats(_Service):
                 f"  routes: {json.dumps(self._routes or [])}",
                 "}",
             ]
+        if self._extra_config:
+            lines.append(self._extra_config)
         return "\n".join(lines) + "\n"
 
     def _wait_healthy(self) -> None:
