@@ -66,6 +66,9 @@ class TaskClaimed(Event, frozen=True, tag="TaskClaimed"):
     lease_seconds: float
     lease_expires_at: datetime
     attempt: int
+    workflow_version: int | None = None
+    """Set when the task named its workflow without a version: the newest version this worker hosts,
+    to which the task is pinned from now on, so no other version ever replays it."""
 
 
 class TaskHeartbeat(Event, frozen=True, tag="TaskHeartbeat"):

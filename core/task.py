@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -171,6 +171,30 @@ def workflow_capability(name: str, version: int | None) -> str:
     return f"workflow:{name}" if version is None else f"workflow:{name}@v{version}"
 
 
+def hosted_workflow_versions(capabilities: Iterable[str]) -> dict[str, set[int]]:
+    """Workflow name -> versions, read from a runner's ``workflow:<name>@v<version>`` capabilities."""
+    hosted: dict[str, set[int]] = {}
+    for capability in capabilities:
+        if not capability.startswith("workflow:"):
+            continue
+        name, pinned, version = capability.removeprefix("workflow:").rpartition("@v")
+        if pinned and version.isdigit():
+            hosted.setdefault(name, set()).add(int(version))
+    return hosted
+
+
+def _pinned(task: Task, version: int | None) -> Task:
+    """The task bound to ``version`` of its workflow, if it named none: it now requires that version."""
+    if version is None or task.workflow is None or task.workflow.version is not None:
+        return task
+    name = task.workflow.name
+    required = set(task.required_capabilities) - {workflow_capability(name, None)}
+    required.add(workflow_capability(name, version))
+    return msgspec.structs.replace(
+        task, workflow=WorkflowRef(name, version), required_capabilities=tuple(sorted(required))
+    )
+
+
 def retry_delay(task_id: str, attempt: int, base_seconds: float) -> timedelta:
     """Exponential backoff with jitter in [0, 25%) derived from the task and attempt, so a replay
     computes the very same moment."""
@@ -310,8 +334,16 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
             lease_seconds=command.lease_seconds,
             lease_expires_at=ctx.now + timedelta(seconds=command.lease_seconds),
             attempt=task.retries + 1,
+            workflow_version=_version_to_pin(task.workflow, command.capabilities),
         )
     ]
+
+
+def _version_to_pin(workflow: WorkflowRef | None, capabilities: Sequence[str]) -> int | None:
+    if workflow is None or workflow.version is not None:
+        return None
+    hosted = hosted_workflow_versions(capabilities).get(workflow.name)
+    return max(hosted) if hosted else None
 
 
 def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext) -> Sequence[Event]:
@@ -441,7 +473,7 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             if deadline is None and task.timeout_seconds is not None:
                 deadline = started + timedelta(seconds=task.timeout_seconds)
             return msgspec.structs.replace(
-                task,
+                _pinned(task, event.workflow_version),
                 status="running",
                 assigned_worker=event.worker_id,
                 updated_at=event.at,

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 from typing import Any
 
+import asyncpg
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +28,7 @@ from core.commands import (
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
 from core.events import ApprovalRequested, TaskStatus, WorkflowRef
 from core.ids import new_id
-from core.task import Task, next_approval_id
+from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
 from gateway.bodies import (
     ApprovalRequestBody,
     CancelBody,
@@ -81,7 +82,7 @@ async def submit(request: Request) -> Response:
         timeout_seconds=spec.timeout_seconds,
         retry_backoff_seconds=spec.retry_backoff_seconds,
         metadata=spec.metadata,
-        workflow=None if spec.workflow is None else WorkflowRef(spec.workflow.name, spec.workflow.version),
+        workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec),
     )
     try:
         outcome = await services(request).handler.handle(
@@ -90,6 +91,27 @@ async def submit(request: Request) -> Response:
     except AlreadyExists as exc:
         raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc
     return json(task_document(outcome.state, outcome.seq), 201)
+
+
+async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> WorkflowRef:
+    """A workflow named without a version is pinned to the newest version a live runner on the task's
+    queue hosts. Without one (or without the read model) the first claim pins it instead."""
+    assert spec.workflow is not None
+    name, version = spec.workflow.name, spec.workflow.version
+    if version is None:
+        try:
+            runners = await services(request).read_model.list_workers(
+                org, queue=spec.queue, capability=workflow_capability(name, None)
+            )
+        except (OSError, asyncpg.PostgresError):  # submitting needs only the log
+            runners = []
+        hosted = [
+            hosted_workflow_versions(worker.capabilities).get(name, set())
+            for worker, _, _ in runners
+            if worker.status not in ("offline", "failed")
+        ]
+        version = max(set().union(*hosted), default=None)
+    return WorkflowRef(name, version)
 
 
 async def get_task(request: Request) -> Response:

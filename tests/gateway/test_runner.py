@@ -315,3 +315,42 @@ async def test_a_runner_killed_mid_step_is_replaced_and_each_effect_lands_once(s
         for r in await stack.services.handler.history("acme", "task", task_id)
     ]
     assert task["retries"] == 1, f"the dead runner's lease expired once: {history}"
+
+
+async def test_a_task_naming_no_workflow_version_is_pinned_to_the_newest_hosted_one(stack: Stack) -> None:
+    @workflow("pin-me", version=1)
+    async def first(ctx: WorkflowContext, payload: Any) -> int:
+        return 1
+
+    @workflow("pin-me", version=2)
+    async def second(ctx: WorkflowContext, payload: Any) -> int:
+        return 2
+
+    queue = f"wf{new_id()[-8:]}"
+    body = {"type": "pin-me", "queue": queue, "workflow": {"name": "pin-me"}}
+    async with stack.client() as admin:
+
+        async def fetch(task_id: str) -> dict[str, Any]:
+            return (await admin.get(f"/v1/tasks/{task_id}")).json()  # type: ignore[no-any-return]
+
+        before_any_runner = (await admin.post("/v1/tasks", json=body)).json()
+        assert before_any_runner["workflow"] == {"name": "pin-me", "version": None}
+        async with running(stack, Registry([first, second]), queue):
+
+            async def runner_known() -> bool:
+                found = await admin.get("/v1/workers", params={"queue": queue, "capability": "workflow:pin-me@v2"})
+                return bool(found.json()["items"])
+
+            await until(runner_known)
+            while_hosted = (await admin.post("/v1/tasks", json=body)).json()
+            assert while_hosted["workflow"] == {"name": "pin-me", "version": 2}
+            assert while_hosted["required_capabilities"] == ["workflow:pin-me@v2"]
+
+            async def both_done() -> bool:
+                statuses = [(await fetch(t["id"]))["status"] for t in (before_any_runner, while_hosted)]
+                return statuses == ["completed", "completed"]
+
+            await until(both_done)
+        pinned_by_claim = await fetch(before_any_runner["id"])
+    assert pinned_by_claim["workflow"] == {"name": "pin-me", "version": 2}
+    assert pinned_by_claim["result"] == 2

@@ -18,8 +18,8 @@ from core.commands import (
 )
 from core.decider import DecisionContext
 from core.errors import AlreadyDecided, CapabilityMismatch, InvalidCommand, LeaseLost, NotPermitted, NotReady
-from core.events import Escalation, Event
-from core.task import TASK, Task, retry_delay
+from core.events import Escalation, Event, WorkflowRef
+from core.task import TASK, Task, hosted_workflow_versions, retry_delay
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SUBMITTER = Actor("sub", frozenset({"submitter"}))
@@ -200,3 +200,29 @@ def test_deadline_bounds_the_whole_run_from_first_claim() -> None:
     task = s.wait(101)
     assert task.status == "timed_out"
     assert task.approvals[0].status == "pending"
+
+
+def test_a_task_that_names_no_workflow_version_is_pinned_to_the_newest_its_first_runner_hosts() -> None:
+    scenario = Scenario(workflow=WorkflowRef("deploy"), max_retries=2, retry_backoff_seconds=1)
+    hosts_two = ("workflow:deploy", "workflow:deploy@v1", "workflow:deploy@v2", "workflow:other@v9")
+    claimed = scenario.claim(caps=hosts_two, lease_seconds=5)
+    assert claimed.workflow == WorkflowRef("deploy", 2)
+    assert claimed.required_capabilities == ("workflow:deploy@v2",)
+    scenario.wait(6)  # the lease expires: the next runner must host version 2, not merely "deploy"
+    scenario.wait(2)
+    with pytest.raises(CapabilityMismatch, match="workflow:deploy@v2"):
+        scenario.claim(lease="l2", caps=("workflow:deploy", "workflow:deploy@v1"))
+    assert scenario.claim(lease="l3", caps=hosts_two).workflow == WorkflowRef("deploy", 2)
+
+
+def test_a_pinned_workflow_version_is_never_changed_by_a_claim() -> None:
+    scenario = Scenario(workflow=WorkflowRef("deploy", 1))
+    claimed = scenario.claim(caps=("workflow:deploy", "workflow:deploy@v1", "workflow:deploy@v2"))
+    assert claimed.workflow == WorkflowRef("deploy", 1)
+    assert claimed.required_capabilities == ("workflow:deploy@v1",)
+
+
+def test_hosted_workflow_versions_reads_only_versioned_workflow_capabilities() -> None:
+    assert hosted_workflow_versions(
+        ["gpu", "workflow:a", "workflow:a@v1", "workflow:a@v10", "workflow:b@vx", "workflow:c@v3", "x:d@v1"]
+    ) == {"a": {1, 10}, "c": {3}}
