@@ -166,6 +166,23 @@ class WorkflowOperationRecorded(Event, frozen=True, tag="WorkflowOperationRecord
     lease_id: str
 
 
+class LlmUsage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class LlmCall(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``result`` of a ``WorkflowOperationRecorded`` of kind ``llm``: what was asked, what came
+    back and what it cost. The usage read model sums these."""
+
+    request: dict[str, Any] = {}
+    model: str
+    provider: str | None = None
+    content: str | None
+    usage: LlmUsage | None = None
+    cost_usd: float | None = None
+
+
 class WorkflowSleepStarted(Event, frozen=True, tag="WorkflowSleepStarted"):
     """A durable sleep: the lease is released and the task waits, pending, until ``until``."""
 

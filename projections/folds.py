@@ -23,7 +23,7 @@ import msgspec
 
 from core.access import API_KEY, ORG, ApiKey, Org
 from core.decider import Decider
-from core.events import PRIORITY_RANK, Event, TaskCompleted
+from core.events import PRIORITY_RANK, Event, LlmCall, LlmUsage, TaskCompleted, WorkflowOperationRecorded
 from core.store import RecordedEvent
 from core.task import TASK, TaskState
 from core.worker import WORKER, WorkerState
@@ -474,11 +474,24 @@ class UsageDelta(msgspec.Struct, frozen=True):
 
 
 def usage_of(event: Event) -> UsageDelta | None:
-    """The usage an event reports. No event carries usage yet; LLM call events (issue 4) each add one
-    ``case``, e.g. ``case LlmCallCompleted(): return UsageDelta(day=event.at.date(), ...)``."""
-    match event:
-        case _:
-            return None
+    """The usage an LLM call recorded by a workflow reports. The log also holds operations a worker
+    posted itself: one whose result is not an ``LlmCall`` adds nothing rather than stop the fold."""
+    if not (isinstance(event, WorkflowOperationRecorded) and event.kind == "llm"):
+        return None
+    try:
+        call = msgspec.convert(event.result, LlmCall)
+    except msgspec.ValidationError:
+        return None
+    usage = call.usage or LlmUsage()
+    return UsageDelta(
+        day=event.at.date(),
+        model=call.model,
+        provider=call.provider or "unknown",
+        calls=1,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost_usd=Decimal(str(call.cost_usd or 0)),
+    )
 
 
 _USAGE = Upsert(

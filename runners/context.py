@@ -16,8 +16,38 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
+import msgspec
 
+from core.events import LlmCall, LlmUsage
 from runners.client import TaskApi
+
+_SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "authorization", "header")
+
+
+def _recordable(options: dict[str, Any]) -> dict[str, Any]:
+    """The options worth keeping in the log: JSON values, never credentials."""
+    kept = {}
+    for option, value in options.items():
+        if any(word in option.lower() for word in _SECRET_OPTION_WORDS):
+            continue
+        try:
+            msgspec.json.encode(value)
+        except (TypeError, msgspec.EncodeError):
+            continue
+        kept[option] = value
+    return kept
+
+
+def _usage(reported: dict[str, Any]) -> LlmUsage:
+    counts = {field: reported.get(field) or 0 for field in LlmUsage.__struct_fields__}
+    return LlmUsage(**counts)
+
+
+def _provider(model: str) -> str | None:
+    try:
+        return litellm.get_llm_provider(model)[1]
+    except Exception:  # LiteLLM cannot tell for a private or unknown model: record none
+        return None
 
 
 class Suspended(Exception):
@@ -54,7 +84,8 @@ class WorkflowContext:
         return await self._operation("step", name, run)
 
     async def llm(self, name: str, *, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-        """A LiteLLM completion (its own retries and fallbacks apply); response, usage and cost are recorded."""
+        """A LiteLLM completion (its own retries and fallbacks apply). The request, response, token
+        usage and cost are recorded; a replay returns the recording and never calls the model again."""
 
         async def call(index: int) -> dict[str, Any]:
             response = await litellm.acompletion(model=model, messages=messages, **options)
@@ -63,12 +94,16 @@ class WorkflowContext:
                 cost = litellm.completion_cost(completion_response=response)
             except Exception:  # unknown pricing (a mock, a private model) is not an error
                 cost = None
-            return {
-                "model": getattr(response, "model", model),
-                "content": response.choices[0].message.content,
-                "usage": usage.model_dump() if usage is not None else None,
-                "cost_usd": cost,
-            }
+            answered_by = getattr(response, "model", None) or model
+            recorded = LlmCall(
+                request={"model": model, "messages": messages, "options": _recordable(options)},
+                model=answered_by,
+                provider=_provider(answered_by),
+                content=response.choices[0].message.content,
+                usage=None if usage is None else _usage(usage.model_dump()),
+                cost_usd=cost,
+            )
+            return msgspec.to_builtins(recorded)  # type: ignore[no-any-return]
 
         return await self._operation("llm", name, call)  # type: ignore[no-any-return]
 

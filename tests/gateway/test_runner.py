@@ -118,7 +118,15 @@ async def test_a_workflow_waits_for_a_human_and_a_timer_and_never_repeats_a_step
         await until(waiting_for_a_human)
         waiting = await state()
         assert [e["kind"] for e in waiting["journal"]] == ["step", "llm", "approval"]
-        assert waiting["journal"][1]["result"]["content"] == "build, then ship to prod"
+        llm_call = waiting["journal"][1]["result"]
+        assert llm_call["content"] == "build, then ship to prod"
+        assert llm_call["request"] == {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "summarise"}],
+            "options": {"mock_response": "build, then ship to prod"},
+        }
+        assert llm_call["provider"] == "openai"
+        assert llm_call["usage"]["completion_tokens"] > 0
         approval = waiting["approvals"][0]
         assert approval["reason"] == "deploy to prod: build, then ship to prod"
         assert (await approver.post(f"/v1/approvals/{approval['id']}/approve")).status_code == 200

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
@@ -36,6 +37,7 @@ from core.commands import (
     FailTask,
     HeartbeatTask,
     HeartbeatWorker,
+    RecordOperation,
     RegisterWorker,
     ReportWorkerFailure,
     RequestApproval,
@@ -45,6 +47,8 @@ from core.commands import (
 from core.embedded import EmbeddedNats
 from core.errors import Rejected
 from core.events import (
+    LlmCall,
+    LlmUsage,
     TaskClaimed,
     TaskCompleted,
     TaskSubmitted,
@@ -57,8 +61,7 @@ from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore, rfc3339
 from core.worker import Worker
-from projections import folds
-from projections.folds import PROJECTIONS, UsageDelta
+from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, Puller, commit_batch, progress_bar, rebuild
 from projections.read import ReadModel
 from projections.schema import migrate
@@ -665,32 +668,35 @@ async def test_migrations_run_once_even_when_started_concurrently(database_url: 
 # --- usage ----------------------------------------------------------------------------------------
 
 
-async def test_usage_sums_calls_tokens_and_cost_per_org_model_and_day(
-    handler: CommandHandler, org: str, pool: asyncpg.Pool, projector: Projector, monkeypatch: pytest.MonkeyPatch
+async def test_usage_sums_the_llm_calls_workflows_recorded_per_org_model_and_day(
+    handler: CommandHandler, org: str, pool: asyncpg.Pool, projector: Projector
 ) -> None:
-    """No event reports usage yet; pretend completions do, to exercise the additive upsert."""
+    call = LlmCall(
+        model="small",
+        provider="local",
+        content="ok",
+        usage=LlmUsage(prompt_tokens=10, completion_tokens=5),
+        cost_usd=0.00012345,
+    )
 
-    def fake_usage(event: object) -> UsageDelta | None:
-        if not isinstance(event, TaskCompleted):
-            return None
-        return UsageDelta(
-            day=event.at.date(),
-            model="small",
-            provider="local",
-            calls=1,
-            prompt_tokens=10,
-            completion_tokens=5,
-            cost_usd=Decimal("0.00012345"),
+    async def record(task_id: str, index: int, kind: str, result: Any) -> None:
+        command = RecordOperation(
+            task_id=task_id, worker_id="w1", lease_id="l1", index=index, kind=kind, name=f"op{index}", result=result
         )
+        await handle(handler, org, command, WORKER)
 
-    monkeypatch.setattr(folds, "usage_of", fake_usage)
-    for i in range(3):
-        await submit(handler, org, f"t{i}")
-        await complete(handler, org, f"t{i}")
+    async def llm_task(task_id: str, calls: int) -> None:
+        await submit(handler, org, task_id)
+        await claim(handler, org, task_id)
+        for index in range(calls):
+            await record(task_id, index, "llm", msgspec.to_builtins(call))
+
+    await llm_task("t0", 2)
+    await record("t0", 2, "step", msgspec.to_builtins(call))  # a step's result is not an LLM call
+    await record("t0", 3, "llm", {"what": "a worker's own result that is no LlmCall"})
     async with running(projector):
         await caught_up(projector)
-        await submit(handler, org, "t3")
-        await complete(handler, org, "t3")  # a later batch adds to the same row
+        await llm_task("t1", 2)  # a later batch adds to the same row
         await caught_up(projector)
     [row] = await in_org(pool, org, "SELECT * FROM usage WHERE org_id = $1", org)
     assert (row["model"], row["provider"], row["calls"], row["prompt_tokens"], row["completion_tokens"]) == (
