@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import litellm
+import orjson
 import pytest
 
 from core.ids import new_id
@@ -251,78 +252,131 @@ async def test_an_approval_decided_while_no_runner_lives_is_not_lost(stack: Stac
         assert (await admin.get(f"/v1/tasks/{task_id}")).json()["result"]["decision"] == "approved"
 
 
-async def test_a_runner_killed_mid_step_is_replaced_and_each_effect_lands_once(stack: Stack, tmp_path: Path) -> None:
-    queue = f"wf{new_id()[-8:]}"
-    sink = tmp_path / "effects.log"
-    sink.touch()
+LEASE_EVENTS = {"TaskClaimed", "TaskHeartbeat", "TaskLeaseExpired", "TaskRetryDue"}
+KILL_POINTS = {  # label -> payload: where the doomed runner is when it is killed
+    "in-step": {"hang_in": "step"},
+    "in-llm-hang-in-llm": {},
+    "awaiting-approval": {},
+    "sleeping": {},
+}
 
+
+async def test_runners_killed_in_every_kind_of_operation_are_replaced_without_repeating_anything(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """One runner is kill -9'd while it holds a task inside a step, one inside an LLM call, one waiting
+    for a human and one sleeping. Another runner finishes them all; each side effect lands once per
+    key, no recorded step or LLM call runs again, and each journal equals that of the same workflow
+    run without a crash (its twin on another queue) but for claim and lease events."""
+    crashed_queue, calm_queue = f"wf{new_id()[-8:]}", f"wf{new_id()[-8:]}"
+    crashed_sink, calm_sink = tmp_path / "crashed.log", tmp_path / "calm.log"
     repo = Path(__file__).parents[2]
 
-    def start_runner(name: str) -> subprocess.Popen[bytes]:
+    def start_runner(name: str, queue: str, sink: Path, *, hang: bool = False) -> subprocess.Popen[bytes]:
         """A real runner process; the workflows live in this test package, so it gets the repo on its path."""
-        command = [
-            str(Path(sys.executable).parent / "controlplane"),
-            "runner",
-            "--url",
-            stack.url,
-            "--key",
-            stack.keys["acme"]["worker"],
-            "--queue",
-            queue,
-            "--worker-id",
-            name,
-            "--workflows",
-            "tests.gateway.crash_workflows:ALL",
-            "--lease-seconds",
-            "2",
-        ]
+        sink.touch()
+        command = [str(Path(sys.executable).parent / "controlplane"), "runner", "--url", stack.url]
+        command += ["--key", stack.keys["acme"]["worker"], "--queue", queue, "--worker-id", name]
+        command += ["--workflows", "tests.gateway.crash_workflows:ALL", "--lease-seconds", "2", "--concurrency", "8"]
+        environment = {**os.environ, "PYTHONPATH": str(repo), "CP_CRASH_SINK": str(sink)}
+        if hang:
+            environment["CP_CRASH_HANG"] = "1"
         log = (tmp_path / f"{name}.log").open("wb")
-        return subprocess.Popen(command, stdout=log, stderr=log, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+        return subprocess.Popen(command, stdout=log, stderr=log, cwd=repo, env=environment)
 
-    async with stack.client() as admin:
-        task_id = (
-            await admin.post(
-                "/v1/tasks",
-                json={
-                    "type": "crash-me",
-                    "queue": queue,
-                    "workflow": {"name": "crash-me", "version": 1},
-                    "payload": {"sink": str(sink), "slow_seconds": 3},
-                },
-            )
-        ).json()["id"]
-        doomed = start_runner("doomed")
+    async def stop(runner: subprocess.Popen[bytes]) -> None:
+        runner.terminate()  # drains: its last calls go to the gateway served by this very event loop
+        await asyncio.to_thread(runner.wait, 15)
+
+    async with stack.client() as admin, stack.client(role="approver") as approver:
+
+        async def submit(queue: str) -> dict[str, str]:
+            ids = {}
+            for label, extra in KILL_POINTS.items():
+                body = {"type": "all-operations", "queue": queue, "workflow": {"name": "all-operations", "version": 1}}
+                body["payload"] = {"label": label, "sleep_seconds": 3, **extra}
+                ids[label] = (await admin.post("/v1/tasks", json=body)).json()["id"]
+            return ids
+
+        async def fetch(task_id: str) -> dict[str, Any]:
+            return (await admin.get(f"/v1/tasks/{task_id}")).json()  # type: ignore[no-any-return]
+
+        async def approve_waiting(task: dict[str, Any]) -> None:
+            for approval in task["approvals"]:
+                if approval["status"] == "pending":
+                    await approver.post(f"/v1/approvals/{approval['id']}/approve")
+
+        crashed = await submit(crashed_queue)
+        doomed = start_runner("doomed", crashed_queue, crashed_sink, hang=True)
         try:
-            async with asyncio.timeout(20):
-                while f"started {task_id}:1" not in sink.read_text():
-                    assert doomed.poll() is None, (tmp_path / "doomed.log").read_text()[-2000:]
-                    await asyncio.sleep(0.05)
-            doomed.kill()  # kill -9 in the middle of the slow step
+
+            async def every_kill_point_reached() -> bool:
+                assert doomed.poll() is None, (tmp_path / "doomed.log").read_text()[-2000:]
+                effects = crashed_sink.read_text().splitlines()
+                sleeping = await fetch(crashed["sleeping"])
+                if sleeping["status"] == "awaiting_approval":
+                    await approve_waiting(sleeping)
+                return (
+                    f"started {crashed['in-step']}:2" in effects
+                    and "llm in-llm-hang-in-llm" in effects
+                    and (await fetch(crashed["awaiting-approval"]))["status"] == "awaiting_approval"
+                    and [e["kind"] for e in sleeping["journal"]][-1:] == ["sleep"]
+                )
+
+            await until(every_kill_point_reached, within=30)
+            doomed.kill()
         finally:
             await asyncio.to_thread(doomed.wait, 10)
-        heir = start_runner("heir")
+        calm = await submit(calm_queue)
+        heir = start_runner("heir", crashed_queue, crashed_sink)
+        twin = start_runner("twin", calm_queue, calm_sink)
         try:
 
-            async def completed() -> bool:
-                return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == "completed"
+            async def all_completed() -> bool:
+                tasks = [await fetch(task_id) for task_id in [*crashed.values(), *calm.values()]]
+                for task in tasks:
+                    await approve_waiting(task)
+                return all(task["status"] == "completed" for task in tasks)
 
-            await until(completed, within=30)
+            await until(all_completed, within=60)
         finally:
-            heir.terminate()  # drains: its last calls go to the gateway served by this very event loop
-            await asyncio.to_thread(heir.wait, 15)
-        task = (await admin.get(f"/v1/tasks/{task_id}")).json()
-    keys = [f"{task_id}:{i}" for i in range(3)]
-    assert task["result"] == keys
-    assert [e["name"] for e in task["journal"]] == ["first", "slow", "third"]
-    lines = sink.read_text().splitlines()
-    assert sorted(line for line in lines if line.startswith("done ")) == sorted(f"done {k}" for k in keys)
-    assert lines.count(f"started {keys[0]}") == 1, "a recorded step is replayed, not re-run"
-    assert lines.count(f"started {keys[1]}") == 2, "the interrupted step ran again (at least once), same key"
-    history = [
-        (type(r.event).__name__, getattr(r.event, "worker_id", None), getattr(r.event, "lease_id", None), r.actor)
-        for r in await stack.services.handler.history("acme", "task", task_id)
+            await asyncio.gather(stop(heir), stop(twin))
+
+        for label in KILL_POINTS:
+            resumed, uninterrupted = await fetch(crashed[label]), await fetch(calm[label])
+            assert resumed["result"]["decision"] == "approved"
+            assert _journal(resumed) == _journal(uninterrupted), label
+            assert await _history(stack, resumed) == await _history(stack, uninterrupted), label
+
+    effects = crashed_sink.read_text().splitlines()
+    for label, task_id in crashed.items():
+        keys = [f"{task_id}:{index}" for index in (0, 2, 5)]
+        assert sorted(e for e in effects if e.startswith("done ") and task_id in e) == [f"done {k}" for k in keys]
+        runs_of_slow_step = effects.count(f"started {keys[1]}")
+        assert runs_of_slow_step == (2 if label == "in-step" else 1), "only an interrupted step runs again"
+        assert effects.count(f"started {keys[0]}") == 1, "a recorded step is replayed, not re-run"
+        llm_calls = effects.count(f"llm {label}")
+        assert llm_calls == (2 if label == "in-llm-hang-in-llm" else 1), "only an interrupted LLM call runs again"
+
+
+def _journal(task: dict[str, Any]) -> list[Any]:
+    """The journal without times (when each entry was recorded, when a sleep ends) and with the task's
+    own id (in idempotency keys and approval ids) taken out."""
+    entries = [
+        {
+            "index": e["index"],
+            "kind": e["kind"],
+            "name": e["name"],
+            "result": None if e["kind"] == "sleep" else e["result"],
+        }
+        for e in task["journal"]
     ]
-    assert task["retries"] == 1, f"the dead runner's lease expired once: {history}"
+    return orjson.loads(orjson.dumps(entries).replace(task["id"].encode(), b"<task>"))  # type: ignore[no-any-return]
+
+
+async def _history(stack: Stack, task: dict[str, Any]) -> list[str]:
+    recorded = await stack.services.handler.history("acme", "task", task["id"])
+    return [type(r.event).__name__ for r in recorded if type(r.event).__name__ not in LEASE_EVENTS]
 
 
 async def test_a_task_naming_no_workflow_version_is_pinned_to_the_newest_hosted_one(stack: Stack) -> None:
