@@ -76,6 +76,8 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utc_now
     rate_limiter: RateLimiter = field(init=False)
+    claims_in_flight: set[str] = field(default_factory=set)
+    """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)

@@ -156,10 +156,13 @@ async def claim(request: Request) -> Response:
             capabilities=spec.capabilities,
             lease_seconds=spec.lease_seconds,
         )
+        svc.claims_in_flight.add(task_id)
         try:
             outcome = await svc.handler.handle(who.org, command, actor=who.actor, command_id=lease_id)
         except _UNCLAIMABLE:
             return None
+        finally:
+            svc.claims_in_flight.discard(task_id)
         if key is not None:
             await svc.idempotency.remember(lease_id, task_id)
         task: Task = outcome.state
@@ -184,7 +187,8 @@ async def claim(request: Request) -> Response:
         candidates = await svc.read_model.claim_candidates(
             who.org, spec.queue, list(spec.capabilities), svc.clock(), limit=CLAIM_CANDIDATES
         )
-        for task_id in candidates:
+        # Racing another claimer of this gateway for the same task would only lose: try the others first.
+        for task_id in sorted(candidates, key=svc.claims_in_flight.__contains__):
             if (response := await attempt(task_id)) is not None:
                 return response
         remaining = deadline - loop.time()

@@ -5,21 +5,29 @@ recorded one is non-determinism: nothing is guessed."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import inspect
 import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import Any
 
-# LiteLLM otherwise downloads its model price map at import; the bundled copy keeps a runner off the network.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-import litellm
 import msgspec
 
 from core.events import LlmCall, LlmUsage
 from runners.client import TaskApi
+
+
+async def load_litellm() -> ModuleType:
+    """LiteLLM takes seconds to import: a thread does it, so neither a runner's start nor its event
+    loop (and with it the heartbeats that keep its leases) waits for it."""
+    # Otherwise LiteLLM downloads its model price map at import; the bundled copy keeps a runner off the network.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    return await asyncio.to_thread(importlib.import_module, "litellm")
+
 
 _SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "authorization", "header")
 
@@ -43,7 +51,7 @@ def _usage(reported: dict[str, Any]) -> LlmUsage:
     return LlmUsage(**counts)
 
 
-def _provider(model: str) -> str | None:
+def _provider(litellm: ModuleType, model: str) -> str | None:
     try:
         return litellm.get_llm_provider(model)[1]
     except Exception:  # LiteLLM cannot tell for a private or unknown model: record none
@@ -88,6 +96,7 @@ class WorkflowContext:
         usage and cost are recorded; a replay returns the recording and never calls the model again."""
 
         async def call(index: int) -> dict[str, Any]:
+            litellm = await load_litellm()
             response = await litellm.acompletion(model=model, messages=messages, **options)
             usage = getattr(response, "usage", None)
             try:
@@ -98,7 +107,7 @@ class WorkflowContext:
             recorded = LlmCall(
                 request={"model": model, "messages": messages, "options": _recordable(options)},
                 model=answered_by,
-                provider=_provider(answered_by),
+                provider=_provider(litellm, answered_by),
                 content=response.choices[0].message.content,
                 usage=None if usage is None else _usage(usage.model_dump()),
                 cost_usd=cost,

@@ -12,11 +12,12 @@ from typing import Any
 import httpx
 
 from runners.client import LeaseLost, TaskApi
-from runners.context import NonDeterminism, Suspended, WorkflowContext
+from runners.context import NonDeterminism, Suspended, WorkflowContext, load_litellm
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)
 RECONNECT_SECONDS = 1.0
+MAX_CLAIMS_IN_FLIGHT = 8
 
 
 class Runner:
@@ -34,6 +35,7 @@ class Runner:
         self._api, self._registry = api, registry
         self.worker_id, self.queue = worker_id, queue
         self._slots = asyncio.Semaphore(concurrency)
+        self._claimers = min(concurrency, MAX_CLAIMS_IN_FLIGHT)
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
         self._executing: dict[str, asyncio.Task[None]] = {}
@@ -41,8 +43,15 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
         capabilities = self._registry.capabilities()
+        warming = asyncio.create_task(load_litellm())  # ready before the first model call needs it
         await self._api.register(self.worker_id, self.queue, capabilities)
         await self._api.worker_heartbeat(self.worker_id, "ready")
+        # Several claims in flight: after a crash elsewhere, many tasks come free at once.
+        await asyncio.gather(*(self._claim_until(stop, capabilities) for _ in range(self._claimers)))
+        await self._api.worker_heartbeat(self.worker_id, "draining")
+        await asyncio.gather(*self._running, warming, return_exceptions=True)
+
+    async def _claim_until(self, stop: asyncio.Event, capabilities: list[str]) -> None:
         while not stop.is_set():
             await self._slots.acquire()
             claimed = None
@@ -60,8 +69,6 @@ class Runner:
                 job = asyncio.create_task(self._execute(claimed["task"], claimed["lease"]["id"]))
                 self._running.add(job)
                 job.add_done_callback(self._running.discard)
-        await self._api.worker_heartbeat(self.worker_id, "draining")
-        await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _execute(self, task: dict[str, Any], lease_id: str) -> None:
         """Run the workflow while the lease is renewed beside it. If renewing fails the lease is gone:
