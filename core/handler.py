@@ -98,7 +98,10 @@ class CommandHandler:
         deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY),
         max_attempts: int = 20,
         cache_size: int = 4096,
+        on_commit: Callable[[str, Any, int], None] | None = None,
     ) -> None:
+        """``on_commit(subject, new state, seq)`` is told of every command this handler appends, before
+        its caller hears of it: an in-process reader of its own writes need not wait for the log."""
         self._store = store
         self._clock = clock
         self._deciders = {command: decider for decider in deciders for command in decider.commands}
@@ -107,6 +110,7 @@ class CommandHandler:
         self._cache_size = cache_size
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._on_commit = on_commit
         self.last_appended_seq = 0
         """The newest stream sequence this handler appended: what a reader of this process's writes
         waits for."""
@@ -169,6 +173,8 @@ class CommandHandler:
                 self.last_appended_seq = max(self.last_appended_seq, seqs[-1])
                 aggregate.record(recorded, new_state)
                 self._remember(subject, aggregate)
+                if self._on_commit is not None:
+                    self._on_commit(subject, aggregate.state, seqs[-1])
                 if cancelled:
                     self._cancel_later(cancelled, older_than_seq=seqs[-1] + 1)
                 return Outcome(events=recorded, state=aggregate.state, seq=seqs[-1])

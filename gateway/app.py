@@ -27,6 +27,7 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/tasks", tasks.submit, methods=["POST"]),
         Route("/v1/tasks", tasks.list_tasks, methods=["GET"]),
         Route("/v1/tasks/claim", tasks.claim, methods=["POST"]),
+        Route("/v1/tasks/claim-batch", tasks.claim_batch, methods=["POST"]),
         Route("/v1/tasks/{task_id}", tasks.get_task, methods=["GET"]),
         Route("/v1/tasks/{task_id}/heartbeat", tasks.heartbeat, methods=["POST"]),
         Route("/v1/tasks/{task_id}/approval-requests", tasks.request_approval, methods=["POST"]),

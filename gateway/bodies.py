@@ -49,6 +49,10 @@ class ClaimBody(msgspec.Struct, frozen=True):
     lease_seconds: LeaseSeconds = 30
 
 
+class ClaimBatchBody(ClaimBody, frozen=True):
+    max_tasks: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+
+
 class LeaseBody(msgspec.Struct, frozen=True):
     worker_id: Token
     lease_id: Token

@@ -11,6 +11,7 @@ import asyncpg
 from core.handler import CommandHandler
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator, JwtSettings, KeyRecord
+from gateway.claims import ClaimIndex
 from gateway.idempotency import IdempotencyRecords
 from gateway.services import Limits, Services
 from projections.read import ReadModel
@@ -54,6 +55,8 @@ async def open_services(settings: GatewaySettings) -> Services:
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=10)
     await migrate(pool)
     read_model = ReadModel(pool)
+    claim_index = ClaimIndex(store.nc, read_model, stream=store.stream)
+    await claim_index.start()
 
     async def lookup_key(key_id: str) -> KeyRecord | None:
         row = await read_model.find_api_key(key_id)
@@ -65,8 +68,9 @@ async def open_services(settings: GatewaySettings) -> Services:
 
     return Services(
         store=store,
-        handler=CommandHandler(store),
+        handler=CommandHandler(store, on_commit=claim_index.observe),
         read_model=read_model,
+        claim_index=claim_index,
         auth=Authenticator(lookup_key, settings.jwt),
         idempotency=await IdempotencyRecords.open(store),
         limits=settings.limits,
@@ -74,6 +78,7 @@ async def open_services(settings: GatewaySettings) -> Services:
 
 
 async def close_services(svc: Services) -> None:
+    await svc.claim_index.stop()
     await svc.handler.close()
     await svc.read_model.close()
     await svc.read_model.pool.close()

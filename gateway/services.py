@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from core.handler import CommandHandler, utc_now
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
+from gateway.claims import ClaimIndex
 from gateway.idempotency import IdempotencyRecords
 from projections.read import ReadModel
 
@@ -70,6 +71,7 @@ class Services:
     store: JetStreamEventStore
     handler: CommandHandler
     read_model: ReadModel
+    claim_index: ClaimIndex
     auth: Authenticator
     idempotency: IdempotencyRecords
     limits: Limits = field(default_factory=Limits)

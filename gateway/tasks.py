@@ -1,5 +1,6 @@
 """Task endpoints of API.md. Single tasks are read from the log (the handler's cached fold), so a GET
-after a POST always shows the write; lists and claim candidates come from the read model."""
+after a POST always shows the write; lists come from the read model, claim candidates from the
+gateway's in-memory claim index (gateway/claims.py)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, Inva
 from core.events import ApprovalRequested, TaskStatus, WorkflowRef
 from core.ids import new_id
 from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
+from gateway.auth import Principal
 from gateway.bodies import (
     ApprovalRequestBody,
     CancelBody,
+    ClaimBatchBody,
     ClaimBody,
     CompleteBody,
     FailBody,
@@ -60,7 +63,6 @@ from gateway.views import approval_document, task_document
 TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
 PRIORITIES = {"critical", "high", "normal", "low"}
 CLAIM_CANDIDATES = 16
-READ_YOUR_WRITES_SECONDS = 2.0
 DISCONNECT_CHECK_SECONDS = 1.0
 _UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
 
@@ -143,11 +145,40 @@ async def list_tasks(request: Request) -> Response:
 async def claim(request: Request) -> Response:
     who = await principal(request, "claim")
     spec = await body(request, ClaimBody)
+    claimed = await _claim(request, who, spec, max_tasks=1)
+    if not claimed:
+        return Response(status_code=204)
+    [(document, lease, seq)] = claimed
+    return json({"task": document, "lease": lease, "seq": seq})
+
+
+async def claim_batch(request: Request) -> Response:
+    """Up to ``max_tasks`` claims in one request: a runner with many free slots (one that took over
+    from a crashed runner, say) resumes them all at once instead of one round trip each."""
+    who = await principal(request, "claim")
+    spec = await body(request, ClaimBatchBody)
+    claimed = await _claim(request, who, spec, max_tasks=spec.max_tasks)
+    if not claimed:
+        return Response(status_code=204)
+    items = [{"task": document, "lease": lease} for document, lease, _ in claimed]
+    return json({"items": items, "seq": max(seq for _, _, seq in claimed)})
+
+
+Claimed = tuple[dict[str, Any], dict[str, Any], int]
+"""A claimed task's document, its lease and the claim's stream sequence."""
+
+
+async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks: int) -> list[Claimed]:
+    """Claims in claim order, returned as soon as at least one succeeded, or empty after ``block_ms``.
+    With an Idempotency-Key each lease id is derived from it, and a retry returns the original claims."""
     svc = services(request)
     key = idempotency_key(request)
-    lease_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "claim")
+    lease_ids = [
+        new_id() if key is None else derived_id(who.org, who.credential_id, key, "claim" if i == 0 else f"claim-{i}")
+        for i in range(max_tasks)
+    ]
 
-    async def attempt(task_id: str) -> Response | None:
+    async def attempt(task_id: str, lease_id: str) -> Claimed | None:
         command = ClaimTask(
             task_id=task_id,
             worker_id=spec.worker_id,
@@ -165,38 +196,41 @@ async def claim(request: Request) -> Response:
             svc.claims_in_flight.discard(task_id)
         if key is not None:
             await svc.idempotency.remember(lease_id, task_id)
-        task: Task = outcome.state
         claimed = next(r for r in outcome.events if getattr(r.event, "lease_id", None) == lease_id)
         lease = {"id": lease_id, "expires_at": claimed.event.lease_expires_at}  # type: ignore[union-attr]
-        return json({"task": task_document(task, outcome.seq), "lease": lease, "seq": outcome.seq})
+        return task_document(outcome.state, outcome.seq), lease, outcome.seq
 
-    if key is not None and (claimed_before := await svc.idempotency.recall(lease_id)):
-        replay = await attempt(claimed_before)
-        if replay is not None:
-            return replay
+    if key is not None:
+        recalled = await asyncio.gather(*(svc.idempotency.recall(lease_id) for lease_id in lease_ids))
+        replayed = [
+            await attempt(task_id, lease_id) for task_id, lease_id in zip(recalled, lease_ids, strict=True) if task_id
+        ]
+        if replayed:
+            return [claim for claim in replayed if claim is not None]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(spec.block_ms, svc.limits.max_block_ms) / 1000
-    # Claim in priority order among what this gateway has written too: let the read model see our
-    # own appends first (about a millisecond when the projector keeps up).
-    await svc.read_model.wait_for("tasks", svc.handler.last_appended_seq, timeout=READ_YOUR_WRITES_SECONDS)
+    capabilities = list(spec.capabilities)
+    claimed: list[Claimed] = []
     while True:
         if await request.is_disconnected():
-            # Nobody would receive the lease: claiming now would strand the task until it expired.
-            return Response(status_code=204)
-        checkpoint = await svc.read_model.checkpoint("tasks")
-        candidates = await svc.read_model.claim_candidates(
-            who.org, spec.queue, list(spec.capabilities), svc.clock(), limit=CLAIM_CANDIDATES
+            # Nobody would receive the leases: claiming now would strand the tasks until they expired.
+            return []
+        wanted = max_tasks - len(claimed)
+        candidates = svc.claim_index.candidates(
+            who.org, spec.queue, capabilities, svc.clock(), max(CLAIM_CANDIDATES, 2 * wanted)
         )
         # Racing another claimer of this gateway for the same task would only lose: try the others first.
         for task_id in sorted(candidates, key=svc.claims_in_flight.__contains__):
-            if (response := await attempt(task_id)) is not None:
-                return response
+            if (won := await attempt(task_id, lease_ids[len(claimed)])) is not None:
+                claimed.append(won)
+                if len(claimed) == max_tasks:
+                    break
         remaining = deadline - loop.time()
-        if remaining <= 0:
-            return Response(status_code=204)
-        # Wake when the read model moves (a submission, a lease expiry, a retry coming due), and at
-        # least every second to notice a client that went away.
-        await svc.read_model.wait_for("tasks", checkpoint + 1, timeout=min(remaining, DISCONNECT_CHECK_SECONDS))
+        if claimed or remaining <= 0:
+            return claimed
+        # Woken when a task on this queue opens up, and at least every second to notice a client that
+        # went away or a backoff that ran out.
+        await svc.claim_index.wait(who.org, spec.queue, timeout=min(remaining, DISCONNECT_CHECK_SECONDS))
 
 
 async def heartbeat(request: Request) -> Response:

@@ -132,23 +132,16 @@ class ReadModel:
         where = _Where.matching(org, status=status, queue=queue, priority=priority)
         return await self._page(org, "tasks", where, limit, cursor, _task_decoder.decode)
 
-    async def claim_candidates(
-        self, org: str, queue: str, capabilities: list[str], now: datetime, limit: int = 16
-    ) -> list[str]:
-        """Ids of tasks a worker with ``capabilities`` may claim now, best first: priority, then age.
-        Only candidates: the claim itself is decided on the log, where one worker wins."""
-        rows = await self._fetch(
-            org,
-            "SELECT id FROM tasks WHERE org_id = $1 AND queue = $2 AND status = 'pending'"
-            " AND required_capabilities <@ $3::text[] AND (not_before IS NULL OR not_before <= $4)"
-            " ORDER BY priority_rank, created_at, id LIMIT $5",
-            org,
-            queue,
-            capabilities,
-            now,
-            limit,
-        )
-        return [row["id"] for row in rows]
+    async def open_tasks(self) -> tuple[list[tuple[str, Task, int]], int]:
+        """Every task not yet terminal, in every org, as ``(org, task, seq)``, and the tasks
+        projection's checkpoint, from one snapshot: where a follower of the log starts."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute("SET LOCAL cp.projector = 'on'")  # the system's own view, across orgs
+            checkpoint = await conn.fetchval("SELECT seq FROM checkpoints WHERE projection = 'tasks'")
+            rows = await conn.fetch(
+                "SELECT org_id, state, seq FROM tasks WHERE NOT (status = ANY($1::text[]))", sorted(TERMINAL_STATUSES)
+            )
+        return [(row["org_id"], _task_decoder.decode(row["state"]), row["seq"]) for row in rows], checkpoint or 0
 
     async def get_approval(self, org: str, approval_id: str) -> tuple[Approval, int] | None:
         return await self._get(org, "approvals", approval_id, _approval_decoder.decode)

@@ -27,22 +27,24 @@ class TaskApi:
         await self._call("POST", f"/v1/workers/{worker_id}/heartbeat", {"status": status})
 
     async def claim(
-        self, worker_id: str, queue: str, capabilities: list[str], block_ms: int, lease_seconds: float
-    ) -> dict[str, Any] | None:
+        self, worker_id: str, queue: str, capabilities: list[str], block_ms: int, lease_seconds: float, max_tasks: int
+    ) -> list[dict[str, Any]]:
+        """Up to ``max_tasks`` claims, each ``{task, lease}``; none if nothing came free within ``block_ms``."""
         response = await self._http.post(
-            "/v1/tasks/claim",
+            "/v1/tasks/claim-batch",
             json={
                 "worker_id": worker_id,
                 "queue": queue,
                 "capabilities": capabilities,
                 "block_ms": block_ms,
                 "lease_seconds": lease_seconds,
+                "max_tasks": max_tasks,
             },
         )
         if response.status_code == 204:
-            return None
+            return []
         _raise_for(response)
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()["items"]  # type: ignore[no-any-return]
 
     async def lease_call(self, task_id: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
         """heartbeat, operations, sleep, approval-requests, complete, fail, non-determinism."""

@@ -22,8 +22,9 @@ from runners.client import TaskApi
 
 
 async def load_litellm() -> ModuleType:
-    """LiteLLM takes seconds to import: a thread does it, so neither a runner's start nor its event
-    loop (and with it the heartbeats that keep its leases) waits for it."""
+    """LiteLLM takes seconds to import: it is imported when a workflow first calls a model, in a
+    thread, so neither a runner's start nor its event loop (and the heartbeats that keep its leases)
+    waits for it."""
     # Otherwise LiteLLM downloads its model price map at import; the bundled copy keeps a runner off the network.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     return await asyncio.to_thread(importlib.import_module, "litellm")

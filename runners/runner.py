@@ -12,12 +12,13 @@ from typing import Any
 import httpx
 
 from runners.client import LeaseLost, TaskApi
-from runners.context import NonDeterminism, Suspended, WorkflowContext, load_litellm
+from runners.context import NonDeterminism, Suspended, WorkflowContext
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)
 RECONNECT_SECONDS = 1.0
-MAX_CLAIMS_IN_FLIGHT = 8
+CLAIM_REQUESTS_IN_FLIGHT = 2
+MAX_CLAIMS_PER_REQUEST = 100
 
 
 class Runner:
@@ -35,7 +36,7 @@ class Runner:
         self._api, self._registry = api, registry
         self.worker_id, self.queue = worker_id, queue
         self._slots = asyncio.Semaphore(concurrency)
-        self._claimers = min(concurrency, MAX_CLAIMS_IN_FLIGHT)
+        self._claimers = min(concurrency, CLAIM_REQUESTS_IN_FLIGHT)
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
         self._executing: dict[str, asyncio.Task[None]] = {}
@@ -43,30 +44,34 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
         capabilities = self._registry.capabilities()
-        warming = asyncio.create_task(load_litellm())  # ready before the first model call needs it
         await self._api.register(self.worker_id, self.queue, capabilities)
         await self._api.worker_heartbeat(self.worker_id, "ready")
-        # Several claims in flight: after a crash elsewhere, many tasks come free at once.
+        # Two claim requests in flight, each for every free slot: while one waits for its answer the
+        # other is already asking, and a runner taking over from a crashed one resumes all at once.
         await asyncio.gather(*(self._claim_until(stop, capabilities) for _ in range(self._claimers)))
         await self._api.worker_heartbeat(self.worker_id, "draining")
-        await asyncio.gather(*self._running, warming, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _claim_until(self, stop: asyncio.Event, capabilities: list[str]) -> None:
         while not stop.is_set():
             await self._slots.acquire()
-            claimed = None
+            free = 1
+            while free < MAX_CLAIMS_PER_REQUEST and not self._slots.locked():
+                await self._slots.acquire()
+                free += 1
+            claimed = []
             try:
                 claimed = await self._api.claim(
-                    self.worker_id, self.queue, capabilities, self._block_ms, self._lease_seconds
+                    self.worker_id, self.queue, capabilities, self._block_ms, self._lease_seconds, free
                 )
             except httpx.TransportError as exc:  # the gateway restarts or is unreachable: keep trying
                 log.warning("claim failed (%r); retrying in %.0f s", exc, RECONNECT_SECONDS)
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
-                if claimed is None:
+                for _ in range(free - len(claimed)):
                     self._slots.release()
-            if claimed is not None:
-                job = asyncio.create_task(self._execute(claimed["task"], claimed["lease"]["id"]))
+            for item in claimed:
+                job = asyncio.create_task(self._execute(item["task"], item["lease"]["id"]))
                 self._running.add(job)
                 job.add_done_callback(self._running.discard)
 

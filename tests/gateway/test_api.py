@@ -561,3 +561,24 @@ async def test_workers_and_keys_of_other_orgs_are_not_found(stack: Stack) -> Non
         key = (await acme.post("/v1/api-keys", json={"name": "acme-only", "roles": ["viewer"]})).json()
         problem(await globex.delete(f"/v1/api-keys/{key['id']}"), 404)
         assert (await acme.get(f"/v1/workers/{worker}")).json()["id"] == worker
+
+
+async def test_a_batch_claim_takes_several_tasks_in_claim_order_and_a_retry_returns_the_same(stack: Stack) -> None:
+    q = queue()
+    async with stack.client() as c:
+        low = await submit(c, q, priority="low")
+        high = await submit(c, q, priority="high")
+        normal = await submit(c, q)
+        body = {"worker_id": "w1", "queue": q, "max_tasks": 2, "lease_seconds": 60}
+        first = await c.post("/v1/tasks/claim-batch", json=body, headers={"Idempotency-Key": "batch-1"})
+        assert first.status_code == 200, first.text
+        assert [item["task"]["id"] for item in first.json()["items"]] == [high["id"], normal["id"]]
+        assert {item["task"]["status"] for item in first.json()["items"]} == {"running"}
+        seq_before = await last_seq(stack)
+        retried = await c.post("/v1/tasks/claim-batch", json=body, headers={"Idempotency-Key": "batch-1"})
+        assert retried.json()["items"] == first.json()["items"]
+        assert await last_seq(stack) == seq_before, "a retry appends nothing"
+        rest = await c.post("/v1/tasks/claim-batch", json=body)
+        assert [item["task"]["id"] for item in rest.json()["items"]] == [low["id"]]
+        assert (await c.post("/v1/tasks/claim-batch", json=body)).status_code == 204
+        problem(await c.post("/v1/tasks/claim-batch", json={**body, "max_tasks": 101}), 422)

@@ -61,6 +61,7 @@ from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore, rfc3339
 from core.worker import Worker
+from gateway.claims import ClaimIndex
 from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, Puller, commit_batch, progress_bar, rebuild
 from projections.read import ReadModel
@@ -458,32 +459,42 @@ async def test_nul_characters_show_as_a_stand_in_and_events_postgres_refuses_are
 # --- reads ----------------------------------------------------------------------------------------
 
 
-async def test_claim_candidates_by_priority_then_age_with_capabilities_and_backoff(
-    handler: CommandHandler, org: str, projector: Projector, read_model: ReadModel
+async def test_the_claim_index_starts_from_the_read_model_then_follows_the_log(
+    handler: CommandHandler, store: JetStreamEventStore, org: str, projector: Projector, read_model: ReadModel
 ) -> None:
     await submit(handler, org, "low-old", priority="low")
     await submit(handler, org, "crit-old", priority="critical")
     await submit(handler, org, "normal", priority="normal")
     await submit(handler, org, "needs-gpu", priority="critical", required_capabilities=("gpu",))
-    await submit(handler, org, "high", priority="high")
-    await submit(handler, org, "crit-new", priority="critical")
-    await submit(handler, org, "elsewhere", priority="critical", queue="other")
-    await submit(handler, org, "running", priority="critical")
-    await claim(handler, org, "running")
-    await submit(handler, org, "backing-off", priority="critical")
-    await claim(handler, org, "backing-off")
-    await handle(handler, org, FailTask(task_id="backing-off", worker_id="w1", lease_id="l1", error="x"), WORKER)
+    await submit(handler, org, "done", priority="critical")
+    await complete(handler, org, "done")
     async with running(projector):
         await caught_up(projector)
+    index = ClaimIndex(store.nc, read_model, stream=store.stream)
+    await index.start()
+    try:
+        await submit(handler, org, "high", priority="high")  # after the snapshot: learnt from the log
+        await submit(handler, org, "crit-new", priority="critical")
+        await submit(handler, org, "elsewhere", priority="critical", queue="other")
+        await submit(handler, org, "running", priority="critical")
+        await claim(handler, org, "running")
+        await submit(handler, org, "backing-off", priority="critical")
+        await claim(handler, org, "backing-off")
+        await handle(handler, org, FailTask(task_id="backing-off", worker_id="w1", lease_id="l1", error="x"), WORKER)
+        async with asyncio.timeout(5):
+            while index.position < handler.last_appended_seq:
+                await asyncio.sleep(0.01)
 
-    now = datetime.now(UTC)
-    candidates = read_model.claim_candidates
-    assert await candidates(org, "default", ["cpu"], now) == ["crit-old", "crit-new", "high", "normal", "low-old"]
-    assert await candidates(org, "default", ["cpu", "gpu"], now, limit=3) == ["crit-old", "needs-gpu", "crit-new"]
-    later = now + timedelta(hours=2)  # the retry backoff (an hour, plus jitter) has passed
-    assert (await candidates(org, "default", [], later))[:3] == ["crit-old", "crit-new", "backing-off"]
-    assert await candidates(org, "other", [], now) == ["elsewhere"]
-    assert await candidates(f"{org}-b", "default", ["gpu"], now) == []
+        now = datetime.now(UTC)
+        candidates = index.candidates
+        assert candidates(org, "default", ["cpu"], now, 16) == ["crit-old", "crit-new", "high", "normal", "low-old"]
+        assert candidates(org, "default", ["cpu", "gpu"], now, 3) == ["crit-old", "needs-gpu", "crit-new"]
+        later = now + timedelta(hours=2)  # the retry backoff (an hour, plus jitter) has passed
+        assert candidates(org, "default", [], later, 3) == ["crit-old", "crit-new", "backing-off"]
+        assert candidates(org, "other", [], now, 16) == ["elsewhere"]
+        assert candidates(f"{org}-b", "default", ["gpu"], now, 16) == []
+    finally:
+        await index.stop()
 
 
 async def test_lists_filters_cursors_inbox_workers_and_stats(

@@ -1,0 +1,199 @@
+"""Which tasks a worker may claim, answered from memory. Every gateway keeps the open (not terminal)
+tasks of the log folded in memory: it starts from the read model's snapshot at the tasks projection's
+checkpoint, then follows the log itself from there, and its own commands update it at once. A claim
+asks it for candidates in claim order and wins one through the log's optimistic concurrency; a stale
+candidate only costs a lost race. Waiting claimers are woken when a task on their queue opens up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from bisect import insort
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import Error as JetStreamError
+
+from core.events import PRIORITY_RANK, TaskSubmitted, UnknownEvent
+from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
+from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.task import TASK, Task
+from projections.read import ReadModel
+
+log = logging.getLogger(__name__)
+TASK_EVENTS = f"{EVENTS_PREFIX}.*.task.*"
+FETCH_BATCH = 512
+RESUBSCRIBE_SECONDS = 1.0
+
+ClaimOrder = tuple[int, datetime, str]
+"""Highest priority first, then oldest, then by id so the order is total."""
+
+
+def claim_order(task: Task) -> ClaimOrder:
+    return (PRIORITY_RANK[task.priority], task.created_at, task.id)
+
+
+def _waiting_for_a_worker(task: Task) -> bool:
+    return task.status == "pending" and task.parked is None
+
+
+class OpenTasks:
+    """The open tasks and, per org and queue, those waiting for a worker in claim order. Pure: the
+    caller feeds it states or events in log order, each with its stream sequence."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[str, str], tuple[Task, int]] = {}
+        self._waiting: dict[tuple[str, str], list[ClaimOrder]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def put(self, org: str, task: Task, seq: int) -> bool:
+        """Take ``task`` as its state at ``seq`` unless a later one is known. True when the task now
+        waits for a worker, so claimers of its queue should look again. A closed task is forgotten:
+        offering an older state of it afterwards would open it again, so callers must not."""
+        known = self._tasks.get((org, task.id))
+        if known is not None:
+            if known[1] >= seq:
+                return False
+            self._unlist(org, known[0])
+        if task.is_terminal:
+            self._tasks.pop((org, task.id), None)
+            return False
+        self._tasks[(org, task.id)] = (task, seq)
+        if _waiting_for_a_worker(task):
+            insort(self._waiting.setdefault((org, task.queue), []), claim_order(task))
+            return True
+        return False
+
+    def fold(self, recorded: RecordedEvent) -> tuple[str, str] | None:
+        """Apply one task event; ``(org, queue)`` when its task now waits for a worker."""
+        address = parse_aggregate_subject(recorded.subject)
+        known = self._tasks.get((address.org, address.id))
+        if known is None and not isinstance(recorded.event, TaskSubmitted):
+            return None  # the task was closed before our snapshot: nothing to claim
+        if known is not None and recorded.seq <= known[1]:
+            return None
+        task = TASK.evolve(None if known is None else known[0], recorded.event)
+        if task is None or not self.put(address.org, task, recorded.seq):
+            return None
+        return address.org, task.queue
+
+    def candidates(self, org: str, queue: str, capabilities: Sequence[str], now: datetime, limit: int) -> list[str]:
+        """Up to ``limit`` ids a worker with ``capabilities`` may claim now, best first."""
+        offered = set(capabilities)
+        found: list[str] = []
+        for _, _, task_id in self._waiting.get((org, queue), ()):
+            task = self._tasks[(org, task_id)][0]
+            if (task.not_before is None or task.not_before <= now) and offered.issuperset(task.required_capabilities):
+                found.append(task_id)
+                if len(found) == limit:
+                    break
+        return found
+
+    def _unlist(self, org: str, task: Task) -> None:
+        if not _waiting_for_a_worker(task):
+            return
+        waiting = self._waiting[(org, task.queue)]
+        waiting.remove(claim_order(task))
+        if not waiting:
+            del self._waiting[(org, task.queue)]
+
+
+class ClaimIndex:
+    """``OpenTasks`` kept current: loaded from the read model, then following the log."""
+
+    def __init__(self, nc: NATS, read_model: ReadModel, *, stream: str = STREAM_NAME) -> None:
+        self._nc, self._read_model, self._stream = nc, read_model, stream
+        self._open = OpenTasks()
+        self._position = 0
+        self._wakeups: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._follower: asyncio.Task[None] | None = None
+
+    @property
+    def position(self) -> int:
+        """The last stream sequence folded from the log."""
+        return self._position
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def start(self) -> None:
+        tasks, self._position = await self._read_model.open_tasks()
+        for org, task, seq in tasks:
+            self._open.put(org, task, seq)
+        log.info("claim index: %d open tasks at seq %d; following the log", len(self._open), self._position)
+        self._follower = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+
+    def observe(self, subject: str, state: Any, seq: int) -> None:
+        """A command of this process committed: claims here see it before the log comes round. Once
+        the log has come round it knows as much or more (the task may even be closed since)."""
+        if isinstance(state, Task) and seq > self._position:
+            org = parse_aggregate_subject(subject).org
+            if self._open.put(org, state, seq):
+                self._wake(org, state.queue)
+
+    def candidates(self, org: str, queue: str, capabilities: Sequence[str], now: datetime, limit: int) -> list[str]:
+        return self._open.candidates(org, queue, capabilities, now, limit)
+
+    async def wait(self, org: str, queue: str, timeout: float) -> None:  # noqa: ASYNC109 (a wake-up, not an error)
+        """Until a task on ``org``/``queue`` may have opened up, or ``timeout`` seconds."""
+        wakeup = self._wakeups.get((org, queue))
+        if wakeup is None:
+            wakeup = self._wakeups[(org, queue)] = asyncio.get_running_loop().create_future()
+        await asyncio.wait((wakeup,), timeout=timeout)
+
+    def _wake(self, org: str, queue: str) -> None:
+        wakeup = self._wakeups.pop((org, queue), None)
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _follow(self) -> None:
+        """Fold every task event after ``position``; after a connection problem, carry on from there."""
+        js = self._nc.jetstream()
+        while True:
+            try:
+                config = ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=self._position + 1,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=60.0,
+                    mem_storage=True,
+                )
+                subscription = await js.pull_subscribe(TASK_EVENTS, stream=self._stream, config=config)
+                try:
+                    while True:
+                        with contextlib.suppress(NatsTimeoutError):
+                            for msg in await subscription.fetch(FETCH_BATCH, timeout=1.0):
+                                self._fold(msg)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+            except (NatsError, JetStreamError, OSError) as exc:
+                log.warning("claim index: following the log failed (%r); again in %.0f s", exc, RESUBSCRIBE_SECONDS)
+                await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+    def _fold(self, msg: Msg) -> None:
+        self._position = msg.metadata.sequence.stream
+        try:
+            recorded = recorded_from_message(msg)
+        except (UnknownEvent, msgspec.DecodeError):  # the projector reports it; a claim cannot use it
+            log.warning("claim index: cannot read the event at seq %d on %s", self._position, msg.subject)
+            return
+        opened = self._open.fold(recorded)
+        if opened is not None:
+            self._wake(*opened)

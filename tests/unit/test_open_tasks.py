@@ -1,0 +1,85 @@
+"""The in-memory claim index against the rule it stands for: the claimable tasks are the pending,
+unparked ones whose backoff has passed and whose capabilities the worker has, best priority first,
+then oldest."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core.events import PRIORITY_RANK, TaskStatus
+from core.task import Task
+from gateway.claims import OpenTasks, claim_order
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+STATUSES: tuple[TaskStatus, ...] = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")
+
+
+@st.composite
+def task_states(draw: st.DrawFn) -> tuple[str, Task]:
+    task_id = draw(st.sampled_from([f"t{i}" for i in range(12)]))
+    org = draw(st.sampled_from(["acme", "globex"]))
+    created = T0 + timedelta(seconds=draw(st.integers(0, 5)))
+    task = Task(
+        id=task_id,
+        org=org,
+        queue=draw(st.sampled_from(["default", "gpu"])),
+        task_type="t",
+        payload=None,
+        status=draw(st.sampled_from(STATUSES)),
+        priority=draw(st.sampled_from(list(PRIORITY_RANK))),
+        required_capabilities=tuple(sorted(draw(st.sets(st.sampled_from(["a", "b"]))))),
+        metadata={},
+        retries=0,
+        max_retries=3,
+        timeout_seconds=None,
+        retry_backoff_seconds=1,
+        workflow=None,
+        submitted_by="s",
+        created_at=created,
+        updated_at=created,
+        not_before=draw(st.none() | st.just(T0 + timedelta(seconds=10))),
+        parked=draw(st.none() | st.just("non-deterministic")),
+    )
+    return org, task
+
+
+@given(
+    updates=st.lists(st.tuples(task_states(), st.integers(1, 40)), max_size=60),
+    capabilities=st.sets(st.sampled_from(["a", "b"])),
+    now=st.sampled_from([T0, T0 + timedelta(seconds=20)]),
+    limit=st.integers(1, 20),
+)
+def test_candidates_are_the_claimable_tasks_in_claim_order(
+    updates: list[tuple[tuple[str, Task], int]], capabilities: set[str], now: datetime, limit: int
+) -> None:
+    index = OpenTasks()
+    latest: dict[tuple[str, str], tuple[Task, int]] = {}
+    in_log_order = sorted(updates, key=lambda update: update[1])
+    for (org, task), seq in in_log_order:
+        index.put(org, task, seq)
+        known = latest.get((org, task.id))
+        if known is None or seq > known[1]:
+            latest[(org, task.id)] = (task, seq)
+    for (org, task), seq in in_log_order:  # an older state of an open task, arriving late, changes nothing
+        if not latest[(org, task.id)][0].is_terminal:
+            index.put(org, task, seq)
+    for org in ("acme", "globex"):
+        for queue in ("default", "gpu"):
+            expected = sorted(
+                (
+                    task
+                    for (task_org, _), (task, _) in latest.items()
+                    if task_org == org
+                    and task.queue == queue
+                    and task.status == "pending"
+                    and task.parked is None
+                    and (task.not_before is None or task.not_before <= now)
+                    and set(task.required_capabilities) <= capabilities
+                ),
+                key=claim_order,
+            )
+            assert index.candidates(org, queue, sorted(capabilities), now, limit) == [t.id for t in expected][:limit]
+    assert len(index) == sum(not task.is_terminal for task, _ in latest.values())
