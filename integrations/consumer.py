@@ -1,0 +1,375 @@
+"""A durable, at-least-once subscription to one org's events, for integration authors.
+
+    subscription = EventSubscription(nc, "acme", "crm-sync", types={"TaskCompleted"}, max_deliveries=5)
+    running = asyncio.create_task(subscription.run(handle))  # async def handle(delivery: Delivery) -> None
+    ...
+    subscription.stop()
+    await running
+
+Each subscription is a durable JetStream pull consumer ``<name>@<org>`` on ``CP_EVENTS``, filtered on
+``cp.<org>.>``: timer definitions (``cpsched.``) are never delivered, the events they fire are. A restart
+resumes after the last acknowledged event.
+
+What the handler does decides what happens to the event:
+
+* returns: acknowledged, never delivered again;
+* raises ``DeadLetter``: dead-lettered now (retrying cannot help, e.g. the receiver refuses it);
+* raises anything else: redelivered after a doubling delay; the ``max_deliveries``-th failure dead-letters it.
+
+Events of types outside ``types`` are acknowledged without calling the handler, and payloads that are
+not readable events are dead-lettered at once. A dead letter is published to ``cpdlq.<org>.<name>``
+(stream ``CP_DEADLETTER``, kept 30 days) with the original payload, the original headers minus
+JetStream's ``Nats-*`` control headers, and ``Cp-Dlq-*`` headers saying where it came from and why;
+only then is the original terminated, so the subscription moves on. If that publish fails, the event
+is retried later instead: nothing is dropped. This is also why the server-side ``max_deliver`` is
+unlimited and the limit is counted here.
+
+Order: events arrive in stream order, but one being retried comes back after its delay while later
+events go on. Handlers must tolerate duplicates (a crash between handling and acknowledging
+redelivers), e.g. by deduplicating on ``Delivery.seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from core.events import EVENT_TYPES, AnyEvent, UnknownEvent
+from core.ids import validate_token
+from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
+from core.subjects import org_events_filter
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_STREAM = "CP_DEADLETTER"
+DEAD_LETTER_PREFIX = "cpdlq"
+DEAD_LETTER_MAX_AGE_SECONDS = 30 * 24 * 3600.0
+
+DEFAULT_JS_API_PREFIX = "$JS.API"
+CONFINED_JS_API_PREFIX = "cpjs.API"
+"""Where a confined integration account (``controlplane nats-config``) reaches the JetStream API of the
+account holding CP_EVENTS: its imports are mapped under this prefix, because ``$JS.API`` in its own
+account answers for its own (disabled) JetStream."""
+
+H_DLQ_CONSUMER = "Cp-Dlq-Consumer"
+H_DLQ_SEQ = "Cp-Dlq-Seq"
+H_DLQ_SUBJECT = "Cp-Dlq-Subject"
+H_DLQ_DELIVERIES = "Cp-Dlq-Deliveries"
+H_DLQ_ERROR = "Cp-Dlq-Error"
+
+FETCH_WAIT_SECONDS = 1.0
+_MAX_ERROR_LENGTH = 1000
+_STREAM_NAME_IN_USE = 10058
+
+
+def consumer_name(org: str, name: str) -> str:
+    """The JetStream consumer of integration ``name`` of ``org``. ``@`` occurs in neither token, so no
+    two (org, name) pairs share a consumer: the per-org permissions rely on that."""
+    return f"{validate_token(name, 'integration name')}@{validate_token(org, 'org')}"
+
+
+def dead_letter_subject(org: str, name: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}.{validate_token(org, 'org')}.{validate_token(name, 'integration name')}"
+
+
+def retry_delay(delivery_count: int, first: float, cap: float) -> float:
+    """Seconds before redelivering an event whose ``delivery_count``-th delivery failed: doubling from
+    ``first``, never more than ``cap``."""
+    return min(cap, first * 2.0 ** min(max(delivery_count - 1, 0), 1023))
+
+
+def check_event_types(types: Iterable[str]) -> frozenset[str]:
+    checked = frozenset(types)
+    if unknown := checked - EVENT_TYPES.keys():
+        raise ValueError(f"unknown event type(s) {', '.join(sorted(unknown))}; known: {', '.join(EVENT_TYPES)}")
+    if not checked:
+        raise ValueError("name at least one event type, or none at all for every type")
+    return checked
+
+
+class DeadLetter(Exception):
+    """Raised by a handler: this event can never be handled, so dead-letter it now instead of retrying."""
+
+
+class SubscriptionError(Exception):
+    """The subscription cannot be set up as asked; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    recorded: RecordedEvent
+    headers: Mapping[str, str]
+    delivery_count: int
+    """1 on the first delivery, 2 on the first retry, and so on."""
+
+    @property
+    def event(self) -> AnyEvent:
+        return self.recorded.event
+
+    @property
+    def seq(self) -> int:
+        return self.recorded.seq
+
+    @property
+    def subject(self) -> str:
+        return self.recorded.subject
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class _Tagged(msgspec.Struct):
+    type: str
+
+
+_tag_decoder = msgspec.json.Decoder(_Tagged)
+
+
+async def provision_dead_letter_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create ``CP_DEADLETTER`` (subjects ``cpdlq.>``, file storage, 30 days) unless it exists; an existing
+    stream keeps whatever retention its operator gave it."""
+    config = StreamConfig(
+        name=DEAD_LETTER_STREAM,
+        subjects=[f"{DEAD_LETTER_PREFIX}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        max_age=DEAD_LETTER_MAX_AGE_SECONDS,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+    )
+    try:
+        await js.add_stream(config)
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+
+
+class EventSubscription:
+    """One integration's durable subscription to one org's events (see the module docstring)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        org: str,
+        name: str,
+        *,
+        types: Iterable[str] | None = None,
+        max_deliveries: int = 5,
+        ack_wait: float = 30.0,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 300.0,
+        batch: int = 32,
+        start_from: Literal["beginning", "now"] = "beginning",
+        js_api_prefix: str = DEFAULT_JS_API_PREFIX,
+        ensure_dead_letter_stream: bool = True,
+    ) -> None:
+        """``start_from`` applies only when the consumer is created. ``js_api_prefix`` is
+        ``CONFINED_JS_API_PREFIX`` for a user of a ``controlplane nats-config`` account, which may not
+        create streams: there the operator provisions the dead-letter stream and
+        ``ensure_dead_letter_stream`` must be False."""
+        self.org = validate_token(org, "org")
+        self.name = validate_token(name, "integration name")
+        self.consumer = consumer_name(org, name)
+        self.dead_letter_subject = dead_letter_subject(org, name)
+        self.types = None if types is None else check_event_types(types)
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be at least 1, not {max_deliveries}")
+        if ack_wait <= 0 or retry_delay < 0 or max_retry_delay < retry_delay:
+            raise ValueError("need ack_wait > 0 and 0 <= retry_delay <= max_retry_delay")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        if start_from not in ("beginning", "now"):
+            raise ValueError(f"start_from must be 'beginning' or 'now', not {start_from!r}")
+        self.max_deliveries = max_deliveries
+        self.ack_wait = ack_wait
+        self._first_retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._batch = batch
+        self._start_from = start_from
+        self._js_api_prefix = js_api_prefix
+        self._ensure_dead_letter_stream = ensure_dead_letter_stream
+        self._js = nc.jetstream(prefix=js_api_prefix)
+        self._pull: JetStreamContext.PullSubscription | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Create the durable consumer (or update a live one's settings) and bind to it."""
+        filter_subject = org_events_filter(self.org)
+        try:
+            if self._ensure_dead_letter_stream:
+                await provision_dead_letter_stream(self._js)
+            try:
+                existing = await self._js.consumer_info(STREAM_NAME, self.consumer)
+            except NotFoundError:
+                existing = None
+            deliver_policy = DeliverPolicy.ALL if self._start_from == "beginning" else DeliverPolicy.NEW
+            if existing is not None:
+                if existing.config.filter_subject != filter_subject:
+                    raise SubscriptionError(
+                        f"consumer {self.consumer} exists with filter {existing.config.filter_subject!r}, not "
+                        f"{filter_subject!r}; delete it or choose another integration name"
+                    )
+                # Fixed at creation: a restart resumes where the consumer stopped.
+                deliver_policy = existing.config.deliver_policy or deliver_policy
+            config = ConsumerConfig(
+                name=self.consumer,
+                durable_name=self.consumer,
+                filter_subject=filter_subject,
+                deliver_policy=deliver_policy,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+            )
+            await self._js.add_consumer(STREAM_NAME, config)
+        except APIError as exc:
+            raise SubscriptionError(
+                f"cannot set up consumer {self.consumer} on {STREAM_NAME}: {exc.description}"
+            ) from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise SubscriptionError(
+                f"the JetStream API did not answer on {self._js_api_prefix} ({exc!r}): a confined integration user "
+                f"needs the imports printed by `controlplane nats-config {self.org}` and the prefix "
+                f"{CONFINED_JS_API_PREFIX}; any other user needs the account that holds {STREAM_NAME}"
+            ) from exc
+        self._pull = await self._js.pull_subscribe_bind(self.consumer, stream=STREAM_NAME)
+
+    def stop(self) -> None:
+        """Ask ``run`` to return once the event in hand is settled (within about FETCH_WAIT_SECONDS when
+        idle); safe to call from a signal handler."""
+        self._stopping.set()
+
+    async def run(self, handler: Handler) -> None:
+        """Hand each event to ``handler`` until ``stop()``; starts the subscription first if needed."""
+        if self._pull is None:
+            await self.start()
+        assert self._pull is not None
+        try:
+            while not self._stopping.is_set():
+                # Short waits rather than a cancelled long one: a cancelled fetch would leave its pull
+                # request on the server, which would hand the next event to an inbox nobody reads.
+                try:
+                    messages = await self._pull.fetch(self._batch, timeout=FETCH_WAIT_SECONDS)
+                except TimeoutError:
+                    continue
+                await self._work_through(messages, handler)
+        finally:
+            pull, self._pull = self._pull, None
+            with contextlib.suppress(nats.errors.Error):
+                await pull.unsubscribe()
+
+    async def _work_through(self, messages: list[Msg], handler: Handler) -> None:
+        unsettled = list(messages)
+        keeper = asyncio.create_task(self._keep_claimed(unsettled))
+        try:
+            for msg in messages:
+                if self._stopping.is_set():
+                    break
+                await self._settle(msg, handler)
+                unsettled.remove(msg)
+        finally:
+            keeper.cancel()
+            # Hand back at once what this instance will not handle, instead of after ack_wait.
+            for msg in unsettled:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
+
+    async def _keep_claimed(self, unsettled: list[Msg]) -> None:
+        """While a batch is worked through, tell the server its remaining events are still in hand, so a
+        slow handler does not get them redelivered meanwhile."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            for msg in list(unsettled):
+                with contextlib.suppress(nats.errors.Error):  # disconnected: redelivery is the fallback
+                    await msg.in_progress()
+
+    async def _settle(self, msg: Msg, handler: Handler) -> None:
+        count = msg.metadata.num_delivered
+        try:
+            event_type = _tag_decoder.decode(msg.data).type
+        except msgspec.DecodeError:
+            await self._dead_letter(msg, count, "not an event: the payload is not JSON with a type tag")
+            return
+        if self.types is not None and event_type not in self.types:
+            await msg.ack()
+            return
+        if count > self.max_deliveries:
+            await self._dead_letter(
+                msg, count, f"delivered {count} times (max {self.max_deliveries}); dead-lettering it failed before"
+            )
+            return
+        try:
+            recorded = recorded_from_message(msg)
+        except (UnknownEvent, msgspec.DecodeError) as exc:
+            await self._dead_letter(msg, count, f"unreadable {event_type} event: {exc}")
+            return
+        try:
+            await handler(Delivery(recorded, dict(msg.headers or {}), count))
+        except DeadLetter as exc:
+            await self._dead_letter(msg, count, str(exc) or "refused by the handler")
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if count >= self.max_deliveries:
+                await self._dead_letter(msg, count, error)
+                return
+            delay = retry_delay(count, self._first_retry_delay, self._max_retry_delay)
+            log.warning(
+                "%s: event %d failed on delivery %d of %d, retrying in %.2fs: %s",
+                self.consumer,
+                recorded.seq,
+                count,
+                self.max_deliveries,
+                delay,
+                error,
+            )
+            await msg.nak(delay=delay)
+        else:
+            await msg.ack()
+
+    async def _dead_letter(self, msg: Msg, count: int, error: str) -> None:
+        seq = msg.metadata.sequence.stream
+        # JetStream's control headers (expected sequences, batch and schedule markers, msg id) would be
+        # acted on again by the dead-letter stream.
+        headers = {key: value for key, value in (msg.headers or {}).items() if not key.startswith("Nats-")}
+        headers |= {
+            "Nats-Msg-Id": f"{self.consumer}:{seq}",  # a repeated dead-letter publish is stored once
+            H_DLQ_CONSUMER: self.consumer,
+            H_DLQ_SEQ: str(seq),
+            H_DLQ_SUBJECT: msg.subject,
+            H_DLQ_DELIVERIES: str(count),
+            H_DLQ_ERROR: " ".join(error.split())[:_MAX_ERROR_LENGTH],  # a header value is one line
+        }
+        try:
+            await self._js.publish(self.dead_letter_subject, msg.data, headers=headers)
+        except nats.errors.Error as exc:
+            delay = retry_delay(count, self._first_retry_delay, self._max_retry_delay)
+            log.error(
+                "%s: could not dead-letter event %d to %s (%r); it stays in the log and is retried in %.2fs",
+                self.consumer,
+                seq,
+                self.dead_letter_subject,
+                exc,
+                delay,
+            )
+            await msg.nak(delay=delay)
+            return
+        log.warning(
+            "%s: event %d dead-lettered to %s after %d deliveries: %s",
+            self.consumer,
+            seq,
+            self.dead_letter_subject,
+            count,
+            headers[H_DLQ_ERROR],
+        )
+        await msg.term()
