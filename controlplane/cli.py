@@ -36,6 +36,7 @@ from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
+from integrations.consumer import DEAD_LETTER_STREAM, provision_dead_letter_stream
 from projections.projector import progress_bar, rebuild
 
 
@@ -185,7 +186,8 @@ async def _provision(nats_url: str, replicas: int) -> int:
     store = await JetStreamEventStore.connect(nats_url, provision=False)
     try:
         await store.provision(replicas=replicas)
-        print(f"stream {store.stream} ready on {nats_url}")
+        await provision_dead_letter_stream(store.nc.jetstream(), replicas=replicas)
+        print(f"streams {store.stream} and {DEAD_LETTER_STREAM} ready on {nats_url}")
     finally:
         await store.close()
     return 0
