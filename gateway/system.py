@@ -78,6 +78,14 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
         bodies.ClaimBody,
         "200",
     ),
+    (
+        "post",
+        "/v1/tasks/claim-batch",
+        "Claim up to max_tasks matching tasks at once: {items: [{task, lease}], seq}",
+        "claim",
+        bodies.ClaimBatchBody,
+        "200",
+    ),
     ("post", "/v1/tasks/{task_id}/heartbeat", "Renew a lease", "lease", bodies.HeartbeatBody, "200"),
     (
         "post",
