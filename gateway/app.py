@@ -6,6 +6,7 @@ import logging
 import time
 
 import msgspec
+import nats.errors
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,6 +19,7 @@ from core.store import StoreError
 from gateway import approvals, keys, streams, system, tasks, workers
 from gateway.problems import Problem, handle_problem, problem_response
 from gateway.services import Services
+from projections.read import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,17 @@ def build_app(svc: Services) -> Starlette:
         Route("/openapi.json", system.openapi, methods=["GET"]),
         Route("/docs", system.docs, methods=["GET"]),
     ]
-    handled = (Problem, Rejected, InvalidToken, msgspec.ValidationError, msgspec.DecodeError, StoreError, HTTPException)
+    handled = (
+        Problem,
+        Rejected,
+        InvalidToken,
+        msgspec.ValidationError,
+        msgspec.DecodeError,
+        StoreError,
+        nats.errors.Error,
+        *DATABASE_UNAVAILABLE,
+        HTTPException,
+    )
     app = Starlette(
         routes=routes,
         middleware=[Middleware(ObserveRequests, services=svc)],

@@ -10,9 +10,10 @@ import asyncpg
 
 from core.handler import CommandHandler
 from core.store import JetStreamEventStore
-from gateway.auth import Authenticator, JwtSettings, KeyRecord
+from gateway.auth import Authenticator, JwtSettings
 from gateway.claims import ClaimIndex
 from gateway.idempotency import IdempotencyRecords
+from gateway.keyring import KeyRing
 from gateway.services import Limits, Services
 from projections.read import ReadModel
 from projections.schema import migrate
@@ -58,20 +59,18 @@ async def open_services(settings: GatewaySettings) -> Services:
     claim_index = ClaimIndex(store.nc, read_model, stream=store.stream)
     await claim_index.start()
 
-    async def lookup_key(key_id: str) -> KeyRecord | None:
-        row = await read_model.find_api_key(key_id)
-        if row is None:
-            return None
-        return KeyRecord(
-            org=row.org_id, roles=tuple(row.roles), secret_sha256=row.secret_sha256, revoked=row.revoked_at is not None
-        )
+    def on_commit(subject: str, state: object, seq: int) -> None:
+        claim_index.observe(subject, state, seq)
+        keyring.observe(subject, state, seq)
 
+    handler = CommandHandler(store, on_commit=on_commit)
+    keyring = KeyRing(handler, read_model)
     return Services(
         store=store,
-        handler=CommandHandler(store, on_commit=claim_index.observe),
+        handler=handler,
         read_model=read_model,
         claim_index=claim_index,
-        auth=Authenticator(lookup_key, settings.jwt),
+        auth=Authenticator(keyring.lookup, settings.jwt),
         idempotency=await IdempotencyRecords.open(store),
         limits=settings.limits,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -9,6 +11,8 @@ from core.access import issue_key
 from core.commands import CreateApiKey, RevokeApiKey
 from gateway.bodies import CreateApiKeyBody
 from gateway.http import body, json, path_id, principal, services
+from gateway.services import Services
+from projections.read import DATABASE_UNAVAILABLE
 
 KEY_PROPAGATION_SECONDS = 5.0
 
@@ -20,7 +24,7 @@ async def create(request: Request) -> Response:
     command = CreateApiKey(key_id=issued.key_id, name=spec.name, roles=spec.roles, secret_sha256=issued.secret_sha256)
     svc = services(request)
     outcome = await svc.handler.handle(who.org, command, actor=who.actor)
-    await svc.read_model.wait_for("access", outcome.seq, timeout=KEY_PROPAGATION_SECONDS)  # usable at once
+    await _propagated(svc, outcome.seq)  # usable at once on every gateway
     return json(
         {
             "id": issued.key_id,
@@ -33,12 +37,19 @@ async def create(request: Request) -> Response:
     )
 
 
+async def _propagated(svc: Services, seq: int) -> None:
+    """Wait (bounded) until other gateways can look the key up. The write is done either way: while
+    PostgreSQL is down this gateway knows the key from its own write and the others learn it later."""
+    with suppress(*DATABASE_UNAVAILABLE):
+        await svc.read_model.wait_for("access", seq, timeout=KEY_PROPAGATION_SECONDS)
+
+
 async def revoke(request: Request) -> Response:
     who = await principal(request, "admin")
     key_id = path_id(request, "key_id", "api key")
     svc = services(request)
     outcome = await svc.handler.handle(who.org, RevokeApiKey(key_id=key_id), actor=who.actor)
     # Refused here at once; other gateways stop accepting it within their key cache time (5 s).
-    await svc.read_model.wait_for("access", outcome.seq, timeout=KEY_PROPAGATION_SECONDS)
+    await _propagated(svc, outcome.seq)
     svc.auth.forget(key_id)
     return Response(status_code=204)

@@ -4,6 +4,7 @@ by msgspec's two error types, infrastructure outages as 503. Bad input never bec
 from __future__ import annotations
 
 import msgspec
+import nats.errors
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from starlette.responses import Response
 from core.errors import ConcurrencyExhausted, Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
+from projections.read import DATABASE_UNAVAILABLE
 
 PROBLEM_JSON = "application/problem+json"
 _TITLES = {
@@ -58,8 +60,15 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
             return problem_response(422, str(exc))
         case msgspec.DecodeError():
             return problem_response(400, f"the body is not valid JSON: {exc}")
-        case StoreError():
-            return problem_response(503, f"the event log is unavailable: {exc}", {"Retry-After": "1"})
+        case StoreError() | nats.errors.Error():
+            return problem_response(503, f"the event log (NATS) is unavailable: {exc!r}", {"Retry-After": "1"})
+        case _ if isinstance(exc, DATABASE_UNAVAILABLE):
+            return problem_response(
+                503,
+                f"the read model (PostgreSQL) is unavailable: {exc!r}. Commands, claims and single-object "
+                "reads (GET /v1/tasks/{id}) still work; lists and stats return once it is back",
+                {"Retry-After": "5"},
+            )
         case HTTPException():
             return problem_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
     raise exc  # not ours to explain: ObserveRequests logs it and answers 503

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 from typing import Any
 
-import asyncpg
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -59,6 +58,7 @@ from gateway.http import (
 )
 from gateway.problems import Problem
 from gateway.views import approval_document, task_document
+from projections.read import DATABASE_UNAVAILABLE
 
 TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
 PRIORITIES = {"critical", "high", "normal", "low"}
@@ -105,7 +105,7 @@ async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> 
             runners = await services(request).read_model.list_workers(
                 org, queue=spec.queue, capability=workflow_capability(name, None)
             )
-        except (OSError, asyncpg.PostgresError):  # submitting needs only the log
+        except DATABASE_UNAVAILABLE:  # submitting needs only the log
             runners = []
         hosted = [
             hosted_workflow_versions(worker.capabilities).get(name, set())

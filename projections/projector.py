@@ -53,7 +53,7 @@ REBUILD_BATCH = 2000
 ACK_WAIT_SECONDS = 120.0
 _LOCK_CLASS = 0x6370  # first key of the two-key advisory locks that elect each projection's writer
 _RETRY_MIN_SECONDS = 0.5
-_RETRY_MAX_SECONDS = 30.0
+_RETRY_MAX_SECONDS = 5.0
 _STANDBY_RETRY_SECONDS = 2.0
 _REBUILD_WAIT_SECONDS = 5.0
 

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_PAGE = 500
 
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+)
+"""What asyncpg raises while PostgreSQL is down or restarting, as opposed to a query it refused."""
+
 _task_decoder = msgspec.json.Decoder(Task)
 _approval_decoder = msgspec.json.Decoder(Approval)
 _worker_decoder = msgspec.json.Decoder(Worker)

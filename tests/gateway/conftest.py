@@ -50,8 +50,19 @@ async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[S
     admin = await asyncpg.connect(database_url)
     await admin.execute(f'CREATE DATABASE "{database}"')
     await admin.close()
-    dsn = _with_database(database_url, database)
+    try:
+        async with serve_stack(nats_server.url, _with_database(database_url, database)) as served:
+            yield served
+    finally:
+        admin = await asyncpg.connect(database_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
 
+
+@contextlib.asynccontextmanager
+async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
+    """Gateway (uvicorn on a free port) and projector over the given servers, with the orgs acme and
+    globex seeded and a key per role."""
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -60,8 +71,8 @@ async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[S
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     settings = GatewaySettings(
-        nats_url=nats_server.url,
-        database_url=dsn,
+        nats_url=nats_url,
+        database_url=database_url,
         jwt=JwtSettings(hs256_secret=HS256_SECRET, rs256_public_key=public_pem.decode()),
         limits=Limits(sse_keepalive_seconds=1.0, max_block_ms=10_000),
     )
@@ -86,9 +97,6 @@ async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[S
             await asyncio.wait_for(serving, 10)
         await projector.stop()
         await close_services(services)
-        admin = await asyncpg.connect(database_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
 
 
 def _with_database(dsn: str, database: str) -> str:

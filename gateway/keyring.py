@@ -1,0 +1,45 @@
+"""Where an API key is checked. The log holds the truth about a key (roles, secret hash, revocation)
+and answers while PostgreSQL is down; the read model is needed only to learn which org a key id
+belongs to, once (a key never changes org), and stands in for the log while NATS is down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+
+from core.access import ApiKey
+from core.handler import CommandHandler
+from core.store import StoreError
+from core.subjects import parse_aggregate_subject
+from gateway.auth import KeyRecord
+from projections.read import ReadModel
+
+
+class KeyRing:
+    def __init__(self, handler: CommandHandler, read_model: ReadModel) -> None:
+        self._handler, self._read_model = handler, read_model
+        self._org_of: dict[str, str] = {}
+
+    async def lookup(self, key_id: str) -> KeyRecord | None:
+        org = self._org_of.get(key_id)
+        if org is None:
+            row = await self._read_model.find_api_key(key_id)
+            if row is None:
+                return None
+            org = self._org_of[key_id] = row.org_id
+        try:
+            key, _ = await self._handler.load(org, "apikey", key_id)
+        except (StoreError, nats.errors.Error):
+            row = await self._read_model.find_api_key(key_id)
+            if row is None:
+                return None
+            return KeyRecord(org, row.roles, row.secret_sha256, revoked=row.revoked_at is not None)
+        if not isinstance(key, ApiKey):
+            return None
+        return KeyRecord(org, key.roles, key.secret_sha256, revoked=key.revoked_at is not None)
+
+    def observe(self, subject: str, state: Any, seq: int) -> None:
+        """A key created through this gateway is usable here before the read model has it."""
+        if isinstance(state, ApiKey):
+            self._org_of[state.id] = parse_aggregate_subject(subject).org
