@@ -1,0 +1,35 @@
+"""Policies: Rego sources, the policy engine interface, an OPA-wasm host on wasmtime, a regopy engine.
+
+The engines themselves (`policies_wasm.opa_wasm`, `policies_wasm.rego`) are imported when a bundle
+needs them; see README.md in this folder.
+"""
+
+from policies_wasm.engine import (
+    Bundle,
+    Decision,
+    PolicyEngine,
+    PolicyError,
+    PolicyEvaluationError,
+    PolicyInputError,
+    PolicyLoadError,
+    PolicyTimeout,
+    PolicyUndefined,
+    UnknownEntrypoint,
+    default_bundle,
+    open_engine,
+)
+
+__all__ = [
+    "Bundle",
+    "Decision",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicyEvaluationError",
+    "PolicyInputError",
+    "PolicyLoadError",
+    "PolicyTimeout",
+    "PolicyUndefined",
+    "UnknownEntrypoint",
+    "default_bundle",
+    "open_engine",
+]

@@ -1,0 +1,135 @@
+"""Policy benchmark: decisions/s and latency percentiles for each engine, one decision at a time.
+
+- regopy on the shipped Rego sources, with an org that configures every inheritance level (the
+  costliest case) and one that configures none;
+- opa-wasm on the shipped policies when `policies_wasm/build/bundle.tar.gz` was built from the
+  current sources (policies_wasm/build.sh, needs the opa CLI). Without it, the host alone is
+  measured on the WAT echo module from tests/policies (ABI 1.2 and 1.1): that is everything except
+  the compiled policy's own work.
+
+    .venv/bin/python bench/policy.py [--decisions 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from policies_wasm.engine import SOURCES_DIR, Bundle, PolicyEngine, default_bundle
+from policies_wasm.opa_wasm import OpaWasmEngine
+from policies_wasm.rego import RegoEngine
+
+# An org that sets something at every level, so a decision walks the whole inheritance chain.
+CONFIGURED_ORG = {
+    "settings": {"max_tasks_in_flight_per_org": 50, "max_tokens_per_day": 2_000_000, "approval_tools": ["shell"]},
+    "environments": {"prod": {"approval_cost_usd": 1, "denied_tools": ["shell"], "max_cost_usd": 100}},
+    "queues": {"deploys": {"max_tasks_in_flight_per_queue": 10}},
+    "workflows": {"agent-deploy": {"allowed_models": ["gpt-4o*"], "approval_task_types": ["deploy"]}},
+}
+SCOPE = {"org": "acme", "environment": "prod", "queue": "deploys", "workflow": "agent-deploy"}
+WORKLOAD: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "submit, every level configured",
+        "controlplane/submit",
+        {
+            **SCOPE,
+            "task_type": "deploy",
+            "estimated_cost_usd": 0.4,
+            "tools": ["github.create_pr"],
+            "models": ["gpt-4o-mini"],
+            "payload_bytes": 2048,
+            "usage": {"org_in_flight": 12, "queue_in_flight": 3, "tokens_today": 150_000},
+        },
+    ),
+    (
+        "submit, org without settings",
+        "controlplane/submit",
+        {"org": "globex", "queue": "default", "task_type": "report"},
+    ),
+    (
+        "tool call, every level configured",
+        "controlplane/tool",
+        {**SCOPE, "tool": "github.create_pr", "tokens_requested": 800, "usage": {"tokens_today": 150_000}},
+    ),
+    ("effective settings", "controlplane/settings", SCOPE),
+]
+
+
+def with_configured_org(bundle: Bundle) -> Bundle:
+    data = copy.deepcopy(bundle.data)
+    data["policy_config"]["orgs"] = {"acme": CONFIGURED_ORG}
+    return bundle.with_data(data)
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(evaluate: Callable[[], object], decisions: int) -> tuple[float, float, float]:
+    """(decisions/s, p50 ms, p99 ms), after a warm-up."""
+    for _ in range(min(200, decisions)):
+        evaluate()
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(decisions):
+        begin = time.perf_counter()
+        evaluate()
+        latencies.append((time.perf_counter() - begin) * 1000)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return decisions / elapsed, percentile(latencies, 0.50), percentile(latencies, 0.99)
+
+
+def loaded(engine: PolicyEngine, bundle: Bundle) -> PolicyEngine:
+    engine.load(bundle)
+    return engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decisions", type=int, default=3000, help="timed decisions per row")
+    decisions = parser.parse_args().decisions
+
+    rows: list[tuple[str, str, tuple[float, float, float]]] = []
+    regopy = loaded(RegoEngine(), with_configured_org(Bundle.from_dir(SOURCES_DIR)))
+    for label, entrypoint, request in WORKLOAD:
+        rows.append((regopy.name, label, measure(lambda e=entrypoint, r=request: regopy.evaluate(e, r), decisions)))
+
+    compiled = default_bundle()
+    if compiled.wasm is not None:
+        wasm = loaded(OpaWasmEngine(), with_configured_org(compiled))
+        for label, entrypoint, request in WORKLOAD:
+            rows.append((wasm.name, label, measure(lambda e=entrypoint, r=request: wasm.evaluate(e, r), decisions)))
+    else:
+        # The WAT modules live with the tests (not an installed package): borrow them by path.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.policies.wat_modules import wasm_bundle
+
+        request = WORKLOAD[0][2]
+        for abi_minor, path in ((2, "opa_eval"), (1, "eval + opa_eval_ctx_*")):
+            echo = loaded(OpaWasmEngine(), wasm_bundle("echo", abi_minor=abi_minor))
+            label = f"host only: WAT echo, ABI 1.{abi_minor} ({path})"
+            rows.append(
+                (echo.name, label, measure(lambda engine=echo: engine.evaluate("test/echo", request), decisions))
+            )
+        sprintf = loaded(OpaWasmEngine(), wasm_bundle("builtins", builtins={"sprintf": 7}))
+        label = "host only: WAT, one sprintf on the host"
+        rows.append((sprintf.name, label, measure(lambda: sprintf.evaluate("test/sprintf", ["ada", 3]), decisions)))
+
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    print(f"{python} on {platform.machine()}, {decisions} decisions per row, one at a time")
+    if compiled.wasm is None:
+        print("no compiled policies_wasm/build/bundle.tar.gz: opa-wasm rows time the host on WAT modules")
+    print(f"{'engine':<9} {'workload':<52} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    for engine_name, label, (rate, p50, p99) in rows:
+        print(f"{engine_name:<9} {label:<52} {rate:>12,.0f} {p50:>8.3f} {p99:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
