@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from runners.registry import workflow
 
 
 async def effect(name: str, *, idempotency_key: str) -> str:
-    await asyncio.to_thread(_append, f"started {name} {idempotency_key}")
+    await asyncio.to_thread(_append, f"started {name} {idempotency_key} {time.time()}")
     if name == "work" and os.environ.get("CP_RECOVERY_HANG") == "1":
         await asyncio.sleep(3600)
     return idempotency_key
