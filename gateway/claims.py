@@ -177,7 +177,8 @@ class ClaimIndex:
                 subscription = await js.pull_subscribe(TASK_EVENTS, stream=self._stream, config=config)
                 try:
                     while True:
-                        with contextlib.suppress(NatsTimeoutError):
+                        # An idle log: nats-py raises its own or asyncio's TimeoutError (an OSError!).
+                        with contextlib.suppress(NatsTimeoutError, TimeoutError):
                             for msg in await subscription.fetch(FETCH_BATCH, timeout=1.0):
                                 self._fold(msg)
                 finally:

@@ -79,7 +79,7 @@ async def _follow(
         while True:
             try:
                 batch = await subscription.fetch(FETCH_BATCH, timeout=svc.limits.sse_keepalive_seconds)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
                 yield b": keepalive\n\n"
                 continue
             for msg in batch:
