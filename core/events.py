@@ -183,6 +183,28 @@ class LlmCall(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float | None = None
 
 
+class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """What a policy engine answered; the ``result`` of a journal operation of kind ``policy``."""
+
+    entrypoint: str
+    value: Any
+    engine: str
+    bundle_digest: str
+    input_digest: str
+    duration_ms: float
+
+
+class PolicyDecided(Event, frozen=True, tag="PolicyDecided"):
+    """A policy decision a workflow asked for (``ctx.policy``, or the check before a model or tool
+    call) at position ``index`` of its journal. A replay is answered from it and decides nothing
+    again; an audit sees which bundle decided, on what input (by digest), and how."""
+
+    index: int
+    decision: PolicyDecision
+    worker_id: str
+    lease_id: str
+
+
 class WorkflowSleepStarted(Event, frozen=True, tag="WorkflowSleepStarted"):
     """A durable sleep: the lease is released and the task waits, pending, until ``until``."""
 
@@ -287,6 +309,7 @@ TaskEvent = (
     | TaskCancelled
     | TaskTimedOut
     | WorkflowOperationRecorded
+    | PolicyDecided
     | WorkflowSleepStarted
     | WorkflowNonDeterministic
     | TaskResumed

@@ -48,6 +48,8 @@ from core.events import (
     ApprovalVoteCast,
     Escalation,
     Event,
+    PolicyDecided,
+    PolicyDecision,
     Priority,
     TaskCancelled,
     TaskClaimed,
@@ -242,6 +244,23 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
         case CancelTask():
             _not_terminal(state, "cancel")
             return [TaskCancelled(at=ctx.now, by=ctx.actor.id, reason=command.reason)]
+        case RecordOperation(kind="policy"):
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            try:
+                decision = msgspec.convert(command.result, PolicyDecision)
+            except msgspec.ValidationError as exc:
+                raise InvalidCommand(f"a policy operation's result must be a policy decision: {exc}") from None
+            if decision.entrypoint != command.name:
+                raise InvalidCommand(f"decision of {decision.entrypoint!r} recorded as {command.name!r}")
+            return [
+                PolicyDecided(
+                    at=ctx.now,
+                    index=command.index,
+                    decision=decision,
+                    worker_id=command.worker_id,
+                    lease_id=command.lease_id,
+                )
+            ]
         case RecordOperation():
             _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
             return [
@@ -568,6 +587,10 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             )
         case WorkflowOperationRecorded() if _holds(task, event.lease_id) and event.index == len(task.journal):
             entry = JournalEntry(event.index, event.kind, event.name, event.result, event.at)
+            return msgspec.structs.replace(task, journal=(*task.journal, entry), updated_at=event.at)
+        case PolicyDecided() if _holds(task, event.lease_id) and event.index == len(task.journal):
+            decision = event.decision
+            entry = JournalEntry(event.index, "policy", decision.entrypoint, msgspec.to_builtins(decision), event.at)
             return msgspec.structs.replace(task, journal=(*task.journal, entry), updated_at=event.at)
         case WorkflowSleepStarted() if _holds(task, event.lease_id) and event.index == len(task.journal):
             entry = JournalEntry(event.index, "sleep", "sleep", event.until.isoformat(), event.at)

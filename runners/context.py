@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from core.events import LlmCall, LlmUsage
+from core.events import LlmCall, LlmUsage, PolicyDecision
+from policies_wasm import Bundle, PolicyEngine, default_bundle, open_engine
 from runners.client import TaskApi
 
 
@@ -30,6 +31,7 @@ async def load_litellm() -> ModuleType:
     return await asyncio.to_thread(importlib.import_module, "litellm")
 
 
+TOOL_POLICY = "controlplane/tool"
 _SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "authorization", "header")
 
 
@@ -69,10 +71,56 @@ class NonDeterminism(Exception):
         self.index, self.expected, self.actual = index, expected, actual
 
 
+class PolicyDenied(Exception):
+    """A policy refused a call the workflow asked for (or a human refused the approval it required).
+    The call did not happen; the task fails without retrying unless the workflow handles it."""
+
+    def __init__(self, what: str, reasons: list[str]) -> None:
+        super().__init__(f"{what} denied: {'; '.join(reasons) or 'no reason given'}")
+        self.reasons = reasons
+
+
+class Policies:
+    """A runner's policy engine, opened on first use (loading a bundle compiles it: in a thread)."""
+
+    def __init__(self, bundle: Bundle | None = None) -> None:
+        self._bundle = bundle
+        self._engine: PolicyEngine | None = None
+        self._opening = asyncio.Lock()
+
+    async def evaluate(self, entrypoint: str, input: Any) -> PolicyDecision:
+        async with self._opening:
+            if self._engine is None:
+                self._engine = await asyncio.to_thread(open_engine, self._bundle or default_bundle())
+        decided = self._engine.evaluate(entrypoint, input)
+        return PolicyDecision(
+            entrypoint=decided.entrypoint,
+            value=decided.value,
+            engine=decided.engine,
+            bundle_digest=decided.bundle_digest,
+            input_digest=decided.input_digest,
+            duration_ms=decided.duration_ms,
+        )
+
+
 class WorkflowContext:
-    def __init__(self, api: TaskApi, task: dict[str, Any], lease_id: str, worker_id: str) -> None:
+    def __init__(
+        self,
+        api: TaskApi,
+        task: dict[str, Any],
+        lease_id: str,
+        worker_id: str,
+        *,
+        policies: Policies | None = None,
+    ) -> None:
         self._api = api
+        self._policies = policies or Policies()
         self.task_id: str = task["id"]
+        workflow = task.get("workflow") or {}
+        self.scope: dict[str, Any] = {"org": task["org"], "queue": task["queue"], "task_type": task["type"]}
+        """What every policy input says about where the call comes from."""
+        if workflow.get("name"):
+            self.scope["workflow"] = workflow["name"]
         self._journal: list[dict[str, Any]] = task["journal"]
         self._approvals = {a["id"]: a for a in task["approvals"]}
         self._lease = {"worker_id": worker_id, "lease_id": lease_id}
@@ -82,9 +130,12 @@ class WorkflowContext:
     def replaying(self) -> bool:
         return self._position < len(self._journal)
 
-    async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any, tool: str | None = None) -> Any:
         """Run ``fn(*args, idempotency_key=...)`` once; its result is recorded and replayed. The key is
-        stable for this position, so an external system can drop a repeat after a crash."""
+        stable for this position, so an external system can drop a repeat after a crash. A step that
+        uses a ``tool`` runs only if the tool policy allows it, after a human approved if it says so."""
+        if tool is not None:
+            await self._permitted(f"tool {tool}", {"tool": tool})
 
         async def run(index: int) -> Any:
             result = fn(*args, idempotency_key=f"{self.task_id}:{index}")
@@ -94,7 +145,9 @@ class WorkflowContext:
 
     async def llm(self, name: str, *, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
         """A LiteLLM completion (its own retries and fallbacks apply). The request, response, token
-        usage and cost are recorded; a replay returns the recording and never calls the model again."""
+        usage and cost are recorded; a replay returns the recording and never calls the model again.
+        The tool policy is asked first whether this model may be called (and whether a human must agree)."""
+        await self._permitted(f"model {model}", {"model": model})
 
         async def call(index: int) -> dict[str, Any]:
             litellm = await load_litellm()
@@ -116,6 +169,25 @@ class WorkflowContext:
             return msgspec.to_builtins(recorded)  # type: ignore[no-any-return]
 
         return await self._operation("llm", name, call)  # type: ignore[no-any-return]
+
+    async def policy(self, path: str, input: dict[str, Any]) -> Any:
+        """The decision of policy entrypoint ``path`` on ``input`` (with ``scope`` added), recorded as a
+        ``PolicyDecided`` event: a replay returns it, never re-deciding under a newer bundle."""
+
+        async def decide(index: int) -> dict[str, Any]:
+            return msgspec.to_builtins(await self._policies.evaluate(path, {**self.scope, **input}))  # type: ignore[no-any-return]
+
+        decision = await self._operation("policy", path, decide)
+        return decision["value"]
+
+    async def _permitted(self, what: str, call: dict[str, Any]) -> None:
+        verdict = await self.policy(TOOL_POLICY, call)
+        if not verdict.get("allow", False):
+            raise PolicyDenied(what, verdict.get("reasons", []))
+        if verdict.get("require_approval", False):
+            approval = await self.request_approval(f"{what}: {'; '.join(verdict.get('reasons', []))}")
+            if approval["status"] != "approved":
+                raise PolicyDenied(what, [f"the approval it required was {approval['status']}"])
 
     async def now(self) -> datetime:
         async def read(index: int) -> str:

@@ -12,24 +12,12 @@ from runners.registry import workflow
 
 MODEL = os.environ.get("CP_EXAMPLE_MODEL", "gpt-4o-mini")
 _PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "MISTRAL_API_KEY")
-RISKY_WORDS = ("drop", "delete", "migrate", "rotate", "payment", "customer")
 
 
 def llm_options(offline_answer: str) -> dict[str, Any]:
     if any(os.environ.get(key) for key in _PROVIDER_KEYS):
         return {}
     return {"mock_response": offline_answer}
-
-
-def needs_approval(facts: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
-    """The approval rule of the example: production, or a plan that touches something risky. (Issue 5
-    replaces it with a Rego policy evaluated through ``ctx.policy``.)"""
-    risky = sorted(word for word in RISKY_WORDS if word in facts["plan"].lower())
-    if facts["environment"] in ("prod", "production"):
-        return {"required": True, "reason": "production environment"}
-    if risky:
-        return {"required": True, "reason": f"the plan touches {', '.join(risky)}"}
-    return {"required": False, "reason": "staging and nothing risky"}
 
 
 def execute(plan: str, *, idempotency_key: str) -> dict[str, Any]:
@@ -42,8 +30,8 @@ def execute(plan: str, *, idempotency_key: str) -> dict[str, Any]:
 
 @workflow("agent-deploy", version=1)
 async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any] | None) -> dict[str, Any]:
-    """An agent plans with an LLM, asks whether the plan needs a human, waits for one if so, executes
-    and reports."""
+    """An agent plans with an LLM, asks a policy whether the plan may run and needs a human, waits for
+    one if so, executes and reports. Each model call is checked against the tool policy first."""
     payload = payload or {}
     goal = payload.get("goal", "deploy the web service")
     environment = payload.get("environment", "staging")
@@ -56,9 +44,14 @@ async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any] | None) -> 
         ],
         **llm_options("- build the image\n- run the migrations\n- roll out to 10%, then 100%"),
     )
-    verdict = await ctx.step("needs-approval", needs_approval, {"environment": environment, "plan": plan["content"]})
-    if verdict["required"]:
-        decision = await ctx.request_approval(f"{goal} in {environment}: {verdict['reason']}", timeout_seconds=3600)
+    # The policy decides (and the log records) whether this plan may run and whether a human must agree:
+    # by default production needs approval (policies_wasm/policies, "approval_environments").
+    verdict = await ctx.policy("controlplane/submit", {"environment": environment, "tools": ["deploy"]})
+    if not verdict["allow"]:
+        return {"executed": False, "decision": "denied by policy", "reasons": verdict["reasons"]}
+    if verdict["require_approval"]:
+        reasons = "; ".join(verdict["reasons"])
+        decision = await ctx.request_approval(f"{goal} in {environment}: {reasons}", timeout_seconds=3600)
         if decision["status"] != "approved":
             return {"executed": False, "decision": decision["status"]}
     outcome = await ctx.step("execute", execute, plan["content"])

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from runners.client import LeaseLost, TaskApi
-from runners.context import NonDeterminism, Suspended, WorkflowContext
+from runners.context import NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,12 @@ class Runner:
         concurrency: int = 4,
         lease_seconds: float = 30.0,
         block_ms: int = 5000,
+        policies: Policies | None = None,
     ) -> None:
         self._api, self._registry = api, registry
         self.worker_id, self.queue = worker_id, queue
         self._slots = asyncio.Semaphore(concurrency)
+        self._policies = policies or Policies()
         self._claimers = min(concurrency, CLAIM_REQUESTS_IN_FLIGHT)
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
@@ -110,7 +112,7 @@ class Runner:
         if found is None:
             await self._api.lease_call(task["id"], "fail", {**lease, "error": f"no workflow {ref}", "retryable": False})
             return
-        context = WorkflowContext(self._api, task, lease["lease_id"], self.worker_id)
+        context = WorkflowContext(self._api, task, lease["lease_id"], self.worker_id, policies=self._policies)
         try:
             result = await found.fn(context, task["payload"])
         except Suspended:
@@ -125,6 +127,11 @@ class Runner:
             return
         except LeaseLost:
             raise
+        except PolicyDenied as exc:  # retrying would be denied again
+            log.warning("task %s: %s", task["id"], exc)
+            error = {"type": "PolicyDenied", "message": str(exc), "reasons": exc.reasons}
+            await self._api.lease_call(task["id"], "fail", {**lease, "error": error, "retryable": False})
+            return
         except Exception as exc:  # the workflow's own failure: retried with backoff by the task's rules
             log.warning("task %s: workflow %s raised %r; reporting a retryable failure", task["id"], found.name, exc)
             await self._api.lease_call(

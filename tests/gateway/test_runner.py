@@ -18,8 +18,9 @@ import orjson
 import pytest
 
 from core.ids import new_id
+from policies_wasm import default_bundle
 from runners.client import TaskApi
-from runners.context import WorkflowContext
+from runners.context import Policies, PolicyDenied, WorkflowContext
 from runners.examples import EXAMPLES
 from runners.registry import Registry, workflow
 from runners.runner import Runner
@@ -60,9 +61,19 @@ async def hitl_deploy(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str
 
 
 @contextlib.asynccontextmanager
-async def running(stack: Stack, registry: Registry, queue: str) -> AsyncIterator[None]:
+async def running(
+    stack: Stack, registry: Registry, queue: str, policies: Policies | None = None
+) -> AsyncIterator[None]:
     api = TaskApi(stack.url, stack.keys["acme"]["worker"])
-    runner = Runner(api, registry, worker_id=f"runner-{new_id()[-6:]}", queue=queue, block_ms=300, lease_seconds=10)
+    runner = Runner(
+        api,
+        registry,
+        worker_id=f"runner-{new_id()[-6:]}",
+        queue=queue,
+        block_ms=300,
+        lease_seconds=10,
+        policies=policies,
+    )
     stop = asyncio.Event()
     job = asyncio.create_task(runner.run(stop))
     try:
@@ -118,8 +129,12 @@ async def test_a_workflow_waits_for_a_human_and_a_timer_and_never_repeats_a_step
 
         await until(waiting_for_a_human)
         waiting = await state()
-        assert [e["kind"] for e in waiting["journal"]] == ["step", "llm", "approval"]
-        llm_call = waiting["journal"][1]["result"]
+        assert [e["kind"] for e in waiting["journal"]] == ["step", "policy", "llm", "approval"]
+        model_check = waiting["journal"][1]["result"]
+        assert model_check["entrypoint"] == "controlplane/tool"
+        assert model_check["value"]["allow"] is True
+        assert model_check["bundle_digest"].startswith("sha256:")
+        llm_call = waiting["journal"][2]["result"]
         assert llm_call["content"] == "build, then ship to prod"
         assert llm_call["request"] == {
             "model": "gpt-4o-mini",
@@ -138,9 +153,9 @@ async def test_a_workflow_waits_for_a_human_and_a_timer_and_never_repeats_a_step
         await until(completed)
         done = await state()
     assert done["result"] == {"deployed": True, "shipped": ["build", "ship"]}
-    assert [e["kind"] for e in done["journal"]] == ["step", "llm", "approval", "sleep", "step"]
+    assert [e["kind"] for e in done["journal"]] == ["step", "policy", "llm", "approval", "sleep", "step"]
     assert calls == Counter({"plan": 1, "llm": 1, "ship": 1}), "replays answered from the journal"
-    assert idempotency_keys == [f"{task['id']}:0", f"{task['id']}:4"]
+    assert idempotency_keys == [f"{task['id']}:0", f"{task['id']}:5"]
 
 
 async def test_changed_workflow_code_parks_the_task_instead_of_guessing(stack: Stack) -> None:
@@ -209,11 +224,20 @@ async def test_the_shipped_examples_run_end_to_end(stack: Stack) -> None:
 
         staging = await reaches(await submit("agent-deploy", {"environment": "staging"}), "completed")
         assert staging["result"]["executed"] is True
-        assert [e["name"] for e in staging["journal"]] == ["plan", "needs-approval", "execute", "report"]
+        assert [e["name"] for e in staging["journal"]] == [
+            "controlplane/tool",
+            "plan",
+            "controlplane/submit",
+            "execute",
+            "controlplane/tool",
+            "report",
+        ]
+        assert staging["journal"][2]["result"]["value"] == {"allow": True, "require_approval": False, "reasons": []}
 
-        prod_id = await submit("agent-deploy", {"environment": "production"})
+        prod_id = await submit("agent-deploy", {"environment": "prod"})
         waiting = await reaches(prod_id, "awaiting_approval")
-        assert waiting["approvals"][0]["reason"].endswith("production environment")
+        assert "prod" in waiting["approvals"][0]["reason"]
+        assert waiting["journal"][-2]["result"]["value"]["require_approval"] is True
         await approver.post(f"/v1/approvals/{waiting['approvals'][0]['id']}/approve")
         assert (await reaches(prod_id, "completed"))["result"]["executed"] is True
 
@@ -317,7 +341,7 @@ async def test_runners_killed_in_every_kind_of_operation_are_replaced_without_re
                 if sleeping["status"] == "awaiting_approval":
                     await approve_waiting(sleeping)
                 return (
-                    f"started {crashed['in-step']}:2" in effects
+                    f"started {crashed['in-step']}:3" in effects
                     and "llm in-llm-hang-in-llm" in effects
                     and (await fetch(crashed["awaiting-approval"]))["status"] == "awaiting_approval"
                     and [e["kind"] for e in sleeping["journal"]][-1:] == ["sleep"]
@@ -350,7 +374,7 @@ async def test_runners_killed_in_every_kind_of_operation_are_replaced_without_re
 
     effects = crashed_sink.read_text().splitlines()
     for label, task_id in crashed.items():
-        keys = [f"{task_id}:{index}" for index in (0, 2, 5)]
+        keys = [f"{task_id}:{index}" for index in (0, 3, 6)]
         assert sorted(e for e in effects if e.startswith("done ") and task_id in e) == [f"done {k}" for k in keys]
         runs_of_slow_step = effects.count(f"started {keys[1]}")
         assert runs_of_slow_step == (2 if label == "in-step" else 1), "only an interrupted step runs again"
@@ -360,8 +384,9 @@ async def test_runners_killed_in_every_kind_of_operation_are_replaced_without_re
 
 
 def _journal(task: dict[str, Any]) -> list[Any]:
-    """The journal without times (when each entry was recorded, when a sleep ends) and with the task's
-    own id (in idempotency keys and approval ids) taken out."""
+    """The journal without times (when each entry was recorded, when a sleep ends, how long a policy
+    took), with the task's own id (in idempotency keys and approval ids) taken out, and without the
+    digest of each policy input (it covers the queue, which differs between the twins)."""
     entries = [
         {
             "index": e["index"],
@@ -371,6 +396,9 @@ def _journal(task: dict[str, Any]) -> list[Any]:
         }
         for e in task["journal"]
     ]
+    for entry in entries:
+        if entry["kind"] == "policy":
+            entry["result"] = {**entry["result"], "duration_ms": None, "input_digest": None}
     return orjson.loads(orjson.dumps(entries).replace(task["id"].encode(), b"<task>"))  # type: ignore[no-any-return]
 
 
@@ -416,3 +444,54 @@ async def test_a_task_naming_no_workflow_version_is_pinned_to_the_newest_hosted_
         pinned_by_claim = await fetch(before_any_runner["id"])
     assert pinned_by_claim["workflow"] == {"name": "pin-me", "version": 2}
     assert pinned_by_claim["result"] == 2
+
+
+async def test_a_denied_tool_never_runs_and_one_needing_approval_waits_for_a_human(stack: Stack) -> None:
+    ran: list[str] = []
+
+    def use(tool: str, *, idempotency_key: str) -> str:
+        ran.append(tool)
+        return tool
+
+    @workflow("guarded", version=1)
+    async def guarded(ctx: WorkflowContext, payload: Any) -> dict[str, Any]:
+        try:
+            await ctx.step("wipe", use, "rm-rf", tool="rm-rf")
+            denied: list[str] = []
+        except PolicyDenied as exc:
+            denied = exc.reasons
+        return {"denied": denied, "shipped": await ctx.step("ship", use, "deploy", tool="deploy")}
+
+    shipped = default_bundle()
+    config = shipped.data["policy_config"]
+    settings = {"settings": {"denied_tools": ["rm-rf"], "approval_tools": ["deploy"]}}
+    bundle = shipped.with_data({"policy_config": {**config, "orgs": {"acme": settings}}})
+    queue = f"wf{new_id()[-8:]}"
+    async with (
+        stack.client() as admin,
+        stack.client(role="approver") as approver,
+        running(stack, Registry([guarded]), queue, Policies(bundle)),
+    ):
+        body = {"type": "guarded", "queue": queue, "workflow": {"name": "guarded", "version": 1}}
+        task_id = (await admin.post("/v1/tasks", json=body)).json()["id"]
+
+        async def status_is(status: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == status
+
+            return check
+
+        await until(await status_is("awaiting_approval"))
+        waiting = (await admin.get(f"/v1/tasks/{task_id}")).json()
+        assert ran == [], "the denied step did not run, the one needing approval has not yet"
+        assert [e["kind"] for e in waiting["journal"]] == ["policy", "policy", "approval"]
+        assert waiting["journal"][0]["result"]["value"]["allow"] is False
+        assert waiting["journal"][1]["result"]["bundle_digest"] == bundle.digest
+        await approver.post(f"/v1/approvals/{waiting['approvals'][0]['id']}/approve")
+        await until(await status_is("completed"))
+        done = (await admin.get(f"/v1/tasks/{task_id}")).json()
+    assert ran == ["deploy"]
+    assert done["result"]["shipped"] == "deploy"
+    assert done["result"]["denied"], "the denial's reasons reach the workflow"
+    history = await stack.services.handler.history("acme", "task", task_id)
+    assert sum(type(r.event).__name__ == "PolicyDecided" for r in history) == 2
