@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from core.events import Escalation, Priority, Vote, WorkflowRef
+from core.events import Escalation, PolicyDecision, Priority, Vote, WorkflowRef
 from core.ids import Token
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -48,6 +48,9 @@ class SubmitTask(TaskCommand, frozen=True, kw_only=True):
     retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
     metadata: dict[str, Any] = {}
     workflow: WorkflowRef | None = None
+    policy: PolicyDecision | None = None
+    """What the submit policy decided about this task (the gateway asks it): a denial is recorded
+    instead of the task, an approval requirement makes the task wait for humans first."""
 
 
 class ClaimTask(TaskCommand, frozen=True, kw_only=True):

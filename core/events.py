@@ -41,6 +41,30 @@ class Escalation(msgspec.Struct, frozen=True):
     approvers: tuple[str, ...]
 
 
+class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """What a policy engine answered; the ``result`` of a journal operation of kind ``policy``."""
+
+    entrypoint: str
+    value: Any
+    engine: str
+    bundle_digest: str
+    input_digest: str
+    duration_ms: float
+
+    @property
+    def allows(self) -> bool:
+        return isinstance(self.value, dict) and self.value.get("allow") is True
+
+    @property
+    def needs_approval(self) -> bool:
+        return isinstance(self.value, dict) and self.value.get("require_approval") is True
+
+    @property
+    def reasons(self) -> list[str]:
+        found = self.value.get("reasons") if isinstance(self.value, dict) else None
+        return [str(reason) for reason in found] if isinstance(found, list) else []
+
+
 # --- task -----------------------------------------------------------------------------------------
 
 
@@ -58,6 +82,19 @@ class TaskSubmitted(Event, frozen=True, tag="TaskSubmitted"):
     metadata: dict[str, Any]
     workflow: WorkflowRef | None
     submitted_by: str
+    policy: PolicyDecision | None = None
+    """The submit policy's decision; when it requires approval the task starts awaiting it."""
+
+
+class TaskSubmissionDenied(Event, frozen=True, tag="TaskSubmissionDenied"):
+    """The submit policy refused the task: it was never created. Kept so an audit sees who tried what
+    and why it was refused."""
+
+    task_id: str
+    task_type: str
+    queue: str
+    submitted_by: str
+    decision: PolicyDecision
 
 
 class TaskClaimed(Event, frozen=True, tag="TaskClaimed"):
@@ -183,17 +220,6 @@ class LlmCall(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float | None = None
 
 
-class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
-    """What a policy engine answered; the ``result`` of a journal operation of kind ``policy``."""
-
-    entrypoint: str
-    value: Any
-    engine: str
-    bundle_digest: str
-    input_digest: str
-    duration_ms: float
-
-
 class PolicyDecided(Event, frozen=True, tag="PolicyDecided"):
     """A policy decision a workflow asked for (``ctx.policy``, or the check before a model or tool
     call) at position ``index`` of its journal. A replay is answered from it and decides nothing
@@ -294,6 +320,7 @@ class ApiKeyRevoked(Event, frozen=True, tag="ApiKeyRevoked"):
 
 TaskEvent = (
     TaskSubmitted
+    | TaskSubmissionDenied
     | TaskClaimed
     | TaskHeartbeat
     | TaskLeaseExpired

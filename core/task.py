@@ -61,6 +61,7 @@ from core.events import (
     TaskRetryDue,
     TaskRetryScheduled,
     TaskStatus,
+    TaskSubmissionDenied,
     TaskSubmitted,
     TaskTimedOut,
     WorkflowNonDeterministic,
@@ -72,6 +73,8 @@ from core.events import (
 MAX_BACKOFF = timedelta(minutes=10)
 TIMER_EVENTS = (TaskLeaseExpired, TaskRetryDue, TaskTimedOut, ApprovalTimedOut, ApprovalEscalated)
 APPROVER_ROLES = frozenset({"approver", "admin"})
+POLICY_GATE = "policy"
+"""``requested_by`` of the approval a submit policy requires before anyone may work on the task."""
 
 
 class Lease(msgspec.Struct, frozen=True):
@@ -308,6 +311,17 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
 def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequence[Event]:
     if state is not None:
         raise AlreadyExists(f"task {command.task_id} already exists")
+    if command.policy is not None and not command.policy.allows:
+        return [
+            TaskSubmissionDenied(
+                at=ctx.now,
+                task_id=command.task_id,
+                task_type=command.task_type,
+                queue=command.queue,
+                submitted_by=ctx.actor.id,
+                decision=command.policy,
+            )
+        ]
     return [
         TaskSubmitted(
             at=ctx.now,
@@ -324,6 +338,7 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             metadata=command.metadata,
             workflow=command.workflow,
             submitted_by=ctx.actor.id,
+            policy=command.policy,
         )
     ]
 
@@ -612,7 +627,7 @@ def evolve(state: TaskState, event: Event) -> TaskState:
 
 
 def _created(event: TaskSubmitted) -> Task:
-    return Task(
+    task = Task(
         id=event.task_id,
         org=event.org,
         queue=event.queue,
@@ -631,6 +646,24 @@ def _created(event: TaskSubmitted) -> Task:
         created_at=event.at,
         updated_at=event.at,
     )
+    if event.policy is None or not event.policy.needs_approval:
+        return task
+    gate = Approval(
+        id=f"{event.task_id}-1",
+        task_id=event.task_id,
+        status="pending",
+        reason="; ".join(event.policy.reasons) or "the submit policy requires approval",
+        requested_by=POLICY_GATE,
+        requested_by_actor=event.submitted_by,  # who submitted a risky task cannot wave it through
+        approvers=("role:approver",),
+        quorum=1,
+        decisions=(),
+        created_at=event.at,
+        expires_at=None,
+        decided_at=None,
+        escalation=None,
+    )
+    return msgspec.structs.replace(task, status="awaiting_approval", approvals=(gate,))
 
 
 def _holds(task: Task, lease_id: str) -> bool:
@@ -653,6 +686,10 @@ def _approval_closed(task: Task, approval_id: str, status: str, at: datetime) ->
     closed = _with_approval(task, approval_id, at, lambda a: msgspec.structs.replace(a, status=status, decided_at=at))
     if closed is task:
         return task
+    gate = closed.approval(approval_id)
+    if gate is not None and gate.requested_by == POLICY_GATE and status != "approved":
+        reason = f"the approval the submit policy required was {status}"
+        return _released(closed, at, status="cancelled", completed_at=at, cancellation_reason=reason)
     waiting = task.status == "awaiting_approval" and not any(a.status == "pending" for a in closed.approvals)
     return msgspec.structs.replace(closed, status="pending") if waiting else closed
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from bisect import insort
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -52,9 +53,15 @@ class OpenTasks:
     def __init__(self) -> None:
         self._tasks: dict[tuple[str, str], tuple[Task, int]] = {}
         self._waiting: dict[tuple[str, str], list[ClaimOrder]] = {}
+        self._open_in: Counter[tuple[str, str | None]] = Counter()
+        """Open tasks per (org, queue), and per (org, None) for the whole org: what quotas count."""
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def in_flight(self, org: str, queue: str | None = None) -> int:
+        """Tasks of ``org`` (on ``queue``, if given) pending, running or awaiting approval."""
+        return self._open_in[(org, queue)]
 
     def put(self, org: str, task: Task, seq: int) -> bool:
         """Take ``task`` as its state at ``seq`` unless a later one is known. True when the task now
@@ -66,8 +73,11 @@ class OpenTasks:
                 return False
             self._unlist(org, known[0])
         if task.is_terminal:
-            self._tasks.pop((org, task.id), None)
+            if self._tasks.pop((org, task.id), None) is not None:
+                self._count(org, task.queue, -1)
             return False
+        if known is None:
+            self._count(org, task.queue, +1)
         self._tasks[(org, task.id)] = (task, seq)
         if _waiting_for_a_worker(task):
             insort(self._waiting.setdefault((org, task.queue), []), claim_order(task))
@@ -98,6 +108,12 @@ class OpenTasks:
                 if len(found) == limit:
                     break
         return found
+
+    def _count(self, org: str, queue: str, change: int) -> None:
+        for key in ((org, queue), (org, None)):
+            self._open_in[key] += change
+            if not self._open_in[key]:
+                del self._open_in[key]
 
     def _unlist(self, org: str, task: Task) -> None:
         if not _waiting_for_a_worker(task):
@@ -149,6 +165,9 @@ class ClaimIndex:
 
     def candidates(self, org: str, queue: str, capabilities: Sequence[str], now: datetime, limit: int) -> list[str]:
         return self._open.candidates(org, queue, capabilities, now, limit)
+
+    def in_flight(self, org: str, queue: str | None = None) -> int:
+        return self._open.in_flight(org, queue)
 
     async def wait(self, org: str, queue: str, timeout: float) -> None:  # noqa: ASYNC109 (a wake-up, not an error)
         """Until a task on ``org``/``queue`` may have opened up, or ``timeout`` seconds."""

@@ -14,6 +14,7 @@ from gateway.auth import Authenticator, JwtSettings
 from gateway.claims import ClaimIndex
 from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
+from gateway.policy import SubmitGate
 from gateway.services import Limits, Services
 from projections.read import ReadModel
 from projections.schema import migrate
@@ -70,6 +71,7 @@ async def open_services(settings: GatewaySettings) -> Services:
         handler=handler,
         read_model=read_model,
         claim_index=claim_index,
+        submit_gate=await SubmitGate.open(claim_index, read_model),
         auth=Authenticator(keyring.lookup, settings.jwt),
         idempotency=await IdempotencyRecords.open(store),
         limits=settings.limits,

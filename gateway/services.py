@@ -14,6 +14,7 @@ from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
 from gateway.idempotency import IdempotencyRecords
+from gateway.policy import SubmitGate
 from projections.read import ReadModel
 
 
@@ -72,6 +73,7 @@ class Services:
     handler: CommandHandler
     read_model: ReadModel
     claim_index: ClaimIndex
+    submit_gate: SubmitGate
     auth: Authenticator
     idempotency: IdempotencyRecords
     limits: Limits = field(default_factory=Limits)

@@ -38,7 +38,9 @@ async def readyz(request: Request) -> Response:
         lag = {}
     if checks:
         return problem_response(503, "not ready: " + "; ".join(f"{k} {v}" for k, v in checks.items()))
-    return json({"status": "ready", "projection_lag": lag})
+    gate = svc.submit_gate
+    policy = {"engine": gate.engine.name, "bundle_digest": gate.bundle.digest}
+    return json({"status": "ready", "projection_lag": lag, "policy": policy})
 
 
 async def projection_lag(request: Request) -> dict[str, int]:

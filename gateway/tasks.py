@@ -26,7 +26,7 @@ from core.commands import (
     SubmitTask,
 )
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
-from core.events import ApprovalRequested, TaskStatus, WorkflowRef
+from core.events import ApprovalRequested, PolicyDecision, TaskStatus, WorkflowRef
 from core.ids import new_id
 from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
 from gateway.auth import Principal
@@ -58,6 +58,7 @@ from gateway.http import (
 )
 from gateway.problems import Problem
 from gateway.views import approval_document, task_document
+from policies_wasm import PolicyError
 from projections.read import DATABASE_UNAVAILABLE
 
 TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
@@ -85,6 +86,7 @@ async def submit(request: Request) -> Response:
         retry_backoff_seconds=spec.retry_backoff_seconds,
         metadata=spec.metadata,
         workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec),
+        policy=await _submit_decision(request, who.org, spec),
     )
     try:
         outcome = await services(request).handler.handle(
@@ -92,7 +94,17 @@ async def submit(request: Request) -> Response:
         )
     except AlreadyExists as exc:
         raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc
+    if outcome.state is None:  # the denial is in the log; a retry with the same key gets it again
+        denied = outcome.events[0].event
+        raise Problem(403, f"the submit policy denied this task: {'; '.join(denied.decision.reasons)}")  # type: ignore[union-attr]
     return json(task_document(outcome.state, outcome.seq), 201)
+
+
+async def _submit_decision(request: Request, org: str, spec: SubmitTaskBody) -> PolicyDecision:
+    try:
+        return await services(request).submit_gate.decide(org, spec)
+    except PolicyError as exc:
+        raise Problem(503, f"the submit policy could not decide ({exc}); nothing was submitted") from exc
 
 
 async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> WorkflowRef:

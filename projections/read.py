@@ -13,7 +13,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar, get_args
 
 import asyncpg
@@ -218,6 +218,17 @@ class ReadModel:
             org, f"SELECT state, tasks_completed, seq FROM workers WHERE {where} ORDER BY id", *where.args
         )
         return [(_worker_decoder.decode(row["state"]), row["tasks_completed"], row["seq"]) for row in rows]
+
+    async def tokens_on(self, org: str, day: date) -> int:
+        """Prompt and completion tokens the org's workflows used on ``day`` (UTC), from the usage table."""
+        rows = await self._fetch(
+            org,
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens FROM usage"
+            " WHERE org_id = $1 AND day = $2",
+            org,
+            day,
+        )
+        return int(rows[0]["tokens"])
 
     async def stats(self, org: str) -> dict[str, Any]:
         """Counts for dashboards; every known status and priority is present, zero or not."""

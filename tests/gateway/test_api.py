@@ -582,3 +582,40 @@ async def test_a_batch_claim_takes_several_tasks_in_claim_order_and_a_retry_retu
         assert [item["task"]["id"] for item in rest.json()["items"]] == [low["id"]]
         assert (await c.post("/v1/tasks/claim-batch", json=body)).status_code == 204
         problem(await c.post("/v1/tasks/claim-batch", json={**body, "max_tasks": 101}), 422)
+
+
+async def test_the_submit_policy_gates_risky_tasks_behind_a_human_and_refuses_bad_ones(stack: Stack) -> None:
+    q = queue()
+    async with (
+        stack.client(role="submitter") as submitter,
+        stack.client(role="approver") as approver,
+        stack.client(role="worker") as worker,
+    ):
+        gated = await submit(submitter, q, metadata={"environment": "prod"})
+        assert gated["status"] == "awaiting_approval"
+        [gate] = gated["approvals"]
+        assert gate["requested_by"] == "policy"
+        assert "prod" in gate["reason"]
+        assert await claim(worker, q) is None, "nobody works on it before a human agreed"
+        problem(await submitter.post(f"/v1/approvals/{gate['id']}/approve"), 403)
+        assert (await approver.post(f"/v1/approvals/{gate['id']}/approve")).json()["status"] == "approved"
+        leased = await claim(worker, q)
+        assert leased is not None and leased["task"]["id"] == gated["id"]
+
+        refused = await submit(submitter, q, metadata={"environment": "prod"})
+        await approver.post(f"/v1/approvals/{refused['approvals'][0]['id']}/reject", json={"reason": "not today"})
+        cancelled = (await submitter.get(f"/v1/tasks/{refused['id']}")).json()
+        assert cancelled["status"] == "cancelled"
+
+        seq_before = await last_seq(stack)
+        body = {"type": "deploy", "queue": q, "metadata": {"tools": "rm -rf /"}}  # tools must be a list
+        denied = problem(await submitter.post("/v1/tasks", json=body, headers={"Idempotency-Key": "risky"}), 403)
+        assert "denied" in denied["detail"] and "tools" in denied["detail"]
+        again = problem(await submitter.post("/v1/tasks", json=body, headers={"Idempotency-Key": "risky"}), 403)
+        assert again["detail"] == denied["detail"]
+        assert await last_seq(stack) == seq_before + 1, "the denial is recorded once; no task is created"
+        listed = await submitter.get("/v1/tasks", params={"queue": q, "min_seq": seq_before + 1})
+        assert {t["id"] for t in listed.json()["items"]} == {gated["id"], refused["id"]}
+    ready = (await httpx.AsyncClient(base_url=stack.url).get("/readyz")).json()
+    assert ready["policy"]["engine"] in ("regopy", "opa-wasm")
+    assert ready["policy"]["bundle_digest"].startswith("sha256:")

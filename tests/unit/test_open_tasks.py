@@ -19,13 +19,14 @@ STATUSES: tuple[TaskStatus, ...] = ("pending", "running", "awaiting_approval", "
 
 @st.composite
 def task_states(draw: st.DrawFn) -> tuple[str, Task]:
-    task_id = draw(st.sampled_from([f"t{i}" for i in range(12)]))
+    number = draw(st.integers(0, 11))
+    task_id = f"t{number}"
     org = draw(st.sampled_from(["acme", "globex"]))
     created = T0 + timedelta(seconds=draw(st.integers(0, 5)))
     task = Task(
         id=task_id,
         org=org,
-        queue=draw(st.sampled_from(["default", "gpu"])),
+        queue=("default", "gpu")[number % 2],  # a task never changes queue
         task_type="t",
         payload=None,
         status=draw(st.sampled_from(STATUSES)),
@@ -47,17 +48,17 @@ def task_states(draw: st.DrawFn) -> tuple[str, Task]:
 
 
 @given(
-    updates=st.lists(st.tuples(task_states(), st.integers(1, 40)), max_size=60),
+    states=st.lists(task_states(), max_size=60),
     capabilities=st.sets(st.sampled_from(["a", "b"])),
     now=st.sampled_from([T0, T0 + timedelta(seconds=20)]),
     limit=st.integers(1, 20),
 )
 def test_candidates_are_the_claimable_tasks_in_claim_order(
-    updates: list[tuple[tuple[str, Task], int]], capabilities: set[str], now: datetime, limit: int
+    states: list[tuple[str, Task]], capabilities: set[str], now: datetime, limit: int
 ) -> None:
     index = OpenTasks()
     latest: dict[tuple[str, str], tuple[Task, int]] = {}
-    in_log_order = sorted(updates, key=lambda update: update[1])
+    in_log_order = [(state, seq) for seq, state in enumerate(states, start=1)]  # each at its own stream seq
     for (org, task), seq in in_log_order:
         index.put(org, task, seq)
         known = latest.get((org, task.id))
@@ -82,4 +83,10 @@ def test_candidates_are_the_claimable_tasks_in_claim_order(
                 key=claim_order,
             )
             assert index.candidates(org, queue, sorted(capabilities), now, limit) == [t.id for t in expected][:limit]
-    assert len(index) == sum(not task.is_terminal for task, _ in latest.values())
+    open_tasks = [(org, task) for (org, _), (task, _) in latest.items() if not task.is_terminal]
+    assert len(index) == len(open_tasks)
+    for org in ("acme", "globex"):
+        assert index.in_flight(org) == sum(task_org == org for task_org, _ in open_tasks)
+        for queue in ("default", "gpu"):
+            expected = sum(task_org == org and task.queue == queue for task_org, task in open_tasks)
+            assert index.in_flight(org, queue) == expected
