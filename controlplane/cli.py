@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +24,7 @@ from controlplane import replay as replay_commands
 from controlplane import stack
 from controlplane.seed import seed_org
 from controlplane.stack import run_gateway, run_projector, run_runner
+from core.cluster import EmbeddedNatsCluster
 from core.commands import SYSTEM, CreateOrg, ResumeTask
 from core.embedded import (
     EmbeddedNats,
@@ -36,6 +40,8 @@ from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
+from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
+from gateway.idempotency import IdempotencyRecords
 from integrations.consumer import DEAD_LETTER_STREAM, provision_dead_letter_stream
 from projections.projector import progress_bar, rebuild
 
@@ -54,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8080, help="gateway port")
     dev.add_argument("--data-dir", type=Path, default=Path(".controlplane"))
+    dev.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N nats-servers as one JetStream cluster, every stream replicated on each (default: 1 server)",
+    )
 
     for name, text in (("gateway", "serve the HTTP/SSE API"), ("projector", "fold the log into PostgreSQL")):
         process = commands.add_parser(name, help=text)
@@ -114,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(run(args))
         match args.command:
             case "dev":
-                return run_dev(args.host, args.port, args.data_dir)
+                return run_dev(args.host, args.port, args.data_dir, args.cluster)
             case "gateway":
                 return uvloop.run(run_gateway(_settings(args), args.host, args.port))
             case "projector":
@@ -232,20 +245,22 @@ async def _rebuild(settings: GatewaySettings, names: list[str]) -> int:
     return 0
 
 
-def run_dev(host: str, port: int, data_dir: Path) -> int:
+def run_dev(host: str, port: int, data_dir: Path, cluster_size: int = 1) -> int:
+    if cluster_size < 1:
+        raise ValueError(f"--cluster needs at least 1 node, not {cluster_size}")
     data_dir.mkdir(parents=True, exist_ok=True)
     # dev.json means "ready": one left by the previous run must not be mistaken for this one.
     info_path = data_dir / "dev.json"
     known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
     info_path.unlink(missing_ok=True)
-    with EmbeddedNats(data_dir / "nats") as nats_server:
+    with _dev_nats(data_dir, cluster_size) as nats_url:
         database_url = database_url_from_env()
         postgres = None if database_url else EmbeddedPostgres(data_dir / "postgres")
         try:
             if postgres is not None:
                 database_url = postgres.start()
             assert database_url is not None
-            settings = GatewaySettings.from_env(nats_server.url, database_url)
+            settings = GatewaySettings.from_env(nats_url, database_url)
             return uvloop.run(stack.run_dev(settings, host, port, data_dir, known))
         finally:
             # A second Ctrl-C must not cut the shutdown short and leave servers running.
@@ -253,6 +268,43 @@ def run_dev(host: str, port: int, data_dir: Path) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if postgres is not None:
                 postgres.stop()
+
+
+@contextlib.contextmanager
+def _dev_nats(data_dir: Path, cluster_size: int) -> Iterator[str]:
+    """One nats-server, or a cluster with every stream replicated on each node; yields the URL (a
+    comma-separated list for a cluster) that the gateway, the projector and dev.json carry."""
+    wanted = {"nats"} if cluster_size == 1 else {f"nats-{index}" for index in range(cluster_size)}
+    found = {path.name for path in data_dir.iterdir() if re.fullmatch(r"nats(-\d+)?", path.name)}
+    if found and found != wanted:
+        # Another layout would start an empty log next to read models and keys that remember the old one.
+        raise ValueError(
+            f"{data_dir} holds the log of another NATS layout ({', '.join(sorted(found))}); run with the --cluster "
+            f"size that wrote it, or use another --data-dir"
+        )
+    if cluster_size == 1:
+        with EmbeddedNats(data_dir / "nats") as server:
+            yield server.url
+        return
+    with EmbeddedNatsCluster(data_dir, size=cluster_size) as cluster:
+        uvloop.run(_replicate_dev_streams(cluster.urls, cluster_size))
+        yield cluster.urls
+
+
+async def _replicate_dev_streams(nats_url: str, replicas: int) -> None:
+    """Create the log and the dead-letter stream with ``replicas`` copies before any process creates
+    them with one, and scale the gateway's idempotency bucket, which the gateway creates with one."""
+    store = await JetStreamEventStore.connect(nats_url, provision=False)
+    try:
+        await store.provision(replicas=replicas)
+        js = store.nc.jetstream()
+        await provision_dead_letter_stream(js, replicas=replicas)
+        await IdempotencyRecords.open(store)
+        bucket = await js.stream_info(f"KV_{IDEMPOTENCY_BUCKET}")
+        if bucket.config.num_replicas != replicas:
+            await js.update_stream(dataclasses.replace(bucket.config, num_replicas=replicas))
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

@@ -187,6 +187,11 @@ class EmbeddedNats(_Service):
         return self._process.pid
 
     @property
+    def is_running(self) -> bool:
+        """Started and neither stopped nor killed since."""
+        return self._process is not None
+
+    @property
     def log_path(self) -> Path:
         return self.data_dir / "nats-server.log"
 

@@ -86,6 +86,15 @@ class Schedule(msgspec.Struct, frozen=True):
     event: Event
 
 
+def server_urls(url: str | list[str]) -> list[str]:
+    """The servers nats-py should try, from ``"nats://a:4222,nats://b:4222"`` or a list."""
+    candidates = url.split(",") if isinstance(url, str) else url
+    servers = [candidate.strip() for candidate in candidates if candidate.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server URL in {url!r}")
+    return servers
+
+
 def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -105,7 +114,16 @@ class JetStreamEventStore:
     async def connect(
         cls, url: str | list[str], *, stream: str = STREAM_NAME, provision: bool = True, **options: Any
     ) -> JetStreamEventStore:
-        nc = await nats.connect(url, **{"name": "controlplane", "max_reconnect_attempts": -1, **options})
+        """``url`` names one server or several (a list, or comma-separated as ``--nats-url`` and dev.json
+        carry a cluster's); the client moves to another when its server goes away and never gives up."""
+        defaults: dict[str, Any] = {
+            "name": "controlplane",
+            "max_reconnect_attempts": -1,
+            # A server that hangs without closing the socket is left after ~30 s, not nats-py's ~6 min.
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+        }
+        nc = await nats.connect(server_urls(url), **{**defaults, **options})
         version = nc.connected_server_version
         require_nats_version(f"{version.major}.{version.minor}.{version.patch}")
         store = cls(nc, stream=stream)
@@ -165,12 +183,15 @@ class JetStreamEventStore:
         else:  # reconnecting: nothing in flight can be flushed, so just stop
             await self._nc.close()
 
-    async def provision(self, *, replicas: int = 1) -> None:
+    async def provision(self, *, replicas: int | None = None) -> None:
+        """Create the stream or bring its configuration up to date. ``replicas=None`` keeps an existing
+        stream's replica count (1 for a new stream): every process provisions on connect, and none of
+        them may scale a clustered log down."""
         config = StreamConfig(
             name=self.stream,
             subjects=list(STREAM_SUBJECTS),
             storage=StorageType.FILE,
-            num_replicas=replicas,
+            num_replicas=replicas or 1,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
             allow_direct=True,
             allow_atomic=True,
@@ -181,6 +202,8 @@ class JetStreamEventStore:
         except APIError as exc:
             if exc.err_code != 10058:  # stream name already in use with a different configuration
                 raise
+            if replicas is None:
+                config.num_replicas = (await self._js.stream_info(self.stream)).config.num_replicas
             await self._js.update_stream(config)
 
     async def last_seq(self) -> int:
