@@ -15,6 +15,7 @@ import nats
 import uvloop
 
 from core.ids import validate_token
+from core.store import server_urls
 from integrations.consumer import (
     CONFINED_JS_API_PREFIX,
     DEFAULT_JS_API_PREFIX,
@@ -155,7 +156,7 @@ async def _forward(
     args: argparse.Namespace, org: str, secret: bytes, types: frozenset[str] | None, nats_password: str | None
 ) -> int:
     nc = await nats.connect(
-        args.nats_url,
+        server_urls(args.nats_url),
         user=args.nats_user,
         password=nats_password,
         name=f"controlplane-webhook {consumer_name(org, args.name)}",

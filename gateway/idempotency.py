@@ -23,7 +23,10 @@ class IdempotencyRecords:
         try:
             kv = await js.key_value(BUCKET)
         except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_SECONDS))
+            # As many copies as the log itself keeps: on a cluster a claim's record must survive a node.
+            replicas = (await js.stream_info(store.stream)).config.num_replicas or 1
+            config = KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_SECONDS, replicas=replicas)
+            kv = await js.create_key_value(config)
         return cls(kv)
 
     async def recall(self, derived_id: str) -> str | None:
