@@ -1,9 +1,791 @@
-"""CLI commands for history, state, verify, export, audit, fork, diff: replay and audit of the log."""
+"""CLI commands for history, state, verify, export, audit, fork, diff: replay and audit of the log.
+
+Each only reads the log, except ``fork``, which writes a new task (never onto an existing one). Reads
+go straight to JetStream by batched direct get (no consumer is created on the server), on a
+connection that fails fast when the server cannot be reached."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import itertools
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import aclosing, asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import msgspec
+import uvloop
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from core.audit import AuditChain, AuditReport, verify_export
+from core.embedded import require_nats_version
+from core.events import decode_event, encode_event
+from core.handler import timer_subject, utc_now
+from core.ids import new_id, validate_token
+from core.replay import (
+    ForkPlan,
+    ForkRefused,
+    TaskDiff,
+    diff_tasks,
+    plan_fork,
+    short,
+    state_at,
+    task_timeline,
+    why_absent,
+)
+from core.store import (
+    H_ACTOR,
+    H_CAUSATION,
+    H_CORRELATION,
+    H_TIME,
+    MSG_ID,
+    AppendMeta,
+    DuplicateAppend,
+    JetStreamEventStore,
+    RecordedEvent,
+    Schedule,
+    StoreError,
+    WrongExpectedSequence,
+    recorded_from_message,
+    rfc3339,
+)
+from core.subjects import EVENTS_PREFIX, aggregate_subject
+from core.task import TASK, Task, TaskState
+from gateway.views import task_document
+from projections.projector import Progress, progress_bar
+from runners.registry import Registry
+from runners.verify import DEFAULT_TIMEOUT_SECONDS, Verification, verify_task
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 2000
+"""Events per direct-get request; the next request goes out while a batch is being processed."""
+READ_TIMEOUT_SECONDS = 10.0
+FORK_BATCH = 500
+"""Events per atomic append of a fork (the server refuses batches of more than 1,000 messages)."""
+FORK_ACTOR = "system:fork"
+DEFAULT_WORKFLOWS = "runners.examples:EXAMPLES"
+
+_document = msgspec.json.Encoder()
+
+
+class TaskNotFound(ValueError):
+    """The org has no such task (or it did not exist yet at the sequence asked for)."""
+
+
+# --- reading the log ------------------------------------------------------------------------------
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """The same headers nats-py's parser returns (names without whitespace or non-ASCII, values
+    stripped and decoded leniently), from one decode and a split instead of a generator per character
+    of every name: a direct-get reply carries ten headers, and parsing them dominated a bulk read."""
+    headers = {}
+    for line in raw.decode("utf-8", "replace").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if colon:
+            name = name.strip()
+            if name.isascii() and len(name.split()) == 1:
+                headers[name] = value.strip()
+    return headers
+
+
+class _ReplayClient(NATS):
+    # nats-py's own hook for parsing headers; should a release rename it, its parser runs instead:
+    # slower, same result.
+    _parse_header_lines = staticmethod(parse_header_lines)
+
+
+async def _quiet(error: Exception) -> None:
+    log.debug("nats: %r", error)
+
+
+async def connect(url: str) -> JetStreamEventStore:
+    """A store on a connection made for one command: it gives up after one failed reconnect instead
+    of retrying forever, so an unreachable server is an error, not a hang. Nothing is provisioned."""
+    nc = _ReplayClient()
+    await nc.connect(
+        url,
+        name="controlplane-replay",
+        connect_timeout=3,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.5,
+        error_cb=_quiet,
+    )
+    version = nc.connected_server_version
+    require_nats_version(f"{version.major}.{version.minor}.{version.patch}")
+    return JetStreamEventStore(nc)
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[JetStreamEventStore]:
+    store = await connect(url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@dataclass
+class _Pending:
+    messages: list[Msg] = field(default_factory=list)
+    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class LogReader:
+    """Reads every event under a subject filter in stream order, by batched direct get: one
+    request per batch, the next requested while the current one is processed."""
+
+    def __init__(self, store: JetStreamEventStore, *, batch: int = READ_BATCH) -> None:
+        self._nc = store.nc
+        self._stream = store.stream
+        self._batch = batch
+
+    async def batches(
+        self,
+        subject_filter: str,
+        *,
+        start_seq: int = 1,
+        start_time: datetime | None = None,
+        progress: Progress | None = None,
+    ) -> AsyncIterator[list[Msg]]:
+        inbox = self._nc.new_inbox()
+        pending: dict[str, _Pending] = {}
+        counter = itertools.count()
+
+        async def receive(msg: Msg) -> None:
+            request = pending.get(msg.subject.rpartition(".")[2])
+            if request is None or request.done.done():
+                return
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is None:
+                request.messages.append(msg)
+            elif status == "204":  # end of this batch; the number of matching events after it
+                request.done.set_result(int(headers.get("Nats-Num-Pending", "0")))
+            elif status == "404":
+                request.done.set_result(0)
+            elif status == "503":
+                request.done.set_exception(
+                    StoreError(f"no stream {self._stream} answers: nothing was recorded there (check --nats-url)")
+                )
+            else:
+                request.done.set_exception(
+                    StoreError(f"reading {subject_filter} failed: {status} {headers.get('Description', '')}")
+                )
+
+        async def ask(where: dict[str, Any]) -> _Pending:
+            token = str(next(counter))
+            request = pending[token] = _Pending()
+            body = {**where, "next_by_subj": subject_filter, "batch": self._batch}
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{self._stream}", msgspec.json.encode(body), f"{inbox}.{token}")
+            return request
+
+        subscription = await self._nc.subscribe(f"{inbox}.*", cb=receive)
+        try:
+            first = {"start_time": rfc3339(start_time)} if start_time is not None else {"seq": start_seq}
+            ahead: _Pending | None = await ask(first)
+            read = 0
+            while ahead is not None:
+                try:
+                    async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                        remaining = await ahead.done
+                except TimeoutError:
+                    raise StoreError(f"reading {subject_filter} from the log timed out") from None
+                messages = ahead.messages
+                pending.clear()
+                ahead = None
+                if messages and remaining > 0:
+                    ahead = await ask({"seq": int(messages[-1].headers["Nats-Sequence"]) + 1})  # type: ignore[index]
+                read += len(messages)
+                if progress is not None:
+                    progress(read, read + remaining)
+                if messages:
+                    yield messages
+        finally:
+            with suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def history(self, subject: str) -> list[RecordedEvent]:
+        events = []
+        async with aclosing(self.batches(subject)) as batches:
+            async for batch in batches:
+                events.extend(recorded_from_message(msg) for msg in batch)
+        return events
+
+
+async def task_history(reader: LogReader, org: str, task_id: str) -> list[RecordedEvent]:
+    history = await reader.history(aggregate_subject(org, "task", task_id))
+    if not history:
+        raise TaskNotFound(f"no task {task_id} in org {org}")
+    return history
+
+
+def runner_view(task: Task, seq: int) -> dict[str, Any]:
+    """The task object exactly as a runner receives it from the gateway (JSON, times as strings)."""
+    return msgspec.json.decode(_document.encode(task_document(task, seq)))  # type: ignore[no-any-return]
+
+
+class FoldedTask(msgspec.Struct):
+    state: TaskState
+    seq: int
+    events: int
+
+
+async def fold_org_tasks(reader: LogReader, org: str, progress: Progress | None = None) -> dict[str, FoldedTask]:
+    """Every task of ``org`` folded to its current state, in one pass over the org's task events."""
+    tasks: dict[str, FoldedTask] = {}
+    evolve = TASK.evolve
+    validate_token(org, "org")
+    async with aclosing(reader.batches(f"{EVENTS_PREFIX}.{org}.task.>", progress=progress)) as batches:
+        async for batch in batches:
+            for msg in batch:
+                headers: dict[str, str] = msg.headers  # type: ignore[assignment]
+                seq = int(headers["Nats-Sequence"])
+                task_id = headers["Nats-Subject"].rpartition(".")[2]
+                try:
+                    event = decode_event(msg.data)
+                except ValueError as exc:  # an unknown type or version, or a payload that no longer validates
+                    raise ValueError(
+                        f"seq {seq} ({headers['Nats-Subject']}) cannot be read by this code: {exc}"
+                    ) from exc
+                folded = tasks.get(task_id)
+                if folded is None:
+                    tasks[task_id] = FoldedTask(evolve(None, event), seq, 1)
+                else:
+                    folded.state = evolve(folded.state, event)
+                    folded.seq = seq
+                    folded.events += 1
+    return tasks
+
+
+def _command_id(msg_id: str | None) -> str | None:
+    # Appended events carry "Nats-Msg-Id: <command id>:<index>"; fired timers carry none.
+    return msg_id.rpartition(":")[0] or None if msg_id else None
+
+
+async def export_org(
+    reader: LogReader, org: str, out: BinaryIO, *, since: datetime | None = None, progress: Progress | None = None
+) -> AuditChain:
+    """Write the audit export of ``org`` (see core.audit for the format) and return its chain."""
+    chain = AuditChain()
+    out.write(chain.header(org, None if since is None else rfc3339(since)))
+    decode = msgspec.json.decode
+    batches = reader.batches(f"{EVENTS_PREFIX}.{validate_token(org, 'org')}.>", start_time=since, progress=progress)
+    async with aclosing(batches) as reading:
+        async for batch in reading:
+            lines = []
+            for msg in batch:
+                headers: dict[str, str] = msg.headers  # type: ignore[assignment]
+                try:
+                    event: Any = decode(msg.data)
+                except msgspec.DecodeError:  # not JSON: exported as stored, never dropped
+                    event = {"base64": base64.b64encode(msg.data).decode()}
+                stored_at = headers["Nats-Time-Stamp"]
+                lines.append(
+                    chain.event(
+                        seq=int(headers["Nats-Sequence"]),
+                        subject=headers["Nats-Subject"],
+                        event=event,
+                        time=headers.get(H_TIME, stored_at),
+                        stored_at=stored_at,
+                        actor=headers.get(H_ACTOR),
+                        command_id=_command_id(headers.get(MSG_ID)),
+                        correlation_id=headers.get(H_CORRELATION),
+                        causation_id=headers.get(H_CAUSATION),
+                    )
+                )
+            out.write(b"".join(lines))
+    out.write(chain.end())
+    return chain
+
+
+async def write_fork(store: JetStreamEventStore, reader: LogReader, org: str, plan: ForkPlan) -> tuple[int, int]:
+    """Append ``plan``'s events to the fork's subject; returns (last seq, events appended now).
+
+    The first append expects the subject to be empty, so a fork never lands on an existing task. A
+    fork of more than FORK_BATCH events takes several atomic appends; if one fails, running the same
+    fork again finds the copy it started (same source, same cut) and appends the rest. The timers the
+    forked state needs (approval timeouts, deadline, retry wake-up) are armed with the last append,
+    as for any command; one already due fires at once."""
+    subject = aggregate_subject(org, "task", plan.task_id)
+    existing = await reader.history(subject)
+    if [encode_event(item.event) for item in existing] != [encode_event(e) for e in plan.events[: len(existing)]]:
+        raise ForkRefused(f"task {plan.task_id} already exists in org {org}; choose another id with --as")
+    last_seq = existing[-1].seq if existing else 0
+    schedules = [
+        Schedule(subject=timer_subject(subject, timer), target=subject, event=timer.event)
+        for timer in TASK.timers(plan.state)
+    ]
+    start = len(existing)
+    for offset in range(start, len(plan.events), FORK_BATCH):
+        chunk = plan.events[offset : offset + FORK_BATCH]
+        final = offset + len(chunk) == len(plan.events)
+        meta = AppendMeta(command_id=f"fork-{plan.task_id}-{offset}", actor=FORK_ACTOR, time=utc_now())
+        try:
+            seqs = await store.append(
+                subject, chunk, expected_last_seq=last_seq, meta=meta, schedules=schedules if final else ()
+            )
+        except (WrongExpectedSequence, DuplicateAppend) as exc:
+            raise ForkRefused(
+                f"task {plan.task_id} changed while the fork was written ({exc}); "
+                f"run the same fork again to finish it, or fork under another id"
+            ) from exc
+        last_seq = seqs[-1]
+    return last_seq, len(plan.events) - start
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def _progress(args: argparse.Namespace, label: str) -> Progress | None:
+    wanted = args.progress if args.progress is not None else sys.stderr.isatty()
+    return progress_bar(label) if wanted else None
+
+
+async def _history(args: argparse.Namespace) -> int:
+    org, task_id = validate_token(args.org, "org"), validate_token(args.task, "task id")
+    async with opened(args.nats_url) as store:
+        history = await task_history(LogReader(store), org, task_id)
+    entries = task_timeline(history)
+    if args.json:
+        print(msgspec.json.format(_document.encode(entries)).decode())
+        return 0
+    print(f"{'SEQ':>8}  {'TIME':<24}  {'ACTOR':<24}  {'EVENT':<26}  SUMMARY")
+    for entry in entries:
+        summary = entry.summary if entry.changed else f"{entry.summary} (no effect)"
+        print(f"{entry.seq:>8}  {entry.time:<24}  {entry.actor or '-':<24}  {entry.type:<26}  {summary}")
+    return 0
+
+
+async def _state(args: argparse.Namespace) -> int:
+    org, task_id = validate_token(args.org, "org"), validate_token(args.task, "task id")
+    async with opened(args.nats_url) as store:
+        history = await task_history(LogReader(store), org, task_id)
+    task, seq = state_at(history, args.at)
+    if task is None:
+        raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, args.at)}")
+    document = task_document(task, seq)
+    if args.json:
+        print(msgspec.json.format(_document.encode(document)).decode())
+    else:
+        _print_state(task, seq, args.at)
+    return 0
+
+
+def _print_state(task: Task, seq: int, requested: int | None) -> None:
+    at = f"seq {seq}" if requested is None or requested == seq else f"seq {seq} (last event at or before {requested})"
+    lease = (
+        "-"
+        if task.lease is None
+        else f"{task.lease.id} of {task.lease.worker_id} until {rfc3339(task.lease.expires_at)}"
+    )
+    workflow = "-"
+    if task.workflow is not None:
+        version = task.workflow.version
+        workflow = f"{task.workflow.name} v{version}" if version is not None else f"{task.workflow.name} (any version)"
+    rows = [
+        ("task", f"{task.id} in org {task.org}, at {at}"),
+        (
+            "status",
+            f"{task.status}, priority {task.priority}, queue {task.queue}, retries {task.retries}/{task.max_retries}",
+        ),
+        ("workflow", workflow),
+        ("lease", lease),
+        ("parked", task.parked or "-"),
+        ("not before", "-" if task.not_before is None else rfc3339(task.not_before)),
+        ("payload", short(task.payload)),
+        ("result", short(task.result)),
+        ("error", short(task.error)),
+    ]
+    for name, value in rows:
+        print(f"{name:<11} {value}")
+    for entry in task.journal:
+        print(f"{'journal':<11} {entry.index:>3} {entry.kind:<8} {entry.name!r} -> {short(entry.result, 60)}")
+    for approval in task.approvals:
+        votes = ", ".join(f"{v.by} {v.decision}" for v in approval.decisions) or "no votes"
+        print(
+            f"{'approval':<11} {approval.id} {approval.status} (quorum {approval.quorum}; {votes}): {approval.reason!r}"
+        )
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    org = validate_token(args.org, "org")
+    registry = Registry.load(args.workflows or [DEFAULT_WORKFLOWS])
+    async with opened(args.nats_url) as store:
+        reader = LogReader(store)
+        if args.task is not None:
+            task_id = validate_token(args.task, "task id")
+            history = await task_history(reader, org, task_id)
+            state, seq = state_at(history)
+            if state is None:
+                raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, None)}")
+            tasks = {task_id: FoldedTask(state, seq, len(history))}
+        else:
+            tasks = await fold_org_tasks(reader, org, _progress(args, "read"))
+    chosen = [
+        folded
+        for folded in tasks.values()
+        if folded.state is not None and (not args.active or not folded.state.is_terminal)
+    ]
+    progress = _progress(args, "replay")
+    total = sum(folded.events for folded in chosen)
+    reports: list[Verification] = []
+    replayed = 0
+    for folded in chosen:
+        assert folded.state is not None
+        reports.append(await verify_task(runner_view(folded.state, folded.seq), registry, time_limit=args.time_limit))
+        replayed += folded.events
+        if progress is not None:
+            progress(replayed, total)
+    diverged = [r for r in reports if r.outcome == "divergence"]
+    if args.json:
+        print(msgspec.json.format(_document.encode(reports)).decode())
+    else:
+        _print_verifications(reports, verbose=args.verbose or args.task is not None)
+        ok = sum(r.outcome == "ok" for r in reports)
+        skipped = sum(r.outcome == "skipped" for r in reports)
+        print(f"verified {len(reports)} tasks of org {org}: {ok} ok, {len(diverged)} diverged, {skipped} skipped")
+    return 1 if diverged else 0
+
+
+def _print_verifications(reports: Sequence[Verification], *, verbose: bool) -> None:
+    for report in reports:
+        if report.outcome != "divergence" and not verbose:
+            continue
+        mark = {"ok": "ok", "divergence": "DIVERGED", "skipped": "skipped"}[report.outcome]
+        print(f"{mark:<9} {report.task_id}  {report.workflow or '-'}  {report.status}: {report.reason}")
+        if report.outcome == "divergence":
+            print(f"{'':<9} recorded: {short(report.recorded, 200)}")
+            print(f"{'':<9} code:     {short(report.code, 200)}")
+
+
+async def _export(args: argparse.Namespace) -> int:
+    org = validate_token(args.org, "org")
+    since = _parse_time(args.since) if args.since else None
+    async with opened(args.nats_url) as store:
+        if args.output is None:
+            chain = await _export_to(store, org, sys.stdout.buffer, since, args)
+        else:
+            # Written beside the target and moved over it when complete: a failed export never
+            # destroys an earlier one at the same path.
+            partial = args.output.with_name(f"{args.output.name}.partial")
+            try:
+                with partial.open("wb") as out:
+                    chain = await _export_to(store, org, out, since, args)
+                partial.replace(args.output)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+    seqs = f" (seq {chain.last_seq} last)" if chain.events else ""
+    print(f"exported {chain.events} events of org {org}{seqs}; head {chain.head}", file=sys.stderr)
+    return 0
+
+
+async def _export_to(
+    store: JetStreamEventStore, org: str, out: BinaryIO, since: datetime | None, args: argparse.Namespace
+) -> AuditChain:
+    try:
+        chain = await export_org(LogReader(store), org, out, since=since, progress=_progress(args, "export"))
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (export | head): say so once; stop Python flushing into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        raise ValueError("the output was closed before the export finished") from None
+    return chain
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    if str(args.file) == "-":
+        report = verify_export(sys.stdin.buffer, expected_head=args.head)
+    else:
+        try:
+            with args.file.open("rb") as lines:
+                report = verify_export(lines, expected_head=args.head)
+        except OSError as exc:
+            raise ValueError(f"cannot read {args.file}: {exc.strerror}") from exc
+    _print_audit(report, args.json, sys.stdout)
+    return 0 if report.ok else 1
+
+
+def _print_audit(report: AuditReport, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(msgspec.json.format(_document.encode(report)).decode(), file=out)
+    elif report.problem is None:
+        print(f"ok: {report.events} events of org {report.org} in {report.lines} lines; head {report.head}", file=out)
+    else:
+        print(f"line {report.problem.line}: {report.problem.reason}", file=out)
+
+
+async def _fork(args: argparse.Namespace) -> int:
+    org, source = validate_token(args.org, "org"), validate_token(args.task, "task id")
+    task_id = validate_token(args.new_id, "new task id") if args.new_id else new_id()
+    queue = validate_token(args.queue, "queue") if args.queue else None
+    async with opened(args.nats_url) as store:
+        reader = LogReader(store)
+        plan = plan_fork(await task_history(reader, org, source), task_id=task_id, at_seq=args.at, queue=queue)
+        last_seq, appended = await write_fork(store, reader, org, plan)
+    summary = {
+        "task": plan.task_id,
+        "source": plan.source,
+        "seq": plan.seq,
+        "requested_seq": plan.requested_seq,
+        "events": len(plan.events),
+        "appended": appended,
+        "last_seq": last_seq,
+        "status": plan.state.status,
+        "queue": plan.state.queue,
+    }
+    if args.json:
+        print(msgspec.json.format(_document.encode(summary)).decode())
+        return 0
+    moved = (
+        ""
+        if plan.seq == plan.requested_seq
+        else f" (asked for {plan.requested_seq}: moved back to where no lease is held and no command is cut)"
+    )
+    done = "already complete, nothing appended" if appended == 0 else f"{appended} event(s) appended"
+    print(f"forked task {source} at seq {plan.seq}{moved} as {task_id} in org {org}: {done}, last seq {last_seq}")
+    print(f"the fork is {plan.state.status} on queue {plan.state.queue}")
+    return 0
+
+
+async def _diff(args: argparse.Namespace) -> int:
+    org, first, second = (
+        validate_token(args.org, "org"),
+        validate_token(args.task_a, "task id"),
+        validate_token(args.task_b, "task id"),
+    )
+    async with opened(args.nats_url) as store:
+        reader = LogReader(store)
+        a = await _current(reader, org, first)
+        b = await _current(reader, org, second)
+    diff = diff_tasks(a, b)
+    if args.json:
+        print(msgspec.json.format(_document.encode(diff)).decode())
+    else:
+        _print_diff(diff)
+    return 0
+
+
+async def _current(reader: LogReader, org: str, task_id: str) -> Task:
+    history = await task_history(reader, org, task_id)
+    task, _ = state_at(history)
+    if task is None:
+        raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, None)}")
+    return task
+
+
+def _print_diff(diff: TaskDiff, width: int = 48) -> None:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return value if isinstance(value, str) and len(value) <= width else short(value, width)
+
+    def journal_cell(entry: dict[str, Any] | None) -> str:
+        if entry is None:
+            return "(none)"
+        text = f"{entry['kind']} {entry['name']!r} -> {short(entry['result'])}"
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    rows = [(f.name, cell(f.a), cell(f.b), f.same) for f in diff.fields[:1]]
+    rows += [(f"journal[{p.index}]", journal_cell(p.a), journal_cell(p.b), p.same) for p in diff.journal]
+    rows += [(f.name, cell(f.a), cell(f.b), f.same) for f in diff.fields[1:]]
+    print(f"{'':<12}   {'A ' + diff.a:<{width}}  {'B ' + diff.b}")
+    for name, left, right, same in rows:
+        mark = "   " if same else (">> " if name == diff.first_divergence else " ! ")
+        print(f"{name:<12}{mark}{left:<{width}}  {right}")
+    if diff.first_divergence is None:
+        print("the tasks agree")
+    else:
+        print(f">> first divergence: {diff.first_divergence}")
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--since {value!r} is not an RFC 3339 time (e.g. 2026-11-22T09:00:00Z)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a stream sequence (an integer from 1)")
+    return int(value)
+
+
+def _entry(command: Callable[[argparse.Namespace], Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
+    """Run an async command; a log that cannot be read is exit 3 with a message, as for connections."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return uvloop.run(command(args))
+        except StoreError as exc:
+            print(f"controlplane: {exc}", file=sys.stderr)
+            return 3
+
+    return run
+
+
+# --- wiring ---------------------------------------------------------------------------------------
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this module's subcommands; each sets ``run=fn(args) -> exit code`` as its default."""
+
+    def command(name: str, help_text: str, examples: Iterable[str], notes: str = "") -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}.",
+            epilog="examples:\n"
+            + "\n".join(f"  {example}" for example in examples)
+            + (f"\n\n{notes}" if notes else ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    history = command(
+        "history",
+        "print a task's timeline: seq, time, actor, event and what it meant (read-only)",
+        ["controlplane history acme 0193a…", "controlplane history acme 0193a… --json | jq '.[].type'"],
+    )
+    history.add_argument("org")
+    history.add_argument("task")
+    history.add_argument("--json", action="store_true", help="the timeline as a JSON array, events in full")
+    _connection(history)
+    history.set_defaults(run=_entry(_history))
+
+    state = command(
+        "state",
+        "print a task's state folded up to a stream sequence (read-only)",
+        [
+            "controlplane state acme 0193a… --at 1042",
+            "controlplane state acme 0193a… --json   # now, as the API shows it",
+        ],
+    )
+    state.add_argument("org")
+    state.add_argument("task")
+    state.add_argument("--at", type=_positive, help="stream sequence (default: the latest)")
+    state.add_argument("--json", action="store_true", help="the task object of the API, with journal and approvals")
+    _connection(state)
+    state.set_defaults(run=_entry(_state))
+
+    verify = command(
+        "verify",
+        "re-execute recorded workflow histories against the current code, without side effects (read-only)",
+        [
+            "controlplane verify acme --workflows myapp.workflows:ALL          # before a deploy",
+            "controlplane verify acme --task 0193a… --workflows myapp.workflows:ALL",
+            "controlplane verify acme --active --json    # only tasks a runner would still resume",
+        ],
+        (
+            "Steps, LLM calls, clocks and ids are answered from the journal; nothing runs and nothing is"
+            "\nwritten. Exit status 1 when any task diverges (each divergence is printed with both sides)."
+        ),
+    )
+    verify.add_argument("org")
+    verify.add_argument("--task", help="verify this task only")
+    verify.add_argument(
+        "--workflows",
+        action="append",
+        help=f"module:attr of the code to check, repeatable (default {DEFAULT_WORKFLOWS})",
+    )
+    verify.add_argument("--active", action="store_true", help="only tasks that are not finished")
+    verify.add_argument(
+        "--time-limit", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds one task's replay may take"
+    )
+    verify.add_argument("--verbose", "-v", action="store_true", help="also list tasks that are ok or skipped")
+    verify.add_argument("--json", action="store_true", help="one report per task, as a JSON array")
+    _connection(verify, progress=True)
+    verify.set_defaults(run=_entry(_verify))
+
+    export = command(
+        "export",
+        "write every event of an org as hash-chained JSON Lines (read-only)",
+        [
+            "controlplane export acme > audit.jsonl",
+            "controlplane export acme --since 2026-11-01T00:00:00Z --output audit-november.jsonl",
+        ],
+        (
+            "Each line carries seq, subject, time, actor, command/correlation/causation ids, the event as"
+            "\nstored, prev and hash (sha256 over prev + the line's canonical JSON). The head (the last"
+            "\nline's hash) is printed on stderr: keep it, and check the file with `controlplane audit verify`."
+            "\n--since compares the time the log stored each event."
+        ),
+    )
+    export.add_argument("org")
+    export.add_argument("--since", help="RFC 3339 time: only events stored at or after it")
+    export.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
+    _connection(export, progress=True)
+    export.set_defaults(run=_entry(_export))
+
+    audit = commands.add_parser("audit", help="check audit exports").add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit.add_parser(
+        "verify",
+        help="check an export's hash chain: any edited, dropped or reordered line fails",
+        description="Check an export's hash chain. Exit status 1 names the first bad line and why.",
+        epilog="examples:\n  controlplane audit verify audit.jsonl\n"
+        "  controlplane audit verify audit.jsonl --head sha256:…   # the head printed by export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit_verify.add_argument("file", type=Path, help="the export, or - for stdin")
+    audit_verify.add_argument("--head", help="the head kept from the export: proves the file was not rewritten whole")
+    audit_verify.add_argument("--json", action="store_true")
+    audit_verify.set_defaults(run=_audit_verify)
+
+    fork = command(
+        "fork",
+        "copy a task's history up to a sequence into a new task, for a what-if run (writes)",
+        [
+            "controlplane fork acme 0193a… --at 1042 --as whatif-1 --queue whatif",
+            "controlplane runner --queue whatif --workflows myapp.workflows_next:ALL   # then run it elsewhere",
+        ],
+        (
+            "Copies the source's events up to the latest point at or before --at where no lease is held"
+            "\nand no command is cut in half, with the fork's task and approval ids, and records"
+            "\nmetadata.forked_from = {task, seq} in its submit. The new task must not exist. Use --queue so"
+            "\nthat production runners do not claim the fork."
+        ),
+    )
+    fork.add_argument("org")
+    fork.add_argument("task")
+    fork.add_argument("--at", type=_positive, required=True, help="stream sequence to fork at")
+    fork.add_argument("--as", dest="new_id", help="id of the new task (default: a fresh id)")
+    fork.add_argument("--queue", help="queue of the fork (default: the source's)")
+    fork.add_argument("--json", action="store_true")
+    _connection(fork)
+    fork.set_defaults(run=_entry(_fork))
+
+    diff = command(
+        "diff",
+        "compare two tasks side by side: payload, journal operation by operation, outcome (read-only)",
+        ["controlplane diff acme 0193a… whatif-1", "controlplane diff acme 0193a… whatif-1 --json"],
+    )
+    diff.add_argument("org")
+    diff.add_argument("task_a")
+    diff.add_argument("task_b")
+    diff.add_argument("--json", action="store_true")
+    _connection(diff)
+    diff.set_defaults(run=_entry(_diff))
+
+
+def _connection(parser: argparse.ArgumentParser, *, progress: bool = False) -> None:
+    parser.add_argument(
+        "--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"), help="default: $CP_NATS_URL"
+    )
+    if progress:
+        parser.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress bar on stderr (default: when stderr is a terminal)",
+        )

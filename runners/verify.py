@@ -167,14 +167,15 @@ async def verify_task(
 
 
 async def _run(fn: Any, context: ReplayOnlyContext, payload: Any, time_limit: float) -> Ended:
+    deadline = asyncio.timeout(time_limit)
     try:
-        async with asyncio.timeout(time_limit):
+        async with deadline:
             return _Returned(await fn(context, payload))
     except Suspended as exc:
         return _Waiting(str(exc))
-    except TimeoutError:
-        return _TimedOut(time_limit)
     except Exception as exc:  # the workflow's own error, or our guards (recorded on the context)
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            return _TimedOut(time_limit)
         return _Raised({"type": type(exc).__name__, "message": str(exc)})
 
 

@@ -1,0 +1,389 @@
+"""Replay of a task's history, the pure part: timelines, the state at any stream sequence, forks and
+diffs. No I/O: callers read :class:`RecordedEvent` lists from the log and hand them in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgspec
+
+from core.events import (
+    AnyEvent,
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalRequested,
+    ApprovalTimedOut,
+    ApprovalVoteCast,
+    Event,
+    OrgCreated,
+    PolicyDecided,
+    TaskCancelled,
+    TaskClaimed,
+    TaskCompleted,
+    TaskFailed,
+    TaskHeartbeat,
+    TaskLeaseExpired,
+    TaskResumed,
+    TaskRetryDue,
+    TaskRetryScheduled,
+    TaskSubmissionDenied,
+    TaskSubmitted,
+    TaskTimedOut,
+    WorkerDeregistered,
+    WorkerFailed,
+    WorkerHeartbeat,
+    WorkerHeartbeatMissed,
+    WorkerRegistered,
+    WorkflowNonDeterministic,
+    WorkflowOperationRecorded,
+    WorkflowSleepStarted,
+)
+from core.ids import validate_token
+from core.store import RecordedEvent, rfc3339
+from core.task import TASK, Task, TaskState, task_id_of_approval
+
+SHORT = 80
+
+_json = msgspec.json.Encoder(order="sorted").encode
+
+
+def short(value: Any, limit: int = SHORT) -> str:
+    """Compact JSON of ``value``, cut to ``limit`` characters."""
+    text = _json(value).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- timeline -------------------------------------------------------------------------------------
+
+
+def summarize(event: AnyEvent) -> str:
+    """One line saying what the event means."""
+    match event:
+        case TaskSubmitted():
+            workflow = "" if event.workflow is None else f", workflow {_workflow_name(event.workflow)}"
+            forked = event.metadata.get("forked_from")
+            origin = f", forked from {short(forked)}" if forked is not None else ""
+            return f"submitted {event.task_type!r} to queue {event.queue} ({event.priority}{workflow}){origin}"
+        case TaskSubmissionDenied():
+            return (
+                f"submission of {event.task_type!r} to queue {event.queue} by {event.submitted_by} denied by "
+                f"{event.decision.entrypoint}: {short(event.decision.value, 50)}"
+            )
+        case TaskClaimed():
+            return (
+                f"claimed by {event.worker_id} (attempt {event.attempt}, lease {event.lease_id} "
+                f"for {event.lease_seconds:g} s)"
+            )
+        case TaskHeartbeat():
+            progress = "" if event.progress is None else f", progress {short(event.progress, 40)}"
+            return f"heartbeat from {event.worker_id}, lease until {rfc3339(event.lease_expires_at)}{progress}"
+        case TaskLeaseExpired():
+            return f"lease {event.lease_id} expired"
+        case ApprovalRequested():
+            position = "" if event.journal_index is None else f" at operation {event.journal_index}"
+            return (
+                f"approval {event.approval_id} requested by {event.requested_by}{position}: {event.reason!r} "
+                f"(quorum {event.quorum} of {', '.join(event.approvers)})"
+            )
+        case ApprovalVoteCast():
+            comment = "" if event.comment is None else f": {event.comment!r}"
+            return f"{event.by} voted {event.decision} on {event.approval_id}{comment}"
+        case ApprovalDecided():
+            return f"approval {event.approval_id} {event.outcome}"
+        case ApprovalTimedOut():
+            return f"approval {event.approval_id} timed out"
+        case ApprovalEscalated():
+            return f"approval {event.approval_id} escalated to {', '.join(event.approvers)}"
+        case TaskCompleted():
+            return f"completed by {event.worker_id}: {short(event.result)}"
+        case TaskRetryScheduled():
+            return f"attempt {event.attempt} failed: {short(event.error, 50)}; retry after {rfc3339(event.not_before)}"
+        case TaskRetryDue():
+            return f"backoff of attempt {event.attempt} over"
+        case TaskFailed():
+            return f"failed: {short(event.error)}"
+        case TaskCancelled():
+            return f"cancelled by {event.by}" + ("" if event.reason is None else f": {event.reason!r}")
+        case TaskTimedOut():
+            return f"timed out: deadline {rfc3339(event.deadline_at)} passed"
+        case WorkflowOperationRecorded():
+            return f"operation {event.index}: {event.kind} {event.name!r} -> {short(event.result, 50)}"
+        case PolicyDecided():
+            return f"operation {event.index}: policy {event.decision.entrypoint} -> {short(event.decision.value, 50)}"
+        case WorkflowSleepStarted():
+            return f"operation {event.index}: sleep until {rfc3339(event.until)}"
+        case WorkflowNonDeterministic():
+            return (
+                f"non-determinism at operation {event.index}: journal holds {short(event.expected, 40)}, "
+                f"code asked for {short(event.actual, 40)}; parked"
+            )
+        case TaskResumed():
+            return f"resumed by {event.by}"
+        case WorkerRegistered():
+            return f"worker {event.worker_id} registered on queue {event.queue}"
+        case WorkerHeartbeat():
+            return f"worker heartbeat: {event.status}"
+        case WorkerHeartbeatMissed():
+            return "worker missed its heartbeats: offline"
+        case WorkerFailed():
+            return f"worker failed: {event.reason}"
+        case WorkerDeregistered():
+            return "worker deregistered"
+        case OrgCreated():
+            return f"org {event.org} created by {event.created_by}"
+        case ApiKeyCreated():
+            return f"api key {event.key_id} ({', '.join(event.roles)}) created by {event.created_by}"
+        case ApiKeyRevoked():
+            return f"api key {event.key_id} revoked by {event.revoked_by}"
+    return type(event).__name__
+
+
+def _workflow_name(ref: Any) -> str:
+    return ref.name if ref.version is None else f"{ref.name}@v{ref.version}"
+
+
+class TimelineEntry(msgspec.Struct, frozen=True):
+    seq: int
+    time: str
+    actor: str | None
+    type: str
+    summary: str
+    changed: bool
+    """False for an event whose fold changed nothing: a timer that fired after its guarded thing had
+    moved on, or a duplicate."""
+    event: AnyEvent
+    command_id: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+
+
+def task_timeline(history: Sequence[RecordedEvent]) -> list[TimelineEntry]:
+    entries = []
+    state: TaskState = None
+    for item in history:
+        after = TASK.evolve(state, item.event)
+        entries.append(
+            TimelineEntry(
+                seq=item.seq,
+                time=rfc3339(item.recorded_at),
+                actor=item.actor,
+                type=type(item.event).__name__,
+                summary=summarize(item.event),
+                changed=after is not state,
+                event=item.event,
+                command_id=item.command_id,
+                correlation_id=item.correlation_id,
+                causation_id=item.causation_id,
+            )
+        )
+        state = after
+    return entries
+
+
+# --- state at a sequence --------------------------------------------------------------------------
+
+
+def state_at(history: Sequence[RecordedEvent], seq: int | None = None) -> tuple[TaskState, int]:
+    """The task as the log showed it when stream sequence ``seq`` was the newest (now when None), and
+    the sequence of the last event folded (0 if none).
+
+    A command's events are appended as one atomic batch, so nobody ever saw half of one: a ``seq``
+    that falls inside a command (a vote and the decision it caused) gives the state before it."""
+    state: TaskState = None
+    last = 0
+    for command in commands(history):
+        if seq is not None and command[-1].seq > seq:
+            break
+        for item in command:
+            state = TASK.evolve(state, item.event)
+        last = command[-1].seq
+    return state, last
+
+
+def commands(history: Sequence[RecordedEvent]) -> Iterator[Sequence[RecordedEvent]]:
+    """The history cut into commands: consecutive events sharing a command id (a fired timer, which has
+    none, stands alone)."""
+    start = 0
+    for index in range(1, len(history) + 1):
+        if (
+            index == len(history)
+            or history[index].command_id is None
+            or history[index].command_id != history[start].command_id
+        ):
+            yield history[start:index]
+            start = index
+
+
+# --- fork -----------------------------------------------------------------------------------------
+
+
+class ForkRefused(ValueError):
+    """The fork asked for cannot be made (the task did not exist yet at that sequence)."""
+
+
+class ForkPlan(msgspec.Struct, frozen=True):
+    source: str
+    task_id: str
+    requested_seq: int
+    seq: int
+    """The last source event copied: ``requested_seq`` moved back to where no lease is held and no
+    command is cut in half."""
+    events: tuple[Event, ...]
+    state: Task
+    """What the fork folds to: the source's state at ``seq``, with the fork's ids."""
+
+
+_APPROVAL_EVENTS = (ApprovalRequested, ApprovalVoteCast, ApprovalDecided, ApprovalTimedOut, ApprovalEscalated)
+
+
+def plan_fork(history: Sequence[RecordedEvent], *, task_id: str, at_seq: int, queue: str | None = None) -> ForkPlan:
+    """The events that make task ``task_id`` a copy of the task of ``history`` as it was at ``at_seq``.
+
+    What is copied: the source's events up to the *cut*, the latest event at or before ``at_seq``
+    after which (a) no lease is held, because a lease belongs to a worker that is not running the
+    fork and would strand it until the lease timer, which the fork does not inherit; and (b) no
+    command is cut in half (events sharing a command id, such as a vote and the decision it caused).
+    The fork is written in atomic batches, so its own history groups the copies by batch: ``state
+    --at`` on a fork (and a fork of a fork) stops only at the ends of those batches.
+    What changes in the copies: the task id; approval ids (``<source>-<n>`` becomes ``<fork>-<n>``, so
+    the fork's approvals can be decided through the API); the submit's ``metadata.forked_from =
+    {task, seq}`` (``seq`` is the cut) and, if given, its ``queue`` (so that a what-if runner, not the
+    production one, claims it). Everything else (payload, journal, approvals, retries, times) is as
+    the source recorded it, so the fork folds to the source's state at the cut."""
+    count = _copied(history, at_seq)
+    if count == 0:
+        raise ForkRefused(f"nothing to fork: {why_absent(history, at_seq)}")
+    copied = history[:count]
+    source = TASK.fold(item.event for item in copied)
+    assert source is not None
+    cut_seq = copied[-1].seq
+    events = tuple(_renamed(item.event, source.id, task_id, cut_seq=cut_seq, queue=queue) for item in copied)
+    state = TASK.fold(events)
+    assert state is not None
+    return ForkPlan(source.id, task_id, at_seq, cut_seq, events, state)
+
+
+def why_absent(history: Sequence[RecordedEvent], seq: int | None) -> str:
+    """Why a task with this history has no state at ``seq`` (None: now)."""
+    state: TaskState = None
+    for command in commands(history):
+        for item in command:
+            state = TASK.evolve(state, item.event)
+        if state is not None:
+            return f"it did not exist yet at seq {seq}: it was created at seq {command[-1].seq}"
+    return "it was never created: its submission was denied"
+
+
+def _copied(history: Sequence[RecordedEvent], at_seq: int) -> int:
+    """How many events to copy: whole commands up to ``at_seq``, ending where no lease is held. The
+    submit always qualifies."""
+    copied = position = 0
+    state: TaskState = None
+    for command in commands(history):
+        if command[-1].seq > at_seq:
+            break
+        for item in command:
+            state = TASK.evolve(state, item.event)
+        position += len(command)
+        if state is not None and state.lease is None:
+            copied = position
+    return copied
+
+
+def _renamed(event: Event, source: str, task_id: str, *, cut_seq: int, queue: str | None) -> Event:
+    if isinstance(event, TaskSubmissionDenied):
+        return msgspec.structs.replace(event, task_id=task_id)
+    if isinstance(event, TaskSubmitted):
+        return msgspec.structs.replace(
+            event,
+            task_id=task_id,
+            queue=queue or event.queue,
+            metadata={**event.metadata, "forked_from": {"task": source, "seq": cut_seq}},
+        )
+    if isinstance(event, _APPROVAL_EVENTS):
+        owner = task_id_of_approval(event.approval_id)
+        if owner == source:
+            renamed = validate_token(task_id + event.approval_id[len(source) :], "approval id of the fork")
+            return msgspec.structs.replace(event, approval_id=renamed)
+    return event
+
+
+# --- diff -----------------------------------------------------------------------------------------
+
+
+class JournalPair(msgspec.Struct, frozen=True):
+    index: int
+    a: dict[str, Any] | None
+    b: dict[str, Any] | None
+    same: bool
+
+
+class FieldPair(msgspec.Struct, frozen=True):
+    name: str
+    a: Any
+    b: Any
+    same: bool
+
+
+class TaskDiff(msgspec.Struct, frozen=True):
+    a: str
+    b: str
+    fields: tuple[FieldPair, ...]
+    journal: tuple[JournalPair, ...]
+    first_divergence: str | None
+    """``"payload"``, ``"journal[3]"``, ``"status"``, …: where the two runs first part; None if they agree."""
+
+
+def diff_tasks(a: Task, b: Task) -> TaskDiff:
+    """Two tasks side by side: their payloads, journals (operation by operation) and outcomes. An
+    approval in a journal compares by what was asked and decided, not by id, so a fork and its source
+    agree on it."""
+    journal_a, journal_b = _journal_view(a), _journal_view(b)
+    pairs = []
+    for index in range(max(len(journal_a), len(journal_b))):
+        left = journal_a[index] if index < len(journal_a) else None
+        right = journal_b[index] if index < len(journal_b) else None
+        pairs.append(JournalPair(index, left, right, left == right))
+    before = [_field("payload", a.payload, b.payload)]
+    after = [
+        _field("status", a.status, b.status),
+        _field("result", a.result, b.result),
+        _field("error", a.error, b.error),
+        _field("retries", a.retries, b.retries),
+        _field("parked", a.parked, b.parked),
+    ]
+    first = next(
+        (
+            name
+            for name, same in (
+                *((f.name, f.same) for f in before),
+                *((f"journal[{p.index}]", p.same) for p in pairs),
+                *((f.name, f.same) for f in after),
+            )
+            if not same
+        ),
+        None,
+    )
+    return TaskDiff(a.id, b.id, (*before, *after), tuple(pairs), first)
+
+
+def _field(name: str, a: Any, b: Any) -> FieldPair:
+    return FieldPair(name, a, b, _json(a) == _json(b))
+
+
+def _journal_view(task: Task) -> list[dict[str, Any]]:
+    views = []
+    for entry in task.journal:
+        view: dict[str, Any] = {"kind": entry.kind, "name": entry.name, "result": entry.result}
+        if entry.kind == "approval":
+            approval = task.approval(str(entry.result))
+            view["result"] = (
+                None
+                if approval is None
+                else {"reason": approval.reason, "quorum": approval.quorum, "status": approval.status}
+            )
+        views.append(msgspec.json.decode(_json(view)))
+    return views
