@@ -44,6 +44,7 @@ from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from gateway.idempotency import IdempotencyRecords
 from integrations.consumer import DEAD_LETTER_STREAM, provision_dead_letter_stream
 from projections.projector import progress_bar, rebuild
+from projections.schema import Shard, parse_shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "gateway":
             process.add_argument("--host", default="127.0.0.1")
             process.add_argument("--port", type=int, default=8080)
+        else:
+            process.add_argument(
+                "--shard",
+                type=_shard,
+                help="INDEX/COUNT: fold only the orgs of this shard (e.g. 1/2 and 2/2 in two processes)",
+            )
 
     runner = commands.add_parser(
         "runner",
@@ -131,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "gateway":
                 return uvloop.run(run_gateway(_settings(args), args.host, args.port))
             case "projector":
-                return uvloop.run(run_projector(_settings(args)))
+                return uvloop.run(run_projector(_settings(args), args.shard))
             case "runner":
                 if not args.key:
                     raise ValueError("a worker key is needed: --key or CP_API_KEY")
@@ -172,6 +179,13 @@ def _unreachable(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError | ConnectionRefusedError) or "postgres" in repr(exc).lower():
         return f"cannot use PostgreSQL ({exc!r}); check --database-url / DATABASE_URL"
     return f"cannot reach a server ({exc!r}); check --nats-url and --database-url"
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True) -> None:

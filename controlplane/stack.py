@@ -19,6 +19,7 @@ from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Services
 from projections.projector import Projector
+from projections.schema import Shard
 from runners.client import TaskApi
 from runners.registry import Registry
 from runners.runner import Runner
@@ -76,13 +77,14 @@ async def run_gateway(settings: GatewaySettings, host: str, port: int) -> int:
     return 0
 
 
-async def run_projector(settings: GatewaySettings) -> int:
+async def run_projector(settings: GatewaySettings, shard: Shard | None = None) -> int:
+    """Fold the log into PostgreSQL until a signal; with ``shard``, only that shard's orgs."""
     stop = stop_on_signals()
     services = await open_services(settings)
-    projector = Projector(services.read_model.pool, services.store.nc)
+    projector = Projector(services.read_model.pool, services.store.nc, shard=shard)
     try:
         await projector.start()
-        print("projector running", flush=True)
+        print("projector running" if shard is None else f"projector running shard {shard}", flush=True)
         await stop.wait()
     finally:
         await projector.stop()

@@ -15,7 +15,24 @@ waits as a standby and takes over when the lock frees up (its holder stopped or 
 
 Consumers filter ``cp.>``, not single aggregates, so every projection's checkpoint advances with
 every event and "wait until projection X reached seq N" works for any N. Timer definitions on
-``cpsched.>`` never reach a projection; the events they fire are ordinary events on ``cp.>``."""
+``cpsched.>`` never reach a projection; the events they fire are ordinary events on ``cp.>``.
+
+Sharded by org. A projector made with ``shard=Shard(i, n)`` (``controlplane projector --shard i/n``)
+folds only the events of the orgs shard i of n owns (a sha256 of the org id, so every process agrees),
+with its own durable consumer, writer lock and checkpoint row ``<projection>@i/n``. Its consumer still
+reads all of ``cp.>`` and skips other orgs' events before decoding them: so each shard's checkpoint
+advances with every event, and "projection X reached N" means every shard of X did (readers take the
+minimum, ``schema.effective_checkpoints``). n shards together write exactly what one projector writes.
+Not server-side filters: orgs appear at any time, and a consumer listing its orgs' subjects would have
+to be updated on every new org, racing with that org's first events.
+
+One layout per projection and database: its checkpoint rows are either its own row (unsharded) or one
+row per shard of one count, never a mix. A writer that takes over a projection adopts the layout under
+a per-projection advisory lock. Rows of another layout are converted only while none of that layout's
+writers runs: lagging shards are first folded up to the most advanced one, then the rows are replaced by
+the new layout's at that sequence, which is exact because every org has then been folded that far. So
+going from 1 to n shards, n to m or back to 1 needs only stopping the old processes first; while they
+run, :meth:`Projector.start` raises :class:`ShardLayoutConflict`."""
 
 from __future__ import annotations
 
@@ -25,8 +42,8 @@ import logging
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -42,7 +59,17 @@ from core.ids import new_id
 from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from projections.folds import Projection, select
-from projections.schema import NOTIFY_CHANNEL, fetch_checkpoints, migrate
+from projections.schema import (
+    NOTIFY_CHANNEL,
+    Shard,
+    checkpoint_key,
+    effective_checkpoints,
+    fetch_checkpoints,
+    layout_keys,
+    layout_of,
+    migrate,
+    parse_checkpoint_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +79,7 @@ LIVE_BATCH = 500
 REBUILD_BATCH = 2000
 ACK_WAIT_SECONDS = 120.0
 _LOCK_CLASS = 0x6370  # first key of the two-key advisory locks that elect each projection's writer
+_LAYOUT_LOCK_CLASS = 0x6371  # first key of the locks that serialize changes of a projection's shard layout
 _RETRY_MIN_SECONDS = 0.5
 _RETRY_MAX_SECONDS = 5.0
 _STANDBY_RETRY_SECONDS = 2.0
@@ -63,6 +91,10 @@ Progress = Callable[[int, int], None]
 
 class ProjectionBusy(RuntimeError):
     """Another process holds the projection (a running projector or rebuild)."""
+
+
+class ShardLayoutConflict(ProjectionBusy):
+    """The projection runs (or its checkpoints are kept) with another shard count than this projector's."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +140,32 @@ POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.
 """Errors an event's own data causes (a value out of a column's range, …): retrying cannot help."""
 
 
-async def commit_batch(conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg]) -> BatchResult:
+def owned_by(shard: Shard, msgs: Sequence[Msg]) -> list[Msg]:
+    """The messages of ``shard``'s orgs, found from the subject alone (decoding the others would be
+    wasted). A subject that is no event subject is kept, for :func:`decode` to report."""
+    owned: list[Msg] = []
+    for msg in msgs:
+        try:
+            org = parse_aggregate_subject(msg.subject).org
+        except ValueError:
+            owned.append(msg)
+            continue
+        if shard.owns(org):
+            owned.append(msg)
+    return owned
+
+
+async def commit_batch(
+    conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg], shard: Shard | None = None
+) -> BatchResult:
     """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
     all in one transaction. Messages at or below a projection's checkpoint were committed before (a
     crash between commit and ack) and are skipped, so applying a batch twice changes nothing. Each
-    projection applies in a savepoint; if PostgreSQL refuses the data, see :func:`_apply_bisecting`."""
-    recorded, undecodable = decode(msgs)
+    projection applies in a savepoint; if PostgreSQL refuses the data, see :func:`_apply_bisecting`.
+    With a ``shard``, only its orgs' events are folded, and the checkpoints moved are the shard's rows."""
+    recorded, undecodable = decode(msgs if shard is None else owned_by(shard, msgs))
     last_seq = msgs[-1].metadata.sequence.stream
-    names = [projection.name for projection in projections]
+    keys = {projection.name: checkpoint_key(projection.name, shard) for projection in projections}
     applied: list[str] = []
     skipped = undecodable
     async with conn.transaction():
@@ -123,17 +173,18 @@ async def commit_batch(conn: asyncpg.Connection, projections: Sequence[Projectio
         # and they are folded again from the log. Not waiting for the WAL flush is most of a small batch's cost.
         await conn.execute("SET LOCAL cp.projector = 'on'; SET LOCAL synchronous_commit = off")
         rows = await conn.fetch(
-            "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE", names
+            "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE",
+            list(keys.values()),
         )
         checkpoints = {row["projection"]: row["seq"] for row in rows}
         for projection in projections:
-            checkpoint = checkpoints.get(projection.name, 0)
+            checkpoint = checkpoints.get(keys[projection.name], 0)
             if last_seq <= checkpoint:
                 continue
             skipped += await _apply_bisecting(conn, projection, [item for item in recorded if item.seq > checkpoint])
             applied.append(projection.name)
         if applied:
-            await conn.execute(_SAVE_CHECKPOINTS, applied, last_seq)
+            await conn.execute(_SAVE_CHECKPOINTS, [keys[name] for name in applied], last_seq)
     return BatchResult(last_seq, tuple(applied), skipped)
 
 
@@ -166,29 +217,83 @@ async def last_event_seq(js: JetStreamContext, stream: str = STREAM_NAME) -> int
 
 
 def _lock_key(name: str) -> int:
-    """A stable int4 per projection name (advisory locks take two int4 keys)."""
+    """A stable int4 per checkpoint key (advisory locks take two int4 keys)."""
     return int.from_bytes(zlib.crc32(name.encode()).to_bytes(4, "big"), "big", signed=True)
 
 
-async def _lead(conn: asyncpg.Connection, names: Sequence[str]) -> bool:
-    """Take the writer locks of ``names`` for this session, all or none."""
-    taken = await conn.fetchval(
-        "SELECT array_agg(pg_try_advisory_lock($1, key)) FROM unnest($2::int[]) AS key",
+async def _lead(conn: asyncpg.Connection, keys: Collection[str]) -> bool:
+    """Take the writer locks of the checkpoint ``keys`` for this session, all or none (on failure it
+    releases only what it took: the session may hold other locks)."""
+    rows = await conn.fetch(
+        "SELECT key, pg_try_advisory_lock($1, key) AS taken FROM unnest($2::int[]) AS key",
         _LOCK_CLASS,
-        [_lock_key(name) for name in names],
+        [_lock_key(key) for key in keys],
     )
-    if all(taken):
+    if all(row["taken"] for row in rows):
         return True
-    await conn.execute("SELECT pg_advisory_unlock_all()")
+    await _release(conn, [row["key"] for row in rows if row["taken"]])
     return False
 
 
-async def _ensure_checkpoints(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, int]:
-    await conn.execute(
-        "INSERT INTO checkpoints (projection, seq) SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING", names
+async def _release(conn: asyncpg.Connection, lock_keys: Sequence[int]) -> None:
+    await conn.execute("SELECT pg_advisory_unlock($1, key) FROM unnest($2::int[]) AS key", _LOCK_CLASS, lock_keys)
+
+
+@asynccontextmanager
+async def _layout_locked(conn: asyncpg.Connection, names: Sequence[str]) -> AsyncIterator[None]:
+    """Hold the layout locks of ``names`` (waiting for them, in a fixed order so that two holders
+    cannot deadlock): checkpoint rows change layout only under them."""
+    ordered = sorted({_lock_key(name) for name in names})
+    await conn.execute("SELECT pg_advisory_lock($1, key) FROM unnest($2::int[]) AS key", _LAYOUT_LOCK_CLASS, ordered)
+    try:
+        yield
+    finally:
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1, key) FROM unnest($2::int[]) AS key", _LAYOUT_LOCK_CLASS, ordered
+        )
+
+
+async def _checkpoint_rows(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, int]:
+    """Every checkpoint row of the projections ``names``, their shards' included."""
+    return {key: seq for key, seq in (await fetch_checkpoints(conn)).items() if parse_checkpoint_key(key)[0] in names}
+
+
+def _describe(keys: Collection[str]) -> str:
+    shards = {shard for _, shard in map(parse_checkpoint_key, keys)}
+    if shards == {None}:
+        return "unsharded"
+    return f"as {', '.join(sorted(str(shard) for shard in shards if shard is not None))}"
+
+
+def _previous_layout(name: str, rows: dict[str, int], mine: list[str]) -> dict[str, int]:
+    """The rows of ``name`` when they are another layout than ``mine`` (empty when they are ``mine``
+    or absent). Raises if they are not one whole layout (edited by hand, or a bug): no conversion
+    can be exact then."""
+    if set(rows) == set(mine) or not rows:
+        return {}
+    some_key = next(iter(rows))
+    _, shard = parse_checkpoint_key(some_key)
+    if set(rows) != set(layout_keys(name, shard)):
+        raise ShardLayoutConflict(
+            f"the checkpoints of projection {name} ({', '.join(sorted(rows))}) are not one whole shard layout; "
+            f"rebuild it (controlplane projections rebuild {name})"
+        )
+    return rows
+
+
+def _running_elsewhere(name: str, previous: Collection[str], mine: Collection[str]) -> ShardLayoutConflict:
+    return ShardLayoutConflict(
+        f"projection {name} is running {_describe(previous)} (a projector or a rebuild holds it) and this "
+        f"projector would run it {_describe(mine)}; one database takes one shard layout at a time: stop those "
+        "processes first, and this projector takes over from their checkpoints"
     )
-    rows = await conn.fetch("SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[])", names)
-    return {row["projection"]: row["seq"] for row in rows}
+
+
+def _consumer_name(prefix: str, key: str) -> str:
+    """The durable consumer of checkpoint ``key``: ``<prefix><projection>``, plus ``-shard-<i>-of-<n>``
+    for a shard (consumer names may not hold ``/``)."""
+    projection, shard = parse_checkpoint_key(key)
+    return f"{prefix}{projection}" if shard is None else f"{prefix}{projection}-shard-{shard.index}-of-{shard.count}"
 
 
 async def _recreate_consumer(js: JetStreamContext, stream: str, name: str, start_seq: int, batch_size: int) -> None:
@@ -261,7 +366,9 @@ class Projector:
     """Runs projections (all by default) until stopped, each on its own durable consumer, checkpoint
     and PostgreSQL connection: a running projector holds one pool connection per projection (the
     session that owns its writer lock), so size the pool for that. ``start`` applies the migrations,
-    so it is safe on a fresh database."""
+    so it is safe on a fresh database. With a ``shard`` it folds only that shard's orgs (see the
+    module's description); the read-side methods (``checkpoints``, ``lag``, ``run_until_caught_up``)
+    answer for the projection as a whole, whichever layout runs it, so any projector object asks them."""
 
     def __init__(
         self,
@@ -269,19 +376,21 @@ class Projector:
         nc: NATS,
         *,
         names: Sequence[str] | None = None,
+        shard: Shard | None = None,
         consumer_prefix: str = CONSUMER_PREFIX,
         stream: str = STREAM_NAME,
         batch_size: int = LIVE_BATCH,
         idle_wait: float = 1.0,
     ) -> None:
         """``consumer_prefix`` names the durable consumers (``<prefix><projection>``); databases fed
-        from one stream need distinct prefixes. ``idle_wait`` is how long one fetch lingers for new
-        events; events that arrive meanwhile are delivered at once, so it bounds nothing but idle
-        polling."""
+        from one stream need distinct prefixes, and every projector of one database (each shard, or
+        unsharded) the same one. ``idle_wait`` is how long one fetch lingers for new events; events
+        that arrive meanwhile are delivered at once, so it bounds nothing but idle polling."""
         self._pool = pool
         self._nc = nc
         self._js = nc.jetstream()
         self._projections = select(names)
+        self._shard = shard
         self._prefix = consumer_prefix
         self._stream = stream
         self._batch_size = batch_size
@@ -298,12 +407,17 @@ class Projector:
         return [projection.name for projection in self._projections]
 
     def consumer_name(self, projection: str) -> str:
-        return f"{self._prefix}{projection}"
+        return _consumer_name(self._prefix, checkpoint_key(projection, self._shard))
 
     async def start(self) -> None:
+        """Start following the log. Raises :class:`ShardLayoutConflict` while another shard layout
+        runs one of the projections (see the module's description)."""
         if self._tasks:
             raise RuntimeError("the projector is already running")
         await migrate(self._pool)
+        async with self._pool.acquire() as conn:
+            for projection in self._projections:
+                await self._refuse_other_running_layout(conn, projection.name)
         self._stopped = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._run(projection, self._stopped), name=f"projection-{projection.name}")
@@ -322,76 +436,142 @@ class Projector:
         self._tasks, self._stopped = [], None
 
     async def checkpoints(self) -> dict[str, int]:
-        stored = await fetch_checkpoints(self._pool)
-        return {name: stored.get(name, 0) for name in self.names}
+        """Each projection's checkpoint as readers see it: with shards, the one every shard reached."""
+        effective = effective_checkpoints(await fetch_checkpoints(self._pool))
+        return {name: effective.get(name, 0) for name in self.names}
 
     async def lag(self) -> dict[str, int]:
-        """Events each projection has yet to commit: its consumer's pending plus unacked messages. A
-        projection whose consumer does not exist yet counts the sequences between its checkpoint and
-        the newest event, an upper bound."""
+        """Events each projection has yet to commit: its consumer's pending plus unacked messages,
+        and with shards the most of any shard (readers wait for the slowest). A consumer that does
+        not exist yet counts the sequences between its checkpoint and the newest event, an upper bound."""
+        rows = await fetch_checkpoints(self._pool)
+        newest: int | None = None
         lag: dict[str, int] = {}
         for name in self.names:
-            try:
-                info = await self._js.consumer_info(self._stream, self.consumer_name(name))
-            except NotFoundError:
-                checkpoint = (await self.checkpoints())[name]
-                lag[name] = max(0, await last_event_seq(self._js, self._stream) - checkpoint)
-                continue
-            lag[name] = info.num_pending + info.num_ack_pending
+            behind: list[int] = []
+            for key, checkpoint in (layout_of(rows, name) or {name: 0}).items():
+                try:
+                    info = await self._js.consumer_info(self._stream, _consumer_name(self._prefix, key))
+                except NotFoundError:
+                    if newest is None:
+                        newest = await last_event_seq(self._js, self._stream)
+                    behind.append(max(0, newest - checkpoint))
+                    continue
+                behind.append(info.num_pending + info.num_ack_pending)
+            lag[name] = max(behind)
         return lag
 
     async def run_until_caught_up(self) -> None:
         """Wait until every projection has committed the newest event present when called (bound it
-        with ``asyncio.timeout``). Polls the checkpoints table, so it also works while another process
-        leads the projections."""
+        with ``asyncio.timeout``); with shards, until every shard has. Polls the checkpoints table, so
+        it also works while other processes lead the projections."""
         target = await last_event_seq(self._js, self._stream)
         while True:
             if min((await self.checkpoints()).values(), default=target) >= target:
                 return
             await asyncio.sleep(0.02)
 
+    async def _refuse_other_running_layout(self, conn: asyncpg.Connection, name: str) -> None:
+        """Fail fast at start rather than stand by forever behind another layout's writers."""
+        mine = layout_keys(name, self._shard)
+        async with _layout_locked(conn, [name]):
+            previous = _previous_layout(name, await _checkpoint_rows(conn, [name]), mine)
+            if not previous:
+                return
+            if not await _lead(conn, previous):
+                raise _running_elsewhere(name, previous, mine)
+            await _release(conn, [_lock_key(key) for key in previous])
+
     async def _run(self, projection: Projection, stopped: asyncio.Future[None]) -> None:
         """Lead the projection (or stand by for it) until stopped. An error restarts it from its
         checkpoint after a pause that grows while no batch gets committed: never a crash loop."""
         name = projection.name
+        key = checkpoint_key(name, self._shard)
         retry = _RETRY_MIN_SECONDS
         standby_logged = False
         while not stopped.done():
             committed = self.committed[name]
             try:
                 async with self._pool.acquire() as conn:
-                    if await _lead(conn, [name]):
+                    if await _lead(conn, [key]):
                         standby_logged = False
                         await self._follow(conn, projection, stopped)
                         continue
                 if not standby_logged:
-                    log.info("projection %s runs elsewhere; standing by", name)
+                    log.info("projection %s runs elsewhere; standing by", key)
                     standby_logged = True
+                await asyncio.wait((stopped,), timeout=_STANDBY_RETRY_SECONDS)
+            except ShardLayoutConflict as exc:  # another layout started meanwhile: a configuration error
+                log.error("%s; retrying in %.1fs", exc, _STANDBY_RETRY_SECONDS)
                 await asyncio.wait((stopped,), timeout=_STANDBY_RETRY_SECONDS)
             except Exception:
                 if self.committed[name] > committed:
                     retry = _RETRY_MIN_SECONDS
-                log.exception("projection %s failed; restarting from its checkpoint in %.1fs", name, retry)
+                log.exception("projection %s failed; restarting from its checkpoint in %.1fs", key, retry)
                 await asyncio.wait((stopped,), timeout=retry)
                 retry = min(2 * retry, _RETRY_MAX_SECONDS)
 
     async def _follow(self, conn: asyncpg.Connection, projection: Projection, stopped: asyncio.Future[None]) -> None:
         name = projection.name
-        checkpoint = (await _ensure_checkpoints(conn, [name]))[name]
+        key = checkpoint_key(name, self._shard)
+        checkpoint = await self._adopt_layout(conn, projection)
         consumer = self.consumer_name(name)
         await _recreate_consumer(self._js, self._stream, consumer, checkpoint + 1, self._batch_size)
         puller = Puller(self._nc, self._stream, consumer)
-        log.info("projection %s following %s from seq %d", name, self._stream, checkpoint + 1)
+        log.info("projection %s following %s from seq %d", key, self._stream, checkpoint + 1)
         try:
             while (msgs := await self._next_batch(puller, stopped)) is not None:
                 if msgs:
-                    result = await commit_batch(conn, [projection], msgs)
+                    result = await commit_batch(conn, [projection], msgs, self._shard)
                     self.committed[name] += len(msgs)
                     self.skipped[name] += result.skipped
                     for msg in msgs:
                         await msg.ack()
         finally:
             await puller.close()
+
+    async def _adopt_layout(self, conn: asyncpg.Connection, projection: Projection) -> int:
+        """Make the projection's checkpoint rows this projector's layout and return its own row's
+        sequence. Called holding this projector's writer lock; converts another layout's rows only
+        when none of its writers runs (see the module's description)."""
+        name = projection.name
+        mine = layout_keys(name, self._shard)
+        async with _layout_locked(conn, [name]):
+            rows = await _checkpoint_rows(conn, [name])
+            previous = _previous_layout(name, rows, mine)
+            if not previous:
+                if not rows:
+                    await conn.execute(_SAVE_CHECKPOINTS, mine, 0)
+                return rows.get(checkpoint_key(name, self._shard), 0)
+            if not await _lead(conn, previous):
+                raise _running_elsewhere(name, previous, mine)
+            target = max(previous.values())
+            try:
+                for key, checkpoint in previous.items():
+                    if checkpoint < target:
+                        _, shard = parse_checkpoint_key(key)
+                        log.info("projection %s: folding %s up to seq %d before the layout changes", name, key, target)
+                        await _fold_log(
+                            conn,
+                            self._nc,
+                            self._stream,
+                            [projection],
+                            REBUILD_BATCH,
+                            None,
+                            shard=shard,
+                            after=checkpoint,
+                            target=target,
+                        )
+                async with conn.transaction():
+                    await conn.execute("DELETE FROM checkpoints WHERE projection = ANY($1::text[])", list(previous))
+                    await conn.execute(_SAVE_CHECKPOINTS, mine, target)
+            finally:
+                await _release(conn, [_lock_key(key) for key in previous])
+        for key in previous:
+            with suppress(NotFoundError):
+                await self._js.delete_consumer(self._stream, _consumer_name(self._prefix, key))
+        log.info("projection %s now runs %s from seq %d (was %s)", name, _describe(mine), target, _describe(previous))
+        return target
 
     async def _next_batch(self, puller: Puller, stopped: asyncio.Future[None]) -> list[Msg] | None:
         """The next batch ([] when none came within ``idle_wait``), or None once stopped."""
@@ -434,28 +614,36 @@ async def rebuild(
     newest event present at the start; then point their durable consumers just past it, where a
     projector resumes (and catches up with whatever was appended meanwhile).
 
-    Meant to run while no projector runs these projections: it takes their writer locks and raises
-    :class:`ProjectionBusy` if another process holds them. The log is read once for all of them (one
-    ephemeral consumer; each batch commits every projection and its checkpoint in one transaction),
-    which is what makes rebuilding everything as fast as rebuilding one. An interrupted rebuild
-    leaves consistent tables at their last committed checkpoint, from which a projector continues."""
+    Meant to run while no projector runs these projections: it takes their writer locks, every
+    shard's included, and raises :class:`ProjectionBusy` if another process holds one. A sharded
+    projection is rebuilt unsharded: its shard rows are deleted (and their consumers) in the same
+    transaction that empties its tables, so its checkpoint is then its own row, which shard projectors
+    adopt when they start. The log is read once for all of them (one ephemeral consumer; each batch
+    commits every projection and its checkpoint in one transaction), which is what makes rebuilding
+    everything as fast as rebuilding one. An interrupted rebuild leaves consistent tables at their
+    last committed checkpoint, from which a projector continues."""
     projections = select(names)
     chosen = [projection.name for projection in projections]
     js = nc.jetstream()
     await migrate(pool)
     started = time.monotonic()
     async with pool.acquire() as conn:
-        if not await _lead(conn, chosen):
-            raise ProjectionBusy(f"projection(s) {', '.join(chosen)} are running elsewhere; stop the projector first")
-        async with conn.transaction():
-            await conn.execute(f"TRUNCATE {', '.join(table for p in projections for table in p.tables)}")
-            await conn.execute(_SAVE_CHECKPOINTS, chosen, 0)
-        for name in chosen:  # nothing may resume from a position the emptied tables no longer match
+        async with _layout_locked(conn, chosen):
+            keys = set(chosen) | set(await _checkpoint_rows(conn, chosen))
+            if not await _lead(conn, keys):
+                raise ProjectionBusy(
+                    f"projection(s) {', '.join(chosen)} are running elsewhere; stop the projector(s) first"
+                )
+            async with conn.transaction():
+                await conn.execute(f"TRUNCATE {', '.join(table for p in projections for table in p.tables)}")
+                await conn.execute("DELETE FROM checkpoints WHERE projection = ANY($1::text[])", sorted(keys))
+                await conn.execute(_SAVE_CHECKPOINTS, chosen, 0)
+        for key in keys:  # nothing may resume from a position the emptied tables no longer match
             with suppress(NotFoundError):
-                await js.delete_consumer(stream, f"{consumer_prefix}{name}")
+                await js.delete_consumer(stream, _consumer_name(consumer_prefix, key))
         events, last_seq, skipped = await _fold_log(conn, nc, stream, projections, batch_size, progress)
         for name in chosen:
-            await _recreate_consumer(js, stream, f"{consumer_prefix}{name}", last_seq + 1, LIVE_BATCH)
+            await _recreate_consumer(js, stream, _consumer_name(consumer_prefix, name), last_seq + 1, LIVE_BATCH)
     return RebuildReport(tuple(chosen), events, last_seq, time.monotonic() - started, skipped)
 
 
@@ -466,16 +654,24 @@ async def _fold_log(
     projections: Sequence[Projection],
     batch_size: int,
     progress: Progress | None,
+    *,
+    shard: Shard | None = None,
+    after: int = 0,
+    target: int | None = None,
 ) -> tuple[int, int, int]:
-    """Fold every event up to the newest one present now; returns (events, last seq, skipped). The
-    next batch is requested before the current one commits, so NATS delivers while PostgreSQL writes."""
+    """Fold the events after seq ``after`` up to ``target`` (default: the newest one present now)
+    into ``shard``'s rows (default: unsharded); returns (events, last seq, skipped). The next batch
+    is requested before the current one commits, so NATS delivers while PostgreSQL writes."""
     js = nc.jetstream()
-    target = await last_event_seq(js, stream)
+    if target is None:
+        target = await last_event_seq(js, stream)
     reader = f"rebuild-{new_id()}"
     info = await js.add_consumer(
         stream,
         ConsumerConfig(
             name=reader,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
             ack_policy=AckPolicy.NONE,
             filter_subject=EVENTS_FILTER,
             inactive_threshold=60.0,
@@ -483,12 +679,13 @@ async def _fold_log(
         ),
     )
     puller = Puller(nc, stream, reader)
-    done = last_seq = skipped = 0
+    done = skipped = 0
+    last_seq = after
     fetch: asyncio.Future[list[Msg]] | None = None
     try:
         if progress is not None:
             progress(0, info.num_pending)
-        if target > 0:
+        if target > after:
             fetch = asyncio.ensure_future(puller.fetch(batch_size, _REBUILD_WAIT_SECONDS))
         while fetch is not None:
             msgs = await fetch
@@ -497,7 +694,10 @@ async def _fold_log(
                 break
             more = msgs[-1].metadata.sequence.stream < target
             fetch = asyncio.ensure_future(puller.fetch(batch_size, _REBUILD_WAIT_SECONDS)) if more else None
-            result = await commit_batch(conn, projections, msgs)
+            msgs = [msg for msg in msgs if msg.metadata.sequence.stream <= target]  # the rest is a projector's
+            if not msgs:
+                break
+            result = await commit_batch(conn, projections, msgs, shard)
             done, last_seq, skipped = done + len(msgs), result.last_seq, skipped + result.skipped
             if progress is not None:
                 progress(done, max(info.num_pending, done))

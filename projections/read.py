@@ -22,7 +22,14 @@ import msgspec
 from core.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
 from core.task import Approval, Task
 from core.worker import Worker
-from projections.schema import NOTIFY_CHANNEL, READER_ROLE, fetch_checkpoints
+from projections.schema import (
+    NOTIFY_CHANNEL,
+    READER_ROLE,
+    effective_checkpoints,
+    fetch_checkpoints,
+    layout_of,
+    parse_checkpoint_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,12 @@ class _Where:
         return " AND ".join(self._conditions) or "true"
 
 
+def _shard_count(checkpoint_key: str) -> int | None:
+    """How many shards the layout of a checkpoint row has; None for an unsharded projection's row."""
+    _, shard = parse_checkpoint_key(checkpoint_key)
+    return None if shard is None else shard.count
+
+
 class ReadModel:
     """Queries for the gateway. One instance per process; ``close`` releases its LISTEN connection."""
 
@@ -142,14 +155,17 @@ class ReadModel:
 
     async def open_tasks(self) -> tuple[list[tuple[str, Task, int]], int]:
         """Every task not yet terminal, in every org, as ``(org, task, seq)``, and the tasks
-        projection's checkpoint, from one snapshot: where a follower of the log starts."""
+        projection's checkpoint, from one snapshot: where a follower of the log starts. When shards
+        run it, that is the sequence every shard has reached; orgs of a shard that is further on
+        already hold some later states, and a follower skips events older than the state it has."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute("SET LOCAL cp.projector = 'on'")  # the system's own view, across orgs
-            checkpoint = await conn.fetchval("SELECT seq FROM checkpoints WHERE projection = 'tasks'")
+            checkpoints = await fetch_checkpoints(conn)
             rows = await conn.fetch(
                 "SELECT org_id, state, seq FROM tasks WHERE NOT (status = ANY($1::text[]))", sorted(TERMINAL_STATUSES)
             )
-        return [(row["org_id"], _task_decoder.decode(row["state"]), row["seq"]) for row in rows], checkpoint or 0
+        checkpoint = effective_checkpoints(checkpoints).get("tasks", 0)
+        return [(row["org_id"], _task_decoder.decode(row["state"]), row["seq"]) for row in rows], checkpoint
 
     async def get_approval(self, org: str, approval_id: str) -> tuple[Approval, int] | None:
         return await self._get(org, "approvals", approval_id, _approval_decoder.decode)
@@ -262,35 +278,35 @@ class ReadModel:
         return None if row is None else msgspec.convert(dict(row), ApiKeyRow)
 
     async def checkpoints(self) -> dict[str, int]:
-        return await fetch_checkpoints(self._pool)
+        """Each projection's committed sequence; for one run by shards, the one every shard reached."""
+        return effective_checkpoints(await fetch_checkpoints(self._pool))
 
     async def checkpoint(self, projection: str) -> int:
-        """The projection's committed sequence as last notified (read from the table when unknown): cheap
-        enough for every long-poll iteration."""
+        """The projection's committed sequence (with shards, their minimum) as last notified, read
+        from the table when unknown: cheap enough for every long-poll iteration."""
         await self._listen()
-        if projection not in self._seen or self._listener is None:
-            self._seen.update(await self.checkpoints())
-        return self._seen.get(projection, 0)
+        if self._listener is None or not layout_of(self._seen, projection):
+            self._seen = await fetch_checkpoints(self._pool)
+        return min(layout_of(self._seen, projection).values(), default=0)
 
     async def wait_for(self, projection: str, seq: int, timeout: float) -> bool:  # noqa: ASYNC109 (False, not an error)
-        """Wait until ``projection`` has committed stream sequence ``seq`` (read-your-writes); False
-        on timeout. Woken by ``pg_notify`` on one shared listening connection, with a poll every
-        ``poll_interval`` in case a notification was missed."""
+        """Wait until ``projection`` (every shard of it, when sharded) has committed stream sequence
+        ``seq`` (read-your-writes); False on timeout. Woken by ``pg_notify`` on one shared listening
+        connection, with a poll every ``poll_interval`` in case a notification was missed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._tick is None:
             self._tick = loop.create_future()
-        await self.checkpoint(projection)
         while True:
             tick = self._tick
-            if self._seen.get(projection, 0) >= seq:
+            if await self.checkpoint(projection) >= seq:
                 return True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
             await asyncio.wait((tick,), timeout=min(remaining, self._poll_interval))
             if not tick.done():
-                self._seen.update(await self.checkpoints())
+                self._seen = await fetch_checkpoints(self._pool)
 
     async def _listen(self) -> None:
         async with self._listen_lock:
@@ -309,12 +325,25 @@ class ReadModel:
             self._listener = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        projection, _, seq = payload.rpartition(":")
+        key, _, seq = payload.rpartition(":")
         with suppress(ValueError):
-            self._seen[projection] = int(seq)
+            self._note(key, int(seq))
         if self._tick is not None:
             tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
             tick.set_result(None)
+
+    def _note(self, key: str, seq: int) -> None:
+        """Take a notified checkpoint row. A row of another layout than the one known (the projection
+        went from unsharded to shards, or changed its shard count) makes the known rows stale and says
+        nothing of its sibling shards: forget the projection's rows, and the next read loads the new
+        layout whole from the table (a layout's rows are always created together)."""
+        projection, _ = parse_checkpoint_key(key)
+        known = layout_of(self._seen, projection)
+        if known and {_shard_count(other) for other in known} == {_shard_count(key)}:
+            self._seen[key] = seq
+            return
+        for stale in [other for other in self._seen if parse_checkpoint_key(other)[0] == projection]:
+            del self._seen[stale]
 
     # --- org scope --------------------------------------------------------------------------------
 
