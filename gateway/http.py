@@ -58,11 +58,16 @@ async def body(request: Request, kind: type[T], *, optional: bool = False) -> T:
         raise Problem(415, f"send application/json, not {content_type}")
     try:
         decoded = msgspec.json.decode(raw, type=kind)
+        holds_nul = b"\\u0000" in raw and _holds_nul(msgspec.to_builtins(decoded))
     except msgspec.ValidationError as exc:
         if str(exc).startswith("Expected `object`"):
             raise Problem(400, f"the body must be a JSON object: {exc}") from exc
         raise
-    if b"\\u0000" in raw and _holds_nul(msgspec.to_builtins(decoded)):
+    except UnicodeDecodeError as exc:  # msgspec's error for bytes that are not UTF-8 inside a string
+        raise Problem(400, f"the body is not valid UTF-8: {exc}") from exc
+    except RecursionError as exc:  # msgspec's (and _holds_nul's) error for arrays or objects nested too deep
+        raise Problem(400, "the body nests arrays or objects too deeply; flatten it") from exc
+    if holds_nul:
         raise Problem(422, "strings may not contain the NUL character (\\u0000)")
     return decoded
 

@@ -60,6 +60,10 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
             return problem_response(422, str(exc))
         case msgspec.DecodeError():
             return problem_response(400, f"the body is not valid JSON: {exc}")
+        case nats.errors.MaxPayloadError():  # a body under the limit whose event is still too big for the log
+            return problem_response(
+                413, "the event this request would record exceeds the event log's message size limit; send less"
+            )
         case StoreError() | nats.errors.Error():
             return problem_response(503, f"the event log (NATS) is unavailable: {exc!r}", {"Retry-After": "1"})
         case _ if isinstance(exc, DATABASE_UNAVAILABLE):
