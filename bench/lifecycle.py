@@ -5,7 +5,7 @@ Starts its own stack (``controlplane dev`` in a subprocess: NATS, PostgreSQL, pr
 ``--url`` and ``--dev-json`` point at a running one. Workers long-poll claims; an approver follows the
 org's event stream and approves each request as it appears.
 
-    .venv/bin/python bench/lifecycle.py [--tasks 2000] [--workers 4] [--in-flight 8]
+    .venv/bin/python bench/lifecycle.py [--tasks 2000] [--workers 4] [--in-flight 8] [--cluster 3]
 """
 
 from __future__ import annotations
@@ -162,10 +162,10 @@ class Lifecycle:
         }
 
 
-def start_stack(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_stack(data_dir: Path, port: int, cluster: int = 1) -> subprocess.Popen[bytes]:
     controlplane = Path(sys.executable).parent / "controlplane"
     process = subprocess.Popen(
-        [str(controlplane), "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        [str(controlplane), "dev", "--port", str(port), "--data-dir", str(data_dir), "--cluster", str(cluster)],
         stdout=subprocess.DEVNULL,
         stderr=open(data_dir / "dev.log", "wb"),  # noqa: SIM115
         start_new_session=True,
@@ -184,12 +184,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--dev-json", type=Path, help="use a running stack described by this dev.json")
+    parser.add_argument("--cluster", type=int, default=1, help="nats-servers in the stack's JetStream cluster (R=N)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         process = None
         dev_json = args.dev_json
         if dev_json is None:
-            process = start_stack(Path(tmp), free_port())
+            process = start_stack(Path(tmp), free_port(), args.cluster)
             dev_json = Path(tmp) / "dev.json"
         info = json.loads(dev_json.read_text())
         try:
@@ -201,7 +202,7 @@ def main() -> None:
                 process.wait(60)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"tasks={args.tasks} workers={args.workers} in_flight={args.in_flight}")
+    print(f"tasks={args.tasks} workers={args.workers} in_flight={args.in_flight} nats_servers={args.cluster}")
     print("| metric | value |")
     print("|---|---|")
     for key, value in result.items():

@@ -20,6 +20,7 @@ import nats.errors
 import uvloop
 
 from controlplane import integrations as integration_commands
+from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
 from controlplane import stack
 from controlplane.seed import seed_org
@@ -124,11 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands.add_parser("doctor", help="check that the tools the stack needs are present and recent enough")
     replay_commands.register(commands)
+    policy_commands.register(commands)
     integration_commands.register(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns what matters
     try:
         if (run := getattr(args, "run", None)) is not None:  # commands that bring their own entry point
             return int(run(args))

@@ -51,6 +51,8 @@ class SubmitTask(TaskCommand, frozen=True, kw_only=True):
     policy: PolicyDecision | None = None
     """What the submit policy decided about this task (the gateway asks it): a denial is recorded
     instead of the task, an approval requirement makes the task wait for humans first."""
+    policy_version: int | None = None
+    """The org's policy bundle version that decided it (None: the shipped policies)."""
 
 
 class ClaimTask(TaskCommand, frozen=True, kw_only=True):
@@ -178,3 +180,15 @@ class CreateApiKey(Command, frozen=True, kw_only=True):
 
 class RevokeApiKey(Command, frozen=True, kw_only=True):
     key_id: Token
+
+
+class PushPolicyBundle(Command, frozen=True, kw_only=True):
+    """Record a new version of the org's policy bundle. The caller has loaded (compiled) it and
+    computed its digest: the decider only keeps versions in order."""
+
+    digest: Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]
+    modules: dict[str, str]
+    data: dict[str, Any] = {}
+    wasm: bytes | None = None
+    revision: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    entrypoints: tuple[str, ...] = ()

@@ -84,6 +84,9 @@ class TaskSubmitted(Event, frozen=True, tag="TaskSubmitted"):
     submitted_by: str
     policy: PolicyDecision | None = None
     """The submit policy's decision; when it requires approval the task starts awaiting it."""
+    policy_version: int | None = None
+    """The org's policy bundle version in force at submit (null: the shipped policies, as no bundle
+    was pushed). The task keeps it: every policy its workflow asks is decided by that version."""
 
 
 class TaskSubmissionDenied(Event, frozen=True, tag="TaskSubmissionDenied"):
@@ -318,6 +321,25 @@ class ApiKeyRevoked(Event, frozen=True, tag="ApiKeyRevoked"):
     revoked_by: str
 
 
+# --- policies -------------------------------------------------------------------------------------
+
+
+class PolicyBundlePushed(Event, frozen=True, tag="PolicyBundlePushed"):
+    """Version ``version`` of the org's policy bundle: Rego modules (path -> source), the data
+    document, and the compiled ``policy.wasm`` when the bundle had one. New submissions are decided
+    by the newest version; a task keeps the version it was submitted under."""
+
+    version: int
+    digest: str
+    """``sha256:…`` over the content, as ``policies_wasm.Bundle.digest`` defines it."""
+    modules: dict[str, str]
+    data: dict[str, Any]
+    entrypoints: tuple[str, ...]
+    pushed_by: str
+    wasm: bytes | None = None
+    revision: str = ""
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskSubmissionDenied
@@ -343,11 +365,12 @@ TaskEvent = (
 )
 WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
 AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked
-AnyEvent = TaskEvent | WorkerEvent | AccessEvent
+PolicyEvent = PolicyBundlePushed
+AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__, *AccessEvent.__args__)  # type: ignore[attr-defined]
+    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__, *AccessEvent.__args__, PolicyBundlePushed)  # type: ignore[attr-defined]
 }
 
 # --- encoding, versions and upcasting ------------------------------------------------------------

@@ -25,6 +25,7 @@ from core.decider import Decider, DecisionContext, Timer
 from core.errors import ConcurrencyExhausted, Rejected
 from core.events import Event, encode_event
 from core.ids import new_id, validate_token
+from core.policy_set import POLICY_SET
 from core.store import (
     AppendMeta,
     DuplicateAppend,
@@ -95,7 +96,7 @@ class CommandHandler:
         store: JetStreamEventStore,
         *,
         clock: Clock = utc_now,
-        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY),
+        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET),
         max_attempts: int = 20,
         cache_size: int = 4096,
         on_commit: Callable[[str, Any, int], None] | None = None,

@@ -19,6 +19,7 @@ from core.events import (
     ApprovalVoteCast,
     Event,
     OrgCreated,
+    PolicyBundlePushed,
     PolicyDecided,
     TaskCancelled,
     TaskClaimed,
@@ -138,6 +139,8 @@ def summarize(event: AnyEvent) -> str:
             return f"api key {event.key_id} ({', '.join(event.roles)}) created by {event.created_by}"
         case ApiKeyRevoked():
             return f"api key {event.key_id} revoked by {event.revoked_by}"
+        case PolicyBundlePushed():
+            return f"policy bundle version {event.version} ({event.digest}) pushed by {event.pushed_by}"
     return type(event).__name__
 
 

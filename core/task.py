@@ -118,6 +118,14 @@ class JournalEntry(msgspec.Struct, frozen=True):
     at: datetime
 
 
+class PolicyPin(msgspec.Struct, frozen=True):
+    """The policy bundle a task was submitted under, which decides every policy its workflow asks:
+    the org's pushed ``version``, or None for the shipped policies (``digest`` names them anyway)."""
+
+    version: int | None
+    digest: str
+
+
 class Task(msgspec.Struct, frozen=True):
     id: str
     org: str
@@ -149,6 +157,7 @@ class Task(msgspec.Struct, frozen=True):
     cancellation_reason: str | None = None
     journal: tuple[JournalEntry, ...] = ()
     parked: str | None = None
+    policy: PolicyPin | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -339,6 +348,7 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             workflow=command.workflow,
             submitted_by=ctx.actor.id,
             policy=command.policy,
+            policy_version=command.policy_version,
         )
     ]
 
@@ -645,6 +655,7 @@ def _created(event: TaskSubmitted) -> Task:
         submitted_by=event.submitted_by,
         created_at=event.at,
         updated_at=event.at,
+        policy=None if event.policy is None else PolicyPin(event.policy_version, event.policy.bundle_digest),
     )
     if event.policy is None or not event.policy.needs_approval:
         return task

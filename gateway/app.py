@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
-from gateway import approvals, keys, streams, system, tasks, workers
+from gateway import approvals, keys, policy_bundles, streams, system, tasks, workers
 from gateway.problems import Problem, handle_problem, problem_response
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE
@@ -53,6 +53,9 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/workers/{worker_id}/heartbeat", workers.heartbeat, methods=["POST"]),
         Route("/v1/api-keys", keys.create, methods=["POST"]),
         Route("/v1/api-keys/{key_id}", keys.revoke, methods=["DELETE"]),
+        Route("/v1/policy-bundles", policy_bundles.push, methods=["POST"]),
+        Route("/v1/policy-bundles", policy_bundles.list_bundles, methods=["GET"]),
+        Route("/v1/policy-bundles/{version}", policy_bundles.get_bundle, methods=["GET"]),
         Route("/v1/stats", system.stats, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),

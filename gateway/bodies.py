@@ -122,3 +122,16 @@ class WorkerHeartbeatBody(msgspec.Struct, frozen=True):
 class CreateApiKeyBody(msgspec.Struct, frozen=True):
     name: Name
     roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
+
+
+ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=r"^[^\x00]*\.rego$")]
+
+
+class PolicyBundleBody(msgspec.Struct, frozen=True):
+    """A policy bundle as ``controlplane policies push`` sends it: Rego modules by path, the data
+    document, and the compiled ``policy.wasm`` (base64) when the bundle was built with ``opa build -t wasm``."""
+
+    modules: Annotated[dict[ModulePath, str], msgspec.Meta(min_length=1, max_length=256)]
+    data: dict[str, Any] = {}
+    wasm: bytes | None = None
+    revision: Annotated[str, msgspec.Meta(max_length=256)] = ""

@@ -63,15 +63,17 @@ async def open_services(settings: GatewaySettings) -> Services:
     def on_commit(subject: str, state: object, seq: int) -> None:
         claim_index.observe(subject, state, seq)
         keyring.observe(subject, state, seq)
+        submit_gate.observe(subject, state, seq)
 
     handler = CommandHandler(store, on_commit=on_commit)
     keyring = KeyRing(handler, read_model)
+    submit_gate = await SubmitGate.open(handler, claim_index, read_model)
     return Services(
         store=store,
         handler=handler,
         read_model=read_model,
         claim_index=claim_index,
-        submit_gate=await SubmitGate.open(claim_index, read_model),
+        submit_gate=submit_gate,
         auth=Authenticator(keyring.lookup, settings.jwt),
         idempotency=await IdempotencyRecords.open(store),
         limits=settings.limits,

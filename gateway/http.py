@@ -60,7 +60,7 @@ async def body(request: Request, kind: type[T], *, optional: bool = False) -> T:
         decoded = msgspec.json.decode(raw, type=kind)
         holds_nul = b"\\u0000" in raw and _holds_nul(msgspec.to_builtins(decoded))
     except msgspec.ValidationError as exc:
-        if str(exc).startswith("Expected `object`"):
+        if str(exc).startswith("Expected `object`") and " - at `$" not in str(exc):  # the body itself, not a field
             raise Problem(400, f"the body must be a JSON object: {exc}") from exc
         raise
     except UnicodeDecodeError as exc:  # msgspec's error for bytes that are not UTF-8 inside a string

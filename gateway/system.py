@@ -145,6 +145,16 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
     ("delete", "/v1/workers/{worker_id}", "Deregister a worker", "workers", None, "204"),
     ("post", "/v1/api-keys", "Create an API key (shown once)", "admin", bodies.CreateApiKeyBody, "201"),
     ("delete", "/v1/api-keys/{key_id}", "Revoke an API key", "admin", None, "204"),
+    (
+        "post",
+        "/v1/policy-bundles",
+        "Push a new version of the org's policy bundle (decides later submissions)",
+        "admin",
+        bodies.PolicyBundleBody,
+        "201",
+    ),
+    ("get", "/v1/policy-bundles", "List the org's policy bundle versions, newest first", "read", None, "200"),
+    ("get", "/v1/policy-bundles/{version}", "Get one version (or current) in full", "read", None, "200"),
     ("get", "/v1/stats", "Counts by status and projection lag", "read", None, "200"),
 ]
 _PUBLIC = [

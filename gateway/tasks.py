@@ -74,6 +74,7 @@ async def submit(request: Request) -> Response:
     key = idempotency_key(request)
     task_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "task")
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
+    decision, policy_version = await _submit_decision(request, who.org, spec)
     command = SubmitTask(
         task_id=task_id,
         task_type=spec.type,
@@ -86,7 +87,8 @@ async def submit(request: Request) -> Response:
         retry_backoff_seconds=spec.retry_backoff_seconds,
         metadata=spec.metadata,
         workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec),
-        policy=await _submit_decision(request, who.org, spec),
+        policy=decision,
+        policy_version=policy_version,
     )
     try:
         outcome = await services(request).handler.handle(
@@ -100,7 +102,7 @@ async def submit(request: Request) -> Response:
     return json(task_document(outcome.state, outcome.seq), 201)
 
 
-async def _submit_decision(request: Request, org: str, spec: SubmitTaskBody) -> PolicyDecision:
+async def _submit_decision(request: Request, org: str, spec: SubmitTaskBody) -> tuple[PolicyDecision, int | None]:
     try:
         return await services(request).submit_gate.decide(org, spec)
     except PolicyError as exc:

@@ -58,6 +58,7 @@ def task_document(task: Task, seq: int) -> dict[str, Any]:
             {"index": e.index, "kind": e.kind, "name": e.name, "result": e.result, "at": e.at} for e in task.journal
         ],
         "parked": task.parked,
+        "policy": None if task.policy is None else {"version": task.policy.version, "digest": task.policy.digest},
         "created_at": task.created_at,
         "updated_at": task.updated_at,
         "started_at": task.started_at,

@@ -26,6 +26,7 @@ _GROUPS: tuple[tuple[str, Any, str], ...] = (
     ("Workers", events.WorkerEvent, "`cp.<org>.worker.<worker id>`"),
     ("Orgs", events.OrgCreated, "`cp.<org>.org.<org>`"),
     ("API keys", events.ApiKeyCreated | events.ApiKeyRevoked, "`cp.<org>.apikey.<key id>`"),
+    ("Policy bundles", events.PolicyBundlePushed, "`cp.<org>.policy.bundles`"),
 )
 
 _SCALARS: dict[Any, str] = {
@@ -36,6 +37,7 @@ _SCALARS: dict[Any, str] = {
     datetime: "RFC 3339 time",
     Any: "any JSON",
     type(None): "null",
+    bytes: "base64 string",
 }
 
 _PREAMBLE = f"""\

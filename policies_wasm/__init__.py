@@ -7,6 +7,7 @@ needs them; see README.md in this folder.
 from policies_wasm.engine import (
     Bundle,
     Decision,
+    EngineCache,
     PolicyEngine,
     PolicyError,
     PolicyEvaluationError,
@@ -22,6 +23,7 @@ from policies_wasm.engine import (
 __all__ = [
     "Bundle",
     "Decision",
+    "EngineCache",
     "PolicyEngine",
     "PolicyError",
     "PolicyEvaluationError",

@@ -8,12 +8,14 @@ bundle and the input by digest, so a recorded decision says exactly what produce
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -308,9 +310,38 @@ def open_engine(bundle: Bundle) -> PolicyEngine:
     return engine
 
 
+class EngineCache:
+    """Engines by bundle digest, each opened once and reused; opening compiles, so it runs in a thread.
+    A bundle that fails to open raises each time it is asked for and is never cached."""
+
+    def __init__(self, max_engines: int = 32) -> None:
+        self._engines: OrderedDict[str, PolicyEngine] = OrderedDict()
+        self._max_engines = max_engines
+        self._opening = asyncio.Lock()
+
+    def get(self, bundle: Bundle) -> PolicyEngine | None:
+        engine = self._engines.get(bundle.digest)
+        if engine is not None:
+            self._engines.move_to_end(bundle.digest)
+        return engine
+
+    async def engine(self, bundle: Bundle) -> PolicyEngine:
+        engine = self.get(bundle)
+        if engine is not None:
+            return engine
+        async with self._opening:  # one compile at a time; a second asker of the same bundle finds it cached
+            engine = self.get(bundle)
+            if engine is None:
+                engine = self._engines[bundle.digest] = await asyncio.to_thread(open_engine, bundle)
+                while len(self._engines) > self._max_engines:
+                    self._engines.popitem(last=False)
+            return engine
+
+
 __all__ = [
     "Bundle",
     "Decision",
+    "EngineCache",
     "PolicyEngine",
     "PolicyError",
     "PolicyEvaluationError",

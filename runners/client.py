@@ -46,6 +46,12 @@ class TaskApi:
         _raise_for(response)
         return response.json()["items"]  # type: ignore[no-any-return]
 
+    async def policy_bundle(self, version: int) -> dict[str, Any]:
+        """Version ``version`` of the org's policy bundle, in full (``wasm`` base64 or null)."""
+        response = await self._http.get(f"/v1/policy-bundles/{version}")
+        _raise_for(response)
+        return response.json()  # type: ignore[no-any-return]
+
     async def lease_call(self, task_id: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
         """heartbeat, operations, sleep, approval-requests, complete, fail, non-determinism."""
         return await self._call("POST", f"/v1/tasks/{task_id}/{action}", body)

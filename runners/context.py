@@ -6,6 +6,7 @@ recorded one is non-determinism: nothing is guessed."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import inspect
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import msgspec
 
 from core.events import LlmCall, LlmUsage, PolicyDecision
-from policies_wasm import Bundle, PolicyEngine, default_bundle, open_engine
+from policies_wasm import Bundle, EngineCache, PolicyLoadError, default_bundle
 from runners.client import TaskApi
 
 
@@ -81,18 +82,25 @@ class PolicyDenied(Exception):
 
 
 class Policies:
-    """A runner's policy engine, opened on first use (loading a bundle compiles it: in a thread)."""
+    """A runner's policy engines. A task is decided by the bundle it was submitted under: its org's
+    pushed version, fetched from the gateway once and kept, or the shipped policies (``shipped``
+    overrides them). A fetched bundle whose content does not match the digest the task recorded is
+    refused: the policy then cannot decide, which denies."""
 
-    def __init__(self, bundle: Bundle | None = None) -> None:
-        self._bundle = bundle
-        self._engine: PolicyEngine | None = None
-        self._opening = asyncio.Lock()
+    def __init__(self, shipped: Bundle | None = None) -> None:
+        self._shipped = shipped
+        self._engines = EngineCache()
+        self._pushed: dict[tuple[str, int], Bundle] = {}
 
-    async def evaluate(self, entrypoint: str, input: Any) -> PolicyDecision:
-        async with self._opening:
-            if self._engine is None:
-                self._engine = await asyncio.to_thread(open_engine, self._bundle or default_bundle())
-        decided = self._engine.evaluate(entrypoint, input)
+    async def evaluate(
+        self, entrypoint: str, input: Any, *, org: str, pinned: dict[str, Any] | None, api: TaskApi
+    ) -> PolicyDecision:
+        version = None if pinned is None else pinned.get("version")
+        if version is None:
+            bundle = await self._shipped_bundle()
+        else:
+            bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
+        decided = (await self._engines.engine(bundle)).evaluate(entrypoint, input)
         return PolicyDecision(
             entrypoint=decided.entrypoint,
             value=decided.value,
@@ -101,6 +109,30 @@ class Policies:
             input_digest=decided.input_digest,
             duration_ms=decided.duration_ms,
         )
+
+    async def _shipped_bundle(self) -> Bundle:
+        if self._shipped is None:
+            self._shipped = await asyncio.to_thread(default_bundle)  # reads the policy files
+        return self._shipped
+
+    async def _pushed_bundle(self, org: str, version: int, digest: str, api: TaskApi) -> Bundle:
+        bundle = self._pushed.get((org, version))
+        if bundle is None:
+            document = await api.policy_bundle(version)
+            bundle = Bundle(
+                modules=document["modules"],
+                data=document["data"],
+                wasm=None if document["wasm"] is None else base64.b64decode(document["wasm"]),
+                revision=document["revision"],
+                origin=f"policy bundle version {version} of org {org}",
+            )
+            if bundle.digest != digest:
+                raise PolicyLoadError(
+                    f"policy bundle version {version} of org {org} has digest {bundle.digest}, "
+                    f"but the task was submitted under {digest}"
+                )
+            self._pushed[(org, version)] = bundle
+        return bundle
 
 
 class WorkflowContext:
@@ -121,6 +153,7 @@ class WorkflowContext:
         """What every policy input says about where the call comes from."""
         if workflow.get("name"):
             self.scope["workflow"] = workflow["name"]
+        self._policy_pin: dict[str, Any] | None = task.get("policy")
         self._journal: list[dict[str, Any]] = task["journal"]
         self._approvals = {a["id"]: a for a in task["approvals"]}
         self._lease = {"worker_id": worker_id, "lease_id": lease_id}
@@ -175,7 +208,10 @@ class WorkflowContext:
         ``PolicyDecided`` event: a replay returns it, never re-deciding under a newer bundle."""
 
         async def decide(index: int) -> dict[str, Any]:
-            return msgspec.to_builtins(await self._policies.evaluate(path, {**self.scope, **input}))  # type: ignore[no-any-return]
+            decision = await self._policies.evaluate(
+                path, {**self.scope, **input}, org=self.scope["org"], pinned=self._policy_pin, api=self._api
+            )
+            return msgspec.to_builtins(decision)  # type: ignore[no-any-return]
 
         decision = await self._operation("policy", path, decide)
         return decision["value"]

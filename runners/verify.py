@@ -67,6 +67,9 @@ class _RefusingApi(TaskApi):
     async def lease_call(self, task_id: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
         raise SideEffectRefused(f"verification tried to record {action!r} on task {task_id}")
 
+    async def policy_bundle(self, version: int) -> dict[str, Any]:
+        raise SideEffectRefused(f"verification tried to decide a policy anew (bundle version {version})")
+
     async def _call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         raise SideEffectRefused(f"verification tried {method} {path}")
 

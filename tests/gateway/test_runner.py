@@ -62,9 +62,9 @@ async def hitl_deploy(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str
 
 @contextlib.asynccontextmanager
 async def running(
-    stack: Stack, registry: Registry, queue: str, policies: Policies | None = None
+    stack: Stack, registry: Registry, queue: str, policies: Policies | None = None, *, worker_key: str | None = None
 ) -> AsyncIterator[None]:
-    api = TaskApi(stack.url, stack.keys["acme"]["worker"])
+    api = TaskApi(stack.url, worker_key or stack.keys["acme"]["worker"])
     runner = Runner(
         api,
         registry,
