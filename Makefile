@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-chaos: $(STAMP)
-	CP_CHAOS_TASKS=1000 $(BIN)/python -m pytest -q -m chaos
+	CP_CHAOS_TASKS=1000 CP_FUZZ_CASES=2000 CP_BAD_INPUT_EXAMPLES=2000 $(BIN)/python -m pytest -q -s -m chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/append.py
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/policy.py
 
 clean:
