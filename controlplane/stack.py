@@ -12,12 +12,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import uvicorn
 
 from controlplane.seed import seed_org
+from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Services
+from projections.folds import PROJECTIONS
 from projections.projector import Projector
 from projections.schema import Shard
 from runners.client import TaskApi
@@ -80,15 +83,18 @@ async def run_gateway(settings: GatewaySettings, host: str, port: int) -> int:
 async def run_projector(settings: GatewaySettings, shard: Shard | None = None) -> int:
     """Fold the log into PostgreSQL until a signal; with ``shard``, only that shard's orgs."""
     stop = stop_on_signals()
-    services = await open_services(settings)
-    projector = Projector(services.read_model.pool, services.store.nc, shard=shard)
+    # Only the log and the database: a projector serves no requests, so it needs no claim index, policy engine or keys.
+    store = await JetStreamEventStore.connect(settings.nats_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=len(PROJECTIONS) + 2)
+    projector = Projector(pool, store.nc, shard=shard)
     try:
         await projector.start()
         print("projector running" if shard is None else f"projector running shard {shard}", flush=True)
         await stop.wait()
     finally:
         await projector.stop()
-        await close_services(services)
+        await pool.close()
+        await store.close()
     return 0
 
 
