@@ -3,10 +3,8 @@ unchanged workflow passes, a changed one is flagged with both sides, and nothing
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,10 +13,9 @@ import pytest
 
 from controlplane.seed import seed_org
 from core.ids import new_id
-from runners.client import TaskApi
 from runners.registry import Registry
-from runners.runner import Runner
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import ROLES
+from tests.gateway.test_runner import running, until
 from tests.tools import release_v1
 from tests.tools.conftest import Cli, Ran, ToolsStack
 
@@ -26,28 +23,6 @@ pytestmark = pytest.mark.integration
 
 V1 = "tests.tools.release_v1:ALL"
 V2 = "tests.tools.release_v2:ALL"
-
-
-@contextlib.asynccontextmanager
-async def runner(stack: Stack, worker_key: str, queue: str) -> AsyncIterator[None]:
-    api = TaskApi(stack.url, worker_key)
-    running = Runner(
-        api, Registry(release_v1.ALL), worker_id=f"runner-{new_id()[-6:]}", queue=queue, block_ms=300, lease_seconds=10
-    )
-    stop = asyncio.Event()
-    job = asyncio.create_task(running.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(job, 15)
-        await api.close()
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float = 30) -> None:
-    async with asyncio.timeout(within):
-        while not await check():
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +54,7 @@ async def recorded_runs(tools_stack: ToolsStack, llm_calls_counted: None) -> dic
     async with (
         client("admin") as admin,
         client("approver") as approver,
-        runner(stack, keys["worker"], queue),
+        running(stack, Registry(release_v1.ALL), queue, worker_key=keys["worker"]),
     ):
 
         async def submit(payload: dict[str, Any]) -> str:
@@ -95,7 +70,7 @@ async def recorded_runs(tools_stack: ToolsStack, llm_calls_counted: None) -> dic
             async def check() -> bool:
                 return (await admin.get(f"/v1/tasks/{task_id}")).json()["status"] == status
 
-            await until(check)
+            await until(check, within=30)
             return (await admin.get(f"/v1/tasks/{task_id}")).json()  # type: ignore[no-any-return]
 
         direct = await submit({"service": "web"})
