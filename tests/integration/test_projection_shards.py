@@ -9,14 +9,19 @@ are per org."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, suppress
+from pathlib import Path
 
 import asyncpg
 import pytest
 from nats.js.errors import NotFoundError
 
 from core.commands import RegisterWorker
+from core.embedded import EmbeddedNats
 from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import STREAM_NAME, JetStreamEventStore
@@ -24,6 +29,7 @@ from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, ShardLayoutConflict, last_event_seq, rebuild
 from projections.read import ReadModel
 from projections.schema import Shard, effective_checkpoints, fetch_checkpoints, migrate, parse_shard
+from tests.gateway.conftest import _with_database
 from tests.integration.test_projections import (
     ORG_TABLES,
     caught_up,
@@ -37,6 +43,9 @@ from tests.integration.test_projections import (
 )
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).parents[2]
+CONTROLPLANE = str(Path(sys.executable).parent / "controlplane")
 
 
 # --- fixtures and helpers -------------------------------------------------------------------------
@@ -326,3 +335,53 @@ def test_every_org_has_one_stable_shard() -> None:
 def test_a_sharded_projection_has_the_checkpoint_of_its_slowest_shard() -> None:
     rows = {"tasks@1/2": 9, "tasks@2/2": 7, "workers": 5, "access@1/1": 3}
     assert effective_checkpoints(rows) == {"tasks": 7, "workers": 5, "access": 3}
+
+
+# --- as separate processes ------------------------------------------------------------------------
+
+
+async def test_two_projector_processes_split_the_orgs_and_together_equal_one(database_url: str, tmp_path: Path) -> None:
+    """``controlplane projector --shard 1/2`` and ``--shard 2/2`` as real processes, on a nats-server of
+    their own (the session's stream has projectors with the default consumer names)."""
+    orgs = orgs_covering(2, each=2)
+    with EmbeddedNats(tmp_path / "nats") as server:
+        store = await JetStreamEventStore.connect(server.url)
+        try:
+            async with fresh_database(database_url) as sharded, fresh_database(database_url) as reference:
+                dsn = _with_database(database_url, await sharded.fetchval("SELECT current_database()"))
+                for database in (sharded, reference):  # the processes migrate too; the test polls meanwhile
+                    await migrate(database)
+                logs = [tmp_path / f"shard-{index}.log" for index in (1, 2)]
+                processes = [
+                    await asyncio.create_subprocess_exec(
+                        *(CONTROLPLANE, "projector", "--shard", f"{index}/2"),
+                        *("--nats-url", server.url, "--database-url", dsn),
+                        stdout=log.open("wb"),
+                        stderr=asyncio.subprocess.STDOUT,
+                        env={**os.environ, "PYTHONPATH": str(REPO)},
+                    )
+                    for index, log in zip((1, 2), logs, strict=True)
+                ]
+                try:
+                    await play(CommandHandler(store), orgs, seed=23, steps=80)
+                    last = await store.last_seq()
+                    async with asyncio.timeout(30):
+                        while min(effective_checkpoints(await fetch_checkpoints(sharded)).values(), default=0) < last:
+                            await asyncio.sleep(0.1)
+                finally:
+                    for process in processes:
+                        process.send_signal(signal.SIGTERM)
+                    codes = [await asyncio.wait_for(process.wait(), 20) for process in processes]
+                assert codes == [0, 0], [log.read_text() for log in logs]
+                assert {key for key in await fetch_checkpoints(sharded) if key.startswith("tasks")} == {
+                    "tasks@1/2",
+                    "tasks@2/2",
+                }
+                async with running(Projector(reference, store.nc, idle_wait=0.2)) as unsharded:
+                    await caught_up(unsharded)
+                for org in orgs:
+                    tables = await snapshot(sharded, org)
+                    assert tables == await snapshot(reference, org), org
+                    assert tables["tasks"], org
+        finally:
+            await store.close()
