@@ -47,6 +47,9 @@ class ClaimBody(msgspec.Struct, frozen=True):
     capabilities: Capabilities = ()
     block_ms: Annotated[int, msgspec.Meta(ge=0, le=30_000)] = 0
     lease_seconds: LeaseSeconds = 30
+    workflows_only: bool = False
+    """Only tasks that run a workflow (runners ask this): a task without one, even one any worker's
+    capabilities would match, is left for the workers that do such tasks by hand."""
 
 
 class ClaimBatchBody(ClaimBody, frozen=True):

@@ -97,13 +97,27 @@ class OpenTasks:
             return None
         return address.org, task.queue
 
-    def candidates(self, org: str, queue: str, capabilities: Sequence[str], now: datetime, limit: int) -> list[str]:
-        """Up to ``limit`` ids a worker with ``capabilities`` may claim now, best first."""
+    def candidates(
+        self,
+        org: str,
+        queue: str,
+        capabilities: Sequence[str],
+        now: datetime,
+        limit: int,
+        *,
+        workflows_only: bool = False,
+    ) -> list[str]:
+        """Up to ``limit`` ids a worker with ``capabilities`` may claim now, best first; with
+        ``workflows_only``, only tasks that run a workflow."""
         offered = set(capabilities)
         found: list[str] = []
         for _, _, task_id in self._waiting.get((org, queue), ()):
             task = self._tasks[(org, task_id)][0]
-            if (task.not_before is None or task.not_before <= now) and offered.issuperset(task.required_capabilities):
+            if (
+                (task.not_before is None or task.not_before <= now)
+                and offered.issuperset(task.required_capabilities)
+                and (task.workflow is not None or not workflows_only)
+            ):
                 found.append(task_id)
                 if len(found) == limit:
                     break
@@ -163,8 +177,17 @@ class ClaimIndex:
             if self._open.put(org, state, seq):
                 self._wake(org, state.queue)
 
-    def candidates(self, org: str, queue: str, capabilities: Sequence[str], now: datetime, limit: int) -> list[str]:
-        return self._open.candidates(org, queue, capabilities, now, limit)
+    def candidates(
+        self,
+        org: str,
+        queue: str,
+        capabilities: Sequence[str],
+        now: datetime,
+        limit: int,
+        *,
+        workflows_only: bool = False,
+    ) -> list[str]:
+        return self._open.candidates(org, queue, capabilities, now, limit, workflows_only=workflows_only)
 
     def in_flight(self, org: str, queue: str | None = None) -> int:
         return self._open.in_flight(org, queue)

@@ -231,7 +231,12 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             return []
         wanted = max_tasks - len(claimed)
         candidates = svc.claim_index.candidates(
-            who.org, spec.queue, capabilities, svc.clock(), max(CLAIM_CANDIDATES, 2 * wanted)
+            who.org,
+            spec.queue,
+            capabilities,
+            svc.clock(),
+            max(CLAIM_CANDIDATES, 2 * wanted),
+            workflows_only=spec.workflows_only,
         )
         # Racing another claimer of this gateway for the same task would only lose: try the others first.
         for task_id in sorted(candidates, key=svc.claims_in_flight.__contains__):

@@ -39,6 +39,7 @@ class TaskApi:
                 "block_ms": block_ms,
                 "lease_seconds": lease_seconds,
                 "max_tasks": max_tasks,
+                "workflows_only": True,
             },
         )
         if response.status_code == 204:

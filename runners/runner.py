@@ -107,8 +107,8 @@ class Runner:
             self._slots.release()
 
     async def _advance(self, task: dict[str, Any], lease: dict[str, str]) -> None:
-        ref = task["workflow"] or {}
-        found = self._registry.find(ref.get("name", task["type"]), ref.get("version"))
+        ref = task["workflow"]  # runners claim only tasks that run a workflow
+        found = self._registry.find(ref["name"], ref["version"])
         if found is None:
             await self._api.lease_call(task["id"], "fail", {**lease, "error": f"no workflow {ref}", "retryable": False})
             return

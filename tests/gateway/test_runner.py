@@ -495,3 +495,27 @@ async def test_a_denied_tool_never_runs_and_one_needing_approval_waits_for_a_hum
     assert done["result"]["denied"], "the denial's reasons reach the workflow"
     history = await stack.services.handler.history("acme", "task", task_id)
     assert sum(type(r.event).__name__ == "PolicyDecided" for r in history) == 2
+
+
+@workflow("by-hand-or-not", version=1)
+async def by_hand_or_not(ctx: WorkflowContext, payload: Any) -> str:
+    return "ran as a workflow"
+
+
+async def test_a_runner_leaves_tasks_without_a_workflow_to_other_workers(stack: Stack) -> None:
+    queue = f"wf{new_id()[-8:]}"
+    async with stack.client() as admin, running(stack, Registry([by_hand_or_not]), queue):
+        # Same type as the hosted workflow and no required capabilities: any worker may take it, but
+        # a runner has nothing to run it with.
+        by_hand = (await admin.post("/v1/tasks", json={"type": "by-hand-or-not", "queue": queue})).json()
+        body = {"type": "by-hand-or-not", "queue": queue, "workflow": {"name": "by-hand-or-not", "version": 1}}
+        flow = (await admin.post("/v1/tasks", json=body)).json()
+
+        async def flow_done() -> bool:
+            return (await admin.get(f"/v1/tasks/{flow['id']}")).json()["status"] == "completed"
+
+        await until(flow_done)
+        await asyncio.sleep(0.5)  # a runner's claim long-polls 0.3 s: it had its chances
+        assert (await admin.get(f"/v1/tasks/{by_hand['id']}")).json()["status"] == "pending"
+        claimed = await admin.post("/v1/tasks/claim", json={"worker_id": "by-hand", "queue": queue})
+        assert claimed.json()["task"]["id"] == by_hand["id"], "a plain worker still gets it"

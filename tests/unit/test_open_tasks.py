@@ -1,6 +1,6 @@
 """The in-memory claim index against the rule it stands for: the claimable tasks are the pending,
-unparked ones whose backoff has passed and whose capabilities the worker has, best priority first,
-then oldest."""
+unparked ones whose backoff has passed and whose capabilities the worker has (and, for a runner, that
+run a workflow), best priority first, then oldest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.events import PRIORITY_RANK, TaskStatus
+from core.events import PRIORITY_RANK, TaskStatus, WorkflowRef
 from core.task import Task
 from gateway.claims import OpenTasks, claim_order
 
@@ -37,7 +37,7 @@ def task_states(draw: st.DrawFn) -> tuple[str, Task]:
         max_retries=3,
         timeout_seconds=None,
         retry_backoff_seconds=1,
-        workflow=None,
+        workflow=draw(st.none() | st.just(WorkflowRef("w", 1))),
         submitted_by="s",
         created_at=created,
         updated_at=created,
@@ -52,9 +52,10 @@ def task_states(draw: st.DrawFn) -> tuple[str, Task]:
     capabilities=st.sets(st.sampled_from(["a", "b"])),
     now=st.sampled_from([T0, T0 + timedelta(seconds=20)]),
     limit=st.integers(1, 20),
+    workflows_only=st.booleans(),
 )
 def test_candidates_are_the_claimable_tasks_in_claim_order(
-    states: list[tuple[str, Task]], capabilities: set[str], now: datetime, limit: int
+    states: list[tuple[str, Task]], capabilities: set[str], now: datetime, limit: int, workflows_only: bool
 ) -> None:
     index = OpenTasks()
     latest: dict[tuple[str, str], tuple[Task, int]] = {}
@@ -79,10 +80,12 @@ def test_candidates_are_the_claimable_tasks_in_claim_order(
                     and task.parked is None
                     and (task.not_before is None or task.not_before <= now)
                     and set(task.required_capabilities) <= capabilities
+                    and (task.workflow is not None or not workflows_only)
                 ),
                 key=claim_order,
             )
-            assert index.candidates(org, queue, sorted(capabilities), now, limit) == [t.id for t in expected][:limit]
+            found = index.candidates(org, queue, sorted(capabilities), now, limit, workflows_only=workflows_only)
+            assert found == [t.id for t in expected][:limit]
     open_tasks = [(org, task) for (org, _), (task, _) in latest.items() if not task.is_terminal]
     assert len(index) == len(open_tasks)
     for org in ("acme", "globex"):
