@@ -359,10 +359,11 @@ async def _history(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.format(_document.encode(entries)).decode())
         return 0
-    print(f"{'SEQ':>8}  {'TIME':<24}  {'ACTOR':<24}  {'EVENT':<26}  SUMMARY")
+    actor_width = max((len(entry.actor or "-") for entry in entries), default=5)
+    print(f"{'SEQ':>8}  {'TIME':<24}  {'ACTOR':<{actor_width}}  {'EVENT':<26}  SUMMARY")
     for entry in entries:
         summary = entry.summary if entry.changed else f"{entry.summary} (no effect)"
-        print(f"{entry.seq:>8}  {entry.time:<24}  {entry.actor or '-':<24}  {entry.type:<26}  {summary}")
+        print(f"{entry.seq:>8}  {entry.time:<24}  {entry.actor or '-':<{actor_width}}  {entry.type:<26}  {summary}")
     return 0
 
 
