@@ -27,9 +27,10 @@ from nats.aio.msg import Msg
 
 from core.audit import AuditChain, AuditReport, verify_export
 from core.embedded import require_nats_version
-from core.events import decode_event, encode_event
+from core.events import PolicyBundlePushed, decode_event, encode_event
 from core.handler import timer_subject, utc_now
 from core.ids import new_id, validate_token
+from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
 from core.replay import (
     ForkPlan,
     ForkRefused,
@@ -59,10 +60,12 @@ from core.store import (
 )
 from core.subjects import EVENTS_PREFIX, aggregate_subject
 from core.task import TASK, Task, TaskState
+from gateway.policy import pushed_bundle
 from gateway.views import task_document
+from policies_wasm import default_bundle
 from projections.projector import Progress, progress_bar
 from runners.registry import Registry
-from runners.verify import DEFAULT_TIMEOUT_SECONDS, Verification, verify_task
+from runners.verify import DEFAULT_TIMEOUT_SECONDS, SameBundles, Verification, verify_task
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +435,7 @@ async def _verify(args: argparse.Namespace) -> int:
             tasks = {task_id: FoldedTask(state, seq, len(history))}
         else:
             tasks = await fold_org_tasks(reader, org, _progress(args, "read"))
+        bundles = None if args.skip_policies else await _policy_bundles(reader, org)
     chosen = [
         folded
         for folded in tasks.values()
@@ -443,7 +447,8 @@ async def _verify(args: argparse.Namespace) -> int:
     replayed = 0
     for folded in chosen:
         assert folded.state is not None
-        reports.append(await verify_task(runner_view(folded.state, folded.seq), registry, time_limit=args.time_limit))
+        view = runner_view(folded.state, folded.seq)
+        reports.append(await verify_task(view, registry, time_limit=args.time_limit, bundles=bundles))
         replayed += folded.events
         if progress is not None:
             progress(replayed, total)
@@ -456,6 +461,13 @@ async def _verify(args: argparse.Namespace) -> int:
         skipped = sum(r.outcome == "skipped" for r in reports)
         print(f"verified {len(reports)} tasks of org {org}: {ok} ok, {len(diverged)} diverged, {skipped} skipped")
     return 1 if diverged else 0
+
+
+async def _policy_bundles(reader: LogReader, org: str) -> SameBundles:
+    """Every bundle the org's decisions can name: its pushed versions and the shipped bundle."""
+    pushed = await reader.history(aggregate_subject(org, POLICY_AGGREGATE, POLICY_SET_ID))
+    versions = [pushed_bundle(item.event) for item in pushed if isinstance(item.event, PolicyBundlePushed)]
+    return SameBundles([*versions, await asyncio.to_thread(default_bundle)])
 
 
 def _print_verifications(reports: Sequence[Verification], *, verbose: bool) -> None:
@@ -690,7 +702,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         ],
         (
             "Steps, LLM calls, clocks and ids are answered from the journal; nothing runs and nothing is"
-            "\nwritten. Exit status 1 when any task diverges (each divergence is printed with both sides)."
+            "\nwritten. Each recorded policy decision must have been made for the input the code asks with,"
+            "\nand is decided again by the bundle that made it (the org's pushed versions, the shipped one):"
+            "\nan engine that decides otherwise today diverges. Exit status 1 when any task diverges (each"
+            "\ndivergence is printed with both sides)."
         ),
     )
     verify.add_argument("org")
@@ -703,6 +718,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     verify.add_argument("--active", action="store_true", help="only tasks that are not finished")
     verify.add_argument(
         "--time-limit", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds one task's replay may take"
+    )
+    verify.add_argument(
+        "--skip-policies",
+        action="store_true",
+        help="do not decide recorded policy decisions again with the bundles that made them",
     )
     verify.add_argument("--verbose", "-v", action="store_true", help="also list tasks that are ok or skipped")
     verify.add_argument("--json", action="store_true", help="one report per task, as a JSON array")

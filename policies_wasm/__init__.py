@@ -17,6 +17,7 @@ from policies_wasm.engine import (
     PolicyUndefined,
     UnknownEntrypoint,
     default_bundle,
+    input_digest,
     open_engine,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "PolicyUndefined",
     "UnknownEntrypoint",
     "default_bundle",
+    "input_digest",
     "open_engine",
 ]

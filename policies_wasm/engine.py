@@ -96,6 +96,11 @@ def sha256_digest(content: bytes) -> str:
     return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
+def input_digest(value: Any) -> str:
+    """The digest a decision records for its input (raises PolicyInputError as evaluating would)."""
+    return sha256_digest(canonical_json(value))
+
+
 # --- Bundles ----------------------------------------------------------------------------------------
 
 # `# METADATA` blocks marking a rule `entrypoint: true`, as `opa build` reads them. The rule's name
@@ -353,5 +358,6 @@ __all__ = [
     "annotated_entrypoints",
     "canonical_json",
     "default_bundle",
+    "input_digest",
     "open_engine",
 ]

@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
 from core.events import LlmCall, LlmUsage, PolicyDecision
-from policies_wasm import Bundle, EngineCache, PolicyLoadError, default_bundle
+from policies_wasm import Bundle, EngineCache, PolicyLoadError, default_bundle, input_digest
 from runners.client import TaskApi
 
 
@@ -207,14 +207,28 @@ class WorkflowContext:
         """The decision of policy entrypoint ``path`` on ``input`` (with ``scope`` added), recorded as a
         ``PolicyDecided`` event: a replay returns it, never re-deciding under a newer bundle."""
 
+        asked = {**self.scope, **input}
+
         async def decide(index: int) -> dict[str, Any]:
             decision = await self._policies.evaluate(
-                path, {**self.scope, **input}, org=self.scope["org"], pinned=self._policy_pin, api=self._api
+                path, asked, org=self.scope["org"], pinned=self._policy_pin, api=self._api
             )
             return msgspec.to_builtins(decision)  # type: ignore[no-any-return]
 
         decision = await self._operation("policy", path, decide)
+        self._answered(path, asked, decision)
         return decision["value"]
+
+    def _answered(self, path: str, asked: dict[str, Any], decision: dict[str, Any]) -> None:
+        """A recorded decision answers only the input it was made for: asked with another one (the
+        code computes it differently now), the replay has diverged, whatever the old answer was."""
+        digest = input_digest(asked)
+        if decision["input_digest"] != digest:
+            self._diverged(
+                self._position - 1,
+                {"kind": "policy", "name": path, "input_digest": decision["input_digest"]},
+                {"kind": "policy", "name": path, "input_digest": digest},
+            )
 
     async def _permitted(self, what: str, call: dict[str, Any]) -> None:
         verdict = await self.policy(TOOL_POLICY, call)
@@ -288,15 +302,16 @@ class WorkflowContext:
         self._position += 1
         return result
 
+    def _diverged(self, index: int, expected: dict[str, Any], actual: dict[str, Any]) -> NoReturn:
+        raise NonDeterminism(index, expected, actual)
+
     def _next(self, kind: str, name: str) -> int | None:
         """None when replaying this position (after checking it matches), else the index to record at."""
         index = self._position
         if index < len(self._journal):
             entry = self._journal[index]
             if (entry["kind"], entry["name"]) != (kind, name):
-                raise NonDeterminism(
-                    index, {"kind": entry["kind"], "name": entry["name"]}, {"kind": kind, "name": name}
-                )
+                self._diverged(index, {"kind": entry["kind"], "name": entry["name"]}, {"kind": kind, "name": name})
             self._position += 1
             return None
         return index

@@ -13,7 +13,9 @@ written. The result is classified:
 * **divergence**: the code asked for another operation than the journal holds (both sides are
   reported); a completed task's code asks for more operations or returns another result; the code
   finished (returned, raised or waited) before consuming the whole journal; it raised where the
-  recorded run did not; it did not finish within the time limit; or it tried a side effect.
+  recorded run did not; it did not finish within the time limit; it tried a side effect; it asked a
+  policy with another input than the recorded decision was made for; or (given the bundles) the
+  bundle that recorded a policy decision decides that input otherwise today (an engine change).
 * **skipped**: the task has no workflow, or its workflow is not one this code hosts.
 
 Workflow code that reaches the world without the context (a clock, an HTTP call) escapes these
@@ -22,10 +24,12 @@ guards, as it escapes replay in production: that is a bug in the workflow."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, NoReturn
 
 import msgspec
 
+from policies_wasm import Bundle, EngineCache, PolicyError
 from runners.client import TaskApi
 from runners.context import NonDeterminism, Suspended, WorkflowContext
 from runners.registry import Registry
@@ -82,22 +86,65 @@ class ReplayOnlyContext(WorkflowContext):
         super().__init__(_RefusingApi(), task, lease_id="verify", worker_id="verify")
         self.mismatch: NonDeterminism | None = None
         self.exhausted: JournalExhausted | None = None
+        self.policy_calls: list[PolicyCall] = []
 
     @property
     def replayed(self) -> int:
         """Journal positions the code has consumed so far."""
         return self._position
 
-    def _next(self, kind: str, name: str) -> int | None:
+    def _diverged(self, index: int, expected: dict[str, Any], actual: dict[str, Any]) -> NoReturn:
         try:
-            index = super()._next(kind, name)
+            super()._diverged(index, expected, actual)
         except NonDeterminism as exc:
             self.mismatch = self.mismatch or exc
             raise
+
+    def _answered(self, path: str, asked: dict[str, Any], decision: dict[str, Any]) -> None:
+        super()._answered(path, asked, decision)
+        self.policy_calls.append(PolicyCall(self._position - 1, path, asked, decision))
+
+    def _next(self, kind: str, name: str) -> int | None:
+        index = super()._next(kind, name)
         if index is None:
             return None
         self.exhausted = self.exhausted or JournalExhausted(kind, name, index)
         raise self.exhausted
+
+
+class PolicyCall(msgspec.Struct, frozen=True):
+    """A policy decision the replay was answered with, and the input the code asked it for."""
+
+    index: int
+    path: str
+    input: dict[str, Any]
+    recorded: dict[str, Any]
+
+
+class SameBundles:
+    """The bundles recorded decisions name, by digest, to decide their inputs again: does the engine
+    in use today decide as the one that recorded them did?"""
+
+    def __init__(self, bundles: Iterable[Bundle]) -> None:
+        self._bundles = {bundle.digest: bundle for bundle in bundles}
+        self._engines = EngineCache()
+
+    async def recheck(self, calls: Iterable[PolicyCall]) -> tuple[PolicyCall | None, Any, int]:
+        """The first call the same bundle now decides otherwise (and its new value), and how many calls
+        could not be re-checked because their bundle is not known here."""
+        unknown = 0
+        for call in calls:
+            bundle = self._bundles.get(call.recorded["bundle_digest"])
+            if bundle is None:
+                unknown += 1
+                continue
+            try:
+                value = (await self._engines.engine(bundle)).evaluate(call.path, call.input).value
+            except PolicyError as exc:
+                return call, {"error": f"{type(exc).__name__}: {exc}"}, unknown
+            if value != call.recorded["value"]:
+                return call, value, unknown
+        return None, None, unknown
 
 
 class Verification(msgspec.Struct, frozen=True):
@@ -134,10 +181,15 @@ Ended = _Returned | _Waiting | _Raised | _TimedOut
 
 
 async def verify_task(
-    task: dict[str, Any], registry: Registry, *, time_limit: float = DEFAULT_TIMEOUT_SECONDS
+    task: dict[str, Any],
+    registry: Registry,
+    *,
+    time_limit: float = DEFAULT_TIMEOUT_SECONDS,
+    bundles: SameBundles | None = None,
 ) -> Verification:
     """Replay ``task`` (the API's task object, as a runner receives it) on the workflow ``registry``
-    holds for it, and classify what the code did."""
+    holds for it, and classify what the code did. With ``bundles``, every policy decision the replay
+    was answered with is also decided again by the bundle that recorded it."""
     ref = task.get("workflow")
     base = {"task_id": task["id"], "status": task["status"], "journal": len(task["journal"])}
     if ref is None:
@@ -156,6 +208,8 @@ async def verify_task(
     context = ReplayOnlyContext(task)
     ended = await _run(found.fn, context, task["payload"], time_limit)
     outcome, reason, recorded, code = _classify(task, context, ended)
+    if outcome == "ok" and bundles is not None:
+        outcome, reason, recorded, code = await _rechecked(context.policy_calls, bundles, reason)
     if outcome == "ok" and task.get("parked"):
         reason += f"; the task is parked ({task['parked']}): `controlplane tasks resume` lets a runner continue it"
     return Verification(
@@ -225,6 +279,24 @@ def _classify(task: dict[str, Any], context: ReplayOnlyContext, ended: Ended) ->
         case _Raised():
             return _raised(task, ended.error)
     raise AssertionError(f"unexpected end {ended!r}")
+
+
+async def _rechecked(calls: list[PolicyCall], bundles: SameBundles, reason: str) -> Classified:
+    changed, now, unknown = await bundles.recheck(calls)
+    if changed is not None:
+        return (
+            "divergence",
+            f"operation {changed.index}: policy {changed.path}, decided again by the bundle that recorded it "
+            f"({changed.recorded['bundle_digest']}), no longer gives the recorded answer",
+            changed.recorded["value"],
+            now,
+        )
+    if calls:
+        checked = len(calls) - unknown
+        reason += f"; {checked} of {len(calls)} policy decision(s) decided again by their own bundle, unchanged"
+        if unknown:
+            reason += f" ({unknown} name a bundle not known here)"
+    return "ok", reason, None, None
 
 
 def _asked_past_journal(task: dict[str, Any], asked: JournalExhausted) -> Classified:
