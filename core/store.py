@@ -51,6 +51,21 @@ class StoreError(Exception):
     """The log could not be reached or refused the write for a reason other than concurrency."""
 
 
+_BATCH_HEADERS_SIZE = 200
+"""Room for the Nats-Batch-* headers an event of a batch gets on top of its own (an id of at most
+~100 bytes, a sequence and the commit mark)."""
+
+
+def _encoded_header_size(headers: dict[str, str]) -> int:
+    """Bytes of the headers as nats-py sends them: ``NATS/1.0\r\n``, ``name: value\r\n`` each, ``\r\n``."""
+    return 12 + sum(len(name.encode()) + len(value.encode()) + 4 for name, value in headers.items())
+
+
+class EventTooLarge(StoreError):
+    """An event, with its headers, would exceed the server's message size limit. Checked before
+    anything is published: the server answers such a message by closing the connection."""
+
+
 class WrongExpectedSequence(Exception):
     """Someone else appended to the aggregate since it was read: reload and decide again."""
 
@@ -230,6 +245,14 @@ class JetStreamEventStore:
         is a plain publish, several are an atomic batch."""
         if not events:
             raise ValueError("a command must append at least one event")
+        messages = [
+            (subject, encode_event(event), self._event_headers(event, meta, index, expected_last_seq))
+            for index, event in enumerate(events)
+        ]
+        self._check_sizes(messages, batched=len(messages) > 1)
+        self._check_sizes(
+            [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules], batched=False
+        )
         armed = [
             (
                 schedule,
@@ -238,10 +261,6 @@ class JetStreamEventStore:
                 ),
             )
             for schedule in schedules
-        ]
-        messages = [
-            (subject, encode_event(event), self._event_headers(event, meta, index, expected_last_seq))
-            for index, event in enumerate(events)
         ]
         try:
             if len(messages) == 1 and not armed:
@@ -256,6 +275,15 @@ class JetStreamEventStore:
             raise
         await self._confirm_armed(armed, meta)
         return list(range(last_seq - len(events) + 1, last_seq + 1))
+
+    def _check_sizes(self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *, batched: bool) -> None:
+        limit = self._nc.max_payload
+        for subject, payload, headers in messages:
+            size = len(payload) + _encoded_header_size(headers) + (_BATCH_HEADERS_SIZE if batched else 0)
+            if size > limit:
+                raise EventTooLarge(
+                    f"an event for {subject} takes {size} bytes with its headers; the log takes at most {limit}"
+                )
 
     async def _disarm(self, armed: list[tuple[Schedule, asyncio.Future[dict[str, Any]]]]) -> None:
         for schedule, ack_future in armed:

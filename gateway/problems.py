@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from core.errors import ConcurrencyExhausted, Rejected
 from core.ids import InvalidToken
-from core.store import StoreError
+from core.store import EventTooLarge, StoreError
 from projections.read import DATABASE_UNAVAILABLE
 
 PROBLEM_JSON = "application/problem+json"
@@ -60,7 +60,7 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
             return problem_response(422, str(exc))
         case msgspec.DecodeError():
             return problem_response(400, f"the body is not valid JSON: {exc}")
-        case nats.errors.MaxPayloadError():  # a body under the limit whose event is still too big for the log
+        case EventTooLarge() | nats.errors.MaxPayloadError():  # a body under the limit, an event over it
             return problem_response(
                 413, "the event this request would record exceeds the event log's message size limit; send less"
             )

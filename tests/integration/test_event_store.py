@@ -26,7 +26,7 @@ from core.errors import InvalidTransition, Rejected
 from core.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
 from core.handler import CommandHandler
 from core.ids import InvalidToken
-from core.store import AppendMeta, DuplicateAppend, JetStreamEventStore, WrongExpectedSequence
+from core.store import AppendMeta, DuplicateAppend, EventTooLarge, JetStreamEventStore, WrongExpectedSequence
 from core.subjects import aggregate_subject
 
 pytestmark = pytest.mark.integration
@@ -200,3 +200,20 @@ async def test_a_refusal_is_checked_against_the_log_not_a_stale_cache(handler: C
     assert outcome.state.status == "running"
     assert outcome.state.assigned_worker == "w2"
     assert outcome.state.retries == 1
+
+
+async def test_an_event_too_large_with_its_headers_is_refused_before_it_reaches_the_server(
+    handler: CommandHandler, store: JetStreamEventStore, org: str
+) -> None:
+    """The payload alone fits the server's limit, with the headers it does not: the server would close
+    the connection. The store refuses it instead, appends nothing and stays connected."""
+    limit = store.nc.max_payload
+    before = await store.last_seq()
+    # The event alone ends some tens of bytes around the limit; with its ~170 bytes of headers it cannot fit.
+    for extra in (0, 20, 40):
+        with pytest.raises(EventTooLarge, match=f"at most {limit}"):
+            await submit(handler, org, f"big{extra}", payload="x" * (limit - 400 + extra))
+    assert await store.last_seq() == before
+    assert store.nc.is_connected
+    await submit(handler, org, "small-after")
+    assert await store.last_seq() > before
