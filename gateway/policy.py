@@ -46,13 +46,14 @@ class SubmitGate:
     def __init__(
         self,
         bundle: Bundle,
+        engine: PolicyEngine,
         engines: EngineCache,
         handler: CommandHandler,
         claim_index: ClaimIndex,
         read_model: ReadModel,
     ) -> None:
-        self.bundle = bundle
-        """The shipped bundle: what decides for orgs that pushed none."""
+        self.bundle, self.engine = bundle, engine
+        """The shipped bundle and its engine: what decides for orgs that pushed none."""
         self.engines = engines
         self._handler, self._claim_index, self._read_model = handler, claim_index, read_model
         self._tokens: dict[str, tuple[float, int]] = {}
@@ -62,14 +63,8 @@ class SubmitGate:
     async def open(cls, handler: CommandHandler, claim_index: ClaimIndex, read_model: ReadModel) -> SubmitGate:
         bundle = default_bundle()
         engines = EngineCache()
-        await engines.engine(bundle)  # a shipped bundle that does not compile stops the start, not a submit
-        return cls(bundle, engines, handler, claim_index, read_model)
-
-    @property
-    def engine(self) -> PolicyEngine:
-        engine = self.engines.get(self.bundle)
-        assert engine is not None, "opened with the shipped bundle"
-        return engine
+        engine = await engines.engine(bundle)  # a shipped bundle that does not compile stops the start
+        return cls(bundle, engine, engines, handler, claim_index, read_model)
 
     async def bundle_for(self, org: str) -> tuple[int | None, Bundle]:
         """The org's current bundle and its version (None: the shipped bundle)."""
@@ -111,14 +106,7 @@ class SubmitGate:
             facts["usage"]["tokens_today"] = tokens
         version, bundle = await self.bundle_for(org)
         decided = (await self.engines.engine(bundle)).evaluate(SUBMIT_POLICY, facts)
-        return PolicyDecision(
-            entrypoint=decided.entrypoint,
-            value=decided.value,
-            engine=decided.engine,
-            bundle_digest=decided.bundle_digest,
-            input_digest=decided.input_digest,
-            duration_ms=decided.duration_ms,
-        ), version
+        return PolicyDecision(**msgspec.structs.asdict(decided)), version
 
     async def _tokens_today(self, org: str) -> int | None:
         cached = self._tokens.get(org)

@@ -101,14 +101,7 @@ class Policies:
         else:
             bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
         decided = (await self._engines.engine(bundle)).evaluate(entrypoint, input)
-        return PolicyDecision(
-            entrypoint=decided.entrypoint,
-            value=decided.value,
-            engine=decided.engine,
-            bundle_digest=decided.bundle_digest,
-            input_digest=decided.input_digest,
-            duration_ms=decided.duration_ms,
-        )
+        return PolicyDecision(**msgspec.structs.asdict(decided))
 
     async def _shipped_bundle(self) -> Bundle:
         if self._shipped is None:
