@@ -23,6 +23,7 @@ from controlplane import integrations as integration_commands
 from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
 from controlplane import stack
+from controlplane import timers as timer_commands
 from controlplane.seed import seed_org
 from controlplane.stack import run_gateway, run_projector, run_runner
 from core.cluster import EmbeddedNatsCluster
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("doctor", help="check that the tools the stack needs are present and recent enough")
     replay_commands.register(commands)
     policy_commands.register(commands)
+    timer_commands.register(commands)
     integration_commands.register(commands)
 
     args = parser.parse_args(argv)

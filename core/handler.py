@@ -189,13 +189,32 @@ class CommandHandler:
     async def history(self, org: str, aggregate: str, aggregate_id: str) -> list[RecordedEvent]:
         return list((await self._refreshed(org, aggregate, aggregate_id)).history)
 
+    async def rearm(self, org: str, aggregate: str, aggregate_id: str, *, actor: str) -> list[str]:
+        """Arm again every timer the aggregate's state, folded from the log, wants and the log does not
+        hold: what an arming that failed after its commit (or a stream restored from a backup) left
+        out. Returns the schedule subjects armed. A timer armed twice fires twice; the second folds
+        as a no-op, like any timer whose guarded thing has moved on."""
+        decider = self._decider_named(aggregate)
+        subject = aggregate_subject(org, aggregate, aggregate_id)
+        async with self._lock(subject):
+            loaded = await self._load(subject, decider, refresh=True)
+            wanted = [Schedule(timer_subject(subject, t), subject, t.event) for t in decider.timers(loaded.state)]
+            missing = [schedule for schedule in wanted if not await self._store.holds(schedule.subject)]
+            if missing:
+                await self._store.arm(missing, AppendMeta(command_id=new_id(), actor=actor, time=self._clock()))
+        return [schedule.subject for schedule in missing]
+
     async def _refreshed(self, org: str, aggregate: str, aggregate_id: str) -> _Aggregate:
-        decider = next((d for d in self._deciders.values() if d.aggregate == aggregate), None)
-        if decider is None:
-            raise ValueError(f"unknown aggregate type {aggregate!r}")
+        decider = self._decider_named(aggregate)
         subject = aggregate_subject(org, aggregate, aggregate_id)
         async with self._lock(subject):
             return await self._load(subject, decider, refresh=True)
+
+    def _decider_named(self, aggregate: str) -> Decider[Any]:
+        decider = next((d for d in self._deciders.values() if d.aggregate == aggregate), None)
+        if decider is None:
+            raise ValueError(f"unknown aggregate type {aggregate!r}")
+        return decider
 
     def _lock(self, subject: str) -> asyncio.Lock:
         """One in-process writer per aggregate spares lost races; across processes OCC decides."""

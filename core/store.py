@@ -312,7 +312,7 @@ class JetStreamEventStore:
                 except Exception:
                     await asyncio.sleep(0.05 * 2**attempt)
             else:
-                log.error("timer %s could not be armed; the reconciler must re-arm it", schedule.subject)
+                log.error("timer %s could not be armed; `controlplane timers reconcile` re-arms it", schedule.subject)
 
     @staticmethod
     def _event_headers(event: Event, meta: AppendMeta, index: int, expected_last_seq: int) -> dict[str, str]:
@@ -354,6 +354,28 @@ class JetStreamEventStore:
         subject, payload, headers = messages[-1]
         commit = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(last), "Nats-Batch-Commit": "1"}
         return await self._ack(await self._send(subject, payload, commit), headers[MSG_ID])
+
+    async def holds(self, subject: str) -> bool:
+        """Whether the stream holds a message on ``subject`` (for a timer: armed and not yet fired)."""
+        try:
+            reply = await self._nc.request(
+                self._direct_get_subject, json.dumps({"last_by_subj": subject}).encode(), timeout=ACK_TIMEOUT_SECONDS
+            )
+        except NatsTimeoutError as exc:
+            raise StoreError(f"looking up {subject} in the log timed out") from exc
+        status = (reply.headers or {}).get("Status")
+        if status == "404":
+            return False
+        if status:
+            raise StoreError(f"direct get of {subject} failed: {status} {(reply.headers or {}).get('Description')}")
+        return True
+
+    async def arm(self, schedules: Sequence[Schedule], meta: AppendMeta) -> None:
+        """Store timer definitions outside a command: how the reconciler re-arms lost timers."""
+        headed = [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules]
+        self._check_sizes(headed, batched=False)
+        for subject, payload, headers in headed:
+            await self._ack(await self._send(subject, payload, headers))
 
     async def cancel_schedules(self, subjects: Sequence[str], *, older_than_seq: int) -> None:
         """Remove timer definitions stored before ``older_than_seq``; a newer re-arm survives."""

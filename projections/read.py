@@ -167,6 +167,14 @@ class ReadModel:
         checkpoint = effective_checkpoints(checkpoints).get("tasks", 0)
         return [(row["org_id"], _task_decoder.decode(row["state"]), row["seq"]) for row in rows], checkpoint
 
+    async def live_workers(self) -> list[tuple[str, str]]:
+        """``(org, worker id)`` of every worker not offline or failed, in every org: those whose
+        liveness timers matter."""
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL cp.projector = 'on'")  # the system's own view, across orgs
+            rows = await conn.fetch("SELECT org_id, id FROM workers WHERE status NOT IN ('offline', 'failed')")
+        return [(row["org_id"], row["id"]) for row in rows]
+
     async def get_approval(self, org: str, approval_id: str) -> tuple[Approval, int] | None:
         return await self._get(org, "approvals", approval_id, _approval_decoder.decode)
 

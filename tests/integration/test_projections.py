@@ -10,7 +10,7 @@ import asyncio
 import io
 import random
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +21,6 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
-from nats.js.errors import NotFoundError
 
 from core.commands import (
     SYSTEM,
@@ -104,13 +103,6 @@ async def fresh_database(database_url: str, **connect: Any) -> AsyncIterator[asy
         await admin.close()
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with fresh_database(database_url) as opened:
-        await migrate(opened)
-        yield opened
-
-
 @asynccontextmanager
 async def running(projector: Projector) -> AsyncIterator[Projector]:
     await projector.start()
@@ -118,24 +110,6 @@ async def running(projector: Projector) -> AsyncIterator[Projector]:
         yield projector
     finally:
         await projector.stop()
-
-
-@pytest.fixture
-async def projector(pool: asyncpg.Pool, store: JetStreamEventStore, org: str) -> AsyncIterator[Projector]:
-    """Not started; its durable consumers are removed at the end."""
-    made = Projector(pool, store.nc, consumer_prefix=f"proj-{org}-", idle_wait=0.2)
-    yield made
-    await made.stop()
-    for name in made.names:
-        with suppress(NotFoundError):
-            await store.nc.jetstream().delete_consumer(STREAM_NAME, made.consumer_name(name))
-
-
-@pytest.fixture
-async def read_model(pool: asyncpg.Pool) -> AsyncIterator[ReadModel]:
-    model = ReadModel(pool, poll_interval=0.2)
-    yield model
-    await model.close()
 
 
 async def caught_up(projector: Projector) -> None:

@@ -1,0 +1,96 @@
+"""The timer reconciler: ``controlplane timers reconcile``. Timers are a function of state, so every
+timer an open task or a live worker needs can be armed again from the log, after an arming that failed
+past its commit (the store logs it) or a stream restored from a backup. The read model names the
+candidates; each one's state is folded from the log, which decides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import asyncpg
+import msgspec
+import uvloop
+
+from core.handler import CommandHandler
+from core.ids import validate_token
+from core.store import JetStreamEventStore
+from projections.projector import Progress, progress_bar
+from projections.read import ReadModel
+
+log = logging.getLogger(__name__)
+
+RECONCILER_ACTOR = "system:reconciler"
+
+
+class Reconciled(msgspec.Struct, frozen=True):
+    tasks: int
+    workers: int
+    armed: tuple[str, ...]
+    """Schedule subjects armed again."""
+
+
+async def reconcile(
+    handler: CommandHandler, read_model: ReadModel, *, org: str | None = None, progress: Progress | None = None
+) -> Reconciled:
+    """Arm every timer that an open task or a live worker (of ``org``, or of every org) needs and
+    the log does not hold."""
+    open_tasks, _ = await read_model.open_tasks()
+    candidates = [(task_org, "task", task.id) for task_org, task, _ in open_tasks]
+    candidates += [(worker_org, "worker", worker_id) for worker_org, worker_id in await read_model.live_workers()]
+    if org is not None:
+        candidates = [candidate for candidate in candidates if candidate[0] == org]
+    armed: list[str] = []
+    for done, (aggregate_org, aggregate, aggregate_id) in enumerate(candidates, start=1):
+        subjects = await handler.rearm(aggregate_org, aggregate, aggregate_id, actor=RECONCILER_ACTOR)
+        for subject in subjects:
+            log.warning("re-armed timer %s", subject)
+        armed += subjects
+        if progress is not None:
+            progress(done, len(candidates))
+    tasks = sum(aggregate == "task" for _, aggregate, _ in candidates)
+    return Reconciled(tasks=tasks, workers=len(candidates) - tasks, armed=tuple(armed))
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add this module's subcommands; each sets ``run=fn(args) -> exit code`` as its default."""
+    timers = commands.add_parser("timers", help="durable timers").add_subparsers(dest="timers_command", required=True)
+    command = timers.add_parser(
+        "reconcile",
+        help="arm again every timer an open task or live worker needs and the log does not hold",
+        description="Arm again every timer (lease expiry, approval timeout and escalation, retry, deadline, "
+        "worker liveness) that an open task or a live worker needs and the log does not hold. Safe to run at "
+        "any time: a timer armed twice fires twice, and the second firing changes nothing.",
+        epilog="examples:\n  controlplane timers reconcile --nats-url nats://127.0.0.1:4222 "
+        "--database-url postgresql://…\n  controlplane timers reconcile --org acme   # one org only",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_argument("--org", help="only this org (default: every org)")
+    command.add_argument(
+        "--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"), help="default: $CP_NATS_URL"
+    )
+    command.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: $DATABASE_URL")
+    command.set_defaults(run=lambda args: uvloop.run(_reconcile(args)))
+
+
+async def _reconcile(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        raise ValueError("the read model names the candidates: give --database-url or DATABASE_URL")
+    org = validate_token(args.org, "org") if args.org else None
+    store = await JetStreamEventStore.connect(args.nats_url, provision=False)
+    pool = await asyncpg.create_pool(args.database_url, min_size=1, max_size=2)
+    read_model = ReadModel(pool)
+    try:
+        progress = progress_bar("reconcile") if sys.stderr.isatty() else None
+        done = await reconcile(CommandHandler(store), read_model, org=org, progress=progress)
+    finally:
+        await read_model.close()
+        await pool.close()
+        await store.close()
+    print(
+        f"checked {done.tasks} open task(s) and {done.workers} live worker(s); "
+        f"re-armed {len(done.armed)} timer(s)" + "".join(f"\n  {subject}" for subject in done.armed)
+    )
+    return 0

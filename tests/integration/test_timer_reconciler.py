@@ -1,0 +1,62 @@
+"""The timer reconciler against a real nats-server and PostgreSQL: a timer lost after its command
+committed is armed again from state, fires, and a second run arms nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from controlplane.timers import RECONCILER_ACTOR, reconcile
+from core.commands import SYSTEM, Actor, ClaimTask, RegisterWorker, SubmitTask
+from core.handler import CommandHandler, timer_subject
+from core.store import TIMER_ACTOR, JetStreamEventStore
+from core.subjects import aggregate_subject
+from core.task import TASK
+from core.worker import WORKER
+from projections.projector import Projector
+from projections.read import ReadModel
+from tests.integration.test_projections import caught_up, running
+
+pytestmark = pytest.mark.integration
+
+WORKER_ACTOR = Actor("worker-key", frozenset({"worker"}))
+
+
+async def test_a_lost_lease_timer_is_armed_again_and_fires(
+    handler: CommandHandler,
+    store: JetStreamEventStore,
+    org: str,
+    pool: asyncpg.Pool,
+    projector: Projector,
+    read_model: ReadModel,
+) -> None:
+    await handler.handle(org, RegisterWorker(worker_id="w1", heartbeat_timeout_seconds=600), actor=WORKER_ACTOR)
+    await handler.handle(org, SubmitTask(task_id="t1", task_type="deploy"), actor=SYSTEM)
+    claimed = await handler.handle(
+        org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=2), actor=WORKER_ACTOR
+    )
+    task_subject = aggregate_subject(org, "task", "t1")
+    [lease_timer] = [timer_subject(task_subject, timer) for timer in TASK.timers(claimed.state)]
+    worker_state, _ = await handler.load(org, "worker", "w1")
+    [liveness_timer] = [timer_subject(aggregate_subject(org, "worker", "w1"), t) for t in WORKER.timers(worker_state)]
+    # What an arming that failed after its commit leaves: the task runs, and nothing will expire its lease.
+    await store.cancel_schedules([lease_timer], older_than_seq=await store.last_seq() + 1)
+    assert not await store.holds(lease_timer)
+    assert await store.holds(liveness_timer)
+
+    async with running(projector):
+        await caught_up(projector)
+        first = await reconcile(handler, read_model, org=org)
+        assert (first.tasks, first.workers, first.armed) == (1, 1, (lease_timer,))
+        again = await reconcile(handler, read_model, org=org)
+        assert again.armed == (), "a timer the log holds is not armed twice"
+
+    async with asyncio.timeout(15):
+        while (await handler.load(org, "task", "t1"))[0].status != "pending":
+            await asyncio.sleep(0.1)
+    history = await handler.history(org, "task", "t1")
+    assert type(history[-1].event).__name__ == "TaskLeaseExpired"
+    assert history[-1].actor == TIMER_ACTOR
+    assert RECONCILER_ACTOR != TIMER_ACTOR
