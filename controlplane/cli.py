@@ -24,6 +24,7 @@ from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
 from controlplane import stack
 from controlplane import timers as timer_commands
+from controlplane.connection import database_url_argument, gateway_url_argument, nats_url_argument
 from controlplane.seed import seed_org
 from controlplane.stack import run_gateway, run_projector, run_runner
 from core.cluster import EmbeddedNatsCluster
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Example: controlplane runner --url http://127.0.0.1:8080 --key $WORKER_KEY "
         "--workflows runners.examples:EXAMPLES",
     )
-    runner.add_argument("--url", default=os.environ.get("CP_GATEWAY_URL", "http://127.0.0.1:8080"))
+    gateway_url_argument(runner)
     runner.add_argument("--key", default=os.environ.get("CP_API_KEY"), help="a worker key (default: $CP_API_KEY)")
     runner.add_argument("--queue", default="default")
     runner.add_argument("--workflows", action="append", required=True, help="module:attr, repeatable")
@@ -194,9 +195,9 @@ def _shard(text: str) -> Shard:
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
-    parser.add_argument("--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"))
+    nats_url_argument(parser)
     if database:
-        parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: $DATABASE_URL")
+        database_url_argument(parser)
 
 
 def _settings(args: argparse.Namespace) -> GatewaySettings:

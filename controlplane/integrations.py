@@ -14,6 +14,7 @@ import httpx
 import nats
 import uvloop
 
+from controlplane.connection import nats_url_argument
 from core.ids import validate_token
 from core.store import server_urls
 from integrations.consumer import (
@@ -96,11 +97,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     webhook.add_argument("--types", help="comma-separated event types to forward (default: all)")
     webhook.add_argument("--name", default="webhook", help="integration name: the consumer is NAME@ORG")
-    webhook.add_argument(
-        "--nats-url",
-        default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"),
-        help="default: $CP_NATS_URL or nats://127.0.0.1:4222",
-    )
+    nats_url_argument(webhook)
     webhook.add_argument("--nats-user", help="NATS user name")
     webhook.add_argument("--nats-password-env", metavar="VAR", help="environment variable holding the NATS password")
     webhook.add_argument(

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from controlplane.connection import gateway_url_argument
 from policies_wasm import Bundle, PolicyLoadError
 
 _PUSH_EXAMPLES = """\
@@ -55,7 +56,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _gateway_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("CP_GATEWAY_URL", "http://127.0.0.1:8080"))
+    gateway_url_argument(parser)
     parser.add_argument("--key", default=os.environ.get("CP_API_KEY"), help="an API key (default: $CP_API_KEY)")
 
 

@@ -25,6 +25,7 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from controlplane.connection import nats_url_argument
 from core.audit import AuditChain, AuditReport, verify_export
 from core.embedded import require_nats_version
 from core.events import PolicyBundlePushed, decode_event, encode_event
@@ -800,9 +801,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _connection(parser: argparse.ArgumentParser, *, progress: bool = False) -> None:
-    parser.add_argument(
-        "--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"), help="default: $CP_NATS_URL"
-    )
+    nats_url_argument(parser)
     if progress:
         parser.add_argument(
             "--progress",

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import asyncpg
 import msgspec
 import uvloop
 
+from controlplane.connection import database_url_argument, nats_url_argument
 from core.handler import CommandHandler
 from core.ids import validate_token
 from core.store import JetStreamEventStore
@@ -68,10 +68,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     command.add_argument("--org", help="only this org (default: every org)")
-    command.add_argument(
-        "--nats-url", default=os.environ.get("CP_NATS_URL", "nats://127.0.0.1:4222"), help="default: $CP_NATS_URL"
-    )
-    command.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: $DATABASE_URL")
+    nats_url_argument(command)
+    database_url_argument(command)
     command.set_defaults(run=lambda args: uvloop.run(_reconcile(args)))
 
 
