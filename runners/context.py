@@ -9,6 +9,7 @@ import asyncio
 import base64
 import importlib
 import inspect
+import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ import msgspec
 from core.events import LlmCall, LlmUsage, PolicyDecision
 from policies_wasm import Bundle, EngineCache, PolicyLoadError, default_bundle, input_digest
 from runners.client import TaskApi
+
+log = logging.getLogger(__name__)
 
 
 async def load_litellm() -> ModuleType:
@@ -91,6 +94,7 @@ class Policies:
         self._shipped = shipped
         self._engines = EngineCache()
         self._pushed: dict[tuple[str, int], Bundle] = {}
+        self._warned: set[str] = set()
 
     async def evaluate(
         self, entrypoint: str, input: Any, *, org: str, pinned: dict[str, Any] | None, api: TaskApi
@@ -98,6 +102,14 @@ class Policies:
         version = None if pinned is None else pinned.get("version")
         if version is None:
             bundle = await self._shipped_bundle()
+            if pinned is not None and pinned["digest"] != bundle.digest and pinned["digest"] not in self._warned:
+                self._warned.add(pinned["digest"])
+                log.warning(
+                    "tasks submitted under the gateway's shipped policies %s are decided here by this runner's "
+                    "own, %s: ship the same policy files to gateways and runners, or push a bundle",
+                    pinned["digest"],
+                    bundle.digest,
+                )
         else:
             bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
         decided = (await self._engines.engine(bundle)).evaluate(entrypoint, input)
