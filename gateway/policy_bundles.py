@@ -15,7 +15,7 @@ from gateway.bodies import PolicyBundleBody
 from gateway.http import body, command_id, json, principal, services
 from gateway.policy import SUBMIT_POLICY
 from gateway.problems import Problem
-from policies_wasm import Bundle, PolicyLoadError
+from policies_wasm import Bundle, PolicyError
 
 
 def bundle_summary(pushed: PolicyBundlePushed) -> dict[str, Any]:
@@ -47,7 +47,7 @@ async def push(request: Request) -> Response:
     svc = services(request)
     try:
         engine = await svc.submit_gate.engines.engine(bundle)  # refused unless it compiles; then cached for use
-    except PolicyLoadError as exc:
+    except PolicyError as exc:  # does not compile, or its data is no plain JSON document
         raise Problem(422, f"the bundle cannot be loaded: {exc}") from exc
     command = PushPolicyBundle(
         digest=bundle.digest,
