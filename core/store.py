@@ -250,18 +250,8 @@ class JetStreamEventStore:
             for index, event in enumerate(events)
         ]
         self._check_sizes(messages, batched=len(messages) > 1)
-        self._check_sizes(
-            [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules], batched=False
-        )
-        armed = [
-            (
-                schedule,
-                await self._send(
-                    schedule.subject, encode_event(schedule.event), self._schedule_headers(schedule, meta)
-                ),
-            )
-            for schedule in schedules
-        ]
+        timers = self._schedule_messages(schedules, meta)
+        armed = [(schedule, await self._send(*timer)) for schedule, timer in zip(schedules, timers, strict=True)]
         try:
             if len(messages) == 1 and not armed:
                 last_seq = await self._request(*messages[0])
@@ -275,6 +265,14 @@ class JetStreamEventStore:
             raise
         await self._confirm_armed(armed, meta)
         return list(range(last_seq - len(events) + 1, last_seq + 1))
+
+    def _schedule_messages(
+        self, schedules: Sequence[Schedule], meta: AppendMeta
+    ) -> list[tuple[str, bytes, dict[str, str]]]:
+        """The timer definitions as messages, each checked against the server's size limit."""
+        messages = [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules]
+        self._check_sizes(messages, batched=False)
+        return messages
 
     def _check_sizes(self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *, batched: bool) -> None:
         limit = self._nc.max_payload
@@ -372,10 +370,8 @@ class JetStreamEventStore:
 
     async def arm(self, schedules: Sequence[Schedule], meta: AppendMeta) -> None:
         """Store timer definitions outside a command: how the reconciler re-arms lost timers."""
-        headed = [(s.subject, encode_event(s.event), self._schedule_headers(s, meta)) for s in schedules]
-        self._check_sizes(headed, batched=False)
-        for subject, payload, headers in headed:
-            await self._ack(await self._send(subject, payload, headers))
+        for timer in self._schedule_messages(schedules, meta):
+            await self._ack(await self._send(*timer))
 
     async def cancel_schedules(self, subjects: Sequence[str], *, older_than_seq: int) -> None:
         """Remove timer definitions stored before ``older_than_seq``; a newer re-arm survives."""

@@ -144,6 +144,8 @@ class ClaimIndex:
     def __init__(self, nc: NATS, read_model: ReadModel, *, stream: str = STREAM_NAME) -> None:
         self._nc, self._read_model, self._stream = nc, read_model, stream
         self._open = OpenTasks()
+        self.candidates = self._open.candidates
+        """What a claim may take now: :meth:`OpenTasks.candidates` of the tasks this index keeps."""
         self._position = 0
         self._wakeups: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._follower: asyncio.Task[None] | None = None
@@ -176,18 +178,6 @@ class ClaimIndex:
             org = parse_aggregate_subject(subject).org
             if self._open.put(org, state, seq):
                 self._wake(org, state.queue)
-
-    def candidates(
-        self,
-        org: str,
-        queue: str,
-        capabilities: Sequence[str],
-        now: datetime,
-        limit: int,
-        *,
-        workflows_only: bool = False,
-    ) -> list[str]:
-        return self._open.candidates(org, queue, capabilities, now, limit, workflows_only=workflows_only)
 
     def in_flight(self, org: str, queue: str | None = None) -> int:
         return self._open.in_flight(org, queue)
