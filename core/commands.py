@@ -80,12 +80,18 @@ class RequestApproval(TaskCommand, frozen=True, kw_only=True):
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
     journal_index: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
+    details: Any = None
+    """What is being approved (any JSON); the gateway bounds its size."""
+    form: dict[str, Any] | None = None
+    """A JSON Schema the decisions' responses must satisfy; the gateway checks it is one."""
 
 
 class DecideApproval(TaskCommand, frozen=True, kw_only=True):
     approval_id: Token
     decision: Vote
     comment: ShortText | None = None
+    response: Any = None
+    """The structured answer; the gateway has checked it against the approval's form."""
 
 
 class CompleteTask(TaskCommand, frozen=True, kw_only=True):

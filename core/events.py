@@ -136,6 +136,10 @@ class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
     escalation: Escalation | None
     journal_index: int | None = None
     """Set when a workflow asked: the position of this wait in the workflow's journal."""
+    details: Any = None
+    """What is being approved, as the requester attached it: a plan, a diff, a tool call and its arguments."""
+    form: dict[str, Any] | None = None
+    """A JSON Schema (draft 2020-12) that every decision's ``response`` satisfies (the gateway checks)."""
 
 
 class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
@@ -143,6 +147,8 @@ class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
     by: str
     decision: Vote
     comment: str | None
+    response: Any = None
+    """The decider's structured answer; it fits the approval's ``form`` when it has one."""
 
 
 class ApprovalDecided(Event, frozen=True, tag="ApprovalDecided"):

@@ -91,7 +91,8 @@ def summarize(event: AnyEvent) -> str:
             )
         case ApprovalVoteCast():
             comment = "" if event.comment is None else f": {event.comment!r}"
-            return f"{event.by} voted {event.decision} on {event.approval_id}{comment}"
+            response = "" if event.response is None else f", response {short(event.response, 40)}"
+            return f"{event.by} voted {event.decision} on {event.approval_id}{comment}{response}"
         case ApprovalDecided():
             return f"approval {event.approval_id} {event.outcome}"
         case ApprovalTimedOut():

@@ -89,6 +89,7 @@ class ApprovalVote(msgspec.Struct, frozen=True):
     decision: str
     comment: str | None
     at: datetime
+    response: Any = None
 
 
 class Approval(msgspec.Struct, frozen=True):
@@ -106,6 +107,10 @@ class Approval(msgspec.Struct, frozen=True):
     decided_at: datetime | None
     escalation: Escalation | None
     escalated: bool = False
+    details: Any = None
+    """What is being approved (a plan, a diff, a tool call), as the requester attached it."""
+    form: dict[str, Any] | None = None
+    """A JSON Schema every decision's ``response`` fits (checked by the gateway, not here)."""
 
 
 class JournalEntry(msgspec.Struct, frozen=True):
@@ -414,6 +419,8 @@ def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext
             else ctx.now + timedelta(seconds=command.timeout_seconds),
             escalation=command.escalation,
             journal_index=command.journal_index,
+            details=command.details,
+            form=command.form,
         )
     ]
 
@@ -425,13 +432,19 @@ def _decide_approval(task: Task, command: DecideApproval, ctx: DecisionContext) 
     if approval.status != "pending":
         raise AlreadyDecided(f"approval {approval.id} is already {approval.status}")
     _not_terminal(task, "decide an approval of")
-    _check_may_decide(approval, ctx.actor)
+    if (refusal := why_cannot_vote(approval, ctx.actor)) is not None:
+        raise NotPermitted(refusal)
     if any(vote.by == ctx.actor.id for vote in approval.decisions):
         raise AlreadyDecided(f"{ctx.actor.id} has already voted on approval {approval.id}")
     if command.decision == "reject" and not command.comment:
         raise InvalidCommand("a rejection needs a reason")
     vote = ApprovalVoteCast(
-        at=ctx.now, approval_id=approval.id, by=ctx.actor.id, decision=command.decision, comment=command.comment
+        at=ctx.now,
+        approval_id=approval.id,
+        by=ctx.actor.id,
+        decision=command.decision,
+        comment=command.comment,
+        response=command.response,
     )
     approvals_after = sum(1 for v in approval.decisions if v.decision == "approve") + (command.decision == "approve")
     if command.decision == "reject":
@@ -441,16 +454,19 @@ def _decide_approval(task: Task, command: DecideApproval, ctx: DecisionContext) 
     return [vote]
 
 
-def _check_may_decide(approval: Approval, actor: Actor) -> None:
+def why_cannot_vote(approval: Approval, actor: Actor) -> str | None:
+    """Why ``actor`` may not vote on ``approval``, or None when it may (whether it already voted aside):
+    the one rule the decider enforces and the console explains instead of showing a button."""
     if actor.id in (approval.requested_by, approval.requested_by_actor):
-        raise NotPermitted("the worker that requested an approval cannot decide it")
+        return "the worker that requested an approval cannot decide it"
     if not actor.roles & APPROVER_ROLES:
-        raise NotPermitted("deciding an approval needs the approver or admin role")
+        return "deciding an approval needs the approver or admin role"
     roles = {a.removeprefix("role:") for a in approval.approvers if a.startswith("role:")}
     named = {a for a in approval.approvers if not a.startswith("role:")}
     role_match = bool(roles & actor.roles) or ("admin" in actor.roles and bool(roles))
     if not (role_match or actor.id in named):
-        raise NotPermitted(f"approval {approval.id} may be decided only by {list(approval.approvers)}")
+        return f"approval {approval.id} may be decided only by {list(approval.approvers)}"
+    return None
 
 
 def _fail(task: Task, command: FailTask, ctx: DecisionContext) -> Sequence[Event]:
@@ -570,12 +586,16 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 expires_at=event.expires_at,
                 decided_at=None,
                 escalation=event.escalation,
+                details=event.details,
+                form=event.form,
             )
             return _released(
                 task, event.at, status="awaiting_approval", approvals=(*task.approvals, approval), journal=journal
             )
         case ApprovalVoteCast():
-            vote = ApprovalVote(by=event.by, decision=event.decision, comment=event.comment, at=event.at)
+            vote = ApprovalVote(
+                by=event.by, decision=event.decision, comment=event.comment, at=event.at, response=event.response
+            )
             return _with_approval(
                 task, event.approval_id, event.at, lambda a: msgspec.structs.replace(a, decisions=(*a.decisions, vote))
             )

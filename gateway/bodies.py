@@ -1,4 +1,4 @@
-"""Request bodies of API.md. Field constraints are the command types' own (core.commands), so HTTP
+"""Request bodies of docs/api.md. Field constraints are the command types' own (core.commands), so HTTP
 input and commands share one schema; unknown fields are ignored so clients can evolve first."""
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from core.events import Escalation, Priority
 from core.ids import Token
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+# Sized and checked by gateway.forms, which a type cannot say:
+Details = Annotated[Any, msgspec.Meta(description="What is being approved (a plan, a diff, a tool call); ≤ 64 KiB")]
+Form = Annotated[dict[str, Any], msgspec.Meta(description="A JSON Schema (2020-12) each response must fit; ≤ 16 KiB")]
+Response = Annotated[Any, msgspec.Meta(description="A structured answer that fits the approval's form; ≤ 64 KiB")]
 
 
 class WorkflowBody(msgspec.Struct, frozen=True):
@@ -73,6 +77,8 @@ class ApprovalRequestBody(LeaseBody, frozen=True):
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
     journal_index: JournalIndex | None = None
+    details: Details = None
+    form: Form | None = None
 
 
 class OperationBody(LeaseBody, frozen=True):
@@ -112,10 +118,12 @@ class CancelBody(msgspec.Struct, frozen=True):
 
 class ApproveBody(msgspec.Struct, frozen=True):
     comment: ShortText | None = None
+    response: Response = None
 
 
 class RejectBody(msgspec.Struct, frozen=True):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    response: Response = None
 
 
 class WorkerHeartbeatBody(msgspec.Struct, frozen=True):

@@ -1,4 +1,4 @@
-"""The public objects of API.md, rendered from folded aggregate state."""
+"""The public objects of docs/api.md, rendered from folded aggregate state."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ def approval_document(approval: Approval) -> dict[str, Any]:
         "task_id": approval.task_id,
         "status": approval.status,
         "reason": approval.reason,
+        "details": approval.details,
+        "form": approval.form,
         "requested_by": approval.requested_by,
         "approvers": list(approval.approvers),
         "quorum": approval.quorum,
         "decisions": [
-            {"by": vote.by, "decision": vote.decision, "comment": vote.comment, "at": vote.at}
-            for vote in approval.decisions
+            {"by": v.by, "decision": v.decision, "comment": v.comment, "response": v.response, "at": v.at}
+            for v in approval.decisions
         ],
         "created_at": approval.created_at,
         "expires_at": approval.expires_at,

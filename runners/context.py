@@ -9,6 +9,7 @@ import asyncio
 import base64
 import importlib
 import inspect
+import json
 import logging
 import os
 import uuid
@@ -240,7 +241,10 @@ class WorkflowContext:
         if not verdict.get("allow", False):
             raise PolicyDenied(what, verdict.get("reasons", []))
         if verdict.get("require_approval", False):
-            approval = await self.request_approval(f"{what}: {'; '.join(verdict.get('reasons', []))}")
+            reasons = verdict.get("reasons", [])
+            approval = await self.request_approval(
+                f"{what}: {'; '.join(reasons)}", details={**call, "policy_reasons": reasons}
+            )
             if approval["status"] != "approved":
                 raise PolicyDenied(what, [f"the approval it required was {approval['status']}"])
 
@@ -272,12 +276,17 @@ class WorkflowContext:
         timeout_seconds: float | None = None,
         escalate_after_seconds: float | None = None,
         escalate_to: tuple[str, ...] = ("role:admin",),
+        details: Any = None,
+        form: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Park until humans decide; returns the approval (``status`` approved, rejected or timed_out).
+        """Park until humans decide; returns the approval (``status`` approved, rejected or timed_out;
+        ``decisions``, each with its ``response``). ``details`` is what they approve (the plan, the tool
+        call and its arguments: JSON, ≤ 64 KiB); ``form`` a JSON Schema every ``response`` must fit.
         ``escalate_after_seconds``: if still undecided then, ``escalate_to`` may decide too."""
         index = self._next("approval", "approval")
         if index is None:
             approval = self._approvals[self._journal[self._position - 1]["result"]]
+            self._asked_as_recorded(self._position - 1, approval, details, form)
             if approval["status"] == "pending":
                 raise Suspended("still waiting for a decision")
             return approval
@@ -288,12 +297,29 @@ class WorkflowContext:
             "quorum": quorum,
             "timeout_seconds": timeout_seconds,
             "journal_index": index,
+            "details": details,
+            "form": form,
             "escalation": None
             if escalate_after_seconds is None
             else {"after_seconds": escalate_after_seconds, "approvers": list(escalate_to)},
         }
         await self._api.lease_call(self.task_id, "approval-requests", body)
         raise Suspended("waiting for a human")
+
+    def _asked_as_recorded(self, index: int, approval: dict[str, Any], details: Any, form: Any) -> None:
+        """The humans decided on the details and form they were shown: a replay asking with others (the
+        code computes them differently now) has diverged. An approval recorded with neither (by code
+        older than them) answers whatever is asked."""
+        recorded = {"details": approval.get("details"), "form": approval.get("form")}
+        if recorded == {"details": None, "form": None}:
+            return
+        asked = json.loads(json.dumps({"details": details, "form": form}))  # as the request carried them
+        if asked != recorded:
+            self._diverged(
+                index,
+                {"kind": "approval", "name": "approval", "request_digest": input_digest(recorded)},
+                {"kind": "approval", "name": "approval", "request_digest": input_digest(asked)},
+            )
 
     async def _operation(self, kind: str, name: str, run: Callable[[int], Awaitable[Any]]) -> Any:
         index = self._next(kind, name)

@@ -46,12 +46,24 @@ async def agent_deploy(ctx: WorkflowContext, payload: dict[str, Any] | None) -> 
     )
     # The policy decides (and the log records) whether this plan may run and whether a human must agree:
     # by default production needs approval (policies_wasm/policies, "approval_environments").
-    verdict = await ctx.policy("controlplane/submit", {"environment": environment, "tools": ["deploy"]})
+    tools = ["deploy"]
+    verdict = await ctx.policy("controlplane/submit", {"environment": environment, "tools": tools})
     if not verdict["allow"]:
         return {"executed": False, "decision": "denied by policy", "reasons": verdict["reasons"]}
     if verdict["require_approval"]:
         reasons = "; ".join(verdict["reasons"])
-        decision = await ctx.request_approval(f"{goal} in {environment}: {reasons}", timeout_seconds=3600)
+        decision = await ctx.request_approval(
+            f"{goal} in {environment}: {reasons}",
+            timeout_seconds=3600,
+            # What the human approves: exactly the plan that will run, and why a human must agree.
+            details={
+                "goal": goal,
+                "environment": environment,
+                "plan": plan["content"],
+                "tools": tools,
+                "policy_reasons": verdict["reasons"],
+            },
+        )
         if decision["status"] != "approved":
             return {"executed": False, "decision": decision["status"]}
     outcome = await ctx.step("execute", execute, plan["content"])
@@ -80,6 +92,7 @@ async def two_person_change(ctx: WorkflowContext, payload: dict[str, Any] | None
         timeout_seconds=payload.get("timeout_seconds", 24 * 3600),
         escalate_after_seconds=payload.get("escalate_after_seconds", 4 * 3600),
         escalate_to=("role:admin",),
+        details={"change": change},
     )
     return {
         "change": change,

@@ -1,0 +1,100 @@
+"""What an approval carries, checked at the edge: the size of its ``details``, that its ``form`` is a
+JSON Schema (draft 2020-12), and that a decision's ``response`` fits that form. The domain records
+what passed here; jsonschema stays out of ``core``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+
+from gateway.problems import Problem
+
+MAX_DETAILS_BYTES = 64 * 1024
+MAX_FORM_BYTES = 16 * 1024
+MAX_RESPONSE_BYTES = 64 * 1024
+_REFERENCES = ("$ref", "$dynamicRef")
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+_LOCAL_ONLY: Registry[Any] = Registry()
+"""Without a retriever: a form's references resolve inside the form, and never make the gateway fetch a URL."""
+
+
+def check_details(details: Any) -> None:
+    _bounded(details, MAX_DETAILS_BYTES, "details")
+
+
+def check_form(form: dict[str, Any] | None) -> None:
+    """422 unless ``form`` is absent or a JSON Schema whose references all point inside it."""
+    if form is None:
+        return
+    _bounded(form, MAX_FORM_BYTES, "form")
+    try:
+        Draft202012Validator.check_schema(form)
+        remote = _remote_reference(form)
+    except SchemaError as exc:
+        raise Problem(
+            422, f"form is not a valid JSON Schema (draft 2020-12): {exc.message} (at {exc.json_path})"
+        ) from None
+    except RecursionError:
+        raise Problem(422, "form nests schemas too deeply; flatten it") from None
+    if remote is not None:
+        raise Problem(422, f"form refers to {remote!r}: a form's $ref may only point inside it ('#/...')")
+
+
+def check_response(form: dict[str, Any] | None, response: Any, *, required: bool) -> None:
+    """422 unless ``response`` is small enough and fits ``form``. An absent (null) response is checked
+    too when ``required`` (an approval): a form that does not accept null asks for an answer."""
+    _bounded(response, MAX_RESPONSE_BYTES, "response")
+    if _holds_nul(response):
+        raise Problem(422, "response: strings may not contain the NUL character (\\u0000)")
+    if form is None or (response is None and not required):
+        return
+    try:
+        error = best_match(Draft202012Validator(form, registry=_LOCAL_ONLY).iter_errors(response))
+    except (Unresolvable, RecursionError) as exc:
+        raise Problem(422, f"the approval's form cannot be evaluated ({exc}); reject it instead") from None
+    if error is None:
+        return
+    if response is None:
+        raise Problem(422, f"this approval's form asks for a response: {error.message}")
+    raise Problem(422, f"the response does not fit the approval's form: {error.message} (at {error.json_path})")
+
+
+def _bounded(value: Any, limit: int, what: str) -> None:
+    try:
+        size = len(msgspec.json.encode(value))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise Problem(422, f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise Problem(422, f"{what} nests arrays or objects too deeply; flatten it") from None
+    if size > limit:
+        raise Problem(422, f"{what} is {size} bytes of JSON; the limit is {limit}: attach less, or a link to it")
+
+
+def _remote_reference(schema: Any) -> str | None:
+    """The first ``$ref`` (or ``$dynamicRef``) that does not point inside the schema, if any."""
+    if isinstance(schema, list):
+        return next((found for item in schema if (found := _remote_reference(item)) is not None), None)
+    if not isinstance(schema, dict):
+        return None
+    for keyword, value in schema.items():
+        if keyword in _REFERENCES and isinstance(value, str) and not value.startswith("#"):
+            return value
+        if keyword not in _DATA_KEYWORDS and (found := _remote_reference(value)) is not None:
+            return found
+    return None
+
+
+def _holds_nul(value: Any) -> bool:
+    """PostgreSQL cannot store NUL in JSON: the read model would refuse the approval."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
