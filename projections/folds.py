@@ -23,7 +23,15 @@ import msgspec
 
 from core.access import API_KEY, ORG, ApiKey, Org
 from core.decider import Decider
-from core.events import PRIORITY_RANK, Event, LlmCall, LlmUsage, TaskCompleted, WorkflowOperationRecorded
+from core.events import (
+    PRIORITY_RANK,
+    Event,
+    LlmCall,
+    LlmUsage,
+    TaskCompleted,
+    TaskSubmitted,
+    WorkflowOperationRecorded,
+)
 from core.store import RecordedEvent
 from core.task import TASK, TaskState
 from core.worker import WORKER, WorkerState
@@ -494,13 +502,27 @@ def usage_of(event: Event) -> UsageDelta | None:
     )
 
 
+Route = tuple[str, str]
+"""``(queue, workflow name)`` of a task, as its ``TaskSubmitted`` says; the workflow is ``""`` when
+the task runs none."""
+UNKNOWN_ROUTE: Route = ("", "")
+"""The route of a task whose submission the fold never saw (refused by PostgreSQL and skipped): its
+calls still count for the org, under no queue and no workflow."""
+
+
+def route_of(event: TaskSubmitted) -> Route:
+    return event.queue, "" if event.workflow is None else storable_text(event.workflow.name)
+
+
 _USAGE = Upsert(
     "usage",
-    key=("org_id", "day", "model"),
+    key=("org_id", "day", "model", "queue", "workflow"),
     columns=(
         ("org_id", "text"),
         ("day", "date"),
         ("model", "text"),
+        ("queue", "text"),
+        ("workflow", "text"),
         ("provider", "text"),
         ("calls", "int"),
         ("prompt_tokens", "bigint"),
@@ -512,30 +534,65 @@ _USAGE = Upsert(
         for column in ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
     ),
 )
+_USAGE_TASKS = Upsert(
+    "usage_tasks",
+    key=("org_id", "task_id"),
+    columns=(("org_id", "text"), ("task_id", "text"), ("queue", "text"), ("workflow", "text")),
+    only_if="false",  # a stored route is never replaced: a task's first submission decides, as in a rebuild
+)
 
 
 class UsageProjection(Projection):
-    """Tokens, calls and cost per org, model and UTC day, summed over the batch first (an upsert may
-    touch a row once per statement)."""
+    """Tokens, calls and cost per org, UTC day, model, queue and workflow, summed over the batch first
+    (an upsert may touch a row once per statement).
+
+    An LLM call is recorded on its task's subject and does not say the task's queue or workflow; the
+    projection learns them from ``TaskSubmitted`` into ``usage_tasks``, a table of its own. Not the
+    ``tasks`` table: another projection writes that one at its own pace (and a rebuild may refold one
+    without the other), so this fold would not be exactly the log's. Events are taken in log order, so
+    a call always finds the route of the submission before it, however the log is cut into batches."""
 
     name = "usage"
-    tables = ("usage",)
+    tables = ("usage", "usage_tasks")
 
     async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
-        totals: dict[tuple[str, date, str], UsageDelta] = {}
+        relevant: list[tuple[AggregateKey, UsageDelta | Route]] = []
         for item in events:
-            delta = usage_of(item.event)
-            if delta is not None:
-                key = (address(item.subject)[0], delta.day, delta.model)
-                totals[key] = totals[key] + delta if key in totals else delta
+            org, _, task_id = address(item.subject)
+            if isinstance(item.event, TaskSubmitted):
+                relevant.append(((org, task_id), route_of(item.event)))
+            elif (delta := usage_of(item.event)) is not None:
+                relevant.append(((org, task_id), delta))
+        routes = await _stored_routes(conn, {key for key, fact in relevant if isinstance(fact, UsageDelta)})
+        submitted: list[tuple[str, str, str, str]] = []
+        totals: dict[tuple[str, date, str, str, str], UsageDelta] = {}
+        for key, fact in relevant:
+            if isinstance(fact, UsageDelta):
+                row = (key[0], fact.day, fact.model, *routes.get(key, UNKNOWN_ROUTE))
+                totals[row] = totals[row] + fact if row in totals else fact
+            elif key not in routes:
+                routes[key] = fact
+                submitted.append((*key, *fact))
+        await _USAGE_TASKS(conn, submitted)
         await _USAGE(
             conn,
             [
-                (org, day, model, d.provider, d.calls, d.prompt_tokens, d.completion_tokens, d.cost_usd)
-                for (org, day, model), d in totals.items()
+                (*row, d.provider, d.calls, d.prompt_tokens, d.completion_tokens, d.cost_usd)
+                for row, d in totals.items()
             ],
         )
         return 0
+
+
+async def _stored_routes(conn: asyncpg.Connection, keys: set[AggregateKey]) -> dict[AggregateKey, Route]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        "SELECT org_id, task_id, queue, workflow FROM usage_tasks"
+        " WHERE (org_id, task_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        *_key_arrays(list(keys)),
+    )
+    return {(row["org_id"], row["task_id"]): (row["queue"], row["workflow"]) for row in rows}
 
 
 PROJECTIONS: dict[str, Projection] = {

@@ -40,7 +40,8 @@ READER_ROLE = "cp_reader"
 NOTIFY_CHANNEL = "cp_checkpoint"
 """``pg_notify`` channel; the payload is ``<projection>:<checkpoint seq>``."""
 
-ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
+_FIRST_ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
+ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks")
 _MIGRATION_LOCK = 0x63705F6D6967  # "cp_mig": one advisory lock id for every migrating process
 
 
@@ -163,7 +164,44 @@ MIGRATIONS: tuple[Migration, ...] = (
             updated_at timestamptz NOT NULL DEFAULT now()
         );
         """
-        + _row_level_security(ORG_SCOPED_TABLES),
+        + _row_level_security(_FIRST_ORG_SCOPED_TABLES),
+    ),
+    # A read model is dropped and refolded rather than converted: deleting the projection's checkpoint
+    # rows (its own and any shard's) makes the next projector fold the whole log into it again.
+    Migration(
+        2,
+        "usage per queue and workflow too; usage_tasks (each task's queue and workflow, for the usage fold)",
+        """
+        DROP TABLE usage;
+        CREATE TABLE usage (
+            org_id text NOT NULL,
+            day date NOT NULL,
+            model text NOT NULL,
+            queue text NOT NULL,
+            workflow text NOT NULL,  -- the task's workflow name; '' for a task that runs none
+            provider text NOT NULL,
+            calls int NOT NULL,
+            prompt_tokens bigint NOT NULL,
+            completion_tokens bigint NOT NULL,
+            cost_usd numeric(18, 8) NOT NULL,
+            PRIMARY KEY (org_id, day, model, queue, workflow)
+        );
+
+        -- What the usage projection learns from TaskSubmitted: LLM calls are recorded on the task's
+        -- subject without its queue or workflow. Owned by the usage projection (not read from
+        -- ``tasks``, which another projection writes at its own pace), so it folds the same live and
+        -- in a rebuild.
+        CREATE TABLE usage_tasks (
+            org_id text NOT NULL,
+            task_id text NOT NULL,
+            queue text NOT NULL,
+            workflow text NOT NULL,
+            PRIMARY KEY (org_id, task_id)
+        );
+
+        DELETE FROM checkpoints WHERE projection = 'usage' OR projection LIKE 'usage@%';
+        """
+        + _row_level_security(("usage", "usage_tasks")),
     ),
 )
 

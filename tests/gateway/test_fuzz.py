@@ -38,6 +38,10 @@ async def test_fuzzing_the_schema_finds_no_server_errors(stack: Stack, tmp_path:
         else math.ceil(CASES * UNDER_GENERATION_MARGIN / with_input - without_input / with_input)
     )
     before, server_errors_before = _requests_served(stack), _requests_served(stack, "5")
+    # Earlier tests of the session may have put poison on the shared stream on purpose: only new skips count.
+    async with asyncio.timeout(30):
+        await stack.projector.run_until_caught_up()
+    skipped_before = dict(stack.projector.skipped)
     limits = stack.services.limits
     block_ms, limits.max_block_ms = limits.max_block_ms, 100  # generated long-polls would only wait
     process = await asyncio.create_subprocess_exec(
@@ -90,7 +94,8 @@ async def test_fuzzing_the_schema_finds_no_server_errors(stack: Stack, tmp_path:
     # Whatever the fuzzer got accepted must also be projectable: no read model may stall or skip an event.
     async with asyncio.timeout(30):
         await stack.projector.run_until_caught_up()
-    assert set(stack.projector.skipped.values()) == {0}
+    new_skips = {name: skipped - skipped_before[name] for name, skipped in stack.projector.skipped.items()}
+    assert set(new_skips.values()) == {0}, new_skips
 
 
 def _requests_served(stack: Stack, status_class: str = "") -> int:

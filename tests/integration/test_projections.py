@@ -59,12 +59,14 @@ from core.events import (
 from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore, rfc3339
+from core.task import workflow_capability
 from core.worker import Worker
 from gateway.claims import ClaimIndex
+from projections import schema
 from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, Puller, commit_batch, progress_bar, rebuild
 from projections.read import ReadModel
-from projections.schema import migrate
+from projections.schema import MIGRATIONS, ORG_SCOPED_TABLES, fetch_checkpoints, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +79,7 @@ ORG_TABLES = {
     "workers": "org_id",
     "worker_counters": "org_id",
     "usage": "org_id",
+    "usage_tasks": "org_id",
     "api_keys": "org_id",
     "orgs": "id",
 }
@@ -144,11 +147,12 @@ async def in_org(pool: asyncpg.Pool, org: str, sql: str, *args: Any) -> list[asy
 
 
 async def snapshot(pool: asyncpg.Pool, org: str) -> dict[str, list[dict[str, Any]]]:
-    """Every row the org has in every projection table, in a stable order."""
+    """Every row the org has in every projection table, in a stable order (whole rows compared, so
+    whatever a table's key)."""
     return {
         table: [
             dict(row)
-            for row in await in_org(pool, org, f"SELECT * FROM {table} WHERE {column} = $1 ORDER BY 1, 2", org)
+            for row in await in_org(pool, org, f"SELECT * FROM {table} AS r WHERE {column} = $1 ORDER BY r", org)
         ]
         for table, column in ORG_TABLES.items()
     }
@@ -645,12 +649,33 @@ async def test_one_writer_per_projection_and_rebuild_waits_for_none(
 async def test_migrations_run_once_even_when_started_concurrently(database_url: str) -> None:
     async with fresh_database(database_url) as fresh:
         results = await asyncio.gather(*(migrate(fresh) for _ in range(4)))
-        assert sorted(results) == [[], [], [], [1]]
-        assert await fresh.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        versions = [migration.version for migration in MIGRATIONS]
+        assert sorted(results) == [[], [], [], versions]
+        assert await fresh.fetchval("SELECT count(*) FROM schema_migrations") == len(versions)
         assert await migrate(fresh) == []
 
 
 # --- usage ----------------------------------------------------------------------------------------
+
+
+async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fresh_database(database_url) as fresh:
+        monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])  # the release before usage_tasks
+        monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t != "usage_tasks"))
+        assert await migrate(fresh) == [1]
+        monkeypatch.undo()
+        async with fresh.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL cp.projector = 'on'")
+            await conn.execute("INSERT INTO usage VALUES ('o', '2025-01-01', 'm', 'p', 1, 2, 3, 0.5)")
+            await conn.execute("INSERT INTO checkpoints VALUES ('usage', 9), ('usage@1/2', 9), ('tasks', 9)")
+        assert await migrate(fresh) == [2]
+        assert await fetch_checkpoints(fresh) == {"tasks": 9}  # usage folds again from sequence 1
+        async with fresh.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL cp.projector = 'on'")
+            assert await conn.fetchval("SELECT count(*) FROM usage") == 0
+            assert await conn.fetchval("SELECT count(*) FROM usage_tasks") == 0
 
 
 async def test_usage_sums_the_llm_calls_workflows_recorded_per_org_model_and_day(
@@ -692,6 +717,103 @@ async def test_usage_sums_the_llm_calls_workflows_recorded_per_org_model_and_day
         20,
     )
     assert row["cost_usd"] == Decimal("0.00049380")
+
+
+async def test_usage_is_kept_per_queue_and_workflow_and_a_rebuild_equals_the_live_fold(
+    handler: CommandHandler,
+    org: str,
+    pool: asyncpg.Pool,
+    projector: Projector,
+    store: JetStreamEventStore,
+    read_model: ReadModel,
+) -> None:
+    """A call counts for its task's queue and workflow whether the task was submitted in the same
+    batch or an earlier one; rebuilding usage alone (other batch boundaries, no tasks table) writes
+    the same rows."""
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    earlier = CommandHandler(store, clock=lambda: yesterday)  # within the lease taken now: dated yesterday
+    journal: dict[str, int] = {}
+
+    async def start(task_id: str, queue: str, workflow: WorkflowRef | None = None) -> None:
+        await submit(handler, org, task_id, queue=queue, workflow=workflow)
+        routing = () if workflow is None else (workflow_capability(workflow.name, workflow.version),)
+        command = ClaimTask(
+            task_id=task_id, worker_id="w1", lease_id="l1", queue=queue, capabilities=routing, lease_seconds=HOUR
+        )
+        await handle(handler, org, command, WORKER)
+
+    async def llm(task_id: str, model: str, prompt_tokens: int, on: CommandHandler = handler) -> None:
+        call = LlmCall(
+            model=model,
+            provider="local",
+            content="ok",
+            usage=LlmUsage(prompt_tokens=prompt_tokens, completion_tokens=1),
+            cost_usd=0.001,
+        )
+        index = journal[task_id] = journal.get(task_id, -1) + 1
+        command = RecordOperation(
+            task_id=task_id,
+            worker_id="w1",
+            lease_id="l1",
+            index=index,
+            kind="llm",
+            name="ask",
+            result=msgspec.to_builtins(call),
+        )
+        await handle(on, org, command, WORKER)
+
+    await start("a", "q1", WorkflowRef("wf-a", 1))
+    await start("b", "q2")
+    await llm("a", "small", 10)  # folded in one batch with the submissions
+    await llm("b", "small", 20)
+    async with running(projector):
+        await caught_up(projector)
+        await llm("a", "large", 100)  # the route comes from usage_tasks now
+        await llm("a", "small", 1, on=earlier)
+        await start("c", "q1")
+        await llm("c", "small", 5)
+        await caught_up(projector)
+        await llm("b", "small", 7)
+        await caught_up(projector)
+    await earlier.close()
+    live = await snapshot(pool, org)
+    today = datetime.now(UTC).date()
+    day_before = yesterday.date()
+    rows = {(r["day"], r["model"], r["queue"], r["workflow"]): (r["calls"], r["prompt_tokens"]) for r in live["usage"]}
+    assert rows == {
+        (today, "small", "q1", "wf-a"): (1, 10),
+        (today, "large", "q1", "wf-a"): (1, 100),
+        (day_before, "small", "q1", "wf-a"): (1, 1),
+        (today, "small", "q2", ""): (2, 27),
+        (today, "small", "q1", ""): (1, 5),
+    }
+    assert [(r["task_id"], r["queue"], r["workflow"]) for r in live["usage_tasks"]] == [
+        ("a", "q1", "wf-a"),
+        ("b", "q2", ""),
+        ("c", "q1", ""),
+    ]
+
+    def summary(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(i["day"], i["model"], i["calls"], i["prompt_tokens"], i["completion_tokens"]) for i in items]
+
+    everything = await read_model.usage(org, start=day_before, end=today)
+    assert summary(everything) == [
+        (day_before, "small", 1, 1, 1),
+        (today, "large", 1, 100, 1),
+        (today, "small", 4, 42, 4),
+    ]
+    assert [item["cost_usd"] for item in everything] == [0.001, 0.001, 0.004]
+    by_model = await read_model.usage(org, start=day_before, end=today, group_by=("model",))
+    assert summary(by_model) == [(None, "large", 1, 100, 1), (None, "small", 5, 43, 5)]
+    by_day = await read_model.usage(org, start=day_before, end=today, group_by=("day",), queue="q1")
+    assert summary(by_day) == [(day_before, None, 1, 1, 1), (today, None, 3, 115, 3)]
+    on_q1_wf_a = await read_model.usage(org, start=today, end=today, queue="q1", workflow="wf-a")
+    assert summary(on_q1_wf_a) == [(today, "large", 1, 100, 1), (today, "small", 1, 10, 1)]
+    assert await read_model.usage(org, start=today, end=today, workflow="wf-b") == []
+    assert await read_model.tokens_on(org, today) == 142 + 5  # every queue and workflow: the submit quotas
+
+    await rebuild(pool, store.nc, ["usage"], consumer_prefix=projector.consumer_name(""))
+    assert await snapshot(pool, org) == live
 
 
 # --- throughput -----------------------------------------------------------------------------------
