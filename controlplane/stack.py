@@ -159,6 +159,7 @@ async def run_dev(
         )
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
+        print(f"  console:  {info['gateway_url']}/console  (sign in with acme's approver key to decide approvals)")
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
         print(f"  nats:     {settings.nats_url}")
         print(f"  postgres: {settings.database_url}")

@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
-from gateway import approvals, keys, policy_bundles, streams, system, tasks, workers
+from gateway import approvals, keys, policy_bundles, streams, system, tasks, usage, workers
+from gateway.console import routes as console_routes
 from gateway.problems import Problem, handle_problem, problem_response
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE
@@ -57,11 +58,13 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/policy-bundles", policy_bundles.list_bundles, methods=["GET"]),
         Route("/v1/policy-bundles/{version}", policy_bundles.get_bundle, methods=["GET"]),
         Route("/v1/stats", system.stats, methods=["GET"]),
+        Route("/v1/usage", usage.usage, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
         Route("/openapi.json", system.openapi, methods=["GET"]),
         Route("/docs", system.docs, methods=["GET"]),
+        *console_routes.ROUTES,
     ]
     handled = (
         Problem,

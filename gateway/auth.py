@@ -76,17 +76,28 @@ class Authenticator:
             return self._from_jwt(token)
         raise Problem(401, "the credential is not a valid API key or JWT", headers={"WWW-Authenticate": "Bearer"})
 
+    async def still_valid(self, who: Principal) -> bool:
+        """Whether a credential that authenticated earlier (a console session's) is still good: an API
+        key must still exist unrevoked; a JWT's expiry bounds the session that stands for it."""
+        if who.credential_id.startswith("jwt:"):
+            return True
+        record = await self._record(who.credential_id)
+        return record is not None and not record.revoked and record.org == who.org
+
     def forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
 
-    async def _from_key(self, key_id: str, secret_sha256: str) -> Principal:
+    async def _record(self, key_id: str) -> KeyRecord | None:
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[0] < self.cache_seconds:
-            record = cached[1]
-        else:
-            record = await self.lookup_key(key_id)
-            self._cache[key_id] = (now, record)
+            return cached[1]
+        record = await self.lookup_key(key_id)
+        self._cache[key_id] = (now, record)
+        return record
+
+    async def _from_key(self, key_id: str, secret_sha256: str) -> Principal:
+        record = await self._record(key_id)
         if record is None or record.revoked or not secret_matches(record.secret_sha256, secret_sha256):
             raise Problem(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return Principal(record.org, Actor(f"key:{key_id}", frozenset(record.roles)), key_id)

@@ -12,6 +12,7 @@ from core.handler import CommandHandler
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator, JwtSettings
 from gateway.claims import ClaimIndex
+from gateway.console.sessions import SessionStore
 from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
 from gateway.policy import SubmitGate
@@ -68,14 +69,16 @@ async def open_services(settings: GatewaySettings) -> Services:
     handler = CommandHandler(store, on_commit=on_commit)
     keyring = KeyRing(handler, read_model)
     submit_gate = await SubmitGate.open(handler, claim_index, read_model)
+    auth = Authenticator(keyring.lookup, settings.jwt)
     return Services(
         store=store,
         handler=handler,
         read_model=read_model,
         claim_index=claim_index,
         submit_gate=submit_gate,
-        auth=Authenticator(keyring.lookup, settings.jwt),
+        auth=auth,
         idempotency=await IdempotencyRecords.open(store),
+        sessions=await SessionStore.open(store, auth),
         limits=settings.limits,
     )
 

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from core.ids import validate_token
 from gateway.auth import Principal
+from gateway.console.sessions import SESSION_COOKIE
 from gateway.problems import Problem
 from gateway.services import Services
 
@@ -26,7 +27,7 @@ def services(request: Request) -> Services:
 
 async def principal(request: Request, permission: str) -> Principal:
     svc = services(request)
-    who = await svc.auth.authenticate(request.headers.get("authorization"))
+    who = await _credential(request, svc)
     wait = svc.rate_limiter.retry_after(who.credential_id)
     if wait > 0:
         raise Problem(429, f"rate limit exceeded; retry in {wait:.2f} s", headers={"Retry-After": str(int(wait) + 1)})
@@ -70,6 +71,20 @@ async def body(request: Request, kind: type[T], *, optional: bool = False) -> T:
     if holds_nul:
         raise Problem(422, "strings may not contain the NUL character (\\u0000)")
     return decoded
+
+
+async def _credential(request: Request, svc: Services) -> Principal:
+    """The bearer credential; for reads without one, a console session's cookie (the console's live
+    updates read the SSE feeds this way). Writes always need the bearer header: a cookie alone could be
+    sent by another site's form, and the console's own writes go through its CSRF-checked routes."""
+    authorization = request.headers.get("authorization")
+    token = request.cookies.get(SESSION_COOKIE)
+    if authorization is None and token and request.method in ("GET", "HEAD"):
+        session = await svc.sessions.find(token)
+        if session is None:
+            raise Problem(401, "the console session has ended; sign in again at /console")
+        return session.principal()
+    return await svc.auth.authenticate(authorization)
 
 
 def _holds_nul(value: Any) -> bool:

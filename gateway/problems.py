@@ -47,32 +47,37 @@ def problem_response(status: int, detail: str, headers: dict[str, str] | None = 
 
 
 async def handle_problem(request: Request, exc: Exception) -> Response:
+    if (described := describe(exc)) is None:
+        raise exc  # not ours to explain: ObserveRequests logs it and answers 503
+    return problem_response(*described)
+
+
+def describe(exc: Exception) -> tuple[int, str, dict[str, str]] | None:
+    """Status, detail and headers for an error the API explains; None for one it does not."""
     match exc:
         case Problem():
-            return problem_response(exc.status, exc.detail, exc.headers)
+            return exc.status, exc.detail, exc.headers
         case ConcurrencyExhausted():
-            return problem_response(409, f"{exc.detail}; retry the request")
+            return 409, f"{exc.detail}; retry the request", {}
         case Rejected():
-            return problem_response(_REJECTION_STATUS[exc.kind], exc.detail)
+            return _REJECTION_STATUS[exc.kind], exc.detail, {}
         case InvalidToken():
-            return problem_response(404, str(exc))
+            return 404, str(exc), {}
         case msgspec.ValidationError():
-            return problem_response(422, str(exc))
+            return 422, str(exc), {}
         case msgspec.DecodeError():
-            return problem_response(400, f"the body is not valid JSON: {exc}")
+            return 400, f"the body is not valid JSON: {exc}", {}
         case EventTooLarge() | nats.errors.MaxPayloadError():  # a body under the limit, an event over it
-            return problem_response(
-                413, "the event this request would record exceeds the event log's message size limit; send less"
-            )
+            return 413, "the event this request would record exceeds the event log's message size limit; send less", {}
         case StoreError() | nats.errors.Error():
-            return problem_response(503, f"the event log (NATS) is unavailable: {exc!r}", {"Retry-After": "1"})
+            return 503, f"the event log (NATS) is unavailable: {exc!r}", {"Retry-After": "1"}
         case _ if isinstance(exc, DATABASE_UNAVAILABLE):
-            return problem_response(
+            return (
                 503,
                 f"the read model (PostgreSQL) is unavailable: {exc!r}. Commands, claims and single-object "
                 "reads (GET /v1/tasks/{id}) still work; lists and stats return once it is back",
                 {"Retry-After": "5"},
             )
         case HTTPException():
-            return problem_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-    raise exc  # not ours to explain: ObserveRequests logs it and answers 503
+            return exc.status_code, str(exc.detail), dict(exc.headers or {})
+    return None

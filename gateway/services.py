@@ -13,6 +13,7 @@ from core.handler import CommandHandler, utc_now
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
+from gateway.console.sessions import SessionStore
 from gateway.idempotency import IdempotencyRecords
 from gateway.policy import SubmitGate
 from projections.read import ReadModel
@@ -34,6 +35,13 @@ class RateLimiter:
     def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate, self._burst, self._clock = rate, burst, clock
         self._buckets: dict[str, tuple[float, float]] = {}
+
+    def blocked_for(self, credential: str) -> float:
+        """What ``retry_after`` would answer, without taking a token."""
+        now = self._clock()
+        tokens, last = self._buckets.get(credential, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
 
     def retry_after(self, credential: str) -> float:
         """0 if the request may proceed, else the seconds until a token is available."""
@@ -76,12 +84,16 @@ class Services:
     submit_gate: SubmitGate
     auth: Authenticator
     idempotency: IdempotencyRecords
+    sessions: SessionStore
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utc_now
     rate_limiter: RateLimiter = field(init=False)
+    failed_signins: RateLimiter = field(init=False)
+    """Console sign-ins that failed, per client address: 20 at once, then one every 5 s."""
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)
+        self.failed_signins = RateLimiter(0.2, 20.0)

@@ -156,6 +156,15 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
     ("get", "/v1/policy-bundles", "List the org's policy bundle versions, newest first", "read", None, "200"),
     ("get", "/v1/policy-bundles/{version}", "Get one version (or current) in full", "read", None, "200"),
     ("get", "/v1/stats", "Counts by status and projection lag", "read", None, "200"),
+    (
+        "get",
+        "/v1/usage",
+        "Recorded LLM calls, tokens and cost per UTC day and model (from, to: YYYY-MM-DD, both included,"
+        " default the last 30 days; group_by: day,model, a key left out is null; queue, workflow)",
+        "read",
+        None,
+        "200",
+    ),
 ]
 _PUBLIC = [
     ("get", "/healthz", "Process is up"),
@@ -165,11 +174,12 @@ _PUBLIC = [
     ("get", "/docs", "Human-readable API reference"),
 ]
 _QUERY = {
-    "/v1/tasks": ["status", "queue", "priority", "limit", "cursor", "min_seq"],
+    "/v1/tasks": ["status", "queue", "priority", "limit", "cursor", "min_seq", "workflow"],
     "/v1/approvals": ["status", "task_id", "limit", "cursor"],
     "/v1/workers": ["queue", "capability", "available"],
     "/v1/events": ["types", "queue", "after"],
     "/v1/tasks/{task_id}/events": ["after"],
+    "/v1/usage": ["from", "to", "group_by", "queue", "workflow", "min_seq"],
 }
 _ERRORS = {
     "400": "Malformed body",

@@ -1,4 +1,4 @@
-"""Task endpoints of API.md. Single tasks are read from the log (the handler's cached fold), so a GET
+"""Task endpoints of docs/api.md. Single tasks are read from the log (the handler's cached fold), so a GET
 after a POST always shows the write; lists come from the read model, claim candidates from the
 gateway's in-memory claim index (gateway/claims.py)."""
 
@@ -44,6 +44,7 @@ from gateway.bodies import (
     SleepBody,
     SubmitTaskBody,
 )
+from gateway.forms import check_details, check_form
 from gateway.http import (
     body,
     command_id,
@@ -139,7 +140,12 @@ async def get_task(request: Request) -> Response:
 async def list_tasks(request: Request) -> Response:
     who = await principal(request, "read")
     query = request.query_params
-    status, queue, priority = query.get("status"), query.get("queue"), query.get("priority")
+    status, queue, priority, workflow = (
+        query.get("status"),
+        query.get("queue"),
+        query.get("priority"),
+        query.get("workflow"),
+    )
     if status is not None and status not in TASK_STATUSES:
         raise Problem(422, f"status must be one of {sorted(TASK_STATUSES)}")
     if priority is not None and priority not in PRIORITIES:
@@ -149,7 +155,13 @@ async def list_tasks(request: Request) -> Response:
     await read_after(request, "tasks")
     try:
         rows, cursor = await svc.read_model.list_tasks(
-            who.org, status=status, queue=queue, priority=priority, limit=limit, cursor=query.get("cursor")
+            who.org,
+            status=status,
+            queue=queue,
+            priority=priority,
+            limit=limit,
+            cursor=query.get("cursor"),
+            workflow=workflow,
         )
     except ValueError as exc:
         raise Problem(422, str(exc)) from exc
@@ -263,6 +275,8 @@ async def request_approval(request: Request) -> Response:
     spec = await body(request, ApprovalRequestBody)
     if not spec.reason:
         raise Problem(422, "reason is required: say what the human is approving")
+    check_details(spec.details)
+    check_form(spec.form)
     task, _ = await _task(request, who.org)
     command = RequestApproval(
         task_id=task.id,
@@ -275,6 +289,8 @@ async def request_approval(request: Request) -> Response:
         timeout_seconds=spec.timeout_seconds,
         escalation=spec.escalation,
         journal_index=spec.journal_index,
+        details=spec.details,
+        form=spec.form,
     )
     outcome = await _handle(request, who, command, "approval")
     requested = next(r.event for r in outcome.events if isinstance(r.event, ApprovalRequested))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import date, datetime
 from typing import Any, TypeVar, get_args
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_PAGE = 500
+USAGE_GROUPS = ("day", "model")
+"""What usage can be grouped by, in the order items are sorted."""
+MAX_USAGE_DAYS = 366
 
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     OSError,
@@ -104,6 +107,19 @@ def _shard_count(checkpoint_key: str) -> int | None:
     return None if shard is None else shard.count
 
 
+def check_usage_query(start: date, end: date, group_by: tuple[str, ...]) -> None:
+    """Raises ValueError, saying what to send instead, unless :meth:`ReadModel.usage` can answer."""
+    unknown = [key for key in group_by if key not in USAGE_GROUPS]
+    if unknown or not group_by:
+        wrong = f"unknown group_by {', '.join(map(repr, unknown))}" if unknown else "group_by is empty"
+        raise ValueError(f"{wrong}: send a comma-separated list of {', '.join(USAGE_GROUPS)}")
+    if start > end:
+        raise ValueError(f"from ({start}) is after to ({end})")
+    days = (end - start).days + 1
+    if days > MAX_USAGE_DAYS:
+        raise ValueError(f"from {start} to {end} is {days} days; ask for at most {MAX_USAGE_DAYS} at a time")
+
+
 class ReadModel:
     """Queries for the gateway. One instance per process; ``close`` releases its LISTEN connection."""
 
@@ -148,10 +164,22 @@ class ReadModel:
         priority: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        *,
+        workflow: str | None = None,
+        newest_first: bool = False,
     ) -> tuple[list[tuple[Task, int]], str | None]:
-        """A page of the org's tasks, oldest first, and the cursor of the next page (None at the end)."""
-        where = _Where.matching(org, status=status, queue=queue, priority=priority)
-        return await self._page(org, "tasks", where, limit, cursor, _task_decoder.decode)
+        """A page of the org's tasks, oldest first (or newest first), and the cursor of the next page
+        (None at the end); ``workflow`` is a workflow's name."""
+        where = _Where.matching(org, status=status, queue=queue, priority=priority, workflow_name=workflow)
+        return await self._page(org, "tasks", where, limit, cursor, _task_decoder.decode, newest_first=newest_first)
+
+    async def tasks_by_id(self, org: str, task_ids: Iterable[str]) -> dict[str, tuple[Task, int]]:
+        """The org's tasks among ``task_ids`` (unknown ids are left out), in one query."""
+        rows = await self._fetch(
+            org, "SELECT state, seq FROM tasks WHERE org_id = $1 AND id = ANY($2::text[])", org, sorted(set(task_ids))
+        )
+        tasks = [(_task_decoder.decode(row["state"]), row["seq"]) for row in rows]
+        return {task.id: (task, seq) for task, seq in tasks}
 
     async def open_tasks(self) -> tuple[list[tuple[str, Task, int]], int]:
         """Every task not yet terminal, in every org, as ``(org, task, seq)``, and the tasks
@@ -202,16 +230,25 @@ class ReadModel:
         return (decode(rows[0]["state"]), rows[0]["seq"]) if rows else None
 
     async def _page(
-        self, org: str, table: str, where: _Where, limit: int, cursor: str | None, decode: Callable[[str], T]
+        self,
+        org: str,
+        table: str,
+        where: _Where,
+        limit: int,
+        cursor: str | None,
+        decode: Callable[[str], T],
+        *,
+        newest_first: bool = False,
     ) -> tuple[list[tuple[T, int]], str | None]:
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if cursor is not None:
-            where.add("(created_at, id) > ({0}, {1})", *decode_cursor(cursor))
+            where.add(f"(created_at, id) {'<' if newest_first else '>'} ({{0}}, {{1}})", *decode_cursor(cursor))
+        order = "created_at DESC, id DESC" if newest_first else "created_at, id"
         rows = await self._fetch(
             org,
             f"SELECT state, seq, created_at, id FROM {table} WHERE {where}"
-            f" ORDER BY created_at, id LIMIT ${len(where.args) + 1}",
+            f" ORDER BY {order} LIMIT ${len(where.args) + 1}",
             *where.args,
             limit + 1,
         )
@@ -237,6 +274,19 @@ class ReadModel:
             where.add("status = 'ready'" if available else "status <> 'ready'")
         return await self._workers(org, where)
 
+    async def tasks_in_hand(self, org: str) -> dict[str, list[str]]:
+        """The ids of the running tasks each worker holds a lease on, by worker id."""
+        rows = await self._fetch(
+            org,
+            "SELECT assigned_worker, id FROM tasks WHERE org_id = $1 AND status = 'running'"
+            " AND assigned_worker IS NOT NULL ORDER BY created_at, id",
+            org,
+        )
+        held: dict[str, list[str]] = {}
+        for row in rows:
+            held.setdefault(row["assigned_worker"], []).append(row["id"])
+        return held
+
     async def _workers(self, org: str, where: _Where) -> list[tuple[Worker, int, int]]:
         rows = await self._fetch(
             org, f"SELECT state, tasks_completed, seq FROM workers WHERE {where} ORDER BY id", *where.args
@@ -253,6 +303,48 @@ class ReadModel:
             day,
         )
         return int(rows[0]["tokens"])
+
+    async def usage(
+        self,
+        org: str,
+        *,
+        start: date,
+        end: date,
+        group_by: tuple[str, ...] = USAGE_GROUPS,
+        queue: str | None = None,
+        workflow: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The org's recorded LLM calls from ``start`` to ``end`` (UTC days, both included), only those
+        of tasks on ``queue`` and of tasks running the workflow named ``workflow`` when given: one item
+        ``{day, model, calls, prompt_tokens, completion_tokens, cost_usd}`` per group, sorted by day then
+        model. ``group_by`` names the keys grouped on (of :data:`USAGE_GROUPS`); a key it leaves out is
+        None in every item (all the range's days, or all models, together). ``day`` is a ``date``,
+        tokens are ints, ``cost_usd`` a float rounded to 6 decimals. Raises ValueError for an unknown or
+        empty ``group_by``, ``start`` after ``end``, or more than :data:`MAX_USAGE_DAYS` days."""
+        check_usage_query(start, end, group_by)
+        keys = [key for key in USAGE_GROUPS if key in group_by]
+        where = _Where.matching(org, queue=queue, workflow=workflow)
+        where.add("day BETWEEN {0} AND {1}", start, end)
+        rows = await self._fetch(
+            org,
+            f"SELECT {'day' if 'day' in keys else 'NULL::date AS day'},"
+            f" {'model' if 'model' in keys else 'NULL::text AS model'},"
+            " sum(calls) AS calls, sum(prompt_tokens) AS prompt_tokens,"
+            " sum(completion_tokens) AS completion_tokens, round(sum(cost_usd), 6) AS cost_usd"
+            f" FROM usage WHERE {where} GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}",
+            *where.args,
+        )
+        return [
+            {
+                "day": row["day"],
+                "model": row["model"],
+                "calls": int(row["calls"]),
+                "prompt_tokens": int(row["prompt_tokens"]),
+                "completion_tokens": int(row["completion_tokens"]),
+                "cost_usd": float(row["cost_usd"]),
+            }
+            for row in rows
+        ]
 
     async def stats(self, org: str) -> dict[str, Any]:
         """Counts for dashboards; every known status and priority is present, zero or not."""

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 RECONNECT_SECONDS = 1.0
 CLAIM_REQUESTS_IN_FLIGHT = 2
 MAX_CLAIMS_PER_REQUEST = 100
+LIVENESS_SECONDS = 10.0
+"""How often a runner tells the control plane it is alive: a worker silent for its heartbeat timeout
+(30 s by default) is marked offline."""
 
 
 class Runner:
@@ -48,11 +51,25 @@ class Runner:
         capabilities = self._registry.capabilities()
         await self._api.register(self.worker_id, self.queue, capabilities)
         await self._api.worker_heartbeat(self.worker_id, "ready")
+        liveness = asyncio.create_task(self._report_liveness(stop))
         # Two claim requests in flight, each for every free slot: while one waits for its answer the
         # other is already asking, and a runner taking over from a crashed one resumes all at once.
-        await asyncio.gather(*(self._claim_until(stop, capabilities) for _ in range(self._claimers)))
+        try:
+            await asyncio.gather(*(self._claim_until(stop, capabilities) for _ in range(self._claimers)))
+        finally:
+            liveness.cancel()
         await self._api.worker_heartbeat(self.worker_id, "draining")
         await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _report_liveness(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LIVENESS_SECONDS)
+                return
+            try:
+                await self._api.worker_heartbeat(self.worker_id, "ready")
+            except (httpx.HTTPError, RuntimeError) as exc:  # the gateway restarts or refuses: the next beat will do
+                log.warning("worker heartbeat failed (%r); retrying in %.0f s", exc, LIVENESS_SECONDS)
 
     async def _claim_until(self, stop: asyncio.Event, capabilities: list[str]) -> None:
         while not stop.is_set():

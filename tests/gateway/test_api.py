@@ -1,4 +1,4 @@
-"""The public contract of API.md, through real HTTP against the whole stack."""
+"""The public contract of docs/api.md, through real HTTP against the whole stack."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The rules of API.md as readable examples against the pure task decider."""
+"""The rules of docs/api.md as readable examples against the pure task decider."""
 
 from __future__ import annotations
 

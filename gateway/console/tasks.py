@@ -1,0 +1,231 @@
+"""Runs: the org's tasks with filters and cursor paging, and one run in full: its timeline (what
+``controlplane history`` prints), its workflow journal, approvals, result, and the task as it was at
+any sequence of its log."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core.commands import CancelTask, ResumeTask
+from core.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
+from core.ids import InvalidToken, validate_token
+from core.replay import TimelineEntry, state_at, task_timeline, why_absent
+from core.task import Task
+from gateway.console.approvals import approval_view
+from gateway.console.web import SignedIn, console_page, done, form_of, render
+from gateway.http import derived_id, path_id, services
+from gateway.problems import Problem
+
+PAGE_SIZE = 50
+MAX_WORKFLOW_NAME = 256
+STATUSES = tuple(TaskStatus.__args__)  # type: ignore[attr-defined]
+PRIORITIES = ("critical", "high", "normal", "low")
+FILTERS = ("status", "queue", "workflow", "priority")
+ALL_TYPES = ",".join(EVENT_TYPES)
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str | None = None
+    queue: str | None = None
+    workflow: str | None = None
+    priority: str | None = None
+
+    @classmethod
+    def of(cls, request: Request) -> Filters:
+        """The page's filters from its query; a value no task can have is a 422 that says so."""
+        query = {name: request.query_params.get(name) or None for name in FILTERS}
+        if query["status"] is not None and query["status"] not in STATUSES:
+            raise Problem(422, f"status must be one of {', '.join(STATUSES)}")
+        if query["priority"] is not None and query["priority"] not in PRIORITIES:
+            raise Problem(422, f"priority must be one of {', '.join(PRIORITIES)}")
+        if query["queue"] is not None:
+            try:
+                validate_token(query["queue"], "queue")
+            except InvalidToken as exc:
+                raise Problem(422, str(exc)) from exc
+        if query["workflow"] is not None and len(query["workflow"]) > MAX_WORKFLOW_NAME:
+            raise Problem(422, f"a workflow name has at most {MAX_WORKFLOW_NAME} characters")
+        return cls(**query)
+
+    def matches(self, task: Task) -> bool:
+        workflow = task.workflow.name if task.workflow else None
+        return all(
+            wanted is None or wanted == actual
+            for wanted, actual in (
+                (self.status, task.status),
+                (self.queue, task.queue),
+                (self.workflow, workflow),
+                (self.priority, task.priority),
+            )
+        )
+
+    def query(self, **extra: str) -> str:
+        values = {name: getattr(self, name) for name in FILTERS if getattr(self, name)}
+        return urlencode({**values, **extra})
+
+
+@console_page
+async def runs(request: Request, user: SignedIn) -> Response:
+    svc = services(request)
+    filters = Filters.of(request)
+    cursor = request.query_params.get("cursor") or None
+    after = await svc.read_model.checkpoint("tasks")
+    try:
+        rows, next_cursor = await svc.read_model.list_tasks(
+            user.who.org,
+            status=filters.status,
+            queue=filters.queue,
+            priority=filters.priority,
+            workflow=filters.workflow,
+            limit=PAGE_SIZE,
+            cursor=cursor,
+            newest_first=True,
+        )
+    except ValueError as exc:  # a cursor that is not one of ours
+        raise Problem(422, str(exc)) from exc
+    return render(
+        request,
+        "tasks.html",
+        {
+            "tasks": [task for task, _ in rows],
+            "filters": filters,
+            "statuses": STATUSES,
+            "priorities": PRIORITIES,
+            "first_page": cursor is None,
+            "next_page": None if next_cursor is None else f"/console/tasks?{filters.query(cursor=next_cursor)}",
+            "after": after,
+            "live_types": ALL_TYPES,
+        },
+        user=user,
+    )
+
+
+@console_page
+async def row(request: Request, user: SignedIn) -> Response:
+    """One run's row, fresh from the log, for the live list; 204 when it no longer matches the filters."""
+    task, _ = await _task(request, user)
+    if not Filters.of(request).matches(task):
+        return Response(status_code=204)
+    return render(request, "task_row.html", {"task": task}, user=user)
+
+
+@dataclass(frozen=True)
+class JournalView:
+    index: int
+    kind: str
+    name: str
+    result: Any
+    at: Any
+
+
+@console_page
+async def run(request: Request, user: SignedIn) -> Response:
+    return await _run_page(request, user, "task.html")
+
+
+@console_page
+async def run_live(request: Request, user: SignedIn) -> Response:
+    """The live parts of a run's page (status, actions, timeline, journal, approvals, result), for the
+    page's script to swap in when the run's feed moves."""
+    return await _run_page(request, user, "task_live.html")
+
+
+async def _run_page(request: Request, user: SignedIn, template: str) -> Response:
+    svc = services(request)
+    task_id = path_id(request, "task_id", "task")
+    history = await svc.handler.history(user.who.org, "task", task_id)
+    task, seq = state_at(history)
+    if task is None:
+        raise Problem(404, f"task {task_id} not found")
+    now = svc.clock()
+    timeline: list[TimelineEntry] = task_timeline(history)
+    return render(
+        request,
+        template,
+        {
+            "task": task,
+            "seq": seq,
+            "timeline": timeline,
+            "journal": [JournalView(e.index, e.kind, e.name, e.result, e.at) for e in task.journal],
+            "approvals": [approval_view(a, task, user, now) for a in task.approvals],
+            "may_cancel": user.may("cancel") and task.status not in TERMINAL_STATUSES,
+            "may_resume": user.may("admin") and task.parked,
+            "state_at": _state_at_context(history, request.query_params.get("at")),
+            "action_key": secrets.token_urlsafe(16),
+            "live_types": ALL_TYPES,
+            "notice": request.query_params.get("notice"),
+        },
+        user=user,
+    )
+
+
+@console_page
+async def state_at_fragment(request: Request, user: SignedIn) -> Response:
+    task_id = path_id(request, "task_id", "task")
+    history = await services(request).handler.history(user.who.org, "task", task_id)
+    if not history:
+        raise Problem(404, f"task {task_id} not found")
+    context = _state_at_context(history, request.query_params.get("at"))
+    return render(request, "state_at.html", {"state_at": context, "task_id": task_id}, user=user)
+
+
+def _state_at_context(history: list[Any], raw: str | None) -> dict[str, Any] | None:
+    """The task as the log showed it when sequence ``raw`` was the newest, or why there was none yet."""
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise Problem(422, f"a sequence is a whole number, not {raw[:32]!r}")
+    seq = int(raw)
+    task, folded = state_at(history, seq)
+    if task is None:
+        return {"requested": seq, "task": None, "folded": folded, "absent": why_absent(history, seq)}
+    return {"requested": seq, "task": task, "folded": folded, "absent": None}
+
+
+@console_page
+async def cancel(request: Request, user: SignedIn) -> Response:
+    form = await form_of(request)
+    reason = form.get("reason")
+    reason = reason.strip()[:4096] if isinstance(reason, str) and reason.strip() else None
+    return await _command(request, user, "cancel", lambda task_id: CancelTask(task_id=task_id, reason=reason))
+
+
+@console_page
+async def resume(request: Request, user: SignedIn) -> Response:
+    return await _command(request, user, "admin", lambda task_id: ResumeTask(task_id=task_id), scope="resume")
+
+
+async def _command(
+    request: Request, user: SignedIn, permission: str, command_of: Any, *, scope: str | None = None
+) -> Response:
+    """A task command by the signed-in person, with the API's roles, command path and idempotency."""
+    user.who.require(permission)
+    task, _ = await _task(request, user)
+    form = await form_of(request)
+    key = form.get("idempotency_key")
+    scope = scope or permission
+    command_id = (
+        derived_id(user.who.org, user.who.credential_id, key, scope, task.id)
+        if isinstance(key, str) and 1 <= len(key) <= 255
+        else None
+    )
+    outcome = await services(request).handler.handle(
+        user.who.org, command_of(task.id), actor=user.who.actor, command_id=command_id
+    )
+    page = f"/console/tasks/{task.id}"
+    return done(request, page, f"{task.id} is now {outcome.state.status}", {"status": outcome.state.status})
+
+
+async def _task(request: Request, user: SignedIn) -> tuple[Task, int]:
+    task_id = path_id(request, "task_id", "task")
+    task, seq = await services(request).handler.load(user.who.org, "task", task_id)
+    if task is None:
+        raise Problem(404, f"task {task_id} not found")
+    return task, seq
