@@ -31,7 +31,9 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, nats_url: str, database_url: str) -> GatewaySettings:
         """``CP_JWT_HS256_SECRET``, ``CP_JWT_RS256_PUBLIC_KEY_FILE``, ``CP_JWT_AUDIENCE``, ``CP_JWT_ISSUER``,
-        ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``."""
+        ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``,
+        ``CP_AUTH_FAILURES_PER_SECOND``, ``CP_AUTH_FAILURE_BURST``, ``CP_SSE_MAX_PER_CREDENTIAL``,
+        ``CP_SSE_MAX_PER_ORG``."""
         env = os.environ
         public_key_file = env.get("CP_JWT_RS256_PUBLIC_KEY_FILE")
         limits = Limits()
@@ -49,6 +51,10 @@ class GatewaySettings:
                 requests_per_second=float(env.get("CP_RATE_LIMIT_RPS", limits.requests_per_second)),
                 burst=float(env.get("CP_RATE_LIMIT_BURST", limits.burst)),
                 max_block_ms=int(env.get("CP_MAX_BLOCK_MS", limits.max_block_ms)),
+                failed_auth_per_second=float(env.get("CP_AUTH_FAILURES_PER_SECOND", limits.failed_auth_per_second)),
+                failed_auth_burst=float(env.get("CP_AUTH_FAILURE_BURST", limits.failed_auth_burst)),
+                sse_max_per_credential=int(env.get("CP_SSE_MAX_PER_CREDENTIAL", limits.sse_max_per_credential)),
+                sse_max_per_org=int(env.get("CP_SSE_MAX_PER_ORG", limits.sse_max_per_org)),
             ),
         )
 
@@ -84,6 +90,7 @@ async def open_services(settings: GatewaySettings) -> Services:
 
 
 async def close_services(svc: Services) -> None:
+    svc.submit_gate.close()
     await svc.claim_index.stop()
     await svc.handler.close()
     await svc.read_model.close()

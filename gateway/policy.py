@@ -6,11 +6,16 @@ human.
 Which rules decide: the newest bundle the org pushed (``POST /v1/policy-bundles``), else the shipped
 one. The org's current version is read from the log and kept for ``POLICY_REFRESH_SECONDS``; a push
 through this gateway takes effect here at once, on other gateways within that time. The version
-that decided is recorded with the task, whose workflow is then decided by that version only."""
+that decided is recorded with the task, whose workflow is then decided by that version only.
+
+Decisions are evaluated off the event loop on a time budget (``policies_wasm.budget``): a version
+that overruns it answers that org's submit with 503 naming the version, and never slows other orgs.
+A push is refused (422) when an entrypoint overruns it on inputs like the ones it will be asked."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,10 +27,12 @@ from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
 from core.subjects import parse_aggregate_subject
 from gateway.bodies import SubmitTaskBody
 from gateway.claims import ClaimIndex
-from policies_wasm import Bundle, EngineCache, PolicyEngine, default_bundle
+from policies_wasm import Bundle, PolicyError, PolicyTimeout, default_bundle
+from policies_wasm.budget import PolicyEvaluator
 from projections.read import DATABASE_UNAVAILABLE, ReadModel
 
 SUBMIT_POLICY = "controlplane/submit"
+TOOL_POLICY = "controlplane/tool"
 TOKENS_CACHE_SECONDS = 5.0
 POLICY_REFRESH_SECONDS = 2.0
 # Optional facts a submitter may declare in the task's metadata, passed on to the policy as they are.
@@ -42,19 +49,51 @@ def pushed_bundle(pushed: PolicyBundlePushed) -> Bundle:
     )
 
 
+def representative_inputs(bundle: Bundle, org: str) -> list[tuple[str, dict[str, Any]]]:
+    """Inputs like the ones each of the bundle's entrypoints will be asked for `org`, for the push-time
+    budget check: submissions and tool/model calls with every declared fact, in the scope of the
+    levels the bundle's data configures for the org; other entrypoints get the scope ``ctx.policy``
+    adds to every input."""
+    scope: dict[str, Any] = {"org": org, "queue": "default", "task_type": "example"}
+    config = bundle.data.get("policy_config")
+    orgs = config.get("orgs") if isinstance(config, dict) else None
+    levels = orgs.get(org) if isinstance(orgs, dict) else None
+    if isinstance(levels, dict):
+        for name, level in (("environment", "environments"), ("queue", "queues"), ("workflow", "workflows")):
+            configured = levels.get(level)
+            if isinstance(configured, dict) and configured:
+                scope[name] = min(configured)
+    usage = {"org_in_flight": 1, "queue_in_flight": 1, "tokens_today": 1000}
+    declared = {"tools": ["example.tool"], "models": ["example-model"], "estimated_cost_usd": 1}
+    asked: dict[str, list[dict[str, Any]]] = {
+        SUBMIT_POLICY: [{**scope, "payload_bytes": 256, "usage": usage, **declared}],
+        TOOL_POLICY: [
+            {**scope, "tool": "example.tool", "usage": {"tokens_today": 1000}},
+            {**scope, "model": "example-model", "tokens_requested": 1000, "usage": {"tokens_today": 1000}},
+        ],
+    }
+    return [(entrypoint, input) for entrypoint in bundle.entrypoints for input in asked.get(entrypoint, [scope])]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str  # "regopy" | "opa-wasm"
+
+
 class SubmitGate:
     def __init__(
         self,
         bundle: Bundle,
-        engine: PolicyEngine,
-        engines: EngineCache,
+        engine: EngineInfo,
+        evaluator: PolicyEvaluator,
         handler: CommandHandler,
         claim_index: ClaimIndex,
         read_model: ReadModel,
     ) -> None:
         self.bundle, self.engine = bundle, engine
         """The shipped bundle and its engine: what decides for orgs that pushed none."""
-        self.engines = engines
+        self.evaluator = evaluator
+        """Evaluates every version, off the event loop and on the budget."""
         self._handler, self._claim_index, self._read_model = handler, claim_index, read_model
         self._tokens: dict[str, tuple[float, int]] = {}
         self._pushed: dict[str, tuple[float, int | None, Bundle]] = {}
@@ -62,9 +101,17 @@ class SubmitGate:
     @classmethod
     async def open(cls, handler: CommandHandler, claim_index: ClaimIndex, read_model: ReadModel) -> SubmitGate:
         bundle = default_bundle()
-        engines = EngineCache()
-        engine = await engines.engine(bundle)  # a shipped bundle that does not compile stops the start
-        return cls(bundle, engine, engines, handler, claim_index, read_model)
+        evaluator = PolicyEvaluator()
+        try:
+            engine = await evaluator.prepare(bundle)  # a shipped bundle that does not compile stops the start
+        except BaseException:
+            evaluator.close()
+            raise
+        return cls(bundle, EngineInfo(engine), evaluator, handler, claim_index, read_model)
+
+    def close(self) -> None:
+        """Stops the evaluator's worker processes (they also stop with this process)."""
+        self.evaluator.close()
 
     async def bundle_for(self, org: str) -> tuple[int | None, Bundle]:
         """The org's current bundle and its version (None: the shipped bundle)."""
@@ -87,7 +134,8 @@ class SubmitGate:
 
     async def decide(self, org: str, spec: SubmitTaskBody) -> tuple[PolicyDecision, int | None]:
         """The decision and the org's bundle version that made it. Raises a ``PolicyError`` when the
-        policy cannot decide (the caller refuses the submit)."""
+        policy cannot decide (the caller refuses the submit): ``PolicyTimeout``, naming the version,
+        when it overran the budget."""
         facts: dict[str, Any] = {
             "org": org,
             "queue": spec.queue,
@@ -105,8 +153,41 @@ class SubmitGate:
         if tokens is not None:  # unknown while PostgreSQL is down: a token quota then denies
             facts["usage"]["tokens_today"] = tokens
         version, bundle = await self.bundle_for(org)
-        decided = (await self.engines.engine(bundle)).evaluate(SUBMIT_POLICY, facts)
+        try:
+            decided = await self.evaluator.evaluate(bundle, SUBMIT_POLICY, facts, owner=org)
+        except PolicyTimeout as exc:
+            raise PolicyTimeout(self._overrun(org, version, exc)) from exc
         return PolicyDecision(**msgspec.structs.asdict(decided)), version
+
+    async def check_budget(self, bundle: Bundle, org: str) -> None:
+        """Raises ``PolicyTimeout`` naming the entrypoint when one of the bundle's entrypoints overruns
+        the budget on a representative input. Other failures on these made-up inputs (undefined, an
+        error) say nothing about time and are left to the real inputs."""
+        for entrypoint, input in representative_inputs(bundle, org):
+            try:
+                await self.evaluator.evaluate(bundle, entrypoint, input, owner=org)
+            except PolicyTimeout as exc:
+                raise PolicyTimeout(
+                    f"entrypoint {entrypoint} did not decide within the policy budget of "
+                    f"{self.evaluator.budget.describe()} on the input {msgspec.json.encode(input).decode()}: {exc}. "
+                    "Every decision must finish within the budget: make the rules do less work per decision "
+                    "(no loops over large ranges or the cross product of big collections)"
+                ) from exc
+            except PolicyError:
+                continue
+
+    def _overrun(self, org: str, version: int | None, exc: PolicyTimeout) -> str:
+        budget = self.evaluator.budget.describe()
+        if version is None:
+            return (
+                f"the shipped policies did not decide {SUBMIT_POLICY} for org {org} within the policy budget of "
+                f"{budget}: {exc}. Declare fewer tools or models, or ask the operator to raise the budget"
+            )
+        return (
+            f"org {org}'s policy bundle version {version} did not decide {SUBMIT_POLICY} within the policy budget "
+            f"of {budget}: {exc}. An admin of {org} should push a version whose rules decide within the budget "
+            "(POST /v1/policy-bundles refuses one that does not), or push an earlier version again"
+        )
 
     async def _tokens_today(self, org: str) -> int | None:
         cached = self._tokens.get(org)

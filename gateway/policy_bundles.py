@@ -12,10 +12,10 @@ from core.commands import PushPolicyBundle
 from core.events import PolicyBundlePushed
 from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet, Unchanged
 from gateway.bodies import PolicyBundleBody
-from gateway.http import body, command_id, json, principal, services
+from gateway.http import body, command_id, json, path_number, principal, services
 from gateway.policy import SUBMIT_POLICY
 from gateway.problems import Problem
-from policies_wasm import Bundle, PolicyError
+from policies_wasm import Bundle, PolicyError, PolicyTimeout
 
 
 def bundle_summary(pushed: PolicyBundlePushed) -> dict[str, Any]:
@@ -45,10 +45,15 @@ async def push(request: Request) -> Response:
             f"with '# METADATA' and 'entrypoint: true' (declared: {', '.join(bundle.entrypoints) or 'none'})",
         )
     svc = services(request)
+    gate = svc.submit_gate
     try:
-        engine = await svc.submit_gate.engines.engine(bundle)  # refused unless it compiles; then cached for use
+        engine = await gate.evaluator.prepare(bundle)  # refused unless it compiles; then kept for use
     except PolicyError as exc:  # does not compile, or its data is no plain JSON document
         raise Problem(422, f"the bundle cannot be loaded: {exc}") from exc
+    try:
+        await gate.check_budget(bundle, who.org)
+    except PolicyTimeout as exc:
+        raise Problem(422, f"the bundle is refused: {exc}") from exc
     command = PushPolicyBundle(
         digest=bundle.digest,
         modules=dict(spec.modules),
@@ -62,10 +67,10 @@ async def push(request: Request) -> Response:
             who.org, command, actor=who.actor, command_id=command_id(request, who, "policy-bundle", bundle.digest)
         )
     except Unchanged as unchanged:
-        return json({**bundle_summary(unchanged.current), "engine": engine.name, "unchanged": True})
+        return json({**bundle_summary(unchanged.current), "engine": engine, "unchanged": True})
     pushed = outcome.state.current
     assert isinstance(pushed, PolicyBundlePushed)
-    return json({**bundle_summary(pushed), "engine": engine.name, "unchanged": False, "seq": outcome.seq}, 201)
+    return json({**bundle_summary(pushed), "engine": engine, "unchanged": False, "seq": outcome.seq}, 201)
 
 
 async def list_bundles(request: Request) -> Response:
@@ -84,8 +89,9 @@ async def list_bundles(request: Request) -> Response:
 async def get_bundle(request: Request) -> Response:
     who = await principal(request, "read")
     raw = request.path_params["version"]
+    number = None if raw == "current" else path_number(request, "version", "policy bundle version")
     policy_set, _ = await _policy_set(request, who.org)
-    pushed = policy_set.current if raw == "current" else (policy_set.version(int(raw)) if raw.isdigit() else None)
+    pushed = policy_set.current if number is None else policy_set.version(number)
     if pushed is None:
         raise Problem(404, f"policy bundle version {raw!r} not found (this org has {len(policy_set.versions)})")
     return json(bundle_document(pushed))

@@ -13,8 +13,11 @@ This is the host side of OPA's wasm ABI 1.x, written from its documentation
   older modules with `opa_eval_ctx_*` + `eval`. Either way the heap pointer is reset before each
   evaluation, so memory does not creep.
 - Every evaluation runs on a fuel budget (wasm instructions), so a looping module ends with
-  PolicyTimeout instead of hanging the process; memory is capped by the store's limits. After any
-  failure the instance is rebuilt from the compiled module before the next evaluation.
+  PolicyTimeout instead of hanging the process; memory is capped by the store's limits. An
+  evaluation given a `timeout` is also stopped at that wall-clock deadline, by epoch interruption
+  (a watchdog thread bumps the engine's epoch; the module traps at its next loop or call), so it
+  stops burning the core it runs on. After any failure the instance is rebuilt from the compiled
+  module before the next evaluation.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from policies_wasm.engine import (
     canonical_json,
     sha256_digest,
 )
+from policies_wasm.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ PAGE_SIZE = 65536
 # runaway module stops within ~0.2 s.
 DEFAULT_FUEL = 50_000_000
 DEFAULT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
+# Epoch deadline of an evaluation without a timeout: never reached (the epoch only moves on timeouts).
+_NO_EPOCH_DEADLINE = 2**62
 
 _I32 = wasmtime.ValType.i32()
 # name -> number of i32 parameters, number of i32 results
@@ -88,7 +94,8 @@ _CLASSIC_EXPORTS = {
 
 class OpaWasmEngine:
     """Evaluates the `policy.wasm` of a bundle. Thread-safe: evaluations are serialised per engine
-    (a wasm instance has one heap)."""
+    (a wasm instance has one heap). `watchdog` stops evaluations given a `timeout`; engines can share
+    one (else the engine starts its own on the first timeout)."""
 
     name = ENGINE_NAME
 
@@ -98,10 +105,13 @@ class OpaWasmEngine:
         fuel: int = DEFAULT_FUEL,
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         builtins: Mapping[str, HostBuiltin] | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         config = wasmtime.Config()
         config.consume_fuel = True
+        config.epoch_interruption = True
         self._wasm = wasmtime.Engine(config)
+        self._watchdog = watchdog
         self._fuel = fuel
         self._max_memory_bytes = max_memory_bytes
         self._builtins = {**HOST_BUILTINS, **(builtins or {})}
@@ -140,7 +150,9 @@ class OpaWasmEngine:
             self._module, self._data_json, self._bundle_digest = module, data_json, bundle.digest
             self._instance = instance
 
-    def evaluate(self, entrypoint: str, input: Any) -> Decision:
+    def evaluate(self, entrypoint: str, input: Any, *, timeout: float | None = None) -> Decision:
+        """`timeout` (seconds) stops the evaluation at that wall-clock deadline with PolicyTimeout,
+        as the fuel budget does after so many instructions."""
         started = time.perf_counter()
         raw_input = canonical_json(input)
         with self._lock:
@@ -150,11 +162,17 @@ class OpaWasmEngine:
                 raise UnknownEntrypoint(
                     f"entrypoint {entrypoint!r} is not in the bundle; it has {sorted(instance.entrypoint_ids)}"
                 )
+            # Armed and disarmed under the lock: a late alarm can only bump the epoch before the next
+            # evaluation sets its deadline relative to the epoch, so it never stops another one.
+            alarm = None if timeout is None else self._watchdog_thread().arm(timeout, self._wasm.increment_epoch)
             try:
-                result = instance.evaluate(entrypoint_id, raw_input)
+                result = instance.evaluate(entrypoint_id, raw_input, timeout)
             except BaseException:
                 self._replace_instance()
                 raise
+            finally:
+                if alarm is not None:
+                    alarm.disarm()
             bundle_digest = self._bundle_digest
         return Decision(
             entrypoint=entrypoint,
@@ -164,6 +182,11 @@ class OpaWasmEngine:
             input_digest=sha256_digest(raw_input),
             duration_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def _watchdog_thread(self) -> Watchdog:
+        if self._watchdog is None:
+            self._watchdog = Watchdog("opa-wasm-watchdog")
+        return self._watchdog
 
     def _loaded(self) -> _PolicyInstance:
         if self._instance is None:
@@ -206,6 +229,8 @@ class _PolicyInstance:
         self._builtins = builtins
         self._builtin_names: dict[int, str] = {}
         self._failure: PolicyError | None = None
+        self._timeout: float | None = None
+        self.store.set_epoch_deadline(_NO_EPOCH_DEADLINE)
 
         linker = wasmtime.Linker(engine)
         imported_memory = self._define_imports(linker, module)
@@ -325,10 +350,13 @@ class _PolicyInstance:
 
     # --- Evaluation ---------------------------------------------------------------------------------
 
-    def evaluate(self, entrypoint_id: int, raw_input: bytes) -> bytes:
-        """The result set of one evaluation, as the JSON bytes the module wrote."""
+    def evaluate(self, entrypoint_id: int, raw_input: bytes, timeout: float | None = None) -> bytes:
+        """The result set of one evaluation, as the JSON bytes the module wrote. With a `timeout`, the
+        caller bumps the engine's epoch once at the deadline, which traps."""
         self._failure = None
+        self._timeout = timeout
         self.store.set_fuel(self._fuel)
+        self.store.set_epoch_deadline(_NO_EPOCH_DEADLINE if timeout is None else 1)
         if self._fast:
             input_address = self._eval_heap_pointer
             self._reserve(input_address + len(raw_input), what="the input")
@@ -356,6 +384,9 @@ class _PolicyInstance:
                 raise self._failure from None
             if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
                 raise PolicyTimeout(f"the policy used up its budget of {self._fuel} wasm instructions") from None
+            if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                budget = "its time budget" if self._timeout is None else f"its budget of {self._timeout * 1000:g} ms"
+                raise PolicyTimeout(f"the policy did not finish within {budget}") from None
             if isinstance(exc, wasmtime.Trap | wasmtime.WasmtimeError):
                 raise PolicyEvaluationError(f"the policy module trapped in {export}: {_trap_reason(exc)}") from None
             raise

@@ -1,0 +1,199 @@
+"""Policy evaluation off the event loop, on a time budget.
+
+`PolicyEvaluator` is what the gateway and the runners decide with: `await evaluate(bundle,
+entrypoint, input, owner=org)`. Every evaluation gets `budget_ms` of wall-clock time
+(`CP_POLICY_BUDGET_MS`, default 100) and is then stopped for real, by the engine's own means:
+
+- Rego (regopy): rego-cpp releases the GIL while it evaluates but offers no way to interrupt it, so
+  it runs in a small pool of worker processes (`CP_POLICY_WORKERS`, default 2); an overrun kills the
+  worker by PID and a warm replacement is started (`policies_wasm.processes`).
+- OPA wasm: wasmtime releases the GIL and traps on an epoch deadline, so it runs on a few threads;
+  a watchdog bumps the engine's epoch at the deadline (`OpaWasmEngine.evaluate(timeout=)`).
+
+Either way an overrun is `PolicyTimeout`. Two rules keep one owner (an org) from stalling the others:
+- an owner has at most `workers - 1` evaluations running at once (at least one), so a worker is always
+  left for everyone else; its further requests wait for its own;
+- after an overrun, that owner's evaluations of that bundle are refused with `PolicyTimeout`, without
+  running, for `quarantine_seconds` (`CP_POLICY_QUARANTINE_SECONDS`, default 5): a runaway policy
+  costs the pool one budget per quarantine, however often its requests come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from policies_wasm.engine import Bundle, Decision, PolicyTimeout, canonical_json
+from policies_wasm.processes import RegoProcesses
+from policies_wasm.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from policies_wasm.opa_wasm import OpaWasmEngine
+
+BUDGET_ENV = "CP_POLICY_BUDGET_MS"
+WORKERS_ENV = "CP_POLICY_WORKERS"
+QUARANTINE_ENV = "CP_POLICY_QUARANTINE_SECONDS"
+DEFAULT_BUDGET_MS = 100.0
+DEFAULT_WORKERS = 2
+DEFAULT_QUARANTINE_SECONDS = 5.0
+WASM_THREADS = 4
+MAX_WASM_ENGINES = 32
+
+
+@dataclass(frozen=True)
+class Budget:
+    ms: float = DEFAULT_BUDGET_MS
+    """Wall-clock time one evaluation may take."""
+    workers: int = DEFAULT_WORKERS
+    """Processes evaluating Rego in parallel."""
+    quarantine_seconds: float = DEFAULT_QUARANTINE_SECONDS
+    """How long an owner's bundle is refused after it overran."""
+
+    @classmethod
+    def from_env(cls) -> Budget:
+        env = os.environ
+        budget = cls(
+            ms=float(env.get(BUDGET_ENV, DEFAULT_BUDGET_MS)),
+            workers=int(env.get(WORKERS_ENV, DEFAULT_WORKERS)),
+            quarantine_seconds=float(env.get(QUARANTINE_ENV, DEFAULT_QUARANTINE_SECONDS)),
+        )
+        if budget.ms <= 0 or budget.workers < 1 or budget.quarantine_seconds < 0:
+            raise ValueError(
+                f"{BUDGET_ENV} must be > 0, {WORKERS_ENV} ≥ 1 and {QUARANTINE_ENV} ≥ 0; got {budget.ms}, "
+                f"{budget.workers}, {budget.quarantine_seconds}"
+            )
+        return budget
+
+    def describe(self) -> str:
+        return f"{self.ms:g} ms ({BUDGET_ENV})"
+
+
+class PolicyEvaluator:
+    """Decides off the event loop, on the budget; safe to share between tasks of one loop."""
+
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget or Budget.from_env()
+        self._processes = RegoProcesses(self.budget.workers)
+        self._threads = ThreadPoolExecutor(WASM_THREADS, thread_name_prefix="policy-wasm")
+        self._watchdog = Watchdog()
+        self._wasm_engines: OrderedDict[str, OpaWasmEngine] = OrderedDict()
+        self._wasm_lock = threading.Lock()
+        self._quarantine: dict[tuple[str, str], float] = {}
+        self._owners = _PerOwner(max(1, self.budget.workers - 1))
+
+    async def prepare(self, bundle: Bundle) -> str:
+        """Compile `bundle` where it will be evaluated (in every worker process, started if need be):
+        the engine's name, or PolicyLoadError."""
+        if bundle.wasm is not None:
+            return (await asyncio.wrap_future(self._threads.submit(self._wasm_engine, bundle))).name
+        names = await asyncio.gather(*map(asyncio.wrap_future, self._processes.load(bundle)))
+        return names[0]
+
+    async def evaluate(self, bundle: Bundle, entrypoint: str, input: Any, *, owner: str | None = None) -> Decision:
+        """The decision, within the budget. Raises a PolicyError: PolicyTimeout when the budget ran out
+        (or `owner`'s evaluations of this bundle are quarantined after an overrun)."""
+        key = None if owner is None else (owner, bundle.digest)
+
+        def admit() -> None:
+            self._admit(key, entrypoint)
+
+        admit()  # refused at once, without queueing
+        raw_input = canonical_json(input)  # a PolicyInputError is raised here, not in a worker
+        timeout = self.budget.ms / 1000
+        async with self._owners.turn(owner):
+            admit()  # the owner's request before this one may have overrun
+            if bundle.wasm is not None:
+                future = self._threads.submit(self._evaluate_wasm, bundle, entrypoint, input, timeout, admit)
+            else:
+                future = self._processes.evaluate(bundle, entrypoint, raw_input, timeout, admit=admit)
+            try:
+                return await asyncio.wrap_future(future)
+            except PolicyTimeout:
+                if key is not None and not self._quarantined(key):
+                    self._quarantine_now(key)
+                raise
+
+    def close(self) -> None:
+        self._processes.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    # --- Quarantine ---------------------------------------------------------------------------------
+
+    def _quarantined(self, key: tuple[str, str]) -> bool:
+        return self._quarantine.get(key, 0.0) > time.monotonic()
+
+    def _quarantine_now(self, key: tuple[str, str]) -> None:
+        now = time.monotonic()
+        for stale in [known for known, until in self._quarantine.items() if until <= now]:
+            self._quarantine.pop(stale, None)
+        self._quarantine[key] = now + self.budget.quarantine_seconds
+
+    def _admit(self, key: tuple[str, str] | None, entrypoint: str) -> None:
+        """Runs on the loop and again when a worker takes the job (requests queued before an overrun)."""
+        if key is None:
+            return
+        until = self._quarantine.get(key, 0.0)
+        left = until - time.monotonic()
+        if left > 0:
+            raise PolicyTimeout(
+                f"{entrypoint} was not evaluated: {key[0]}'s evaluations of this bundle are refused for "
+                f"{self.budget.quarantine_seconds:g} s after one overran the budget of {self.budget.describe()} "
+                f"({left:.1f} s left)"
+            )
+
+    # --- wasm on threads ----------------------------------------------------------------------------
+
+    def _wasm_engine(self, bundle: Bundle) -> OpaWasmEngine:
+        with self._wasm_lock:
+            engine = self._wasm_engines.get(bundle.digest)
+            if engine is not None:
+                self._wasm_engines.move_to_end(bundle.digest)
+                return engine
+        from policies_wasm.opa_wasm import OpaWasmEngine  # wasmtime only when a bundle is compiled
+
+        engine = OpaWasmEngine(watchdog=self._watchdog)
+        engine.load(bundle)  # compiles: outside the lock
+        with self._wasm_lock:
+            engine = self._wasm_engines.setdefault(bundle.digest, engine)
+            while len(self._wasm_engines) > MAX_WASM_ENGINES:
+                self._wasm_engines.popitem(last=False)
+        return engine
+
+    def _evaluate_wasm(
+        self, bundle: Bundle, entrypoint: str, input: Any, timeout: float, admit: Callable[[], None]
+    ) -> Decision:
+        admit()
+        return self._wasm_engine(bundle).evaluate(entrypoint, input, timeout=timeout)
+
+
+class _PerOwner:
+    """At most `limit` turns at once per owner; requests without an owner are not limited."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._turns: dict[str, tuple[asyncio.Semaphore, int]] = {}  # owner -> (semaphore, holders + waiters)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, owner: str | None) -> AsyncIterator[None]:
+        if owner is None:
+            yield
+            return
+        semaphore, users = self._turns.get(owner) or (asyncio.Semaphore(self._limit), 0)
+        self._turns[owner] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._turns[owner]
+            if users == 1:
+                del self._turns[owner]
+            else:
+                self._turns[owner] = (semaphore, users - 1)
