@@ -44,9 +44,10 @@ def start_runner(
     info: dict[str, Any], queue: str, name: str, sink: Path, lease: float, tasks: int, *, hang: bool
 ) -> subprocess.Popen[bytes]:
     command = [str(Path(sys.executable).parent / "controlplane"), "runner", "--url", info["gateway_url"]]
-    command += ["--key", info["orgs"]["acme"]["worker"], "--queue", queue, "--worker-id", name]
+    command += ["--queue", queue, "--worker-id", name]
     command += ["--workflows", "recovery_workflows:ALL", "--lease-seconds", str(lease), "--concurrency", str(tasks)]
     environment = {**os.environ, "PYTHONPATH": str(BENCH_DIR), "CP_RECOVERY_SINK": str(sink)}
+    environment["CP_WORKER_KEY"] = info["orgs"]["acme"]["worker"]
     if hang:
         environment["CP_RECOVERY_HANG"] = "1"
     log = (sink.parent / f"{name}.log").open("wb")

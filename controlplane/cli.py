@@ -24,9 +24,15 @@ from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
 from controlplane import stack
 from controlplane import timers as timer_commands
-from controlplane.connection import database_url_argument, gateway_url_argument, nats_url_argument
+from controlplane.connection import (
+    database_url_argument,
+    gateway_url_argument,
+    key_arguments,
+    key_from,
+    nats_url_argument,
+)
 from controlplane.seed import seed_org
-from controlplane.stack import run_gateway, run_projector, run_runner
+from controlplane.stack import WORKER_KEY_ENV, run_gateway, run_projector, run_runner
 from core.cluster import EmbeddedNatsCluster
 from core.commands import SYSTEM, CreateOrg, ResumeTask
 from core.embedded import (
@@ -88,11 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = commands.add_parser(
         "runner",
         help="run workflows: claim their tasks, replay, continue",
-        description="Example: controlplane runner --url http://127.0.0.1:8080 --key $WORKER_KEY "
-        "--workflows runners.examples:EXAMPLES",
+        description=f"Example: {WORKER_KEY_ENV}=cp_... controlplane runner --url http://127.0.0.1:8080 "
+        f"--workflows runners.examples:EXAMPLES. The worker key comes from ${WORKER_KEY_ENV} (or $CP_API_KEY) "
+        "or --key-file: never the command line, which every local user can read.",
     )
     gateway_url_argument(runner)
-    runner.add_argument("--key", default=os.environ.get("CP_API_KEY"), help="a worker key (default: $CP_API_KEY)")
+    key_arguments(runner, WORKER_KEY_ENV, "worker key")
     runner.add_argument("--queue", default="default")
     runner.add_argument("--workflows", action="append", required=True, help="module:attr, repeatable")
     runner.add_argument("--worker-id", default=f"runner-{os.getpid()}")
@@ -146,12 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "projector":
                 return uvloop.run(run_projector(_settings(args), args.shard))
             case "runner":
-                if not args.key:
-                    raise ValueError("a worker key is needed: --key or CP_API_KEY")
+                key = key_from(args, os.environ, WORKER_KEY_ENV, "CP_API_KEY")
+                os.environ.pop(WORKER_KEY_ENV, None)  # not inherited by whatever the workflows start
                 return uvloop.run(
                     run_runner(
                         args.url,
-                        args.key,
+                        key,
                         args.queue,
                         args.workflows,
                         args.worker_id,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,46 @@ def gateway_url_argument(parser: argparse.ArgumentParser) -> None:
         default=_default("CP_GATEWAY_URL", "gateway_url", "http://127.0.0.1:8080"),
         help=f"the gateway; default: $CP_GATEWAY_URL, else the dev stack's ({DEV_JSON}), else http://127.0.0.1:8080",
     )
+
+
+def key_arguments(parser: argparse.ArgumentParser, variable: str, what: str) -> None:
+    """``--key-file PATH``; without it the key comes from ``$variable``. Never the command line."""
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help=f"read the {what} from PATH, which only its owner may read (chmod 600); default: ${variable}",
+    )
+    parser.add_argument("--key", help=argparse.SUPPRESS)  # refused with a message saying why and what instead
+
+
+def key_from(args: argparse.Namespace, environ: Mapping[str, str], variable: str, *fallbacks: str) -> str:
+    """The key of ``key_arguments``: --key-file, else the first of ``variable`` and ``fallbacks`` set."""
+    if args.key:
+        raise ValueError(
+            "--key is refused: on the command line every local user can read the key (ps, /proc); "
+            f"set ${variable} or give --key-file PATH"
+        )
+    if args.key_file is not None:
+        return read_key_file(args.key_file)
+    for name in (variable, *fallbacks):
+        if key := environ.get(name):
+            return key
+    raise ValueError(f"a key is needed: set ${variable} or give --key-file PATH")
+
+
+def read_key_file(path: Path) -> str:
+    """A key from a file only its owner can read or write; refused otherwise."""
+    try:
+        with path.open() as opened:
+            mode = stat.S_IMODE(os.fstat(opened.fileno()).st_mode)
+            if mode & 0o077:
+                raise ValueError(
+                    f"{path} can be read or written by others (mode {mode:04o}); it holds a key: chmod 600 {path}"
+                )
+            key = opened.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"the key file {path} is empty")
+    return key

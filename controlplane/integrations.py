@@ -26,7 +26,7 @@ from integrations.consumer import (
     consumer_name,
 )
 from integrations.permissions import CP_ACCOUNT, DEFAULT_INTEGRATION_NAMES, default_user, nats_config
-from integrations.webhook import WebhookForwarder, check_url
+from integrations.webhook import WebhookForwarder, check_url, display_url, webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ examples:
 
 _WEBHOOK_EXAMPLES = """\
 examples:
-  export HOOK_SECRET=$(openssl rand -hex 32)
+  export HOOK_SECRET=whsec_$(openssl rand -base64 32)
   controlplane webhook acme --url https://hooks.example.com/cp --secret-env HOOK_SECRET
   controlplane webhook acme --url http://127.0.0.1:9000/in --secret-env HOOK_SECRET \\
       --types TaskCompleted,TaskFailed --name ops-hook
@@ -47,8 +47,13 @@ examples:
   NATS_PW=... controlplane webhook acme --confined --nats-user integration-acme --nats-password-env NATS_PW \\
       --url https://hooks.example.com/cp --secret-env HOOK_SECRET
 
-Each event is POSTed as JSON with X-CP-Signature: sha256=<HMAC-SHA256 of the body>, X-CP-Event-Type,
-X-CP-Seq and X-CP-Delivery-Id (deduplicate on it). 2xx delivers; 408, 429, 5xx, timeouts and refused
+Each event is POSTed as JSON, signed the Standard Webhooks way: webhook-id (the delivery id, the same
+on every attempt: deduplicate on it), webhook-timestamp and webhook-signature (v1,<base64 HMAC-SHA256 of
+"id.timestamp.body">). Receivers verify with any Standard Webhooks library (Python: standardwebhooks,
+Webhook(secret).verify(body, headers)) or integrations.webhook.verify_delivery, which refuse deliveries
+more than 5 minutes old. The secret is whsec_<base64>, or any other text used as its bytes (then give
+receivers whsec_ + the base64 of those bytes). X-CP-Event-Type and X-CP-Seq help routing. Secret event
+fields (an API key's hash) arrive as "[redacted]". 2xx delivers; 408, 429, 5xx, timeouts and refused
 connections are retried with doubling delays; other answers, and the last failed retry, go to the
 dead-letter subject cpdlq.<org>.<name>. SIGINT or SIGTERM stops after the event in hand.
 """
@@ -93,7 +98,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     webhook.add_argument("org")
     webhook.add_argument("--url", required=True, help="the receiver's http(s) URL")
     webhook.add_argument(
-        "--secret-env", required=True, metavar="VAR", help="environment variable holding the signing secret"
+        "--secret-env",
+        required=True,
+        metavar="VAR",
+        help="environment variable holding the signing secret: whsec_<base64>, or any other text",
     )
     webhook.add_argument("--types", help="comma-separated event types to forward (default: all)")
     webhook.add_argument("--name", default="webhook", help="integration name: the consumer is NAME@ORG")
@@ -135,9 +143,10 @@ def _run_webhook(args: argparse.Namespace) -> int:
     org = validate_token(args.org, "org")
     consumer_name(org, args.name)
     check_url(args.url)
-    secret = os.environ.get(args.secret_env, "")
-    if not secret:
+    configured = os.environ.get(args.secret_env, "")
+    if not configured:
         raise ValueError(f"environment variable {args.secret_env} is unset or empty; it must hold the webhook secret")
+    secret = webhook_secret(configured)
     types = check_event_types(t.strip() for t in args.types.split(",") if t.strip()) if args.types else None
     nats_password = None
     if args.nats_password_env:
@@ -146,7 +155,7 @@ def _run_webhook(args: argparse.Namespace) -> int:
             raise ValueError(f"environment variable {args.nats_password_env} is unset or empty")
     if args.timeout <= 0 or args.max_deliveries < 1:
         raise ValueError("--timeout must be positive and --max-deliveries at least 1")
-    return uvloop.run(_forward(args, org, secret.encode(), types, nats_password))
+    return uvloop.run(_forward(args, org, secret, types, nats_password))
 
 
 async def _forward(
@@ -184,7 +193,7 @@ async def _forward(
                 "forwarding events of %s (%s) to %s; dead letters go to %s",
                 org,
                 ", ".join(sorted(types)) if types else "all types",
-                args.url,
+                display_url(args.url),
                 subscription.dead_letter_subject,
             )
             await forwarder.run()

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import msgspec
 
-from controlplane.connection import gateway_url_argument
+from controlplane.connection import gateway_url_argument, key_arguments, key_from
 from policies_wasm import Bundle, PolicyLoadError
 
 _PUSH_EXAMPLES = """\
 examples:
-  controlplane policies push policies_wasm/policies --key $ADMIN_KEY
-  controlplane policies push build/bundle.tar.gz --url http://gw:8080 --key $ADMIN_KEY   # from opa build -t wasm
+  CP_API_KEY=$ADMIN_KEY controlplane policies push policies_wasm/policies
+  controlplane policies push build/bundle.tar.gz --url http://gw:8080 --key-file admin.key   # from opa build -t wasm
 
 DIR is a directory of .rego files and data.json documents (data.json in a/b holds data.a.b), or an
 `opa build` tarball, whose policy.wasm is then used by the OPA-wasm engine. The bundle must declare the
@@ -57,7 +57,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _gateway_args(parser: argparse.ArgumentParser) -> None:
     gateway_url_argument(parser)
-    parser.add_argument("--key", default=os.environ.get("CP_API_KEY"), help="an API key (default: $CP_API_KEY)")
+    key_arguments(parser, "CP_API_KEY", "API key (an admin's, to push)")
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -103,11 +103,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    if not args.key:
-        raise ValueError("an API key is needed: --key or CP_API_KEY (an admin key to push)")
+    key = key_from(args, os.environ, "CP_API_KEY")
     try:
         response = httpx.request(
-            method, f"{args.url.rstrip('/')}{path}", json=body, headers={"Authorization": f"Bearer {args.key}"}
+            method, f"{args.url.rstrip('/')}{path}", json=body, headers={"Authorization": f"Bearer {key}"}
         )
     except httpx.HTTPError as exc:
         print(f"controlplane: cannot reach the gateway at {args.url} ({exc!r}); check --url", file=sys.stderr)

@@ -32,6 +32,7 @@ from core.events import PolicyBundlePushed, decode_event, encode_event
 from core.handler import timer_subject, utc_now
 from core.ids import new_id, validate_token
 from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
+from core.public import public_payload, redacted_fields
 from core.replay import (
     ForkPlan,
     ForkRefused,
@@ -279,9 +280,10 @@ def _command_id(msg_id: str | None) -> str | None:
 async def export_org(
     reader: LogReader, org: str, out: BinaryIO, *, since: datetime | None = None, progress: Progress | None = None
 ) -> AuditChain:
-    """Write the audit export of ``org`` (see core.audit for the format) and return its chain."""
+    """Write the audit export of ``org`` (see core.audit for the format) and return its chain. Secret
+    fields are redacted (``core.public``) before a line is written and hashed."""
     chain = AuditChain()
-    out.write(chain.header(org, None if since is None else rfc3339(since)))
+    out.write(chain.header(org, None if since is None else rfc3339(since), redacted_fields()))
     decode = msgspec.json.decode
     batches = reader.batches(f"{EVENTS_PREFIX}.{validate_token(org, 'org')}.>", start_time=since, progress=progress)
     async with aclosing(batches) as reading:
@@ -290,7 +292,7 @@ async def export_org(
             for msg in batch:
                 headers: dict[str, str] = msg.headers  # type: ignore[assignment]
                 try:
-                    event: Any = decode(msg.data)
+                    event: Any = public_payload(decode(msg.data))
                 except msgspec.DecodeError:  # not JSON: exported as stored, never dropped
                     event = {"base64": base64.b64encode(msg.data).decode()}
                 stored_at = headers["Nats-Time-Stamp"]
@@ -739,9 +741,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         ],
         (
             "Each line carries seq, subject, time, actor, command/correlation/causation ids, the event as"
-            "\nstored, prev and hash (sha256 over prev + the line's canonical JSON). The head (the last"
-            "\nline's hash) is printed on stderr: keep it, and check the file with `controlplane audit verify`."
-            "\n--since compares the time the log stored each event."
+            "\nstored, prev and hash (sha256 over prev + the line's canonical JSON). Secret fields (an API"
+            "\nkey's hash) read \"[redacted]\", as the header's `redacted` lists, and are hashed that way."
+            "\nThe head (the last line's hash) is printed on stderr: keep it, and check the file with"
+            "\n`controlplane audit verify`. --since compares the time the log stored each event."
         ),
     )
     export.add_argument("org")

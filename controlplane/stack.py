@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -31,6 +32,8 @@ log = logging.getLogger("controlplane")
 
 DEV_ORGS = ("acme", "globex")
 DEV_ROLES = ("admin", "submitter", "worker", "approver", "viewer")
+WORKER_KEY_ENV = "CP_WORKER_KEY"
+"""Where ``controlplane runner`` finds its key: an environment variable, never the command line."""
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -122,9 +125,12 @@ async def run_dev(
     holds the keys of the previous run, kept when the log still has them."""
     stop = stop_on_signals()
     services = await open_services(settings)
+    # URLs may hold passwords: children get them, like the runner its key, in their environment, not in
+    # arguments that every local user can read.
     projector = await start_child(
-        ["projector", "--nats-url", settings.nats_url, "--database-url", settings.database_url],
+        ["projector"],
         data_dir / "projector.log",
+        env={"CP_NATS_URL": settings.nats_url, "DATABASE_URL": settings.database_url},
     )
     runner: asyncio.subprocess.Process | None = None
     try:
@@ -148,16 +154,15 @@ async def run_dev(
                 "runner",
                 "--url",
                 info["gateway_url"],
-                "--key",
-                orgs["acme"]["worker"],
                 "--workflows",
                 "runners.examples:EXAMPLES",
                 "--worker-id",
                 "dev-runner",
             ],
             data_dir / "runner.log",
+            env={WORKER_KEY_ENV: orgs["acme"]["worker"]},
         )
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        write_private(info_path, json.dumps(info, indent=2) + "\n")  # it holds every key
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
         print(f"  console:  {info['gateway_url']}/console  (sign in with acme's approver key to decide approvals)")
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
@@ -185,8 +190,11 @@ async def run_dev(
     return 0
 
 
-async def start_child(arguments: list[str], log_path: Path) -> asyncio.subprocess.Process:
-    """Another ``controlplane`` process (its own core), logging to ``log_path``."""
+async def start_child(
+    arguments: list[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Another ``controlplane`` process (its own core), logging to ``log_path``, with ``env`` added to
+    this process's environment: the place for keys and passwords, which arguments would show in ps."""
     with log_path.open("ab") as log_file:
         return await asyncio.create_subprocess_exec(
             sys.executable,
@@ -196,8 +204,17 @@ async def start_child(arguments: list[str], log_path: Path) -> asyncio.subproces
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
+            env={**os.environ, **(env or {})},
             start_new_session=True,  # stopped by us, in order, not by the terminal's Ctrl-C
         )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable and writable by its owner only (mode 0600), whatever the umask."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        file.write(text)
 
 
 async def stop_process(process: asyncio.subprocess.Process, grace: float = 15.0) -> None:

@@ -2,7 +2,7 @@
 
 An export is JSON Lines: a header, one line per event in stream order, and an end line::
 
-    {"format":"controlplane-audit/1","kind":"header","org":"acme","prev":"sha256:000…000","since":null,"hash":"sha256:…"}
+    {"format":"controlplane-audit/1","kind":"header","org":"acme","prev":"sha256:000…000","redacted":[…],"since":null,"hash":"sha256:…"}
     {"actor":"…","command_id":"…","event":{…},"kind":"event","prev":"sha256:…","seq":12,"stored_at":"…","subject":"cp.acme.task.…","time":"…","hash":"sha256:…"}
     {"events":1,"kind":"end","last_seq":12,"prev":"sha256:…","hash":"sha256:…"}
 
@@ -19,7 +19,10 @@ end is detected like dropping them anywhere else. The end line's hash is the exp
 Event lines carry ``seq``, ``subject``, ``time`` (the appending command's time, or the stored time
 for an event without one), ``stored_at`` (when the log stored it, as the server wrote it), ``actor``,
 ``command_id``, ``correlation_id`` and ``causation_id`` (each only when present) and ``event``: the
-stored JSON as it is in the log, not upcast, so the export shows exactly what was recorded.
+stored JSON as it is in the log, not upcast, so the export shows exactly what was recorded, except
+secret fields (``core.public``: an API key's hash), which read ``"[redacted]"``. The header lists them
+as ``Type.field`` in ``redacted``. The chain is computed over the lines as written, redacted, since that
+is what the auditor holds and can check; the secrets never leave the log, not even as hash input.
 
 What the chain proves: any edited, dropped, inserted or reordered line, and a truncated file, fail
 :func:`verify_export`. What it cannot prove on its own: that nobody rewrote the whole file and every
@@ -29,7 +32,7 @@ hash after an edit. Keep the head printed by the export somewhere else and check
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import chain, pairwise
 from typing import Any
 
@@ -58,8 +61,12 @@ class AuditChain:
         self.events = 0
         self.last_seq = 0
 
-    def header(self, org: str, since: str | None) -> bytes:
-        return self._line({"kind": "header", "format": FORMAT, "org": org, "since": since})
+    def header(self, org: str, since: str | None, redacted: Sequence[str] = ()) -> bytes:
+        """``redacted``: the ``Type.field`` names whose values the event lines hold as a marker."""
+        fields: dict[str, Any] = {"kind": "header", "format": FORMAT, "org": org, "since": since}
+        if redacted:
+            fields["redacted"] = list(redacted)
+        return self._line(fields)
 
     def event(
         self,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 
 from core.events import Escalation, PolicyDecision, Priority, Vote, WorkflowRef
-from core.ids import Token
+from core.ids import Token, whole
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]
@@ -56,6 +56,10 @@ class SubmitTask(TaskCommand, frozen=True, kw_only=True):
 
 
 class ClaimTask(TaskCommand, frozen=True, kw_only=True):
+    """Take a pending task. The lease is bound to the claiming actor (the credential, from the command's
+    context, never from a field): heartbeat, approval requests, operations, sleep, non-determinism
+    reports, complete and fail are refused from any other actor, admins included."""
+
     worker_id: Token
     lease_id: Token
     queue: Token = "default"
@@ -112,7 +116,7 @@ class CancelTask(TaskCommand, frozen=True, kw_only=True):
 
 
 JournalIndex = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
-OperationKind = Annotated[str, msgspec.Meta(pattern="^(step|llm|policy|now|uuid)$")]
+OperationKind = Annotated[str, msgspec.Meta(pattern=whole("step|llm|policy|now|uuid"))]
 
 
 class RecordOperation(TaskCommand, frozen=True, kw_only=True):
@@ -157,7 +161,7 @@ class RegisterWorker(WorkerCommand, frozen=True, kw_only=True):
 
 
 class HeartbeatWorker(WorkerCommand, frozen=True, kw_only=True):
-    status: Annotated[str, msgspec.Meta(pattern="^(ready|busy|draining)$")] = "ready"
+    status: Annotated[str, msgspec.Meta(pattern=whole("ready|busy|draining"))] = "ready"
 
 
 class ReportWorkerFailure(WorkerCommand, frozen=True, kw_only=True):
@@ -169,7 +173,7 @@ class DeregisterWorker(WorkerCommand, frozen=True, kw_only=True):
 
 
 ROLES = frozenset({"admin", "submitter", "worker", "approver", "viewer"})
-Role = Annotated[str, msgspec.Meta(pattern="^(admin|submitter|worker|approver|viewer)$")]
+Role = Annotated[str, msgspec.Meta(pattern=whole("|".join(sorted(ROLES))))]
 
 
 class CreateOrg(Command, frozen=True, kw_only=True):
@@ -181,7 +185,7 @@ class CreateApiKey(Command, frozen=True, kw_only=True):
     key_id: Token
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
-    secret_sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    secret_sha256: Annotated[str, msgspec.Meta(pattern=whole("[0-9a-f]{64}"))]
 
 
 class RevokeApiKey(Command, frozen=True, kw_only=True):
@@ -192,7 +196,7 @@ class PushPolicyBundle(Command, frozen=True, kw_only=True):
     """Record a new version of the org's policy bundle. The caller has loaded (compiled) it and
     computed its digest: the decider only keeps versions in order."""
 
-    digest: Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]
+    digest: Annotated[str, msgspec.Meta(pattern=whole("sha256:[0-9a-f]{64}"))]
     modules: dict[str, str]
     data: dict[str, Any] = {}
     wasm: bytes | None = None

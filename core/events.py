@@ -27,6 +27,9 @@ class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     """Base of every event. ``at`` is the moment the fact became true (injected, never read here)."""
 
     VERSION: ClassVar[int] = 1
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    """Fields that never leave the log: the SSE feed, webhooks, integration consumers and audit exports
+    show them redacted, in the same shape (``core.public``)."""
     v: int = 1
     at: datetime
 
@@ -109,6 +112,10 @@ class TaskClaimed(Event, frozen=True, tag="TaskClaimed"):
     workflow_version: int | None = None
     """Set when the task named its workflow without a version: the newest version this worker hosts,
     to which the task is pinned from now on, so no other version ever replays it."""
+    claimed_by: str | None = None
+    """The actor id of the credential that claimed (``key:<key id>``, ``jwt:<sub>``): the lease is bound
+    to it, and every lease-bound command from another credential is refused. None in events recorded
+    before leases were bound (such a lease goes with its id and worker id alone)."""
 
 
 class TaskHeartbeat(Event, frozen=True, tag="TaskHeartbeat"):
@@ -315,6 +322,7 @@ class OrgCreated(Event, frozen=True, tag="OrgCreated"):
 class ApiKeyCreated(Event, frozen=True, tag="ApiKeyCreated"):
     """The key itself is never stored: only a SHA-256 of its secret part."""
 
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"secret_sha256"})
     key_id: str
     name: str
     roles: tuple[str, ...]

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import msgspec
 
-TOKEN_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+def whole(pattern: str) -> str:
+    """``pattern`` anchored to match whole strings only, as msgspec's ``Meta(pattern=...)`` needs: msgspec
+    *searches*, and in Python's ``re`` a ``$`` also matches before a final newline (so ``^q$`` accepts
+    ``"q\\n"``). ``\\Z`` would anchor for Python but reads as a literal ``Z`` to the ECMA-262 regexes of
+    JSON Schema that clients of /openapi.json use; "no character follows" is the end in both."""
+    return rf"^(?:{pattern})(?![\s\S])"
+
+
+TOKEN_PATTERN = whole(r"[a-z0-9][a-z0-9_-]{0,62}")
 _TOKEN = re.compile(TOKEN_PATTERN)
 
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN, description="lowercase token [a-z0-9][a-z0-9_-]{0,62}")]

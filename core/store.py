@@ -22,8 +22,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import APIError
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import APIError, BucketNotFoundError
+from nats.js.kv import KeyValue
 
 from core.embedded import require_nats_version
 from core.events import AnyEvent, Event, decode_event, encode_event
@@ -224,6 +225,16 @@ class JetStreamEventStore:
     async def last_seq(self) -> int:
         info = await self._js.stream_info(self.stream)
         return info.state.last_seq
+
+    async def key_value(self, bucket: str, *, ttl_seconds: float) -> KeyValue:
+        """A key-value bucket beside the log, created on first use with as many replicas as the log:
+        on a cluster its entries must survive losing a node, as the events do."""
+        try:
+            return await self._js.key_value(bucket)
+        except BucketNotFoundError:
+            replicas = (await self._js.stream_info(self.stream)).config.num_replicas or 1
+            config = KeyValueConfig(bucket=bucket, history=1, ttl=ttl_seconds, replicas=replicas)
+            return await self._js.create_key_value(config)
 
     # --- append -----------------------------------------------------------------------------------
 

@@ -82,6 +82,9 @@ class Lease(msgspec.Struct, frozen=True):
     worker_id: str
     seconds: float
     expires_at: datetime
+    holder: str | None = None
+    """The actor id of the credential that claimed: only it may use the lease (None: a lease claimed
+    before leases were bound to credentials, usable with its id and worker id alone)."""
 
 
 class ApprovalVote(msgspec.Struct, frozen=True):
@@ -236,7 +239,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
         case ClaimTask():
             return _claim(state, command, ctx)
         case HeartbeatTask():
-            lease = _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            lease = _held_lease(state, command.worker_id, command.lease_id, ctx)
             seconds = command.lease_seconds or lease.seconds
             return [
                 TaskHeartbeat(
@@ -252,7 +255,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
         case DecideApproval():
             return _decide_approval(state, command, ctx)
         case CompleteTask():
-            _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            _held_lease(state, command.worker_id, command.lease_id, ctx)
             return [
                 TaskCompleted(at=ctx.now, worker_id=command.worker_id, lease_id=command.lease_id, result=command.result)
             ]
@@ -262,7 +265,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
             _not_terminal(state, "cancel")
             return [TaskCancelled(at=ctx.now, by=ctx.actor.id, reason=command.reason)]
         case RecordOperation(kind="policy"):
-            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx)
             try:
                 decision = msgspec.convert(command.result, PolicyDecision)
             except msgspec.ValidationError as exc:
@@ -279,7 +282,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
                 )
             ]
         case RecordOperation():
-            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx)
             return [
                 WorkflowOperationRecorded(
                     at=ctx.now,
@@ -292,7 +295,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
                 )
             ]
         case StartSleep():
-            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx.now)
+            _journal_position(state, command.worker_id, command.lease_id, command.index, ctx)
             return [
                 WorkflowSleepStarted(
                     at=ctx.now,
@@ -303,7 +306,7 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
                 )
             ]
         case ReportNonDeterminism():
-            _held_lease(state, command.worker_id, command.lease_id, ctx.now)
+            _held_lease(state, command.worker_id, command.lease_id, ctx)
             return [
                 WorkflowNonDeterministic(
                     at=ctx.now,
@@ -384,6 +387,7 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
             lease_expires_at=ctx.now + timedelta(seconds=command.lease_seconds),
             attempt=task.retries + 1,
             workflow_version=_version_to_pin(task.workflow, command.capabilities),
+            claimed_by=ctx.actor.id,
         )
     ]
 
@@ -397,8 +401,8 @@ def _version_to_pin(workflow: WorkflowRef | None, capabilities: Sequence[str]) -
 
 def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext) -> Sequence[Event]:
     if command.journal_index is not None:
-        _journal_position(task, command.worker_id, command.lease_id, command.journal_index, ctx.now)
-    _held_lease(task, command.worker_id, command.lease_id, ctx.now)
+        _journal_position(task, command.worker_id, command.lease_id, command.journal_index, ctx)
+    _held_lease(task, command.worker_id, command.lease_id, ctx)
     if task.approval(command.approval_id) is not None:
         raise AlreadyExists(f"approval {command.approval_id} already exists on task {task.id}")
     named = {a for a in command.approvers if not a.startswith("role:")}
@@ -470,7 +474,7 @@ def why_cannot_vote(approval: Approval, actor: Actor) -> str | None:
 
 
 def _fail(task: Task, command: FailTask, ctx: DecisionContext) -> Sequence[Event]:
-    _held_lease(task, command.worker_id, command.lease_id, ctx.now)
+    _held_lease(task, command.worker_id, command.lease_id, ctx)
     if command.retryable and task.retries < task.max_retries:
         attempt = task.retries + 1
         return [
@@ -491,10 +495,10 @@ def _not_terminal(task: Task, action: str) -> None:
         raise AlreadyTerminal(f"cannot {action} task {task.id}: it is already {task.status}")
 
 
-def _journal_position(task: Task, worker_id: str, lease_id: str, index: int, now: datetime) -> None:
+def _journal_position(task: Task, worker_id: str, lease_id: str, index: int, ctx: DecisionContext) -> None:
     """Only the lease holder appends, and only at the next position: two runners can never
     interleave one journal."""
-    _held_lease(task, worker_id, lease_id, now)
+    _held_lease(task, worker_id, lease_id, ctx)
     if index != len(task.journal):
         raise InvalidCommand(
             f"journal of task {task.id} has {len(task.journal)} operations; "
@@ -502,15 +506,24 @@ def _journal_position(task: Task, worker_id: str, lease_id: str, index: int, now
         )
 
 
-def _held_lease(task: Task, worker_id: str, lease_id: str, now: datetime) -> Lease:
+def _held_lease(task: Task, worker_id: str, lease_id: str, ctx: DecisionContext) -> Lease:
+    """The lease a lease-bound command names, if the command's actor holds it: the credential that
+    claimed (whatever its roles), with the lease's id and worker id. Anyone else gets the very refusal a
+    wrong lease id gets, so a refusal tells nothing about who holds the task."""
     _not_terminal(task, "act on the lease of")
     lease = task.lease
-    if task.status != "running" or lease is None or lease.id != lease_id or lease.worker_id != worker_id:
+    if (
+        task.status != "running"
+        or lease is None
+        or lease.id != lease_id
+        or lease.worker_id != worker_id
+        or (lease.holder is not None and lease.holder != ctx.actor.id)
+    ):
         raise LeaseLost(
             f"lease {lease_id} of worker {worker_id} is not held on task {task.id} "
             f"(task is {task.status}); claim the task again"
         )
-    if now >= lease.expires_at:
+    if ctx.now >= lease.expires_at:
         raise LeaseLost(f"lease {lease_id} on task {task.id} expired at {lease.expires_at.isoformat()}")
     return lease
 
@@ -537,7 +550,9 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 status="running",
                 assigned_worker=event.worker_id,
                 updated_at=event.at,
-                lease=Lease(event.lease_id, event.worker_id, event.lease_seconds, event.lease_expires_at),
+                lease=Lease(
+                    event.lease_id, event.worker_id, event.lease_seconds, event.lease_expires_at, event.claimed_by
+                ),
                 started_at=started,
                 deadline_at=deadline,
                 not_before=None,

@@ -16,28 +16,20 @@ from core.task import Approval, Task, task_id_of_approval
 from gateway.auth import Principal
 from gateway.bodies import ApproveBody, RejectBody
 from gateway.forms import check_response
-from gateway.http import body, command_id, json, limit_param, principal, read_after, services
+from gateway.http import body, command_id, json, principal, query, read_after, services
 from gateway.problems import Problem
+from gateway.queries import ApprovalList
 from gateway.services import Services
 from gateway.views import approval_document
-
-APPROVAL_STATUSES = {"pending", "approved", "rejected", "timed_out"}
 
 
 async def list_approvals(request: Request) -> Response:
     who = await principal(request, "read")
-    query = request.query_params
-    status = query.get("status")
-    if status is not None and status not in APPROVAL_STATUSES:
-        raise Problem(422, f"status must be one of {sorted(APPROVAL_STATUSES)}")
+    asked = query(request, ApprovalList)
     await read_after(request, "tasks")
     try:
         rows, cursor = await services(request).read_model.list_approvals(
-            who.org,
-            status=status,
-            task_id=query.get("task_id"),
-            limit=limit_param(query.get("limit")),
-            cursor=query.get("cursor"),
+            who.org, status=asked.status, task_id=asked.task_id, limit=asked.limit, cursor=asked.cursor
         )
     except ValueError as exc:
         raise Problem(422, str(exc)) from exc

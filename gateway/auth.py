@@ -12,6 +12,7 @@ import jwt
 from core.access import parse_key, secret_matches
 from core.commands import ROLES, Actor
 from core.ids import InvalidToken, validate_token
+from gateway.lru import Lru
 from gateway.problems import Problem
 
 # What each role may do; admin may do everything.
@@ -61,10 +62,22 @@ class JwtSettings:
 
 @dataclass
 class Authenticator:
+    """Checks bearer credentials. An API key's record is remembered for ``cache_seconds``, and so is a key
+    id that names no key (a failed lookup costs a lookup once, then nothing); both caches hold a bounded
+    number of key ids. A key id that is not even well-formed is refused without any lookup."""
+
     lookup_key: KeyLookup
     jwt: JwtSettings = field(default_factory=JwtSettings)
     cache_seconds: float = 5.0
-    _cache: dict[str, tuple[float, KeyRecord | None]] = field(default_factory=dict)
+    cache_size: int = 4096
+    unknown_cache_size: int = 4096
+    clock: Callable[[], float] = time.monotonic
+    _known: Lru[str, tuple[float, KeyRecord]] = field(init=False)
+    _unknown: Lru[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._known = Lru(self.cache_size)
+        self._unknown = Lru(self.unknown_cache_size)  # apart, so unknown ids can never evict known keys
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -85,18 +98,31 @@ class Authenticator:
         return record is not None and not record.revoked and record.org == who.org
 
     def forget(self, key_id: str) -> None:
-        self._cache.pop(key_id, None)
+        self._known.pop(key_id)
+        self._unknown.pop(key_id)
 
     async def _record(self, key_id: str) -> KeyRecord | None:
-        now = time.monotonic()
-        cached = self._cache.get(key_id)
-        if cached is not None and now - cached[0] < self.cache_seconds:
-            return cached[1]
+        now = self.clock()
+        known = self._known.get(key_id)
+        if known is not None and now - known[0] < self.cache_seconds:
+            return known[1]
+        unknown_since = self._unknown.get(key_id)
+        if unknown_since is not None and now - unknown_since < self.cache_seconds:
+            return None
         record = await self.lookup_key(key_id)
-        self._cache[key_id] = (now, record)
+        if record is None:
+            self._known.pop(key_id)
+            self._unknown.put(key_id, now)
+        else:
+            self._unknown.pop(key_id)
+            self._known.put(key_id, (now, record))
         return record
 
     async def _from_key(self, key_id: str, secret_sha256: str) -> Principal:
+        try:
+            validate_token(key_id, "API key id")
+        except InvalidToken:  # no key has such an id: not worth a lookup
+            raise Problem(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}) from None
         record = await self._record(key_id)
         if record is None or record.revoked or not secret_matches(record.secret_sha256, secret_sha256):
             raise Problem(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})

@@ -18,7 +18,7 @@ from core.commands import (
     ShortText,
 )
 from core.events import Escalation, Priority
-from core.ids import Token
+from core.ids import Token, whole
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Sized and checked by gateway.forms, which a type cannot say:
@@ -135,7 +135,7 @@ class CreateApiKeyBody(msgspec.Struct, frozen=True):
     roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
 
 
-ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=r"^[^\x00]*\.rego$")]
+ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=whole(r"[^\x00]*\.rego"))]
 
 
 class PolicyBundleBody(msgspec.Struct, frozen=True):

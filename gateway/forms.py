@@ -12,6 +12,7 @@ from jsonschema.exceptions import SchemaError, best_match
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
+from gateway.http import holds_nul
 from gateway.problems import Problem
 
 MAX_DETAILS_BYTES = 64 * 1024
@@ -49,7 +50,7 @@ def check_response(form: dict[str, Any] | None, response: Any, *, required: bool
     """422 unless ``response`` is small enough and fits ``form``. An absent (null) response is checked
     too when ``required`` (an approval): a form that does not accept null asks for an answer."""
     _bounded(response, MAX_RESPONSE_BYTES, "response")
-    if _holds_nul(response):
+    if holds_nul(response):
         raise Problem(422, "response: strings may not contain the NUL character (\\u0000)")
     if form is None or (response is None and not required):
         return
@@ -87,14 +88,3 @@ def _remote_reference(schema: Any) -> str | None:
         if keyword not in _DATA_KEYWORDS and (found := _remote_reference(value)) is not None:
             return found
     return None
-
-
-def _holds_nul(value: Any) -> bool:
-    """PostgreSQL cannot store NUL in JSON: the read model would refuse the approval."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(v) for v in value)
-    return False

@@ -3,8 +3,7 @@ outcome's aggregate id is kept in a JetStream key-value bucket for a day, keyed 
 
 from __future__ import annotations
 
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from core.store import JetStreamEventStore
@@ -19,15 +18,7 @@ class IdempotencyRecords:
 
     @classmethod
     async def open(cls, store: JetStreamEventStore) -> IdempotencyRecords:
-        js = store.nc.jetstream()
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            # As many copies as the log itself keeps: on a cluster a claim's record must survive a node.
-            replicas = (await js.stream_info(store.stream)).config.num_replicas or 1
-            config = KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_SECONDS, replicas=replicas)
-            kv = await js.create_key_value(config)
-        return cls(kv)
+        return cls(await store.key_value(BUCKET, ttl_seconds=TTL_SECONDS))
 
     async def recall(self, derived_id: str) -> str | None:
         try:

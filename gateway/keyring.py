@@ -1,6 +1,7 @@
 """Where an API key is checked. The log holds the truth about a key (roles, secret hash, revocation)
 and answers while PostgreSQL is down; the read model is needed only to learn which org a key id
-belongs to, once (a key never changes org), and stands in for the log while NATS is down."""
+belongs to, once (a key never changes org), and stands in for the log while NATS is down. The key ids
+whose org it remembers are bounded: a forgotten one is read again when next used."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from core.handler import CommandHandler
 from core.store import StoreError
 from core.subjects import parse_aggregate_subject
 from gateway.auth import KeyRecord
+from gateway.lru import Lru
 from projections.read import ReadModel
+
+ORGS_REMEMBERED = 16_384
 
 
 class KeyRing:
-    def __init__(self, handler: CommandHandler, read_model: ReadModel) -> None:
+    def __init__(self, handler: CommandHandler, read_model: ReadModel, size: int = ORGS_REMEMBERED) -> None:
         self._handler, self._read_model = handler, read_model
-        self._org_of: dict[str, str] = {}
+        self._org_of: Lru[str, str] = Lru(size)
 
     async def lookup(self, key_id: str) -> KeyRecord | None:
         org = self._org_of.get(key_id)
@@ -27,7 +31,8 @@ class KeyRing:
             row = await self._read_model.find_api_key(key_id)
             if row is None:
                 return None
-            org = self._org_of[key_id] = row.org_id
+            org = row.org_id
+            self._org_of.put(key_id, org)
         try:
             key, _ = await self._handler.load(org, "apikey", key_id)
         except (StoreError, nats.errors.Error):
@@ -42,4 +47,4 @@ class KeyRing:
     def observe(self, subject: str, state: Any, seq: int) -> None:
         """A key created through this gateway is usable here before the read model has it."""
         if isinstance(state, ApiKey):
-            self._org_of[state.id] = parse_aggregate_subject(subject).org
+            self._org_of.put(state.id, parse_aggregate_subject(subject).org)

@@ -15,6 +15,7 @@ from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
 from gateway.idempotency import IdempotencyRecords
+from gateway.lru import Lru
 from gateway.policy import SubmitGate
 from projections.read import ReadModel
 
@@ -27,32 +28,85 @@ class Limits:
     sse_keepalive_seconds: float = 15.0
     max_block_ms: int = 30_000
     """Upper bound on a claim's long-poll, whatever the client asks (operators may lower it)."""
+    failed_auth_per_second: float = 10.0
+    failed_auth_burst: float = 100.0
+    """Requests whose credential was refused (401), per client address: ``failed_auth_burst`` at once,
+    then ``failed_auth_per_second``. An address past that gets 429 before its credential is looked at."""
+    sse_max_per_credential: int = 16
+    sse_max_per_org: int = 256
+    """Open SSE streams (each a JetStream consumer replaying the log) one credential, one org may hold."""
+    max_json_depth: int = 64
+    """How deep arrays and objects may nest in a body (the body itself is 1 deep)."""
+
+
+RATE_LIMITER_BUCKETS = 16_384
 
 
 class RateLimiter:
-    """A token bucket per credential: ``burst`` requests at once, refilled at ``rate`` per second."""
+    """A token bucket per credential (or client address): ``burst`` requests at once, refilled at ``rate``
+    per second. At most ``size`` buckets are kept, the least recently used forgotten first: forgetting
+    one only gives back a full bucket to someone who has not asked for a while."""
 
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+        size: int = RATE_LIMITER_BUCKETS,
+    ) -> None:
         self._rate, self._burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: Lru[str, tuple[float, float]] = Lru(size)
 
     def blocked_for(self, credential: str) -> float:
         """What ``retry_after`` would answer, without taking a token."""
         now = self._clock()
-        tokens, last = self._buckets.get(credential, (self._burst, now))
+        tokens, last = self._buckets.get(credential) or (self._burst, now)
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
 
     def retry_after(self, credential: str) -> float:
         """0 if the request may proceed, else the seconds until a token is available."""
         now = self._clock()
-        tokens, last = self._buckets.get(credential, (self._burst, now))
+        tokens, last = self._buckets.get(credential) or (self._burst, now)
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         if tokens >= 1:
-            self._buckets[credential] = (tokens - 1, now)
+            self._buckets.put(credential, (tokens - 1, now))
             return 0.0
-        self._buckets[credential] = (tokens, now)
+        self._buckets.put(credential, (tokens, now))
         return (1 - tokens) / self._rate
+
+
+class StreamSlots:
+    """Counts the open SSE streams per credential and per org. Each holds a JetStream consumer that may
+    replay the org's whole history, so one credential gets at most ``per_credential`` and one org at
+    most ``per_org``. An entry exists only while its streams are open, so the counts stay small."""
+
+    def __init__(self, per_credential: int, per_org: int) -> None:
+        self.per_credential, self.per_org = per_credential, per_org
+        self._credentials: dict[str, int] = {}
+        self._orgs: dict[str, int] = {}
+
+    def open(self, org: str, credential: str) -> str | None:
+        """Counts one more stream and answers None, or answers why it may not open (counting nothing)."""
+        if self._credentials.get(credential, 0) >= self.per_credential:
+            return f"this credential has {self.per_credential} event streams open already; close one first"
+        if self._orgs.get(org, 0) >= self.per_org:
+            return f"this org has {self.per_org} event streams open already; close some first"
+        self._credentials[credential] = self._credentials.get(credential, 0) + 1
+        self._orgs[org] = self._orgs.get(org, 0) + 1
+        return None
+
+    def close(self, org: str, credential: str) -> None:
+        """Counts one stream fewer; call once for each ``open`` that answered None."""
+        for counts, key in ((self._credentials, credential), (self._orgs, org)):
+            if (left := counts.get(key, 0) - 1) > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+    def open_for(self, org: str, credential: str) -> tuple[int, int]:
+        """(streams open for the credential, for the org)."""
+        return self._credentials.get(credential, 0), self._orgs.get(org, 0)
 
 
 @dataclass
@@ -91,9 +145,14 @@ class Services:
     rate_limiter: RateLimiter = field(init=False)
     failed_signins: RateLimiter = field(init=False)
     """Console sign-ins that failed, per client address: 20 at once, then one every 5 s."""
+    failed_auth: RateLimiter = field(init=False)
+    """API requests whose credential was refused, per client address (see ``Limits``)."""
+    streams: StreamSlots = field(init=False)
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)
         self.failed_signins = RateLimiter(0.2, 20.0)
+        self.failed_auth = RateLimiter(self.limits.failed_auth_per_second, self.limits.failed_auth_burst)
+        self.streams = StreamSlots(self.limits.sse_max_per_credential, self.limits.sse_max_per_org)

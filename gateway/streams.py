@@ -1,67 +1,87 @@
 """Server-sent events straight from the log: an ordered JetStream consumer starting after
 ``Last-Event-ID`` (or ``?after=``), following live, with a comment line every 15 s to keep proxies
-from closing the connection."""
+from closing the connection. Each stream holds a consumer, so a credential and an org may have only so
+many open at once (``Limits.sse_max_per_credential``, ``sse_max_per_org``): one more is a 429."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from core.events import EVENT_TYPES, TaskSubmitted, WorkerRegistered
+from core.events import TaskSubmitted, WorkerRegistered
 from core.store import RecordedEvent, recorded_from_message
 from core.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
-from gateway.http import path_id, principal, services
+from gateway.auth import Principal
+from gateway.http import path_id, principal, query, services, typed_text
 from gateway.problems import Problem
+from gateway.queries import MAX_SEQ, OrgEvents, ResumeAfter
+from gateway.services import Services
 
 _encoder = msgspec.json.Encoder()
 FETCH_BATCH = 256
+STREAMS_RETRY_AFTER_SECONDS = 5
 
 
 async def task_events(request: Request) -> Response:
     who = await principal(request, "read")
     task_id = path_id(request, "task_id", "task")
+    after = _resume_after(request, query(request, ResumeAfter))
     task, _ = await services(request).handler.load(who.org, "task", task_id)
     if task is None:
         raise Problem(404, f"task {task_id} not found")
-    return _stream(request, aggregate_subject(who.org, "task", task_id), types=None, queue=None)
+    return await _stream(request, who, aggregate_subject(who.org, "task", task_id), after, types=None, queue=None)
 
 
 async def org_events(request: Request) -> Response:
     who = await principal(request, "read")
-    raw_types = request.query_params.get("types")
-    types = None if not raw_types else {t.strip() for t in raw_types.split(",") if t.strip()}
-    if types and (unknown := types - set(EVENT_TYPES)):
-        raise Problem(422, f"unknown event types {sorted(unknown)}; known: {sorted(EVENT_TYPES)}")
-    return _stream(request, org_events_filter(who.org), types=types, queue=request.query_params.get("queue"))
+    asked = query(request, OrgEvents)
+    after = _resume_after(request, asked)
+    subject = org_events_filter(who.org)
+    return await _stream(request, who, subject, after, types=asked.type_set or None, queue=asked.queue)
 
 
-def _stream(request: Request, subject: str, *, types: set[str] | None, queue: str | None) -> Response:
-    after = _resume_after(request)
-    return StreamingResponse(
-        _follow(request, subject, after, types, queue),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+def _resume_after(request: Request, asked: ResumeAfter) -> int:
+    """``Last-Event-ID`` when the client sends one (a reconnecting EventSource does), else ``?after=``."""
+    header = [value for value in request.headers.getlist("last-event-id") if value]
+    if not header:
+        return asked.after
+    try:
+        return typed_text([("after", value) for value in header], ResumeAfter).after
+    except Problem:
+        raise Problem(
+            422, f"Last-Event-ID must be one stream sequence number from 0 to {MAX_SEQ}, not {header[0][:32]!r}"
+        ) from None
+
+
+async def _stream(
+    request: Request, who: Principal, subject: str, after: int, *, types: set[str] | None, queue: str | None
+) -> Response:
+    """Takes one of the credential's and the org's stream slots and opens the consumer before answering,
+    so a refusal or a log that cannot be read is a problem+json rather than a dropped connection."""
+    svc = services(request)
+    if refused := svc.streams.open(who.org, who.credential_id):
+        raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+    try:
+        subscription = await _subscribe(svc, subject, after)
+    except BaseException:
+        svc.streams.close(who.org, who.credential_id)
+        raise
+    return _EventStream(
+        _follow(request, subscription, types, queue),
+        subscription,
+        release=lambda: svc.streams.close(who.org, who.credential_id),
     )
 
 
-def _resume_after(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit():
-        raise Problem(422, f"Last-Event-ID / after must be a stream sequence number, not {raw!r}")
-    return int(raw)
-
-
-async def _follow(
-    request: Request, subject: str, after: int, types: set[str] | None, queue: str | None
-) -> AsyncIterator[bytes]:
-    svc = services(request)
-    js = svc.store.nc.jetstream()
+async def _subscribe(svc: Services, subject: str, after: int) -> JetStreamContext.PullSubscription:
     # An ephemeral pull consumer: no flow control to answer (a push consumer stalls when this loop
     # filters events out faster than it acknowledges control messages), and the server removes it
     # once we stop asking.
@@ -72,37 +92,68 @@ async def _follow(
         inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
         mem_storage=True,
     )
-    subscription = await js.pull_subscribe(subject, stream=svc.store.stream, config=config)
+    return await svc.store.nc.jetstream().pull_subscribe(subject, stream=svc.store.stream, config=config)
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response: however it ends (the stream fails, the client goes away, the server stops), its
+    slot is given back and its consumer removed."""
+
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        subscription: JetStreamContext.PullSubscription,
+        release: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._events, self._subscription, self._release = events, subscription, release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()  # first, and without waiting: the slot is free however the rest goes
+            with contextlib.suppress(Exception):
+                await self._events.aclose()
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+
+
+async def _follow(
+    request: Request, subscription: JetStreamContext.PullSubscription, types: set[str] | None, queue: str | None
+) -> AsyncGenerator[bytes, None]:
+    svc = services(request)
     queues: dict[str, str | None] = {}
-    try:
-        yield b": connected\n\n"
-        while True:
-            try:
-                batch = await subscription.fetch(FETCH_BATCH, timeout=svc.limits.sse_keepalive_seconds)
-            except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
-                yield b": keepalive\n\n"
+    yield b": connected\n\n"
+    while True:
+        try:
+            batch = await subscription.fetch(FETCH_BATCH, timeout=svc.limits.sse_keepalive_seconds)
+        except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
+            yield b": keepalive\n\n"
+            continue
+        for msg in batch:
+            recorded = recorded_from_message(msg)
+            name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
+            if types is not None and name not in types:
                 continue
-            for msg in batch:
-                recorded = recorded_from_message(msg)
-                name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
-                if types is not None and name not in types:
-                    continue
-                if queue is not None and await _queue_of(request, recorded, queues) != queue:
-                    continue
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                    recorded.seq,
-                    name.encode(),
-                    _encoder.encode(_data(recorded)),
-                )
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+            if queue is not None and await _queue_of(request, recorded, queues) != queue:
+                continue
+            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                recorded.seq,
+                name.encode(),
+                _encoder.encode(_data(recorded)),
+            )
 
 
 def _data(recorded: RecordedEvent) -> dict[str, object]:
+    """One SSE message: the event's public view (secret fields redacted) and where it sits in the log."""
+    from core.public import public_view  # TODO(issue 14): hoist to the imports with the next edit of this module
+
     address = parse_aggregate_subject(recorded.subject)
     return {
-        **msgspec.to_builtins(recorded.event),
+        **public_view(recorded.event),
         "seq": recorded.seq,
         "org": address.org,
         "aggregate": address.aggregate,

@@ -26,7 +26,7 @@ from core.commands import (
     SubmitTask,
 )
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
-from core.events import ApprovalRequested, PolicyDecision, TaskStatus, WorkflowRef
+from core.events import ApprovalRequested, PolicyDecision, WorkflowRef
 from core.ids import new_id
 from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
 from gateway.auth import Principal
@@ -51,19 +51,18 @@ from gateway.http import (
     derived_id,
     idempotency_key,
     json,
-    limit_param,
     path_id,
     principal,
+    query,
     read_after,
     services,
 )
 from gateway.problems import Problem
+from gateway.queries import TaskList
 from gateway.views import approval_document, task_document
 from policies_wasm import PolicyError
 from projections.read import DATABASE_UNAVAILABLE
 
-TASK_STATUSES = set(TaskStatus.__args__)  # type: ignore[attr-defined]
-PRIORITIES = {"critical", "high", "normal", "low"}
 CLAIM_CANDIDATES = 16
 DISCONNECT_CHECK_SECONDS = 1.0
 _UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
@@ -100,7 +99,7 @@ async def submit(request: Request) -> Response:
     if outcome.state is None:  # the denial is in the log; a retry with the same key gets it again
         denied = outcome.events[0].event
         raise Problem(403, f"the submit policy denied this task: {'; '.join(denied.decision.reasons)}")  # type: ignore[union-attr]
-    return json(task_document(outcome.state, outcome.seq), 201)
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id), 201)
 
 
 async def _submit_decision(request: Request, org: str, spec: SubmitTaskBody) -> tuple[PolicyDecision, int | None]:
@@ -134,38 +133,28 @@ async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> 
 async def get_task(request: Request) -> Response:
     who = await principal(request, "read")
     task, seq = await _task(request, who.org)
-    return json(task_document(task, seq))
+    return json(task_document(task, seq, viewer=who.actor.id))
 
 
 async def list_tasks(request: Request) -> Response:
     who = await principal(request, "read")
-    query = request.query_params
-    status, queue, priority, workflow = (
-        query.get("status"),
-        query.get("queue"),
-        query.get("priority"),
-        query.get("workflow"),
-    )
-    if status is not None and status not in TASK_STATUSES:
-        raise Problem(422, f"status must be one of {sorted(TASK_STATUSES)}")
-    if priority is not None and priority not in PRIORITIES:
-        raise Problem(422, f"priority must be one of {sorted(PRIORITIES)}")
-    limit = limit_param(query.get("limit"))
+    asked = query(request, TaskList)
     svc = services(request)
     await read_after(request, "tasks")
     try:
         rows, cursor = await svc.read_model.list_tasks(
             who.org,
-            status=status,
-            queue=queue,
-            priority=priority,
-            limit=limit,
-            cursor=query.get("cursor"),
-            workflow=workflow,
+            status=asked.status,
+            queue=asked.queue,
+            priority=asked.priority,
+            limit=asked.limit,
+            cursor=asked.cursor,
+            workflow=asked.workflow,
         )
     except ValueError as exc:
         raise Problem(422, str(exc)) from exc
-    return json({"items": [task_document(task, seq) for task, seq in rows], "next_cursor": cursor})
+    items = [task_document(task, seq, viewer=who.actor.id) for task, seq in rows]
+    return json({"items": items, "next_cursor": cursor})
 
 
 async def claim(request: Request) -> Response:
@@ -224,7 +213,7 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             await svc.idempotency.remember(lease_id, task_id)
         claimed = next(r for r in outcome.events if getattr(r.event, "lease_id", None) == lease_id)
         lease = {"id": lease_id, "expires_at": claimed.event.lease_expires_at}  # type: ignore[union-attr]
-        return task_document(outcome.state, outcome.seq), lease, outcome.seq
+        return task_document(outcome.state, outcome.seq, viewer=who.actor.id), lease, outcome.seq
 
     if key is not None:
         recalled = await asyncio.gather(*(svc.idempotency.recall(lease_id) for lease_id in lease_ids))
@@ -265,7 +254,7 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
 
 
 async def heartbeat(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", HeartbeatBody, HeartbeatTask, "heartbeat")
+    _, outcome = await _path_command(request, "lease", HeartbeatBody, HeartbeatTask, "heartbeat")
     lease = outcome.state.lease
     return json({"lease": {"id": lease.id, "expires_at": lease.expires_at} if lease else None, "seq": outcome.seq})
 
@@ -299,48 +288,49 @@ async def request_approval(request: Request) -> Response:
 
 
 async def complete(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", CompleteBody, CompleteTask, "complete")
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "lease", CompleteBody, CompleteTask, "complete")
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def fail(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", FailBody, FailTask, "fail")
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "lease", FailBody, FailTask, "fail")
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def cancel(request: Request) -> Response:
-    outcome = await _path_command(request, "cancel", CancelBody, CancelTask, "cancel", optional=True)
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "cancel", CancelBody, CancelTask, "cancel", optional=True)
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def record_operation(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", OperationBody, RecordOperation, "operation")
+    _, outcome = await _path_command(request, "lease", OperationBody, RecordOperation, "operation")
     return json({"index": outcome.events[0].event.index, "seq": outcome.seq}, 201)
 
 
 async def sleep(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", SleepBody, StartSleep, "sleep")
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "lease", SleepBody, StartSleep, "sleep")
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def report_non_determinism(request: Request) -> Response:
-    outcome = await _path_command(request, "lease", NonDeterminismBody, ReportNonDeterminism, "non-determinism")
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "lease", NonDeterminismBody, ReportNonDeterminism, "non-determinism")
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def resume(request: Request) -> Response:
-    outcome = await _path_command(request, "admin", NoBody, ResumeTask, "resume", optional=True)
-    return json(task_document(outcome.state, outcome.seq))
+    who, outcome = await _path_command(request, "admin", NoBody, ResumeTask, "resume", optional=True)
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def _path_command(
     request: Request, permission: str, body_type: type, command_type: type, scope: str, *, optional: bool = False
-) -> Any:
-    """A command on the task in the path whose fields are exactly the body's."""
+) -> tuple[Principal, Any]:
+    """A command on the task in the path whose fields are exactly the body's, and who sent it (the
+    command's actor: a lease-bound command is accepted only from the credential that claimed)."""
     who = await principal(request, permission)
     spec = await body(request, body_type, optional=optional)
     command = command_type(task_id=path_id(request, "task_id", "task"), **msgspec.structs.asdict(spec))
-    return await _handle(request, who, command, scope)
+    return who, await _handle(request, who, command, scope)
 
 
 async def _handle(request: Request, who: Any, command: Any, scope: str) -> Any:

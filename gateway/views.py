@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.task import Approval, Task
+from core.task import Approval, Lease, Task
 from core.worker import Worker
 
 
@@ -33,7 +33,10 @@ def approval_document(approval: Approval) -> dict[str, Any]:
     }
 
 
-def task_document(task: Task, seq: int) -> dict[str, Any]:
+def task_document(task: Task, seq: int, *, viewer: str | None = None) -> dict[str, Any]:
+    """``viewer`` is the actor id of the credential that asks; the gateway always passes it. Only the
+    holder of the task's lease sees the lease's id (see :func:`lease_document`). Without a viewer (an
+    operator's tool, which reads the log itself) everything is shown."""
     return {
         "id": task.id,
         "org": task.org,
@@ -50,7 +53,7 @@ def task_document(task: Task, seq: int) -> dict[str, Any]:
         "retry_backoff_seconds": task.retry_backoff_seconds,
         "workflow": None if task.workflow is None else {"name": task.workflow.name, "version": task.workflow.version},
         "assigned_worker": task.assigned_worker,
-        "lease": None if task.lease is None else {"id": task.lease.id, "expires_at": task.lease.expires_at},
+        "lease": None if task.lease is None else lease_document(task.lease, viewer),
         "result": task.result,
         "error": task.error,
         "progress": task.progress,
@@ -69,6 +72,14 @@ def task_document(task: Task, seq: int) -> dict[str, Any]:
         "deadline_at": task.deadline_at,
         "seq": seq,
     }
+
+
+def lease_document(lease: Lease, viewer: str | None) -> dict[str, Any]:
+    """``{id, expires_at}``, with ``id`` null for anyone but the credential that claimed: nobody else
+    can use the lease (the decider refuses them), so nobody else needs its id. The shape stays the same
+    for every reader."""
+    shown = viewer is None or (lease.holder is not None and lease.holder == viewer)
+    return {"id": lease.id if shown else None, "expires_at": lease.expires_at}
 
 
 def worker_document(worker: Worker, tasks_completed: int, seq: int) -> dict[str, Any]:

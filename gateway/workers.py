@@ -8,8 +8,9 @@ from starlette.responses import Response
 from core.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.worker import Worker
 from gateway.bodies import WorkerHeartbeatBody
-from gateway.http import body, command_id, json, path_id, principal, read_after, services
+from gateway.http import body, command_id, json, path_id, principal, query, read_after, services
 from gateway.problems import Problem
+from gateway.queries import WorkerList
 from gateway.views import worker_document
 
 
@@ -50,16 +51,13 @@ async def deregister(request: Request) -> Response:
 
 async def list_workers(request: Request) -> Response:
     who = await principal(request, "read")
-    query = request.query_params
-    available = query.get("available")
-    if available is not None and available not in ("true", "false"):
-        raise Problem(422, "available must be true or false")
+    asked = query(request, WorkerList)
     await read_after(request, "workers")
     rows = await services(request).read_model.list_workers(
         who.org,
-        queue=query.get("queue"),
-        capability=query.get("capability"),
-        available=None if available is None else available == "true",
+        queue=asked.queue,
+        capability=asked.capability,
+        available=None if asked.available is None else asked.available == "true",
     )
     return json({"items": [worker_document(worker, completed, seq) for worker, completed, seq in rows]})
 

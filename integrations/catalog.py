@@ -18,6 +18,7 @@ import msgspec
 
 from core import events
 from core.events import EVENT_TYPES, UPCASTERS, Event
+from core.public import REDACTED
 
 COMMAND = "python -m integrations.catalog > docs/events.md"
 
@@ -109,6 +110,12 @@ def _render_event(cls: type[Event], nested: dict[str, type[msgspec.Struct]]) -> 
     lines = [f"### {tag}\n", f"Version {cls.VERSION}{upcast}."]
     if cls.__doc__:
         lines.append("\n" + _clean_doc(cls.__doc__))
+    if cls.SECRET_FIELDS:
+        names = ", ".join(f"`{name}`" for name in sorted(cls.SECRET_FIELDS))
+        lines.append(
+            f"\n*Secret:* {names} never leaves the log: the SSE feed, webhooks, `EventSubscription` handlers "
+            f'and audit exports get `"{REDACTED}"` in its place.'
+        )
     lines.append("")
     lines.append(_field_table(cls, {field.name for field in msgspec.structs.fields(Event)}, nested))
     return "\n".join(lines) + "\n"

@@ -18,11 +18,16 @@ What the handler does decides what happens to the event:
 
 Events of types outside ``types`` are acknowledged without calling the handler, and payloads that are
 not readable events are dead-lettered at once. A dead letter is published to ``cpdlq.<org>.<name>``
-(stream ``CP_DEADLETTER``, kept 30 days) with the original payload, the original headers minus
-JetStream's ``Nats-*`` control headers, and ``Cp-Dlq-*`` headers saying where it came from and why;
-only then is the original terminated, so the subscription moves on. If that publish fails, the event
-is retried later instead: nothing is dropped. This is also why the server-side ``max_deliver`` is
-unlimited and the limit is counted here.
+(stream ``CP_DEADLETTER``, kept 30 days) with the original payload (secrets redacted, below), the
+original headers minus JetStream's ``Nats-*`` control headers, and ``Cp-Dlq-*`` headers saying where it
+came from and why; only then is the original terminated, so the subscription moves on. If that
+publish fails, the event is retried later instead: nothing is dropped. This is also why the
+server-side ``max_deliver`` is unlimited and the limit is counted here.
+
+Secrets: handlers get every event in its public form (``core.public``): the fields its type declares
+secret, such as an API key's hash, read ``"[redacted]"``. A dead letter's payload is redacted the same
+way; any other payload is kept byte for byte. The redaction is this class's: a NATS user that fetches
+from the consumer by other means reads the payloads as stored.
 
 Order: events arrive in stream order, but one being retried comes back after its delay while later
 events go on. Handlers must tolerate duplicates (a crash between handling and acknowledging
@@ -48,6 +53,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from core.events import EVENT_TYPES, AnyEvent, UnknownEvent
 from core.ids import validate_token
+from core.public import public_bytes, public_event
 from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import org_events_filter
 
@@ -311,6 +317,7 @@ class EventSubscription:
             return
         try:
             recorded = recorded_from_message(msg)
+            recorded = msgspec.structs.replace(recorded, event=public_event(recorded.event))
         except (UnknownEvent, msgspec.DecodeError) as exc:
             await self._dead_letter(msg, count, f"unreadable {event_type} event: {exc}")
             return
@@ -351,7 +358,7 @@ class EventSubscription:
             H_DLQ_ERROR: " ".join(error.split())[:_MAX_ERROR_LENGTH],  # a header value is one line
         }
         try:
-            await self._js.publish(self.dead_letter_subject, msg.data, headers=headers)
+            await self._js.publish(self.dead_letter_subject, public_bytes(msg.data), headers=headers)
         except nats.errors.Error as exc:
             delay = retry_delay(count, self._first_retry_delay, self._max_retry_delay)
             log.error(

@@ -1,40 +1,66 @@
 """Forward an org's events to an HTTP endpoint as signed POSTs, on ``integrations.consumer``.
 
-Each event is one POST of a JSON ``WebhookBody`` with the headers
+Deliveries are signed the Standard Webhooks way (https://www.standardwebhooks.com), so receivers can
+check them with ``verify_delivery`` here or any Standard Webhooks library (``standardwebhooks`` on
+PyPI: ``Webhook(secret).verify(body, headers)``). Each event is one POST of a JSON ``WebhookBody`` with
 
-* ``X-CP-Signature: sha256=<hex>``: HMAC-SHA256 of the exact body bytes, keyed with the shared secret
-  (check it with ``verify_signature`` or any HMAC library, comparing in constant time);
-* ``X-CP-Event-Type``, ``X-CP-Seq`` (the stream sequence);
-* ``X-CP-Delivery-Id``: the same on every attempt for one event; receivers deduplicate on it, because
-  delivery is at least once;
-* ``X-CP-Delivery-Attempt``: 1, 2, …
+* ``webhook-id``: the delivery id ``<consumer>:<seq>``, the same on every attempt for one event;
+  receivers deduplicate on it, because delivery is at least once;
+* ``webhook-timestamp``: when this attempt was sent, in whole seconds since the epoch;
+* ``webhook-signature``: ``v1,<base64 of HMAC-SHA256("<id>.<timestamp>.<body>")>`` keyed with the
+  shared secret, so neither the body, the id nor the time can be changed;
+* ``X-CP-Event-Type``, ``X-CP-Seq``, ``X-CP-Delivery-Id`` (the webhook-id), ``X-CP-Delivery-Attempt``
+  (1, 2, …): unsigned, for routing; the body holds all but the attempt, signed.
+
+A receiver refuses a delivery whose signature does not match, and one whose timestamp is more than
+``DEFAULT_TOLERANCE_SECONDS`` (5 minutes) from its own clock: a delivery captured on the way cannot be
+replayed later. Each retry is signed afresh with its own time.
+
+The secret is ``whsec_<base64>`` as Standard Webhooks libraries take it (``echo whsec_$(openssl rand
+-base64 32)``), or any other text, used as its UTF-8 bytes (secrets configured before this scheme keep
+working: receivers then hold ``whsec_`` + the base64 of those bytes, or pass the bytes themselves).
+
+The body carries the event in its public form (``core.public``): secret fields read ``"[redacted]"``.
 
 A 2xx answer delivers the event. 408, 429, 5xx, timeouts and connection errors are retried with doubling
 delays, and the subscription's ``max_deliveries``-th failure dead-letters the event. Any other answer
 (3xx: redirects are not followed; other 4xx) means the receiver refuses this event: it is dead-lettered
-at once, with the status in ``Cp-Dlq-Error``.
+at once, with the status in ``Cp-Dlq-Error``. Error messages name the URL without its credentials or
+query string, which may hold a token.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import binascii
 import hmac
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from math import floor
 
 import httpx
 import msgspec
+from standardwebhooks import Webhook
 
 from core.events import AnyEvent
+from core.public import public_event
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 
-SIGNATURE_HEADER = "X-CP-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
 EVENT_TYPE_HEADER = "X-CP-Event-Type"
 SEQ_HEADER = "X-CP-Seq"
 DELIVERY_ID_HEADER = "X-CP-Delivery-Id"
 ATTEMPT_HEADER = "X-CP-Delivery-Attempt"
 
+SECRET_PREFIX = "whsec_"
+DEFAULT_TOLERANCE_SECONDS = 300
+"""How far a delivery's timestamp may be from the receiver's clock (the Standard Webhooks default)."""
+
 _RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 _MAX_ERROR_BODY = 200
+_MAX_TIMESTAMP_DIGITS = 12
 
 
 class WebhookBody(msgspec.Struct, frozen=True):
@@ -58,13 +84,79 @@ class ReceiverUnavailable(Exception):
     """The receiver did not take the event this time (5xx, 408, 429, timeout, no connection): retry."""
 
 
-def sign(body: bytes, secret: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+class WebhookRefused(ValueError):
+    """A request is not a delivery signed with our secret, or not a fresh one: answer it with a 4xx.
+    The message says which check failed."""
 
 
-def verify_signature(body: bytes, secret: bytes, signature: str | None) -> bool:
-    """Whether ``signature`` (the ``X-CP-Signature`` header) was made with ``secret`` over ``body``."""
-    return signature is not None and hmac.compare_digest(sign(body, secret), signature)
+def webhook_secret(text: str) -> bytes:
+    """The signing key of a configured secret: ``whsec_<base64>`` decoded, any other text as UTF-8."""
+    if text.startswith(SECRET_PREFIX):
+        encoded = text[len(SECRET_PREFIX) :]
+        try:
+            secret = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"invalid webhook secret: after {SECRET_PREFIX} comes base64") from None
+        if not secret:
+            raise ValueError(f"invalid webhook secret: {SECRET_PREFIX} with nothing after it")
+        return secret
+    if not text:
+        raise ValueError(f"the webhook secret is empty: give {SECRET_PREFIX}<base64> or any other text")
+    return text.encode()
+
+
+def sign_delivery(secret: bytes, delivery_id: str, timestamp: datetime, body: bytes) -> str:
+    """The ``webhook-signature`` of ``body`` sent as ``delivery_id`` at ``timestamp`` (whole seconds)."""
+    return Webhook(secret).sign(delivery_id, timestamp, body)
+
+
+def verify_delivery(
+    body: bytes,
+    headers: Mapping[str, str],
+    secret: bytes | str,
+    *,
+    tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
+    now: datetime | None = None,
+) -> None:
+    """Raise ``WebhookRefused`` unless ``body`` with ``headers`` (names in any case) is a delivery signed
+    with ``secret`` (``webhook_secret`` text, or the key's bytes) and sent within ``tolerance_seconds``
+    of ``now`` (default: this machine's clock). Pass the body exactly as received, before parsing it."""
+    key = webhook_secret(secret) if isinstance(secret, str) else secret
+    if not key:
+        raise ValueError("the webhook secret is empty")
+    lowered = {name.lower(): value for name, value in headers.items()}
+    delivery_id = _header(lowered, ID_HEADER)
+    sent_text = _header(lowered, TIMESTAMP_HEADER)
+    signatures = _header(lowered, SIGNATURE_HEADER)
+    if not sent_text.isdigit() or len(sent_text) > _MAX_TIMESTAMP_DIGITS:
+        raise WebhookRefused(f"the {TIMESTAMP_HEADER} header is not whole seconds since the epoch")
+    sent = int(sent_text)
+    current = (now or datetime.now(UTC)).timestamp()
+    if sent < current - tolerance_seconds:
+        raise WebhookRefused(
+            f"the delivery is too old: {TIMESTAMP_HEADER} is {current - sent:.0f} s ago, more than the "
+            f"{tolerance_seconds:.0f} s allowed (a replayed delivery, or a clock that is off)"
+        )
+    if sent > current + tolerance_seconds:
+        raise WebhookRefused(
+            f"the delivery is from {sent - current:.0f} s in the future, more than the {tolerance_seconds:.0f} s "
+            f"allowed (a clock that is off)"
+        )
+    expected = sign_delivery(key, delivery_id, datetime.fromtimestamp(sent, UTC), body).encode()
+    if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in signatures.split(" ")):
+        raise WebhookRefused(
+            f"no {SIGNATURE_HEADER} matches: the body, id or timestamp was altered, or it was signed with "
+            f"another secret"
+        )
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if not value:
+        raise WebhookRefused(f"the {name} header is missing: not a signed delivery")
+    if not value.isascii():
+        raise WebhookRefused(f"the {name} header is not ASCII: not a delivery of ours")
+    return value
 
 
 def check_url(url: str) -> str:
@@ -74,20 +166,43 @@ def check_url(url: str) -> str:
     return url
 
 
+def display_url(url: str) -> str:
+    """``url`` for logs and error messages: without user, password or query string, which may hold a
+    token."""
+    parsed = httpx.URL(url)
+    shown = str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
+    return shown + ("?…" if parsed.query else "")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 _encoder = msgspec.json.Encoder()
 
 
 class WebhookForwarder:
     """POSTs every event of ``subscription`` to ``url``. The caller owns ``client`` (its timeout bounds
-    each attempt; keep it below the subscription's ack_wait, or the event is redelivered meanwhile)."""
+    each attempt; keep it below the subscription's ack_wait, or the event is redelivered meanwhile).
+    ``clock`` gives each attempt its ``webhook-timestamp``."""
 
-    def __init__(self, subscription: EventSubscription, url: str, secret: bytes, *, client: httpx.AsyncClient):
+    def __init__(
+        self,
+        subscription: EventSubscription,
+        url: str,
+        secret: bytes,
+        *,
+        client: httpx.AsyncClient,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
         if not secret:
             raise ValueError("the webhook secret is empty: receivers could not tell forged requests from ours")
         self.subscription = subscription
         self.url = check_url(url)
-        self._secret = secret
+        self._shown_url = display_url(url)
+        self._signer = Webhook(secret)
         self._client = client
+        self._clock = clock
 
     async def run(self) -> None:
         """Forward until ``stop()``."""
@@ -112,26 +227,30 @@ class WebhookForwarder:
                 command_id=recorded.command_id,
                 correlation_id=recorded.correlation_id,
                 causation_id=recorded.causation_id,
-                event=recorded.event,
+                event=public_event(recorded.event),
             )
         )
+        sent_at = self._clock()
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(body, self._secret),
+            ID_HEADER: delivery_id,
+            TIMESTAMP_HEADER: str(floor(sent_at.timestamp())),
+            SIGNATURE_HEADER: self._signer.sign(delivery_id, sent_at, body),
             EVENT_TYPE_HEADER: event_type,
             SEQ_HEADER: str(recorded.seq),
             DELIVERY_ID_HEADER: delivery_id,
             ATTEMPT_HEADER: str(delivery.delivery_count),
         }
+        url = self._shown_url
         try:
             response = await self._client.post(self.url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
-            raise ReceiverUnavailable(f"{self.url} did not answer in time ({type(exc).__name__})") from exc
+            raise ReceiverUnavailable(f"{url} did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise ReceiverUnavailable(f"cannot reach {self.url}: {exc!r}") from exc
+            raise ReceiverUnavailable(f"cannot reach {url}: {exc!r}") from exc
         status = response.status_code
         if 200 <= status < 300:
             return
         if status >= 500 or status in _RETRYABLE_CLIENT_ERRORS:
-            raise ReceiverUnavailable(f"{self.url} answered {status}")
-        raise DeadLetter(f"{self.url} refused the event with {status}: {response.text[:_MAX_ERROR_BODY]}")
+            raise ReceiverUnavailable(f"{url} answered {status}")
+        raise DeadLetter(f"{url} refused the event with {status}: {response.text[:_MAX_ERROR_BODY]}")

@@ -21,8 +21,9 @@ from typing import Any, NoReturn
 import msgspec
 
 from core.events import LlmCall, LlmUsage, PolicyDecision
-from policies_wasm import Bundle, EngineCache, PolicyLoadError, default_bundle, input_digest
-from runners.client import TaskApi
+from policies_wasm import Bundle, PolicyLoadError, default_bundle, input_digest
+from policies_wasm.budget import PolicyEvaluator
+from runners.client import LeaseLost, TaskApi, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,34 @@ def _provider(litellm: ModuleType, model: str) -> str | None:
         return None
 
 
-class Suspended(Exception):
+class ControlFlow(BaseException):
+    """Raised by the context to stop the workflow's code where it stands. Not an error of the workflow:
+    a ``BaseException``, so the workflow's own ``except Exception`` never catches it and runs on as if
+    the call had happened (Restate and DBOS made their suspensions BaseExceptions for this reason).
+    Only the runtime catches these."""
+
+
+class Suspended(ControlFlow):
     """The workflow waits (a durable sleep, a human): the lease is released; a later claim replays."""
 
 
-class NonDeterminism(Exception):
+class NonDeterminism(ControlFlow):
     def __init__(self, index: int, expected: dict[str, Any], actual: dict[str, Any]) -> None:
         super().__init__(f"operation {index}: the journal holds {expected}, the code asked for {actual}")
         self.index, self.expected, self.actual = index, expected, actual
+
+
+class Interrupted(ControlFlow):
+    """The control plane could not record the workflow's next operation: the lease is lost (409), or the
+    gateway stayed unavailable past the retry budget. The run stops without reporting anything; the
+    task continues from its journal at a later claim."""
+
+    def __init__(self, reason: LeaseLost | Unavailable) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+_GONE = (LeaseLost, Unavailable)
 
 
 class PolicyDenied(Exception):
@@ -89,11 +110,12 @@ class Policies:
     """A runner's policy engines. A task is decided by the bundle it was submitted under: its org's
     pushed version, fetched from the gateway once and kept, or the shipped policies (``shipped``
     overrides them). A fetched bundle whose content does not match the digest the task recorded is
-    refused: the policy then cannot decide, which denies."""
+    refused: the policy then cannot decide, which denies. Evaluations run off the event loop on the
+    policy budget (``policies_wasm.budget``), as in the gateway: an overrun is a ``PolicyTimeout``."""
 
-    def __init__(self, shipped: Bundle | None = None) -> None:
+    def __init__(self, shipped: Bundle | None = None, *, evaluator: PolicyEvaluator | None = None) -> None:
         self._shipped = shipped
-        self._engines = EngineCache()
+        self._evaluator = evaluator or PolicyEvaluator()
         self._pushed: dict[tuple[str, int], Bundle] = {}
         self._warned: set[str] = set()
 
@@ -113,8 +135,12 @@ class Policies:
                 )
         else:
             bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
-        decided = (await self._engines.engine(bundle)).evaluate(entrypoint, input)
+        decided = await self._evaluator.evaluate(bundle, entrypoint, input, owner=org)
         return PolicyDecision(**msgspec.structs.asdict(decided))
+
+    def close(self) -> None:
+        """Stops the evaluator's worker processes (also done when this object is collected)."""
+        self._evaluator.close()
 
     async def _shipped_bundle(self) -> Bundle:
         if self._shipped is None:
@@ -216,9 +242,12 @@ class WorkflowContext:
         asked = {**self.scope, **input}
 
         async def decide(index: int) -> dict[str, Any]:
-            decision = await self._policies.evaluate(
-                path, asked, org=self.scope["org"], pinned=self._policy_pin, api=self._api
-            )
+            try:
+                decision = await self._policies.evaluate(
+                    path, asked, org=self.scope["org"], pinned=self._policy_pin, api=self._api
+                )
+            except _GONE as exc:  # fetching the task's bundle failed: not the policy's answer
+                raise Interrupted(exc) from exc
             return msgspec.to_builtins(decision)  # type: ignore[no-any-return]
 
         decision = await self._operation("policy", path, decide)
@@ -264,7 +293,7 @@ class WorkflowContext:
         index = self._next("sleep", "sleep")
         if index is None:
             return  # slept already: the claim that brought us here came after the wake-up time
-        await self._api.lease_call(self.task_id, "sleep", {**self._lease, "index": index, "seconds": seconds})
+        await self._record("sleep", {**self._lease, "index": index, "seconds": seconds})
         raise Suspended(f"sleeping {seconds} s")
 
     async def request_approval(
@@ -303,7 +332,7 @@ class WorkflowContext:
             if escalate_after_seconds is None
             else {"after_seconds": escalate_after_seconds, "approvers": list(escalate_to)},
         }
-        await self._api.lease_call(self.task_id, "approval-requests", body)
+        await self._record("approval-requests", body)
         raise Suspended("waiting for a human")
 
     def _asked_as_recorded(self, index: int, approval: dict[str, Any], details: Any, form: Any) -> None:
@@ -326,12 +355,17 @@ class WorkflowContext:
         if index is None:
             return self._journal[self._position - 1]["result"]
         result = await run(index)
-        await self._api.lease_call(
-            self.task_id, "operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result}
-        )
+        await self._record("operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result})
         self._journal.append({"index": index, "kind": kind, "name": name, "result": result})
         self._position += 1
         return result
+
+    async def _record(self, action: str, body: dict[str, Any]) -> None:
+        """A lease-bound call for the workflow; one that cannot be made stops the workflow's code."""
+        try:
+            await self._api.lease_call(self.task_id, action, body)
+        except _GONE as exc:
+            raise Interrupted(exc) from exc
 
     def _diverged(self, index: int, expected: dict[str, Any], actual: dict[str, Any]) -> NoReturn:
         raise NonDeterminism(index, expected, actual)

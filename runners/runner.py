@@ -1,6 +1,10 @@
 """The runner process: registers as a worker that hosts some workflows, claims their tasks, replays
 each task's journal and continues it. Heartbeats keep the lease while a step runs; a runner that dies
-simply stops heartbeating, the lease expires, and another runner replays and finishes the task."""
+simply stops heartbeating, the lease expires, and another runner replays and finishes the task.
+
+A gateway that is briefly unavailable (429, 503, a restart) is waited out: the client retries with
+backoff, and a call that still fails is never reported as the workflow's failure, so it costs no
+retry of the task; the runner itself keeps claiming."""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from runners.client import LeaseLost, TaskApi
-from runners.context import NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
+from runners.client import LeaseLost, TaskApi, Unavailable
+from runners.context import Interrupted, NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,8 @@ MAX_CLAIMS_PER_REQUEST = 100
 LIVENESS_SECONDS = 10.0
 """How often a runner tells the control plane it is alive: a worker silent for its heartbeat timeout
 (30 s by default) is marked offline."""
+UNREACHABLE = (Unavailable, httpx.TransportError)
+"""The gateway could not answer (the client has already retried): wait and try again."""
 
 
 class Runner:
@@ -41,6 +47,7 @@ class Runner:
         self.worker_id, self.queue = worker_id, queue
         self._slots = asyncio.Semaphore(concurrency)
         self._policies = policies or Policies()
+        self._owns_policies = policies is None
         self._claimers = min(concurrency, CLAIM_REQUESTS_IN_FLIGHT)
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
@@ -49,8 +56,8 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
         capabilities = self._registry.capabilities()
-        await self._api.register(self.worker_id, self.queue, capabilities)
-        await self._api.worker_heartbeat(self.worker_id, "ready")
+        if not await self._register(stop, capabilities):
+            return
         liveness = asyncio.create_task(self._report_liveness(stop))
         # Two claim requests in flight, each for every free slot: while one waits for its answer the
         # other is already asking, and a runner taking over from a crashed one resumes all at once.
@@ -58,8 +65,26 @@ class Runner:
             await asyncio.gather(*(self._claim_until(stop, capabilities) for _ in range(self._claimers)))
         finally:
             liveness.cancel()
-        await self._api.worker_heartbeat(self.worker_id, "draining")
+        try:
+            await self._api.worker_heartbeat(self.worker_id, "draining")
+        except UNREACHABLE as exc:  # the runs still finish; the worker will show offline instead
+            log.warning("could not report draining (%r)", exc)
         await asyncio.gather(*self._running, return_exceptions=True)
+        if self._owns_policies:
+            self._policies.close()
+
+    async def _register(self, stop: asyncio.Event, capabilities: list[str]) -> bool:
+        """Register as a ready worker, however long the gateway takes to answer; False if stopped first."""
+        while not stop.is_set():
+            try:
+                await self._api.register(self.worker_id, self.queue, capabilities)
+                await self._api.worker_heartbeat(self.worker_id, "ready")
+                return True
+            except UNREACHABLE as exc:
+                log.warning("registering failed (%r); retrying in %.0f s", exc, RECONNECT_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RECONNECT_SECONDS)
+        return False
 
     async def _report_liveness(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -68,7 +93,7 @@ class Runner:
                 return
             try:
                 await self._api.worker_heartbeat(self.worker_id, "ready")
-            except (httpx.HTTPError, RuntimeError) as exc:  # the gateway restarts or refuses: the next beat will do
+            except (*UNREACHABLE, httpx.HTTPError, RuntimeError) as exc:  # the next beat will do
                 log.warning("worker heartbeat failed (%r); retrying in %.0f s", exc, LIVENESS_SECONDS)
 
     async def _claim_until(self, stop: asyncio.Event, capabilities: list[str]) -> None:
@@ -83,7 +108,7 @@ class Runner:
                 claimed = await self._api.claim(
                     self.worker_id, self.queue, capabilities, self._block_ms, self._lease_seconds, free
                 )
-            except httpx.TransportError as exc:  # the gateway restarts or is unreachable: keep trying
+            except UNREACHABLE as exc:  # the gateway restarts, is unreachable or overloaded: keep trying
                 log.warning("claim failed (%r); retrying in %.0f s", exc, RECONNECT_SECONDS)
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
@@ -113,6 +138,8 @@ class Runner:
             log.warning("task %s: stopped; its lease was lost (%s)", task["id"], _why(renewing))
         except LeaseLost as exc:
             log.warning("task %s: lease lost (%s); another runner continues it", task["id"], exc)
+        except Unavailable as exc:  # not the workflow's failure: nothing is reported
+            log.warning("task %s: the gateway stayed unavailable (%s); a later claim continues it", task["id"], exc)
         except Exception:
             log.exception("task %s: the runtime failed; the lease will expire and the task be retried", task["id"])
         finally:
@@ -134,6 +161,8 @@ class Runner:
             result = await found.fn(context, task["payload"])
         except Suspended:
             return
+        except Interrupted as exc:  # the lease is lost or the gateway unreachable: report nothing
+            raise exc.reason from None
         except NonDeterminism as exc:
             log.error("task %s parked: %s", task["id"], exc)
             await self._api.lease_call(
@@ -142,7 +171,7 @@ class Runner:
                 {**lease, "index": exc.index, "expected": exc.expected, "actual": exc.actual},
             )
             return
-        except LeaseLost:
+        except (LeaseLost, Unavailable):
             raise
         except PolicyDenied as exc:  # retrying would be denied again
             log.warning("task %s: %s", task["id"], exc)

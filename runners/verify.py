@@ -230,7 +230,7 @@ async def _run(fn: Any, context: ReplayOnlyContext, payload: Any, time_limit: fl
             return _Returned(await fn(context, payload))
     except Suspended as exc:
         return _Waiting(str(exc))
-    except Exception as exc:  # the workflow's own error, or our guards (recorded on the context)
+    except (Exception, NonDeterminism) as exc:  # the workflow's own error, or our guards (recorded on the context)
         if isinstance(exc, TimeoutError) and deadline.expired():
             return _TimedOut(time_limit)
         return _Raised({"type": type(exc).__name__, "message": str(exc)})

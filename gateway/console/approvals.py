@@ -53,7 +53,6 @@ class ApprovalView:
         return sum(1 for vote in self.approval.decisions if vote.decision == "approve")
 
 
-
 def approval_view(approval: Approval, task: Task | None, user: SignedIn, now: datetime) -> ApprovalView:
     refusal = why_cannot_vote(approval, user.who.actor)
     if refusal is None and (vote := next((v for v in approval.decisions if v.by == user.who.actor.id), None)):
@@ -139,7 +138,7 @@ async def _decide(request: Request, user: SignedIn, decision: str) -> Response:
         approval.id,
         decision,  # type: ignore[arg-type]
         comment=comment,
-        response=posted_response(approval.form, form),
+        response=posted_response(approval.form, form, max_depth=services(request).limits.max_json_depth),
         command_id=command_id,
     )
     verb = "approved" if decision == "approve" else "rejected"

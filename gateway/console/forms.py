@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.datastructures import FormData
 
+from gateway.http import json_depth
 from gateway.problems import Problem
 
 FIELD_PREFIX = "response."
@@ -62,14 +63,17 @@ def form_fields(schema: dict[str, Any] | None) -> list[FormField] | None:
     return fields
 
 
-def posted_response(schema: dict[str, Any] | None, form: FormData) -> Any:
-    """The response the person gave: the fields of a flat form as typed values, or the JSON text box.
-    None when nothing was given (the decision then checks whether the form needed an answer)."""
+def posted_response(schema: dict[str, Any] | None, form: FormData, *, max_depth: int) -> Any:
+    """The response the person gave: the fields of a flat form as typed values, or the JSON text box
+    (nested at most ``max_depth``, as an API body). None when nothing was given (the decision then
+    checks whether the form needed an answer)."""
     fields = form_fields(schema)
     if fields is None:
         raw = form.get(RAW_FIELD)
         if not isinstance(raw, str) or not raw.strip():
             return None
+        if json_depth(raw.encode()) > max_depth:
+            raise Problem(422, f"the answer nests arrays or objects more than {max_depth} deep; flatten it")
         try:
             return json.loads(raw)
         except ValueError as exc:

@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from core.commands import Actor
@@ -53,14 +52,7 @@ class SessionStore:
 
     @classmethod
     async def open(cls, store: JetStreamEventStore, auth: Authenticator) -> SessionStore:
-        js = store.nc.jetstream()
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            replicas = (await js.stream_info(store.stream)).config.num_replicas or 1
-            config = KeyValueConfig(bucket=BUCKET, history=1, ttl=SESSION_SECONDS, replicas=replicas)
-            kv = await js.create_key_value(config)
-        return cls(kv, auth)
+        return cls(await store.key_value(BUCKET, ttl_seconds=SESSION_SECONDS), auth)
 
     def now(self) -> float:
         return self._clock()

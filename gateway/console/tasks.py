@@ -14,45 +14,23 @@ from starlette.responses import Response
 
 from core.commands import CancelTask, ResumeTask
 from core.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
-from core.ids import InvalidToken, validate_token
 from core.replay import TimelineEntry, state_at, task_timeline, why_absent
 from core.task import Task
 from gateway.console.approvals import approval_view
 from gateway.console.web import SignedIn, console_page, done, form_of, render
-from gateway.http import derived_id, path_id, services
+from gateway.http import derived_id, path_id, query, services
 from gateway.problems import Problem
+from gateway.queries import Query, Seq, TaskList
 
 PAGE_SIZE = 50
-MAX_WORKFLOW_NAME = 256
 STATUSES = tuple(TaskStatus.__args__)  # type: ignore[attr-defined]
 PRIORITIES = ("critical", "high", "normal", "low")
 FILTERS = ("status", "queue", "workflow", "priority")
 ALL_TYPES = ",".join(EVENT_TYPES)
 
 
-@dataclass(frozen=True)
-class Filters:
-    status: str | None = None
-    queue: str | None = None
-    workflow: str | None = None
-    priority: str | None = None
-
-    @classmethod
-    def of(cls, request: Request) -> Filters:
-        """The page's filters from its query; a value no task can have is a 422 that says so."""
-        query = {name: request.query_params.get(name) or None for name in FILTERS}
-        if query["status"] is not None and query["status"] not in STATUSES:
-            raise Problem(422, f"status must be one of {', '.join(STATUSES)}")
-        if query["priority"] is not None and query["priority"] not in PRIORITIES:
-            raise Problem(422, f"priority must be one of {', '.join(PRIORITIES)}")
-        if query["queue"] is not None:
-            try:
-                validate_token(query["queue"], "queue")
-            except InvalidToken as exc:
-                raise Problem(422, str(exc)) from exc
-        if query["workflow"] is not None and len(query["workflow"]) > MAX_WORKFLOW_NAME:
-            raise Problem(422, f"a workflow name has at most {MAX_WORKFLOW_NAME} characters")
-        return cls(**query)
+class RunsQuery(TaskList, frozen=True):
+    """The runs page's filters and page, parsed as ``GET /v1/tasks`` parses them."""
 
     def matches(self, task: Task) -> bool:
         workflow = task.workflow.name if task.workflow else None
@@ -66,30 +44,31 @@ class Filters:
             )
         )
 
-    def query(self, **extra: str) -> str:
+    def filters(self, **extra: str) -> str:
+        """The filters (not the page) as a query string, with ``extra`` parameters."""
         values = {name: getattr(self, name) for name in FILTERS if getattr(self, name)}
         return urlencode({**values, **extra})
+
+
+class StateAtQuery(Query, frozen=True):
+    at: Seq | None = None
 
 
 @console_page
 async def runs(request: Request, user: SignedIn) -> Response:
     svc = services(request)
-    filters = Filters.of(request)
-    cursor = request.query_params.get("cursor") or None
+    filters = query(request, RunsQuery)
     after = await svc.read_model.checkpoint("tasks")
-    try:
-        rows, next_cursor = await svc.read_model.list_tasks(
-            user.who.org,
-            status=filters.status,
-            queue=filters.queue,
-            priority=filters.priority,
-            workflow=filters.workflow,
-            limit=PAGE_SIZE,
-            cursor=cursor,
-            newest_first=True,
-        )
-    except ValueError as exc:  # a cursor that is not one of ours
-        raise Problem(422, str(exc)) from exc
+    rows, next_cursor = await svc.read_model.list_tasks(
+        user.who.org,
+        status=filters.status,
+        queue=filters.queue,
+        priority=filters.priority,
+        workflow=filters.workflow,
+        limit=PAGE_SIZE,
+        cursor=filters.cursor,
+        newest_first=True,
+    )
     return render(
         request,
         "tasks.html",
@@ -98,8 +77,8 @@ async def runs(request: Request, user: SignedIn) -> Response:
             "filters": filters,
             "statuses": STATUSES,
             "priorities": PRIORITIES,
-            "first_page": cursor is None,
-            "next_page": None if next_cursor is None else f"/console/tasks?{filters.query(cursor=next_cursor)}",
+            "first_page": filters.cursor is None,
+            "next_page": None if next_cursor is None else f"/console/tasks?{filters.filters(cursor=next_cursor)}",
             "after": after,
             "live_types": ALL_TYPES,
         },
@@ -111,7 +90,7 @@ async def runs(request: Request, user: SignedIn) -> Response:
 async def row(request: Request, user: SignedIn) -> Response:
     """One run's row, fresh from the log, for the live list; 204 when it no longer matches the filters."""
     task, _ = await _task(request, user)
-    if not Filters.of(request).matches(task):
+    if not query(request, RunsQuery).matches(task):
         return Response(status_code=204)
     return render(request, "task_row.html", {"task": task}, user=user)
 
@@ -157,7 +136,7 @@ async def _run_page(request: Request, user: SignedIn, template: str) -> Response
             "approvals": [approval_view(a, task, user, now) for a in task.approvals],
             "may_cancel": user.may("cancel") and task.status not in TERMINAL_STATUSES,
             "may_resume": user.may("admin") and task.parked,
-            "state_at": _state_at_context(history, request.query_params.get("at")),
+            "state_at": _state_at_context(history, query(request, StateAtQuery).at),
             "action_key": secrets.token_urlsafe(16),
             "live_types": ALL_TYPES,
             "notice": request.query_params.get("notice"),
@@ -172,17 +151,14 @@ async def state_at_fragment(request: Request, user: SignedIn) -> Response:
     history = await services(request).handler.history(user.who.org, "task", task_id)
     if not history:
         raise Problem(404, f"task {task_id} not found")
-    context = _state_at_context(history, request.query_params.get("at"))
+    context = _state_at_context(history, query(request, StateAtQuery).at)
     return render(request, "state_at.html", {"state_at": context, "task_id": task_id}, user=user)
 
 
-def _state_at_context(history: list[Any], raw: str | None) -> dict[str, Any] | None:
-    """The task as the log showed it when sequence ``raw`` was the newest, or why there was none yet."""
-    if raw is None or raw == "":
+def _state_at_context(history: list[Any], seq: int | None) -> dict[str, Any] | None:
+    """The task as the log showed it when sequence ``seq`` was the newest, or why there was none yet."""
+    if seq is None:
         return None
-    if not raw.isdigit():
-        raise Problem(422, f"a sequence is a whole number, not {raw[:32]!r}")
-    seq = int(raw)
     task, folded = state_at(history, seq)
     if task is None:
         return {"requested": seq, "task": None, "folded": folded, "absent": why_absent(history, seq)}

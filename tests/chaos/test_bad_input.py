@@ -1,11 +1,16 @@
-"""Bad input to every state-changing route never gets a 5xx, every refusal is problem+json, and a
-refused request appends nothing to the log.
+"""Bad input to every route of /v1/ never gets a 5xx, every refusal is problem+json, and a refused
+request appends nothing to the log.
 
 Hypothesis sends, one request at a time, to every POST and DELETE route of the gateway (with the ids of
 real tasks, an approval, a worker and an API key in the path, and random or malformed ids): random
 bytes, random JSON of the wrong shape, valid bodies with fields made oversize, beyond 64 bits, holding
 NUL or lone surrogates, nested too deep or of the wrong type, corrupted JSON, wrong content types, and
-bodies just under and over the 1 MiB limit (also sent chunked, without a Content-Length).
+bodies just under and over the 1 MiB limit (also sent chunked, without a Content-Length). A second
+campaign sends every GET route of /v1/ (event streams included) hostile query strings: numbers beyond
+64 bits or 4,300 digits, other scripts' digits, signs and exponents, NUL, newlines, empty values,
+repeated keys, undecodable percent escapes and forged cursors. Both send hostile headers too:
+Authorization without a credential, with unknown, malformed or oversize ones, other schemes, non-ASCII;
+Last-Event-ID and Idempotency-Key the same way.
 
 "Nothing appended" is checked on the log itself: before each request the campaign notes the stream's
 last sequence, and after a refusal it reads every message stored since on its org's subjects
@@ -16,12 +21,13 @@ apart by that. (The campaign also has a nats-server of its own, since two projec
 share its durable consumers; the org filter would keep the check right on a shared stream too.) The one
 refusal that appends by design is a submit the policy denies: 403 and a recorded TaskSubmissionDenied.
 
-``make test`` sends ``CP_BAD_INPUT_EXAMPLES`` (default 150) requests; ``make test-chaos`` 2,000."""
+``make test`` sends ``CP_BAD_INPUT_EXAMPLES`` (default 150) requests per campaign; ``make test-chaos``
+2,000."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import json
 import os
 import string
@@ -30,9 +36,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-import asyncpg
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,17 +45,18 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 
 from controlplane.seed import seed_org
-from core.embedded import EmbeddedNats
 from core.events import TaskSubmissionDenied
 from core.ids import new_id
 from core.store import TIMER_ACTOR, RecordedEvent
 from gateway.app import build_app
-from tests.gateway.conftest import ROLES, Stack, _with_database, serve_stack
+from gateway.services import RateLimiter
+from tests.gateway.conftest import ROLES, Stack, own_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 EXAMPLES = int(os.environ.get("CP_BAD_INPUT_EXAMPLES", "150"))
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+READING = {"GET"}
 QUEUE = "bad-input"
 WORKER_ID = "bad-input-worker"
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -60,30 +66,15 @@ CHUNK_BYTES = 64 * 1024
 # --- the stack and the real objects the campaign aims at ------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def own_stack(directory: Path, database_url: str) -> AsyncIterator[Stack]:
-    """A whole stack of its own: nats-server, a fresh database on the suite's PostgreSQL, gateway and
-    projector. Not the suite's NATS: two projectors on one stream would share its durable consumers."""
-    database = f"bad_{new_id()[-12:]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    await admin.close()
-    try:
-        with EmbeddedNats(directory) as nats_server:
-            async with serve_stack(nats_server.url, _with_database(database_url, database)) as served:
-                served.services.limits.max_block_ms = 100  # a generated long-poll would only wait
-                yield served
-    finally:
-        admin = await asyncpg.connect(database_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
-
-
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> AsyncIterator[Stack]:
     """This module's own stack, gone with the module: its log, request metrics and claim long-poll limit
-    are the campaign's alone."""
+    are the campaign's alone. The campaigns send a refused credential every few requests, far faster than
+    the per-address throttle allows (it would answer most of what follows with 429 and the input would not
+    be looked at): it is loosened here, and tested in tests/security/test_edge_auth.py."""
     async with own_stack(tmp_path_factory.mktemp("bad-input-nats"), database_url) as served:
+        served.services.limits.max_block_ms = 100  # a generated long-poll would only wait
+        served.services.failed_auth = RateLimiter(rate=1000.0, burst=1000.0)
         yield served
 
 
@@ -142,21 +133,22 @@ async def target(stack: Stack) -> Target:
             "approval_id": [approval["id"]],
             "worker_id": [WORKER_ID],
             "key_id": [key["id"]],
+            "version": ["current", "1"],
         },
         lease={"worker_id": WORKER_ID, "lease_id": lease},
     )
 
 
-def state_changing_routes(stack: Stack) -> list[tuple[str, str]]:
-    """(method, path template) of every API route that may change state, read from the app itself so
-    a route added later is fuzzed too. The console's forms answer pages, not problem+json, and need a
-    session: tests/console/test_console_bad_input.py sends them theirs."""
+def state_changing_routes(stack: Stack, methods: set[str] = STATE_CHANGING) -> list[tuple[str, str]]:
+    """(method, path template) of every API route that may change state (or, with ``methods``, of those
+    routes), read from the app itself so a route added later is fuzzed too. The console's forms answer
+    pages, not problem+json, and need a session: tests/console/test_console_bad_input.py sends them theirs."""
     app = build_app(stack.services)
     return sorted(
         (method, route.path)
         for route in app.routes
         if isinstance(route, Route) and route.path.startswith("/v1/")
-        for method in (route.methods or ()) & STATE_CHANGING
+        for method in (route.methods or ()) & methods
     )
 
 
@@ -218,7 +210,14 @@ class BadRequest:
     repr instead of field by field, which would show a 1 MiB body."""
 
     def __init__(
-        self, method: str, route: str, path: str, shape: str, content: bytes, headers: dict[str, str], chunked: bool
+        self,
+        method: str,
+        route: str,
+        path: str,
+        shape: str,
+        content: bytes,
+        headers: dict[str, str | bytes],
+        chunked: bool,
     ) -> None:
         self.method, self.route, self.path = method, route, path  # route: the path template
         self.shape = shape  # which kind of bad input, for the tally
@@ -317,17 +316,9 @@ def mutated_body(draw: st.DrawFn, valid: dict[str, Any]) -> bytes:
 def bad_requests(draw: st.DrawFn, routes: list[tuple[str, str]], target: Target, limit: int) -> BadRequest:
     method, route = draw(st.sampled_from(routes))
     valid = valid_bodies(target).get(route, {})
-
-    def path_id(name: str) -> str:
-        real = target.ids.get(name, [])
-        token = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
-        junk = st.text(min_size=1, max_size=80).map(lambda text: quote(text, safe=""))
-        return draw((st.sampled_from(real) | token | junk) if real else (token | junk))
-
-    path = route
-    while "{" in path:
-        start, end = path.index("{"), path.index("}")
-        path = path[:start] + path_id(path[start + 1 : end]) + path[end + 1 :]
+    path = draw(filled_path(route, target))
+    if draw(one_in(4)):  # a query string is no part of a command: it must not matter
+        path += draw(hostile_query(QUERY_NAMES))
 
     shape = draw(st.sampled_from(SHAPES))
     content: bytes
@@ -361,7 +352,7 @@ def bad_requests(draw: st.DrawFn, routes: list[tuple[str, str]], target: Target,
     else:
         content = b""
 
-    headers: dict[str, str] = {"Authorization": f"Bearer {target.admin_key}"}
+    headers: dict[str, str | bytes] = draw(hostile_headers(target, odd=6))
     content_type = draw(  # mostly JSON, or the body would mostly meet a 415 before anything else
         st.sampled_from(
             ["application/json"] * 12
@@ -390,6 +381,166 @@ def bad_requests(draw: st.DrawFn, routes: list[tuple[str, str]], target: Target,
     elif idempotency == "too long":
         headers["Idempotency-Key"] = "k" * draw(st.integers(256, 2000))
     return BadRequest(method, route, path, shape, content, headers, chunked=draw(st.booleans()))
+
+
+@st.composite
+def filled_path(draw: st.DrawFn, route: str, target: Target) -> str:
+    """The route template with each path parameter a real object's id, another token, or junk."""
+
+    def path_id(name: str) -> str:
+        real = target.ids.get(name, [])
+        token = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
+        junk = st.text(min_size=1, max_size=80).map(lambda text: quote(text, safe="")) | st.sampled_from(
+            [quote(value, safe="") for value in HOSTILE_NUMBERS]
+        )
+        return draw((st.sampled_from(real) | token | junk) if real else (token | junk))
+
+    path = route
+    while "{" in path:
+        start, end = path.index("{"), path.index("}")
+        path = path[:start] + path_id(path[start + 1 : end]) + path[end + 1 :]
+    return path
+
+
+@st.composite
+def bad_reads(draw: st.DrawFn, routes: list[tuple[str, str]], target: Target) -> BadRequest:
+    """A GET of /v1/ with a hostile query string and hostile headers (or the admin's key)."""
+    method, route = draw(st.sampled_from(routes))
+    path = draw(filled_path(route, target)) + draw(hostile_query(QUERY_NAMES_OF.get(route, QUERY_NAMES)))
+    headers = draw(hostile_headers(target, odd=4))
+    return BadRequest(method, route, path, "hostile query", b"", headers, chunked=False)
+
+
+# --- hostile query strings and headers ---------------------------------------------------------------------
+
+QUERY_NAMES = [
+    *("status", "queue", "priority", "workflow", "limit", "cursor", "min_seq", "task_id", "capability"),
+    *("available", "types", "after", "from", "to", "group_by", "wait_seconds", "environment"),
+]
+HOSTILE_NUMBERS = [
+    *("", " ", "0", "-0", "-1", "+1", "1e3", "5.0", "0x10", "1_000", " 7", "7 ", "05", "NaN", "inf"),
+    "\u00b2",  # superscript two: str.isdigit() says True, int() says no
+    "\u0663",  # Arabic-Indic three: int() takes it
+    "\uff11\uff12",  # fullwidth digits
+    "9" * 5_000,  # past int()'s 4,300 digits
+    str(10**20),
+    str(2**63 - 1),
+    str(2**63),
+    str(2**64),
+    str(-(2**63) - 1),
+]
+QUERY_NAMES_OF = {
+    "/v1/tasks": ["status", "queue", "priority", "workflow", "limit", "cursor", "min_seq"],
+    "/v1/approvals": ["status", "task_id", "limit", "cursor", "min_seq"],
+    "/v1/workers": ["queue", "capability", "available", "min_seq"],
+    "/v1/events": ["after", "types", "queue"],
+    "/v1/tasks/{task_id}/events": ["after"],
+    "/v1/tasks/{task_id}": ["wait_seconds"],
+    "/v1/usage": ["from", "to", "group_by", "queue", "workflow", "min_seq"],
+}
+"""The parameters each GET route reads, so most hostile values meet a parser."""
+TOKEN_TEXT = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
+
+
+def _cursor(*position: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+
+
+hostile_query_values: st.SearchStrategy[str] = st.one_of(
+    st.sampled_from(HOSTILE_NUMBERS),
+    st.integers().map(str),
+    st.text(max_size=40),  # NUL, newlines, any script
+    st.builds(lambda token, tail: token + tail, TOKEN_TEXT, st.sampled_from(["\n", "\x00", "\r\n", " ", "\t"])),
+    st.sampled_from(["pending", "default", "TaskSubmitted", "TaskSubmitted,,x", ",,,", "true", "yes", "day,model"]),
+    st.text(alphabet="ab,", min_size=4_000, max_size=10_000),
+    # cursors: not base64, base64 of anything, forged positions
+    st.binary(max_size=64).map(lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("=")),
+    st.builds(
+        _cursor,
+        st.sampled_from(["2025-01-01T00:00:00Z", "2025-01-01T00:00:00", "0001-01-01T00:00:00+01:00", "x", "9" * 30]),
+        st.sampled_from(["a", "a\x00b", "x" * 100, "A B", ""]),
+    ),
+)
+
+
+def hostile_query(names: list[str]) -> st.SearchStrategy[str]:
+    """A query string of hostile values, mostly for the parameters ``names``."""
+    return st.one_of(
+        # name=value pairs, names known or not, perhaps repeated, percent-encoded as a client would
+        st.lists(
+            st.tuples(st.sampled_from(names) | st.text(max_size=12), hostile_query_values), min_size=1, max_size=4
+        ).map(lambda pairs: "?" + urlencode(pairs)),
+        # one parameter given twice
+        st.builds(
+            lambda name, value: f"?{name}={quote(value)}&{name}={quote(value)}",
+            st.sampled_from(names),
+            hostile_query_values,
+        ),
+        # raw query strings no client library would send
+        st.sampled_from(["?", "?&&", "?=", "?=&=x", "?limit", "?limit=%zz", "?queue=%00", "?after=%ff%fe", "?%00=1"]),
+        st.text(alphabet=string.printable, max_size=60).map(lambda text: "?" + quote(text, safe="=&%")),
+    )
+
+
+def _header_bytes(text: str) -> bytes | None:
+    """What an HTTP/1.1 client may send as a header value: no control characters, no blank at either end."""
+    raw = text.strip(" \t").encode()
+    return None if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in raw) else raw
+
+
+hostile_header_values: st.SearchStrategy[bytes] = st.one_of(
+    st.sampled_from(HOSTILE_NUMBERS).map(_header_bytes).filter(lambda raw: raw is not None),  # type: ignore[arg-type]
+    st.text(max_size=60).map(_header_bytes).filter(lambda raw: raw is not None),  # type: ignore[arg-type]
+    st.binary(max_size=40).map(lambda raw: bytes(b for b in raw if b >= 0x20 and b != 0x7F).strip(b" ")),
+    st.integers(1_000, 9_000).map(lambda n: b"x" * n),
+)
+
+
+@st.composite
+def hostile_headers(draw: st.DrawFn, target: Target, *, odd: int) -> dict[str, str | bytes]:
+    """The admin's key, or (one time in ``odd``) an Authorization that is no valid credential; perhaps a
+    hostile Last-Event-ID and Idempotency-Key besides."""
+    key = target.admin_key
+    headers: dict[str, str | bytes] = {}
+    if not draw(one_in(odd)):
+        headers["Authorization"] = draw(st.sampled_from([f"Bearer {key}", f"bearer {key}", f"Bearer   {key}"]))
+    else:
+        unknown = draw(TOKEN_TEXT)
+        authorization = draw(
+            st.sampled_from(
+                [
+                    None,
+                    b"",
+                    b"Bearer",
+                    b"Basic dXNlcjpwYXNz",
+                    f"Bearer cp_{unknown}_secret".encode(),
+                    f"Bearer cp_{unknown}_".encode(),
+                    b"Bearer cp__secret",
+                    b"Bearer cp_UPPER-case_secret",
+                    f"Bearer cp_{'a' * 64}_secret".encode(),
+                    f"Bearer {key}x".encode(),
+                    f"Bearer {key} {key}".encode(),
+                    f"Token {key}".encode(),
+                    b"Bearer a.b.c",
+                    b"Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+                    "Bearer cp_\u00e9t\u00e9_secret".encode(),
+                    b"Bearer " + b"x" * 8_000,
+                ]
+            )
+            | hostile_header_values
+        )
+        if authorization is not None:
+            headers["Authorization"] = authorization
+    if draw(one_in(4)):
+        headers["Last-Event-ID"] = draw(hostile_header_values)
+    if draw(one_in(6)):
+        headers["Idempotency-Key"] = draw(hostile_header_values)
+    return headers
+
+
+def one_in(n: int) -> st.SearchStrategy[bool]:
+    """True one time in ``n``; False is what hypothesis tries first and shrinks to."""
+    return st.sampled_from([False] * (n - 1) + [True])
 
 
 # --- what is checked -------------------------------------------------------------------------------------
@@ -426,12 +577,7 @@ class Campaign:
     async def send(self, request: BadRequest) -> httpx.Response:
         """Sends one request; asserts no 5xx, and for a refusal a problem+json and nothing appended."""
         before = await self.stack.services.store.last_seq()
-        response = await self.client.request(
-            request.method,
-            request.path,
-            content=_chunks(request.content) if request.chunked else request.content,
-            headers=request.headers,
-        )
+        response = await self.exchange(request)
         status = response.status_code
         self.tally.by_status[status] += 1
         self.tally.by_shape[(request.shape, status)] += 1
@@ -454,6 +600,27 @@ class Campaign:
             self.tally.rejected_that_appended += 1
         assert not appended, f"{request!r} was refused with {status} ({problem['detail']}) but appended {appended}"
         return response
+
+    async def exchange(self, request: BadRequest) -> httpx.Response:
+        """The response; for an event stream that opens, its first message, then the stream is closed."""
+        if request.method == "GET" and request.route.endswith("/events"):
+            async with self.client.stream("GET", request.path, headers=request.headers) as streamed:
+                if streamed.status_code != 200:
+                    await streamed.aread()
+                    return streamed
+                chunks = streamed.aiter_bytes()
+                try:
+                    first = await anext(chunks)
+                finally:
+                    await chunks.aclose()
+                assert first.startswith(b": connected"), (request, first)
+                return httpx.Response(200, headers=streamed.headers, content=first)
+        return await self.client.request(
+            request.method,
+            request.path,
+            content=_chunks(request.content) if request.chunked else request.content,
+            headers=request.headers,
+        )
 
 
 def _statuses(tally: Tally, shape: str) -> dict[int, int]:
@@ -533,6 +700,30 @@ async def test_bad_input_to_every_command_gets_no_5xx_and_a_refusal_appends_noth
     assert stack.projector.skipped == skipped_before
 
 
+async def test_hostile_queries_and_headers_to_every_read_get_no_5xx_and_append_nothing(
+    stack: Stack, target: Target
+) -> None:
+    routes = state_changing_routes(stack, READING)
+    assert len(routes) >= 12, routes
+    async with httpx.AsyncClient(base_url=stack.url, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+        campaign = Campaign(stack, target, client)
+        requests = bad_reads(routes, target)
+        await asyncio.to_thread(run_in_thread, asyncio.get_running_loop(), EXAMPLES, requests, campaign.send)
+    tally = campaign.tally
+    print(
+        f"\nhostile-query campaign: {tally.requests} requests to {len(tally.routes)} of {len(routes)} GET routes; "
+        f"5xx seen: {tally.server_errors}; refused: {tally.rejected}, of which appended: "
+        f"{tally.rejected_that_appended}\n  by status: {dict(sorted(tally.by_status.items()))}\n"
+    )
+    assert tally.requests >= EXAMPLES
+    assert tally.server_errors == 0
+    assert tally.rejected_that_appended == 0
+    if 10 * len(routes) <= EXAMPLES:
+        assert set(tally.routes) == set(routes), f"never sent to: {set(routes) - set(tally.routes)}"
+    # Not all refused: the valid credential and plain values get through too.
+    assert tally.by_status[200] > 0 and tally.by_status[422] > 0, tally.by_status
+
+
 def submit(target: Target, content: bytes, shape: str) -> BadRequest:
     headers = {"Authorization": f"Bearer {target.admin_key}", "Content-Type": "application/json"}
     return BadRequest("POST", "/v1/tasks", "/v1/tasks", shape, content, headers, chunked=False)
@@ -553,9 +744,9 @@ async def test_bodies_that_got_a_503_before_get_a_4xx_and_append_nothing(stack: 
         # bytes that are not UTF-8 inside a JSON string: msgspec raises UnicodeDecodeError
         (submit(target, b'{"type": "deploy", "payload": "\xff\xfe"}', "not utf-8"), {400}),
         (submit(target, b'{"type": "deploy", "payload": {"\x80": 1}}', "not utf-8"), {400}),
-        # nesting deeper than msgspec's recursion guard: RecursionError
-        (submit(target, b'{"type": "deploy", "payload": ' + _nested(5000, "list") + b"}", "deep"), {400}),
-        (submit(target, b'{"type": "deploy", "payload": ' + _nested(5000, "dict") + b"}", "deep"), {400}),
+        # nesting deeper than msgspec's recursion guard: RecursionError (now deeper than 64 is a 422)
+        (submit(target, b'{"type": "deploy", "payload": ' + _nested(5000, "list") + b"}", "deep"), {422}),
+        (submit(target, b'{"type": "deploy", "payload": ' + _nested(5000, "dict") + b"}", "deep"), {422}),
         # a body within the limit whose event is not: nats-py's MaxPayloadError
         (submit_of_size(target, limit), {413}),
         (submit_of_size(target, limit - 100), {413}),
@@ -578,6 +769,7 @@ async def test_a_body_just_under_the_limit_gets_a_4xx_and_the_gateway_keeps_its_
     headers must be refused like the others, not make the server close the gateway's connection. On a
     gateway of its own, since that connection does not come back."""
     async with own_stack(tmp_path / "nats", database_url) as stack:
+        stack.services.limits.max_block_ms = 100
         org = f"bad{new_id()[-12:]}"
         keys = await seed_org(stack.services.handler, org, ROLES)
         await stack.projector.run_until_caught_up()

@@ -52,11 +52,12 @@ class Processes:
             "gateway": [CONTROLPLANE, "gateway", *connection, "--port", str(self.port)],
             "projector": [CONTROLPLANE, "projector", *connection],
             "runner": [
-                *(CONTROLPLANE, "runner", "--url", self.url, "--key", worker_key, "--queue", QUEUE),
+                *(CONTROLPLANE, "runner", "--url", self.url, "--queue", QUEUE),
                 *("--workflows", "tests.chaos.chaos_workflows:ALL", "--lease-seconds", "3", "--concurrency", "16"),
             ],
         }
         self.environment = {**os.environ, "PYTHONPATH": str(REPO), "CP_CHAOS_SINK": str(logs / "effects.log")}
+        self.environment["CP_WORKER_KEY"] = worker_key
         self.logs = logs
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -15,6 +16,7 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from controlplane.devstack import with_database
 from controlplane.seed import seed_org
 from core.embedded import EmbeddedNats, free_port
 from core.ids import new_id
@@ -46,13 +48,19 @@ class Stack:
 
 @pytest.fixture(scope="session")
 async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[Stack]:
-    database = f"gw_{new_id()[-12:]}"
+    async with own_database(database_url, "gw") as database, serve_stack(nats_server.url, database) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def own_database(database_url: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh database on the suite's PostgreSQL, dropped at the end; yields its URL."""
+    database = f"{prefix}_{new_id()[-12:]}"
     admin = await asyncpg.connect(database_url)
     await admin.execute(f'CREATE DATABASE "{database}"')
     await admin.close()
     try:
-        async with serve_stack(nats_server.url, _with_database(database_url, database)) as served:
-            yield served
+        yield with_database(database_url, database)
     finally:
         admin = await asyncpg.connect(database_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -99,9 +107,11 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
         await close_services(services)
 
 
-def _with_database(dsn: str, database: str) -> str:
-    """The same server, another database: swap the path of the DSN."""
-    scheme, rest = dsn.split("://", 1)
-    authority, _, tail = rest.partition("/")
-    _, query_sep, query = tail.partition("?")
-    return f"{scheme}://{authority}/{database}{query_sep}{query}"
+@contextlib.asynccontextmanager
+async def own_stack(directory: Path, database_url: str) -> AsyncIterator[Stack]:
+    """A whole stack of its own: nats-server (in ``directory``), a fresh database on the suite's
+    PostgreSQL, gateway and projector. Not the suite's NATS: two projectors on one stream would share
+    its durable consumers, and one of them would never catch up."""
+    with EmbeddedNats(directory) as nats_server:
+        async with own_database(database_url, "own") as database, serve_stack(nats_server.url, database) as served:
+            yield served

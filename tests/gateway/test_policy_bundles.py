@@ -164,11 +164,9 @@ async def test_the_cli_pushes_a_directory_and_lists_the_versions(stack: Stack, t
             *args,
             "--url",
             stack.url,
-            "--key",
-            key,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "CP_API_KEY": key},
         )
         output, _ = await process.communicate()
         assert process.returncode is not None

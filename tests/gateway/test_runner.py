@@ -300,9 +300,10 @@ async def test_runners_killed_in_every_kind_of_operation_are_replaced_without_re
         """A real runner process; the workflows live in this test package, so it gets the repo on its path."""
         sink.touch()
         command = [str(Path(sys.executable).parent / "controlplane"), "runner", "--url", stack.url]
-        command += ["--key", stack.keys["acme"]["worker"], "--queue", queue, "--worker-id", name]
+        command += ["--queue", queue, "--worker-id", name]
         command += ["--workflows", "tests.gateway.crash_workflows:ALL", "--lease-seconds", "2", "--concurrency", "8"]
         environment = {**os.environ, "PYTHONPATH": str(repo), "CP_CRASH_SINK": str(sink)}
+        environment["CP_WORKER_KEY"] = stack.keys["acme"]["worker"]
         if hang:
             environment["CP_CRASH_HANG"] = "1"
         log = (tmp_path / f"{name}.log").open("wb")

@@ -106,7 +106,9 @@ class Task:
                 name=f"ask-{self.next_index}",
                 result=llm_result(model, prompt, completion, 0.0),
             )
-            outcome = await handler.handle(self.org, command, actor=Actor("test-worker", frozenset({"worker"})))
+            task, _ = await handler.load(self.org, "task", self.id)
+            claimer = Actor(task.lease.holder, frozenset({"worker"}))  # the lease is the worker key's alone
+            outcome = await handler.handle(self.org, command, actor=claimer)
         finally:
             await handler.close()
         self.next_index += 1

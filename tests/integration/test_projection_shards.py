@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from nats.js.errors import NotFoundError
 
+from controlplane.devstack import with_database
 from core.commands import RegisterWorker
 from core.embedded import EmbeddedNats
 from core.handler import CommandHandler
@@ -29,7 +30,6 @@ from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, ShardLayoutConflict, last_event_seq, rebuild
 from projections.read import ReadModel
 from projections.schema import Shard, effective_checkpoints, fetch_checkpoints, migrate, parse_shard
-from tests.gateway.conftest import _with_database
 from tests.integration.test_projections import (
     ORG_TABLES,
     caught_up,
@@ -348,7 +348,7 @@ async def test_two_projector_processes_split_the_orgs_and_together_equal_one(dat
         store = await JetStreamEventStore.connect(server.url)
         try:
             async with fresh_database(database_url) as sharded, fresh_database(database_url) as reference:
-                dsn = _with_database(database_url, await sharded.fetchval("SELECT current_database()"))
+                dsn = with_database(database_url, await sharded.fetchval("SELECT current_database()"))
                 for database in (sharded, reference):  # the processes migrate too; the test polls meanwhile
                     await migrate(database)
                 logs = [tmp_path / f"shard-{index}.log" for index in (1, 2)]

@@ -1,5 +1,6 @@
 """A local webhook receiver (Starlette on uvicorn, 127.0.0.1, a free port) that records what it gets,
-checks signatures and answers as a test tells it; and the `controlplane webhook` process."""
+checks each delivery with the shipped verifier and answers as a test tells it; and the `controlplane
+webhook` process."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from core.embedded import free_port
-from integrations.webhook import verify_signature
+from integrations.webhook import WebhookRefused, verify_delivery
 
 SECRET = b"shared-webhook-secret"
 
@@ -27,18 +28,26 @@ SECRET = b"shared-webhook-secret"
 class Received:
     body: bytes
     headers: dict[str, str]
-    signed: bool
+    refused: str | None
+    """Why ``verify_delivery`` refused it; None when it is a fresh delivery signed with SECRET."""
+
+    @property
+    def signed(self) -> bool:
+        return self.refused is None
 
     @property
     def task(self) -> tuple[str, str]:
-        """(org, task id) of the TaskSubmitted event it carried."""
-        body = json.loads(self.body)
-        return body["org"], body["event"]["task_id"]
+        """(org, task id) of the task event it carried; ("", "") for anything else."""
+        try:
+            body = json.loads(self.body)
+            return body["org"], body["event"]["task_id"]
+        except (ValueError, KeyError, TypeError):
+            return "", ""
 
 
 @dataclass
 class Receiver:
-    """Records every POST, checks its signature, and answers what ``answer`` says for the task id
+    """Records every POST, verifies it, and answers what ``answer`` says for the task id
     and the attempt number for that task; 200 by default. A negative answer means: wait that many
     seconds, then answer 200."""
 
@@ -57,8 +66,12 @@ async def serving_receiver() -> AsyncIterator[Receiver]:
 
     async def hook(request: Request) -> Response:
         body = await request.body()
-        signed = verify_signature(body, SECRET, request.headers.get("x-cp-signature"))
-        received = Received(body, dict(request.headers), signed)
+        try:
+            verify_delivery(body, request.headers, SECRET)
+            refused = None
+        except WebhookRefused as exc:
+            refused = str(exc)
+        received = Received(body, dict(request.headers), refused)
         state.received.append(received)
         org, task_id = received.task
         answer = state.answer(task_id, len(state.attempts(org, task_id)))

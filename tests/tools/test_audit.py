@@ -15,11 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.replay import LogReader, export_org, opened, task_history
+from core.access import issue_key
 from core.audit import GENESIS, AuditChain, verify_export
 from core.commands import (
+    SYSTEM,
     Actor,
     ClaimTask,
     CompleteTask,
+    CreateApiKey,
     DecideApproval,
     RecordOperation,
     RegisterWorker,
@@ -157,6 +160,30 @@ async def test_every_kind_of_tampering_fails_at_the_first_bad_line(
     assert missing.code == 2 and "cannot read" in missing.err
 
 
+async def test_an_export_shows_no_key_hash_and_verifies_as_written(
+    handler: CommandHandler, org: str, cli: Cli, tmp_path: Path
+) -> None:
+    issued = issue_key()
+    await handler.handle(
+        org,
+        CreateApiKey(key_id=issued.key_id, name="ci", roles=("viewer",), secret_sha256=issued.secret_sha256),
+        actor=SYSTEM,
+    )
+    await some_work(handler, org, tasks=1)
+    path = tmp_path / "audit.jsonl"
+    ran = await cli("export", org, "--output", str(path))
+    assert ran.code == 0, ran.err
+    exported = path.read_bytes()
+    assert issued.secret_sha256.encode() not in exported
+    header, *events, end = (json.loads(line) for line in exported.splitlines())
+    assert header["redacted"] == ["ApiKeyCreated.secret_sha256"]
+    [created] = [e["event"] for e in events if e["event"]["type"] == "ApiKeyCreated"]
+    assert created["key_id"] == issued.key_id and created["secret_sha256"] == "[redacted]"
+    ran = await cli("audit", "verify", str(path), "--head", end["hash"])
+    assert ran.code == 0, ran.out
+    assert ran.out.startswith(f"ok: {len(events)} events of org {org}")
+
+
 def rehashed(lines: list[bytes], change: bytes, to: bytes) -> list[bytes]:
     """What a forger does: edit a line and write the chain again from there on."""
     chain = AuditChain()
@@ -167,7 +194,7 @@ def rehashed(lines: list[bytes], change: bytes, to: bytes) -> list[bytes]:
         for chained in ("prev", "hash"):
             fields.pop(chained)
         if kind == "header":
-            out.append(chain.header(fields["org"], fields["since"]))
+            out.append(chain.header(fields["org"], fields["since"], fields.get("redacted", ())))
         elif kind == "event":
             out.append(chain.event(**fields))
         else:

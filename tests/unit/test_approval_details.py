@@ -169,7 +169,12 @@ def test_a_form_never_makes_the_gateway_fetch_a_url() -> None:
     assert "cannot be evaluated" in refused(check_response, form, {"enum": 1}, required=True)
 
 
-TYPES = {"null": st.none(), "boolean": st.booleans(), "string": st.text(max_size=8), "array": st.lists(st.none())}
+TYPES = {
+    "null": st.none(),
+    "boolean": st.booleans(),
+    "string": st.text(st.characters(exclude_characters="\x00"), max_size=8),  # NUL is refused before the type
+    "array": st.lists(st.none()),
+}
 
 
 @given(data=st.data(), expected=st.sampled_from(sorted(TYPES)), given_type=st.sampled_from(sorted(TYPES)))

@@ -51,8 +51,15 @@ ACTORS = (
     Actor("w1", frozenset({"worker"})),
     Actor("submitter", frozenset({"submitter"})),
 )
+CLAIMERS = (
+    Actor("key:w1", frozenset({"worker"})),
+    Actor("key:w2", frozenset({"worker"})),
+    Actor("jwt:ops", frozenset({"admin"})),
+)
 START = datetime(2026, 1, 1, tzinfo=UTC)
 STALE = st.integers(0, 4).map(lambda n: n == 0)
+BY = st.none() | st.sampled_from((*CLAIMERS, *ACTORS))
+"""Who sends a lease-bound command: None for the credential that claimed, else anyone (the claimer too)."""
 
 
 class TaskMachine(RuleBasedStateMachine):
@@ -101,6 +108,23 @@ class TaskMachine(RuleBasedStateMachine):
             return self.state.lease.worker_id, self.state.lease.id
         return "w1", f"stale{self.lease_counter}"
 
+    def sender(self, by: Actor | None) -> tuple[Actor, bool]:
+        """The actor of a lease-bound command, and whether it is someone other than the lease's holder."""
+        holder = self.state.lease.holder if self.state is not None and self.state.lease is not None else None
+        if by is None:
+            return next((a for a in CLAIMERS if a.id == holder), CLAIMERS[0]), False
+        return by, by.id != holder
+
+    def run_lease_bound(self, command: Command, by: Actor | None) -> bool:
+        """Run a lease-bound command; one from anyone but the claimer is refused and changes nothing."""
+        actor, intruder = self.sender(by)
+        before, events = self.state, len(self.events)
+        accepted = self.run(command, actor=actor)
+        if intruder:
+            assert not accepted, f"{type(command).__name__} from {actor.id}, who did not claim, was accepted"
+            assert self.state == before and len(self.events) == events
+        return accepted
+
     # --- rules ------------------------------------------------------------------------------------
 
     @initialize(
@@ -128,8 +152,9 @@ class TaskMachine(RuleBasedStateMachine):
         extra=st.sets(st.sampled_from(CAPABILITIES)),
         drop_one=st.integers(0, 5),
         lease_seconds=st.sampled_from([5.0, 30.0]),
+        claimer=st.sampled_from(CLAIMERS),
     )
-    def claim(self, worker: str, extra: set[str], drop_one: int, lease_seconds: float) -> None:
+    def claim(self, worker: str, extra: set[str], drop_one: int, lease_seconds: float, claimer: Actor) -> None:
         before = self.state
         assert before is not None
         caps = set(before.required_capabilities) | extra
@@ -143,7 +168,8 @@ class TaskMachine(RuleBasedStateMachine):
                 lease_id=f"l{self.lease_counter}",
                 capabilities=tuple(caps),
                 lease_seconds=lease_seconds,
-            )
+            ),
+            actor=claimer,
         )
         if accepted:
             assert before is not None
@@ -151,11 +177,15 @@ class TaskMachine(RuleBasedStateMachine):
             assert before.parked is None, "a parked task is never claimed"
             assert set(before.required_capabilities) <= caps
             assert before.not_before is None or self.now >= before.not_before
+            assert self.state is not None and self.state.lease is not None
+            assert self.state.lease.holder == claimer.id, "the lease is bound to the credential that claimed"
 
-    @rule(stale=STALE, seconds=st.none() | st.sampled_from([5.0, 60.0]))
-    def heartbeat(self, stale: bool, seconds: float | None) -> None:
+    @rule(stale=STALE, seconds=st.none() | st.sampled_from([5.0, 60.0]), by=BY)
+    def heartbeat(self, stale: bool, seconds: float | None, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
-        accepted = self.run(HeartbeatTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, lease_seconds=seconds))
+        accepted = self.run_lease_bound(
+            HeartbeatTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, lease_seconds=seconds), by
+        )
         assert not (accepted and stale), "a heartbeat on a lease that is not held must be refused"
 
     @rule(
@@ -164,14 +194,21 @@ class TaskMachine(RuleBasedStateMachine):
         quorum=st.integers(1, 3),
         timeout=st.none() | st.floats(10, 100),
         escalate=st.booleans(),
+        by=BY,
     )
     def request_approval(
-        self, stale: bool, approvers: tuple[str, ...], quorum: int, timeout: float | None, escalate: bool
+        self,
+        stale: bool,
+        approvers: tuple[str, ...],
+        quorum: int,
+        timeout: float | None,
+        escalate: bool,
+        by: Actor | None,
     ) -> None:
         worker, lease_id = self.lease(stale)
         self.approval_counter += 1
         escalation = Escalation(after_seconds=5, approvers=("carol",)) if escalate else None
-        accepted = self.run(
+        accepted = self.run_lease_bound(
             RequestApproval(
                 task_id=TASK_ID,
                 worker_id=worker,
@@ -183,7 +220,7 @@ class TaskMachine(RuleBasedStateMachine):
                 timeout_seconds=timeout,
                 escalation=escalation,
             ),
-            actor=Actor(worker, frozenset({"worker"})),
+            by,
         )
         if accepted:
             assert self.state is not None and self.state.status == "awaiting_approval"
@@ -212,18 +249,20 @@ class TaskMachine(RuleBasedStateMachine):
             assert actor.id not in (before.requested_by, before.requested_by_actor), "requester cannot decide"
             assert actor.roles & {"approver", "admin"}
 
-    @rule(stale=STALE)
-    def complete(self, stale: bool) -> None:
+    @rule(stale=STALE, by=BY)
+    def complete(self, stale: bool, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
-        accepted = self.run(CompleteTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, result={"ok": True}))
+        accepted = self.run_lease_bound(
+            CompleteTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, result={"ok": True}), by
+        )
         assert not (accepted and stale)
 
-    @rule(stale=STALE, retryable=st.booleans())
-    def fail(self, stale: bool, retryable: bool) -> None:
+    @rule(stale=STALE, retryable=st.booleans(), by=BY)
+    def fail(self, stale: bool, retryable: bool, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
         before = self.state
-        accepted = self.run(
-            FailTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, error="boom", retryable=retryable)
+        accepted = self.run_lease_bound(
+            FailTask(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, error="boom", retryable=retryable), by
         )
         assert not (accepted and stale)
         if accepted and before is not None and self.state is not None and self.state.status == "pending":
@@ -238,14 +277,14 @@ class TaskMachine(RuleBasedStateMachine):
         if before is not None and not before.is_terminal:
             assert accepted, "a task that is not terminal can always be cancelled"
 
-    @rule(stale=STALE, offset=st.sampled_from([0, 0, 0, 1, -1]), kind=st.sampled_from(["step", "llm", "now"]))
-    def record_operation(self, stale: bool, offset: int, kind: str) -> None:
+    @rule(stale=STALE, offset=st.sampled_from([0, 0, 0, 1, -1]), kind=st.sampled_from(["step", "llm", "now"]), by=BY)
+    def record_operation(self, stale: bool, offset: int, kind: str, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
         before = self.state
         index = (len(before.journal) if before else 0) + offset
         if index < 0:
             return
-        accepted = self.run(
+        accepted = self.run_lease_bound(
             RecordOperation(
                 task_id=TASK_ID,
                 worker_id=worker,
@@ -254,26 +293,28 @@ class TaskMachine(RuleBasedStateMachine):
                 kind=kind,
                 name=f"op{index}",
                 result={"n": index},
-            )
+            ),
+            by,
         )
         if accepted:
             assert not stale
             assert offset == 0, "an operation is recorded only at the next position"
 
-    @rule(stale=STALE, seconds=st.sampled_from([1.0, 30.0]))
-    def sleep(self, stale: bool, seconds: float) -> None:
+    @rule(stale=STALE, seconds=st.sampled_from([1.0, 30.0]), by=BY)
+    def sleep(self, stale: bool, seconds: float, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
         index = len(self.state.journal) if self.state else 0
-        if self.run(StartSleep(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, index=index, seconds=seconds)):
+        sleep = StartSleep(task_id=TASK_ID, worker_id=worker, lease_id=lease_id, index=index, seconds=seconds)
+        if self.run_lease_bound(sleep, by):
             assert self.state is not None
             assert self.state.status == "pending"
             assert self.state.not_before == self.now + timedelta(seconds=seconds)
 
-    @rule(stale=STALE)
-    def non_determinism(self, stale: bool) -> None:
+    @rule(stale=STALE, by=BY)
+    def non_determinism(self, stale: bool, by: Actor | None) -> None:
         worker, lease_id = self.lease(stale)
         index = len(self.state.journal) if self.state else 0
-        if self.run(
+        if self.run_lease_bound(
             ReportNonDeterminism(
                 task_id=TASK_ID,
                 worker_id=worker,
@@ -281,7 +322,8 @@ class TaskMachine(RuleBasedStateMachine):
                 index=index,
                 expected={"kind": "step"},
                 actual={"kind": "llm"},
-            )
+            ),
+            by,
         ):
             assert self.state is not None
             assert self.state.parked is not None

@@ -118,6 +118,7 @@
     }
 
     async function refresh(id, mayInsert) {
+      if (!mayInsert && !rowOf(id)) return;  // an event of something this page does not show
       const url = container.dataset.rowUrl.replace("{id}", encodeURIComponent(id));
       let html;
       try { html = await fetchHtml(url); } catch (error) { say(`Could not refresh ${id}: ${error.message}`); return; }
