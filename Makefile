@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-chaos lint bench clean
+.PHONY: run test test-chaos lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/controlplane dev
 
-test: $(STAMP)
+# The browser tests (tests/console) drive Debian's Chromium (or CP_CHROMIUM) through Playwright;
+# installed with apt-get when missing and we are root. `make run` does not need it.
+chromium:
+	sh scripts/ensure-chromium.sh
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -28,12 +33,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) chromium
 	$(BIN)/python bench/append.py
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/recovery.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/policy.py
+	$(BIN)/python bench/console.py
 
 clean:
 	rm -rf $(VENV) .controlplane .pytest_cache

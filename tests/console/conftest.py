@@ -25,52 +25,33 @@ better and works reliably under these rules.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import inspect
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import warnings
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from core.embedded import free_port
-from core.ids import new_id
-from tests.gateway.conftest import _with_database
+from controlplane.devstack import (
+    CHROMIUM_ARGS,
+    DevStackNotReady,
+    RunningDevStack,
+    chromium_path,
+    fresh_database,
+    running_dev_stack,
+)
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE.parent / "artifacts" / "console"
 """Screenshots (gitignored)."""
-
-DEFAULT_CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-proxy-server",  # the stack is on 127.0.0.1: an http_proxy in the environment must not get in between
-]
-READY_WITHIN = 90.0
-"""Seconds ``controlplane dev`` gets to write dev.json and answer /readyz."""
-
-T = TypeVar("T")
 
 
 # --- Marks and rules ---------------------------------------------------------------------------------
@@ -99,13 +80,16 @@ def _console_tests_are_sync(request: pytest.FixtureRequest) -> None:
 
 @dataclass(frozen=True)
 class DevStack:
-    gateway_url: str
-    info: dict[str, Any]
-    """dev.json, parsed: gateway_url, nats_url, database_url, orgs."""
-    data_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    """stdout and stderr of ``controlplane dev``; the projector and runner log to data_dir/*.log."""
+    running: RunningDevStack
+
+    @property
+    def gateway_url(self) -> str:
+        return self.running.gateway_url
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """dev.json, parsed: gateway_url, nats_url, database_url, orgs."""
+        return self.running.info
 
     @property
     def orgs(self) -> dict[str, dict[str, str]]:
@@ -126,203 +110,39 @@ class DevStack:
         )
 
     def logs(self) -> str:
-        """The last lines of every log of the stack, for assertion messages."""
-        parts = [f"--- {self.log_path.name}\n{_tail(self.log_path)}"]
-        parts += [f"--- {path.name}\n{_tail(path)}" for path in sorted(self.data_dir.glob("*.log"))]
-        return "\n".join(parts)
+        return self.running.logs()
 
 
 @pytest.fixture(scope="package")
 def dev_stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[DevStack]:
-    """``controlplane dev`` in a subprocess, on a free port, a data dir of its own and a fresh database on
-    the suite's PostgreSQL (``DATABASE_URL`` when set, else the session's throwaway server). One stack for
-    all of tests/console: tests see each other's tasks and approvals, so look for the ids you created."""
+    """``controlplane dev`` in a subprocess (controlplane/devstack.py), on a free port, a data dir of its
+    own and a fresh database on the suite's PostgreSQL (``DATABASE_URL`` when set, else the session's
+    throwaway server). One stack for all of tests/console: tests see each other's tasks and approvals,
+    so look for the ids you created."""
     root = tmp_path_factory.mktemp("console-dev")
-    data_dir, log_path = root / "data", root / "dev.log"
-    port = free_port()
-    database = f"console_{new_id()[-12:]}"
-    _in_thread(_execute(database_url, f'CREATE DATABASE "{database}"'))
     # Without provider keys (OPENAI_API_KEY, ...) the example workflows answer through LiteLLM's mock_response:
     # tests never reach a model over the network.
     env = {name: value for name, value in os.environ.items() if not name.endswith("_API_KEY")}
-    env |= {"DATABASE_URL": _with_database(database_url, database), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "controlplane", "dev", "--port", str(port), "--data-dir", str(data_dir)]
-    try:
-        started = time.monotonic()
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # a Ctrl-C at the terminal is for pytest; we stop the stack ourselves
-            )
-        started_processes: set[_Proc] = set()
+    started = time.monotonic()
+    with fresh_database(database_url, prefix="console") as database:
         try:
-            stack = _wait_until_ready(process, data_dir, log_path)
-            started_processes |= _started_by(process.pid, data_dir)
-            print(f"\ncontrolplane dev ready in {time.monotonic() - started:.1f} s at {stack.gateway_url}", flush=True)
-            yield stack
-        finally:
-            started_processes |= _started_by(process.pid, data_dir)
-            _stop(process, started_processes, log_path)
-    finally:
-        _in_thread(_execute(database_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-
-
-def _wait_until_ready(process: subprocess.Popen[bytes], data_dir: Path, log_path: Path) -> DevStack:
-    info_path = data_dir / "dev.json"
-    deadline = time.monotonic() + READY_WITHIN
-    last = "no dev.json yet"
-    with httpx.Client(timeout=2, trust_env=False) as http:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"controlplane dev exited with {process.returncode}:\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"controlplane dev not ready in {READY_WITHIN:.0f} s ({last}):\n{_tail(log_path)}")
-            if info_path.exists():
-                try:
-                    info = json.loads(info_path.read_text())
-                    response = http.get(f"{info['gateway_url']}/readyz")
-                    if response.status_code == 200:
-                        return DevStack(info["gateway_url"], info, data_dir, process, log_path)
-                    last = f"/readyz answered {response.status_code}: {response.text[:200]}"
-                except (ValueError, httpx.HTTPError) as exc:  # dev.json half-written, or not listening yet
-                    last = repr(exc)
-            time.sleep(0.2)
-
-
-# --- Processes ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Proc:
-    """A process by PID and start time, so a PID the kernel reuses later is never mistaken for it."""
-
-    pid: int
-    start_time: int
-
-    def alive(self) -> bool:
-        stat = _stat(self.pid)
-        return stat is not None and stat[1] == self.start_time and stat[2] != "Z"
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(parent pid, start time, state) of a process, or None once it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def _started_by(root: int, data_dir: Path) -> set[_Proc]:
-    """Every live descendant of ``root`` (the nats-server, the projector and the runner are its
-    children), and any process that names ``data_dir`` on its command line (an embedded PostgreSQL
-    is a daemon whose parent is init)."""
-    children: dict[int, list[int]] = {}
-    procs: dict[int, _Proc] = {}
-    marker = str(data_dir).encode()
-    named: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        stat = _stat(pid)
-        if stat is None:
-            continue
-        children.setdefault(stat[0], []).append(pid)
-        procs[pid] = _Proc(pid, stat[1])
-        try:
-            if marker in (entry / "cmdline").read_bytes():
-                named.add(pid)
-        except OSError:
-            continue
-    found: set[int] = set()
-    todo = [root, *named]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        todo.extend(children.get(pid, []))
-    found.discard(root)
-    return {procs[pid] for pid in found if pid in procs and pid != os.getpid()}
-
-
-def _stop(process: subprocess.Popen[bytes], started: set[_Proc], log_path: Path) -> None:
-    """SIGTERM (the stack stops its children in order), a grace period, then SIGKILL; then whatever it
-    left behind, the same way."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    left = [proc for proc in started if proc.alive()]
-    if not left:
-        return
-    for proc in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while any(proc.alive() for proc in left) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for proc in left:
-        if proc.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-    warnings.warn(
-        f"controlplane dev (exit {process.returncode}) left processes {sorted(p.pid for p in left)} running; "
-        f"stopped them:\n{_tail(log_path)}",
-        stacklevel=1,
-    )
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except FileNotFoundError:
-        return "(no log written)"
-
-
-# --- asyncpg off the test thread -----------------------------------------------------------------------
-
-
-async def _execute(database_url: str, sql: str) -> None:
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
-def _in_thread(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion on a thread of its own: this thread may have Playwright's loop
-    marked as running (see the module docstring), and asyncio.run here would also unset the suite's loop."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+            with running_dev_stack(root / "data", root / "dev.log", env={**env, "DATABASE_URL": database}) as running:
+                print(f"\ncontrolplane dev ready in {time.monotonic() - started:.1f} s at {running.gateway_url}")
+                yield DevStack(running)
+        except DevStackNotReady as exc:
+            pytest.fail(str(exc))
 
 
 # --- The browser -------------------------------------------------------------------------------------
 
 
-def chromium_path() -> str:
-    return os.environ.get("CP_CHROMIUM") or DEFAULT_CHROMIUM
-
-
 @pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     """Headless Chromium (never Playwright's own download), shared by the tests of tests/console."""
-    executable = chromium_path()
-    if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
-        pytest.fail(
-            f"no Chromium at {executable}: run `make chromium` (apt-get install chromium as root), "
-            "`sudo apt-get install chromium`, or set CP_CHROMIUM to a Chromium binary"
-        )
+    try:
+        executable = chromium_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         try:

@@ -373,7 +373,9 @@ def test_runs_filter_and_update_their_status_live(dev_stack: DevStack, page: Pag
     screenshot(page, "runs")
 
     page.goto(f"{dev_stack.gateway_url}/console/tasks?status=bogus")
-    expect(page.get_by_test_id("error-detail")).to_contain_text("status must be one of")
+    expect(page.get_by_test_id("error-detail")).to_contain_text("status")
+    page.goto(f"{dev_stack.gateway_url}/console/tasks/{task_id}?at=%C2%B2")  # a superscript two is no sequence
+    expect(page.get_by_test_id("error-detail")).to_contain_text("at")
 
 
 def test_a_submitter_cancels_a_run_from_its_page_and_a_viewer_has_no_button(dev_stack: DevStack, page: Page) -> None:
