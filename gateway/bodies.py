@@ -71,7 +71,7 @@ class HeartbeatBody(LeaseBody, frozen=True):
 
 
 class ApprovalRequestBody(LeaseBody, frozen=True):
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] = ""
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, description="what the human is approving")]
     approvers: Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)] = ("role:approver",)
     quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     timeout_seconds: Seconds | None = None

@@ -42,6 +42,15 @@ class ReadAfter(Query, frozen=True):
     min_seq: Seq | None = None
 
 
+MAX_WAIT_SECONDS = 60
+
+
+class TaskRead(Query, frozen=True):
+    """``?wait_seconds=N``: answer once the task is terminal, or after N seconds with its state then."""
+
+    wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=MAX_WAIT_SECONDS)] = 0
+
+
 class Page(Query, frozen=True):
     limit: Limit = 100
     cursor: Cursor | None = None

@@ -5,6 +5,7 @@ gateway's in-memory claim index (gateway/claims.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from typing import Any
 
@@ -28,6 +29,7 @@ from core.commands import (
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
 from core.events import ApprovalRequested, PolicyDecision, WorkflowRef
 from core.ids import new_id
+from core.subjects import aggregate_subject
 from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
 from gateway.auth import Principal
 from gateway.bodies import (
@@ -58,7 +60,7 @@ from gateway.http import (
     services,
 )
 from gateway.problems import Problem
-from gateway.queries import TaskList
+from gateway.queries import TaskList, TaskRead
 from gateway.views import approval_document, task_document
 from policies_wasm import PolicyError
 from projections.read import DATABASE_UNAVAILABLE
@@ -132,8 +134,39 @@ async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> 
 
 async def get_task(request: Request) -> Response:
     who = await principal(request, "read")
-    task, seq = await _task(request, who.org)
+    asked = query(request, TaskRead)
+    if asked.wait_seconds:
+        task, seq = await _when_terminal(request, who.org, asked.wait_seconds)
+    else:
+        task, seq = await _task(request, who.org)
     return json(task_document(task, seq, viewer=who.actor.id))
+
+
+async def _when_terminal(request: Request, org: str, seconds: int) -> tuple[Task, int]:
+    """The task once it is terminal, or at the deadline as it is then (or when the client left). Woken
+    by the task's own subject, which every append to it reaches; re-read at least every second anyway,
+    so a wake-up that came before its event was readable cannot make the answer wait for the deadline."""
+    task_id = path_id(request, "task_id", "task")
+    changed = asyncio.Event()
+
+    async def wake(_: Any) -> None:
+        changed.set()
+
+    subscription = await services(request).store.nc.subscribe(aggregate_subject(org, "task", task_id), cb=wake)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while True:
+            changed.clear()
+            task, seq = await _task(request, org)
+            remaining = deadline - loop.time()
+            if task.is_terminal or remaining <= 0 or await request.is_disconnected():
+                return task, seq
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, DISCONNECT_CHECK_SECONDS))
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
 
 async def list_tasks(request: Request) -> Response:
@@ -262,8 +295,6 @@ async def heartbeat(request: Request) -> Response:
 async def request_approval(request: Request) -> Response:
     who = await principal(request, "lease")
     spec = await body(request, ApprovalRequestBody)
-    if not spec.reason:
-        raise Problem(422, "reason is required: say what the human is approving")
     check_details(spec.details)
     check_form(spec.form)
     task, _ = await _task(request, who.org)
