@@ -68,7 +68,7 @@ def check_response(form: dict[str, Any] | None, response: Any, *, required: bool
 def _bounded(value: Any, limit: int, what: str) -> None:
     try:
         size = len(msgspec.json.encode(value))
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:  # a lone surrogate is no JSON text
         raise Problem(422, f"{what} is not JSON: {exc}") from None
     except RecursionError:
         raise Problem(422, f"{what} nests arrays or objects too deeply; flatten it") from None
