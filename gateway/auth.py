@@ -30,11 +30,13 @@ class Principal:
     actor: Actor
     credential_id: str
 
-    def require(self, permission: str) -> None:
+    def may(self, permission: str) -> bool:
         roles = self.actor.roles
-        if "admin" in roles or any(permission in PERMISSIONS.get(role, ()) for role in roles):
-            return
-        raise Problem(403, f"this credential (roles {sorted(roles)}) may not {permission}")
+        return "admin" in roles or any(permission in PERMISSIONS.get(role, ()) for role in roles)
+
+    def require(self, permission: str) -> None:
+        if not self.may(permission):
+            raise Problem(403, f"this credential (roles {sorted(self.actor.roles)}) may not {permission}")
 
 
 @dataclass(frozen=True)

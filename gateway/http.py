@@ -151,9 +151,13 @@ def path_id(request: Request, name: str, what: str) -> str:
 
 def idempotency_key(request: Request) -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not 1 <= len(key) <= 255:
+    if key is not None and not valid_idempotency_key(key):
         raise Problem(400, "Idempotency-Key must be 1 to 255 characters")
     return key
+
+
+def valid_idempotency_key(key: str) -> bool:
+    return 1 <= len(key) <= 255
 
 
 def derived_id(*parts: str) -> str:
@@ -163,7 +167,12 @@ def derived_id(*parts: str) -> str:
 
 
 def command_id(request: Request, who: Principal, *scope: str) -> str | None:
-    key = idempotency_key(request)
+    return keyed_command_id(who, idempotency_key(request), *scope)
+
+
+def keyed_command_id(who: Principal, key: str | None, *scope: str) -> str | None:
+    """The command id an idempotency key stands for, per org, credential and scope (None without a key):
+    the same key sent again, as a header or from a form, names the same command."""
     return None if key is None else derived_id(who.org, who.credential_id, key, *scope)
 
 

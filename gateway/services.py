@@ -59,21 +59,23 @@ class RateLimiter:
 
     def blocked_for(self, credential: str) -> float:
         """What ``retry_after`` would answer, without taking a token."""
-        now = self._clock()
-        tokens, last = self._buckets.get(credential) or (self._burst, now)
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        tokens, _ = self._refilled(credential)
         return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
 
     def retry_after(self, credential: str) -> float:
         """0 if the request may proceed, else the seconds until a token is available."""
-        now = self._clock()
-        tokens, last = self._buckets.get(credential) or (self._burst, now)
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        tokens, now = self._refilled(credential)
         if tokens >= 1:
             self._buckets.put(credential, (tokens - 1, now))
             return 0.0
         self._buckets.put(credential, (tokens, now))
         return (1 - tokens) / self._rate
+
+    def _refilled(self, credential: str) -> tuple[float, float]:
+        """The bucket's tokens now, and now."""
+        now = self._clock()
+        tokens, last = self._buckets.get(credential) or (self._burst, now)
+        return min(self._burst, tokens + (now - last) * self._rate), now
 
 
 class StreamSlots:
@@ -143,16 +145,14 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utc_now
     rate_limiter: RateLimiter = field(init=False)
-    failed_signins: RateLimiter = field(init=False)
-    """Console sign-ins that failed, per client address: 20 at once, then one every 5 s."""
     failed_auth: RateLimiter = field(init=False)
-    """API requests whose credential was refused, per client address (see ``Limits``)."""
+    """Requests whose credential was refused (API calls and console sign-ins), per client address (see
+    ``Limits``)."""
     streams: StreamSlots = field(init=False)
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)
-        self.failed_signins = RateLimiter(0.2, 20.0)
         self.failed_auth = RateLimiter(self.limits.failed_auth_per_second, self.limits.failed_auth_burst)
         self.streams = StreamSlots(self.limits.sse_max_per_credential, self.limits.sse_max_per_org)

@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from core.events import TaskSubmitted, WorkerRegistered
+from core.public import public_view
 from core.store import RecordedEvent, recorded_from_message
 from core.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
 from gateway.auth import Principal
@@ -149,8 +150,6 @@ async def _follow(
 
 def _data(recorded: RecordedEvent) -> dict[str, object]:
     """One SSE message: the event's public view (secret fields redacted) and where it sits in the log."""
-    from core.public import public_view  # TODO(issue 14): hoist to the imports with the next edit of this module
-
     address = parse_aggregate_subject(recorded.subject)
     return {
         **public_view(recorded.event),

@@ -13,8 +13,8 @@ from starlette.responses import Response
 from core.task import Approval, Task, task_id_of_approval, why_cannot_vote
 from gateway import approvals as approvals_api
 from gateway.console.forms import FormField, form_fields, posted_response
-from gateway.console.web import SignedIn, console_page, done, form_of, relative, render
-from gateway.http import derived_id, path_id, services
+from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, relative, render
+from gateway.http import path_id, services
 from gateway.problems import Problem
 
 INBOX_LIMIT = 500
@@ -127,11 +127,6 @@ async def _decide(request: Request, user: SignedIn, decision: str) -> Response:
     comment = comment.strip() if isinstance(comment, str) and comment.strip() else None
     if decision == "reject" and comment is None:
         raise Problem(422, "a rejection needs a reason: say why in the comment")
-    key = form.get("idempotency_key")
-    command_id = None
-    if isinstance(key, str) and 1 <= len(key) <= 255:
-        # The same derivation as the API's Idempotency-Key, so a repeated post records nothing new.
-        command_id = derived_id(user.who.org, user.who.credential_id, key, decision, approval.id)
     decided, seq = await approvals_api.decide(
         services(request),
         user.who,
@@ -139,7 +134,7 @@ async def _decide(request: Request, user: SignedIn, decision: str) -> Response:
         decision,  # type: ignore[arg-type]
         comment=comment,
         response=posted_response(approval.form, form, max_depth=services(request).limits.max_json_depth),
-        command_id=command_id,
+        command_id=form_command_id(user, form, decision, approval.id),
     )
     verb = "approved" if decision == "approve" else "rejected"
     message = f"You {verb} {approval.id}" + ("" if decided.status == "pending" else f"; it is now {decided.status}")

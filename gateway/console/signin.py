@@ -21,7 +21,7 @@ from gateway.console.web import (
     render,
     same_origin,
 )
-from gateway.http import services
+from gateway.http import client_address, services
 from gateway.problems import Problem
 
 SIGNIN_COOKIE = "cp_signin"
@@ -81,13 +81,13 @@ async def sign_in(request: Request) -> Response:
         return _form(request, status=422, error="Paste an API key or a JWT.")
     if len(credential) > MAX_CREDENTIAL_CHARS:
         return _form(request, status=422, error="That credential is too long to be an API key or a JWT.")
-    address = request.client.host if request.client else ""
-    if wait := svc.failed_signins.blocked_for(address):
-        return _form(request, status=429, error=f"Too many failed sign-ins from here; wait {wait:.0f} s.")
+    address = client_address(request)
+    if wait := svc.failed_auth.blocked_for(address):
+        return _form(request, status=429, error=f"Too many refused credentials from here; wait {wait:.0f} s.")
     try:
         who = await svc.auth.authenticate(f"Bearer {credential}")
     except Problem as exc:
-        svc.failed_signins.retry_after(address)
+        svc.failed_auth.retry_after(address)
         return _form(request, status=401, error=f"Sign-in refused: {exc.detail}.")
     token, session = await svc.sessions.start(who, not_after=_jwt_expiry(credential))
     response = RedirectResponse(back_to(request, "/console/approvals"), status_code=303)

@@ -17,8 +17,8 @@ from core.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
 from core.replay import TimelineEntry, state_at, task_timeline, why_absent
 from core.task import Task
 from gateway.console.approvals import approval_view
-from gateway.console.web import SignedIn, console_page, done, form_of, render
-from gateway.http import derived_id, path_id, query, services
+from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, render
+from gateway.http import path_id, query, services
 from gateway.problems import Problem
 from gateway.queries import Query, Seq, TaskList
 
@@ -185,13 +185,7 @@ async def _command(
     user.who.require(permission)
     task, _ = await _task(request, user)
     form = await form_of(request)
-    key = form.get("idempotency_key")
-    scope = scope or permission
-    command_id = (
-        derived_id(user.who.org, user.who.credential_id, key, scope, task.id)
-        if isinstance(key, str) and 1 <= len(key) <= 255
-        else None
-    )
+    command_id = form_command_id(user, form, scope or permission, task.id)
     outcome = await services(request).handler.handle(
         user.who.org, command_of(task.id), actor=user.who.actor, command_id=command_id
     )

@@ -16,10 +16,10 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from gateway.auth import PERMISSIONS, Principal
+from gateway.auth import Principal
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSession
 from gateway.http import json as json_response
-from gateway.http import services
+from gateway.http import keyed_command_id, services, valid_idempotency_key
 from gateway.problems import Problem, describe, problem_response
 
 CSRF_FIELD = "csrf"
@@ -95,8 +95,7 @@ class SignedIn:
     who: Principal
 
     def may(self, permission: str) -> bool:
-        roles = self.who.actor.roles
-        return "admin" in roles or any(permission in PERMISSIONS.get(role, ()) for role in roles)
+        return self.who.may(permission)
 
 
 def render(
@@ -106,7 +105,6 @@ def render(
         request_path=request.url.path,
         user=user,
         csrf_token=user.session.csrf_token if user else "",
-        now=services(request).clock(),
         **context,
     )
     return HTMLResponse(page, status_code=status, headers=SECURITY_HEADERS)
@@ -200,3 +198,10 @@ def done(request: Request, fallback: str, message: str, data: dict[str, Any] | N
     target = back_to(request, fallback)
     separator = "&" if "?" in target else "?"
     return RedirectResponse(f"{target}{separator}notice={quote(message)}", status_code=303)
+
+
+def form_command_id(user: SignedIn, form: FormData, *scope: str) -> str | None:
+    """The command id of a form's ``idempotency_key`` (one per rendering), derived as the API derives an
+    ``Idempotency-Key``: a form posted twice records nothing new."""
+    key = form.get("idempotency_key")
+    return keyed_command_id(user.who, key, *scope) if isinstance(key, str) and valid_idempotency_key(key) else None

@@ -44,8 +44,8 @@ async def csrf(http: httpx.AsyncClient) -> str:
 
 
 async def test_failed_sign_ins_from_one_address_are_throttled(stack: Stack) -> None:
-    original = stack.services.failed_signins
-    stack.services.failed_signins = RateLimiter(rate=0.01, burst=2)
+    original = stack.services.failed_auth
+    stack.services.failed_auth = RateLimiter(rate=0.01, burst=2)
     try:
         async with httpx.AsyncClient(base_url=stack.url, timeout=20) as http:
             codes = [(await try_sign_in(http, "cp_wrong.key")).status_code for _ in range(3)]
@@ -53,7 +53,7 @@ async def test_failed_sign_ins_from_one_address_are_throttled(stack: Stack) -> N
             # While throttled, even the right key waits: guessing would otherwise go on at full speed.
             assert (await try_sign_in(http, stack.keys["acme"]["viewer"])).status_code == 429
     finally:
-        stack.services.failed_signins = original
+        stack.services.failed_auth = original
     async with sign_in(stack, stack.keys["acme"]["viewer"]) as http:
         assert (await http.get("/console/tasks")).status_code == 200
 

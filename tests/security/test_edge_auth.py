@@ -164,7 +164,7 @@ def test_rate_limiter_buckets_are_bounded_and_the_recent_ones_kept() -> None:
 
 def test_every_limiter_of_the_gateway_is_bounded(stack: Stack) -> None:
     svc = stack.services
-    for limiter in (svc.rate_limiter, svc.failed_auth, svc.failed_signins):
+    for limiter in (svc.rate_limiter, svc.failed_auth):
         for i in range(RATE_LIMITER_BUCKETS + 100):
             limiter.blocked_for(f"203.0.{i // 256}.{i % 256}")
             limiter.retry_after(f"2001:db8::{i:x}")
