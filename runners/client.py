@@ -5,86 +5,56 @@ be made or breaks, is tried again after a bounded exponential backoff with full 
 sooner than the answer's ``Retry-After``. Every POST carries an ``Idempotency-Key`` that its retries
 reuse, so the retry of a request whose answer was lost returns the original outcome and appends
 nothing. Past the retry budget a call raises :class:`Unavailable`, which the runner never counts as
-the workflow's failure. A 409 is :class:`LeaseLost` at once: it is an answer, not a glitch."""
+the workflow's failure. A 409 is :class:`LeaseLost` at once: it is an answer, not a glitch.
+
+The retrying itself is :mod:`controlplane.client.transport`'s, shared with the Python client; its
+names are re-exported here for the runner's modules and tests."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import random
-import time
-import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-log = logging.getLogger(__name__)
+from controlplane.client.errors import Unavailable
+from controlplane.client.transport import (
+    MAX_RETRY_AFTER_SECONDS,
+    RETRY_BUDGET_SECONDS,
+    TRANSIENT_STATUSES,
+    AsyncDriver,
+    Call,
+    backoff_delay,
+    exchange,
+    retry_after_seconds,
+)
 
-TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
-BACKOFF_BASE_SECONDS = 0.1
-BACKOFF_CAP_SECONDS = 5.0
-MAX_RETRY_AFTER_SECONDS = 60.0
-"""A ``Retry-After`` beyond this is waited for only this long (then the budget decides)."""
-RETRY_BUDGET_SECONDS = 60.0
-"""How long one call keeps retrying. Longer than a lease is harmless: a call under a lease that
-expired meanwhile ends with :class:`LeaseLost`."""
+__all__ = [
+    "MAX_RETRY_AFTER_SECONDS",
+    "RETRY_BUDGET_SECONDS",
+    "TRANSIENT_STATUSES",
+    "LeaseLost",
+    "TaskApi",
+    "Unavailable",
+    "backoff_delay",
+    "retry_after_seconds",
+]
 
 
 class LeaseLost(Exception):
     """The gateway answered 409 for a lease-bound call: another runner may own the task now."""
 
 
-class Unavailable(Exception):
-    """The gateway kept answering 429/502/503/504, or could not be reached, for the whole retry budget."""
-
-
-def backoff_delay(
-    attempt: int,
-    retry_after: float | None = None,
-    *,
-    base: float = BACKOFF_BASE_SECONDS,
-    cap: float = BACKOFF_CAP_SECONDS,
-    draw: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before retry number ``attempt`` (0 for the first): uniformly drawn below
-    ``base * 2**attempt`` bounded by ``cap`` (full jitter, so many runners do not retry in step), and at
-    least the server's ``Retry-After`` (itself bounded by :data:`MAX_RETRY_AFTER_SECONDS`)."""
-    jittered = draw() * min(cap, base * 2 ** min(attempt, 32))
-    if retry_after is None:
-        return jittered
-    return max(jittered, min(max(retry_after, 0.0), MAX_RETRY_AFTER_SECONDS))
-
-
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
-
-
 class TaskApi:
     def __init__(
         self, base_url: str, api_key: str, *, timeout: float = 40.0, retry_seconds: float = RETRY_BUDGET_SECONDS
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+        self._driver = AsyncDriver(
+            httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
         )
         self._retry_seconds = retry_seconds
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._driver.close()
 
     async def register(self, worker_id: str, queue: str, capabilities: list[str]) -> None:
         await self._call("POST", "/v1/workers", {"worker_id": worker_id, "queue": queue, "capabilities": capabilities})
@@ -132,30 +102,7 @@ class TaskApi:
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         """The first answer that is not transient, retried with backoff within the retry budget."""
-        headers = {"Idempotency-Key": uuid.uuid4().hex} if method == "POST" else {}
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            retry_after = None
-            try:
-                response = await self._http.request(method, path, json=body, headers=headers)
-            except httpx.TransportError as exc:
-                failure: str = repr(exc)
-                cause: BaseException | None = exc
-            else:
-                if response.status_code not in TRANSIENT_STATUSES:
-                    return response
-                failure, cause = f"{response.status_code} {response.text[:200]}", None
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            delay = backoff_delay(attempt, retry_after)
-            waited = time.monotonic() - started
-            if waited + delay > self._retry_seconds:
-                raise Unavailable(
-                    f"{method} {path}: {failure}; gave up after {attempt + 1} attempts in {waited:.1f} s"
-                ) from cause
-            log.info("%s %s: %s; retry %d in %.2f s", method, path, failure, attempt + 1, delay)
-            await asyncio.sleep(delay)
-            attempt += 1
+        return await self._driver.run(exchange(Call.of(method, path, body), self._retry_seconds))
 
 
 def _raise_for(response: httpx.Response) -> None:

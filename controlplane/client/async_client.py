@@ -1,0 +1,156 @@
+"""The asyncio client: the operations of :mod:`controlplane.client.operations` over ``httpx.AsyncClient``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from controlplane.client.models import Approval, Event, Task, Worker
+from controlplane.client.operations import Operations
+from controlplane.client.transport import RETRY_BUDGET_SECONDS, AsyncDriver
+
+
+class AsyncClient:
+    """``AsyncClient(base_url, api_key=...)``: :class:`~controlplane.client.Client`'s methods, awaited
+    (and iterated with ``async for``); an async context manager, or await :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        retry_seconds: float = RETRY_BUDGET_SECONDS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        http = httpx.AsyncClient(
+            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout, transport=transport
+        )
+        self._driver = AsyncDriver(http)
+        self._ops = Operations(retry_seconds)
+        self.approvals = AsyncApprovals(self._driver, self._ops)
+        self.signals = AsyncSignals(self._driver, self._ops)
+        self.workers = AsyncWorkers(self._driver, self._ops)
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def submit(self, type: str, payload: Any = None, **fields: Any) -> Task:
+        """Submits a task; ``fields`` are the other fields of ``POST /v1/tasks`` (queue, priority,
+        required_capabilities, max_retries, timeout_seconds, metadata, workflow...)."""
+        return await self._driver.run(self._ops.submit(type, payload, fields))
+
+    async def get(self, task_id: str) -> Task:
+        return await self._driver.run(self._ops.get(task_id))
+
+    def list(self, **filters: Any) -> AsyncIterator[Task]:
+        """Every task matching ``filters`` (status, queue, priority, workflow, ``limit`` per page), page
+        after page; ``min_seq``: at least as of that stream sequence (the ``seq`` another client's write
+        returned). This client's own writes are always shown."""
+        return self._driver.iterate(self._ops.list_tasks(filters))
+
+    async def cancel(self, task_id: str, reason: str | None = None) -> Task:
+        return await self._driver.run(self._ops.cancel(task_id, reason))
+
+    async def resume(self, task_id: str) -> Task:
+        return await self._driver.run(self._ops.resume(task_id))
+
+    async def wait_for_result(self, task_id: str, timeout: float = 60.0) -> Task:  # noqa: ASYNC109  (the contract's signature)
+        """The task once it is terminal; ``TimeoutError`` if it is not within ``timeout`` seconds."""
+        return await self._driver.run(self._ops.wait_for_result(task_id, timeout))
+
+    def stream(
+        self,
+        task_id: str | None = None,
+        after: int | None = None,
+        *,
+        types: Iterable[str] | None = None,
+        queue: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """The task's events, or the org's without ``task_id`` (optionally only ``types`` or one
+        ``queue``), after the stream sequence ``after``, following live; reconnects after the last event
+        seen. Endless: stop by leaving the loop (``contextlib.aclosing`` closes the connection at once)."""
+        return self._driver.iterate(self._ops.stream(task_id, after, types, queue))
+
+
+class AsyncApprovals:
+    def __init__(self, driver: AsyncDriver, ops: Operations) -> None:
+        self._driver, self._ops = driver, ops
+
+    def pending(self, task_id: str | None = None, min_seq: int | None = None) -> AsyncIterator[Approval]:
+        """Every pending approval of the org (or of one task); ``min_seq``: at least as of that stream
+        sequence (the ``seq`` another client's write returned)."""
+        return self._driver.iterate(self._ops.pending_approvals(task_id, min_seq))
+
+    async def get(self, approval_id: str) -> Approval:
+        return await self._driver.run(self._ops.get_approval(approval_id))
+
+    async def approve(self, approval_id: str, comment: str | None = None, response: Any = None) -> Approval:
+        return await self._driver.run(self._ops.approve(approval_id, comment, response))
+
+    async def reject(self, approval_id: str, reason: str, response: Any = None) -> Approval:
+        return await self._driver.run(self._ops.reject(approval_id, reason, response))
+
+
+class AsyncSignals:
+    def __init__(self, driver: AsyncDriver, ops: Operations) -> None:
+        self._driver, self._ops = driver, ops
+
+    async def send(self, task_id: str, name: str, payload: Any = None) -> int:
+        """Sends the signal ``name`` to the task's workflow; returns the stream sequence it was recorded at."""
+        return await self._driver.run(self._ops.send_signal(task_id, name, payload))
+
+
+class AsyncWorkers:
+    def __init__(self, driver: AsyncDriver, ops: Operations) -> None:
+        self._driver, self._ops = driver, ops
+
+    async def register(
+        self, worker_id: str, queue: str = "default", capabilities: Iterable[str] = (), **fields: Any
+    ) -> Worker:
+        """Registers (or re-registers) a worker; ``fields`` are labels, model, provider."""
+        return await self._driver.run(self._ops.register_worker(worker_id, queue, capabilities, fields))
+
+    async def heartbeat(self, worker_id: str, status: str = "ready") -> Worker:
+        """``status`` is ready, busy or draining."""
+        return await self._driver.run(self._ops.heartbeat_worker(worker_id, status))
+
+    async def run(
+        self,
+        worker_id: str,
+        handler: Callable[[Task], Awaitable[Any]] | Callable[[Task], Any],
+        *,
+        queue: str = "default",
+        capabilities: Iterable[str] = (),
+        block_ms: int = 5000,
+        lease_seconds: float = 30.0,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Works tasks until ``stop`` is set (or the task running this is cancelled): claims one, runs
+        ``handler(task)`` (awaited if it is a coroutine function, else in a thread) while the lease is
+        renewed, completes the task with the return value or fails it with the exception. ``stop`` is
+        looked at between claims, so stopping takes up to ``block_ms``."""
+        should_stop = stop.is_set if stop is not None else lambda: False
+        await self._driver.run(
+            self._ops.work(
+                worker_id,
+                handler,
+                queue=queue,
+                capabilities=capabilities,
+                block_ms=block_ms,
+                lease_seconds=lease_seconds,
+                should_stop=should_stop,
+            )
+        )

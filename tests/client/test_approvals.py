@@ -1,0 +1,100 @@
+"""Approvals and signals through the client: the pending inbox, approving and rejecting with a
+structured response that must fit the approval's form, a signal recorded on its task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controlplane.client import Approval, Conflict, Forbidden, Unprocessable
+from tests.client.conftest import Connect
+from tests.gateway.conftest import Stack
+from tests.gateway.test_api import claim, queue, submit
+
+pytestmark = pytest.mark.integration
+
+FORM = {
+    "type": "object",
+    "properties": {"ticket": {"type": "string", "pattern": "^CHG-[0-9]+$"}},
+    "required": ["ticket"],
+}
+DETAILS = {"plan": ["scale payments to 6"], "diff": "-replicas: 4\n+replicas: 6"}
+
+
+async def awaiting_approval(stack: Stack) -> dict[str, Any]:
+    """A task a worker asked a human about (with details and a form), over plain HTTP; its approval."""
+    q = queue()
+    async with stack.client(role="submitter") as submitter:
+        task = await submit(submitter, q)
+    async with stack.client(role="worker") as worker:
+        claimed = await claim(worker, q)
+        assert claimed is not None
+        asked = await worker.post(
+            f"/v1/tasks/{task['id']}/approval-requests",
+            json={
+                "worker_id": "w1",
+                "lease_id": claimed["lease"]["id"],
+                "reason": "scale up payments",
+                "details": DETAILS,
+                "form": FORM,
+            },
+        )
+        assert asked.status_code == 201, asked.text
+        return asked.json()  # type: ignore[no-any-return]
+
+
+async def test_approve_with_a_response_that_fits_the_form(connect: Connect, stack: Stack) -> None:
+    asked = await awaiting_approval(stack)
+    approver = connect("approver")
+    pending = await approver.approvals.pending(task_id=asked["task_id"], min_seq=asked["seq"])
+    assert [approval.id for approval in pending] == [asked["id"]], "another client's write, read after its seq"
+    assert asked["id"] in [approval.id for approval in await approver.approvals.pending()]
+    approval = await approver.approvals.get(asked["id"])
+    assert isinstance(approval, Approval)
+    assert (approval.status, approval.details, approval.form, approval.reason) == (
+        "pending",
+        DETAILS,
+        FORM,
+        "scale up payments",
+    )
+
+    with pytest.raises(Unprocessable):
+        await approver.approvals.approve(asked["id"], response={"ticket": "tomorrow"})
+    approved = await approver.approvals.approve(asked["id"], comment="go", response={"ticket": "CHG-42"})
+    assert approved.status == "approved" and approved.decided_at is not None
+    [decision] = approved.decisions
+    assert (decision.decision, decision.comment, decision.response) == ("approve", "go", {"ticket": "CHG-42"})
+    with pytest.raises(Conflict):
+        await approver.approvals.approve(asked["id"], response={"ticket": "CHG-43"})
+    assert (await approver.get(asked["task_id"])).approvals[0].decisions[0].response == {"ticket": "CHG-42"}
+
+
+async def test_reject_with_a_reason_and_a_response(connect: Connect, stack: Stack) -> None:
+    asked = await awaiting_approval(stack)
+    with pytest.raises(Forbidden):
+        await connect("viewer").approvals.reject(asked["id"], "no")
+    rejected = await connect("approver").approvals.reject(asked["id"], "not on a Friday", response={"ticket": "CHG-7"})
+    assert rejected.status == "rejected"
+    [decision] = rejected.decisions
+    assert (decision.decision, decision.comment, decision.response) == (
+        "reject",
+        "not on a Friday",
+        {"ticket": "CHG-7"},
+    )
+
+
+async def test_a_signal_is_recorded_on_its_task(connect: Connect, stack: Stack) -> None:
+    async with stack.client(role="submitter") as submitter:
+        task = await submit(submitter, queue())
+    client = connect("approver")
+    seq = await client.signals.send(task["id"], "go-ahead", {"window": "22:00"})
+    assert seq > task["seq"]
+    [signalled] = await client.take(1, task_id=task["id"], after=seq - 1)
+    assert (signalled.seq, signalled.type) == (seq, "TaskSignalled")
+    assert (signalled.data["name"], signalled.data["payload"]) == ("go-ahead", {"window": "22:00"})
+    with pytest.raises(Forbidden):
+        await connect("viewer").signals.send(task["id"], "go-ahead")
+    await connect("submitter").cancel(task["id"])
+    with pytest.raises(Conflict):
+        await client.signals.send(task["id"], "go-ahead")
