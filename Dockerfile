@@ -9,5 +9,4 @@ COPY policies_wasm policies_wasm
 COPY controlplane controlplane
 COPY integrations integrations
 RUN pip install --no-cache-dir .
-ENV DATABASE_URL=postgresql://controlplane:controlplane@postgres:5432/controlplane
 CMD ["controlplane", "--help"]

@@ -40,6 +40,7 @@ bench: $(STAMP) chromium
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/policy.py
 	$(BIN)/python bench/console.py
+	$(BIN)/python bench/client.py
 
 clean:
 	rm -rf $(VENV) .controlplane .pytest_cache

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
 import nats.errors
 import uvloop
 
+from controlplane import environments as environment_commands
 from controlplane import integrations as integration_commands
 from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
@@ -30,13 +28,13 @@ from controlplane.connection import (
     key_arguments,
     key_from,
     nats_url_argument,
+    without_credentials,
 )
+from controlplane.dev_nats import dev_nats
 from controlplane.seed import seed_org
-from controlplane.stack import WORKER_KEY_ENV, run_gateway, run_projector, run_runner
-from core.cluster import EmbeddedNatsCluster
+from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
 from core.commands import SYSTEM, CreateOrg, ResumeTask
 from core.embedded import (
-    EmbeddedNats,
     EmbeddedPostgres,
     NatsVersionTooOld,
     database_url_from_env,
@@ -49,11 +47,10 @@ from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
-from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
-from gateway.idempotency import IdempotencyRecords
 from integrations.consumer import DEAD_LETTER_STREAM, provision_dead_letter_stream
 from projections.projector import progress_bar, rebuild
-from projections.schema import Shard, parse_shard
+from projections.roles import DB_PASSWORD_ENV, GATEWAY_ROLE, PROJECTOR_ROLE, provision_login_roles
+from projections.schema import Shard, migrate, parse_shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for name, text in (("gateway", "serve the HTTP/SSE API"), ("projector", "fold the log into PostgreSQL")):
         process = commands.add_parser(name, help=text)
-        _connection_args(process)
+        _connection_args(process, login=name)
         if name == "gateway":
             process.add_argument("--host", default="127.0.0.1")
             process.add_argument("--port", type=int, default=8080)
@@ -129,12 +126,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _connection_args(rebuild)
 
     provision = commands.add_parser("provision", help="create or update the CP_EVENTS stream")
-    provision.add_argument("--nats-url", required=True)
+    nats_url_argument(provision)
     provision.add_argument("--replicas", type=int, default=1)
 
+    migrate_command = commands.add_parser(
+        "migrate",
+        help="apply the read model's migrations, as the owner of its tables",
+        description="Run with the owner's DATABASE_URL before starting gateways and projectors that log in as "
+        f"least-privilege roles. With --login-roles, also create or update {GATEWAY_ROLE} (reads through "
+        f"row-level security) and {PROJECTOR_ROLE} (writes rows, no DDL), with the passwords in "
+        f"${DB_PASSWORD_ENV[GATEWAY_ROLE]} and ${DB_PASSWORD_ENV[PROJECTOR_ROLE]}.",
+    )
+    database_url_argument(migrate_command)
+    migrate_command.add_argument("--login-roles", action="store_true", help="create the gateway and projector roles")
     commands.add_parser("doctor", help="check that the tools the stack needs are present and recent enough")
     replay_commands.register(commands)
     policy_commands.register(commands)
+    environment_commands.register(commands)
     timer_commands.register(commands)
     integration_commands.register(commands)
 
@@ -174,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return uvloop.run(_rebuild(_settings(args), args.names))
             case "provision":
                 return uvloop.run(_provision(args.nats_url, args.replicas))
+            case "migrate":
+                return uvloop.run(_migrate(args.database_url, args.login_roles))
             case "doctor":
                 return doctor()
     except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
@@ -201,10 +211,10 @@ def _shard(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
+def _connection_args(parser: argparse.ArgumentParser, *, database: bool = True, login: str | None = None) -> None:
     nats_url_argument(parser)
     if database:
-        database_url_argument(parser)
+        database_url_argument(parser, login)
 
 
 def _settings(args: argparse.Namespace) -> GatewaySettings:
@@ -227,9 +237,27 @@ async def _provision(nats_url: str, replicas: int) -> int:
     try:
         await store.provision(replicas=replicas)
         await provision_dead_letter_stream(store.nc.jetstream(), replicas=replicas)
-        print(f"streams {store.stream} and {DEAD_LETTER_STREAM} ready on {nats_url}")
+        print(f"streams {store.stream} and {DEAD_LETTER_STREAM} ready on {without_credentials(nats_url)}")
     finally:
         await store.close()
+    return 0
+
+
+async def _migrate(database_url: str | None, login_roles: bool) -> int:
+    if not database_url:
+        raise ValueError("give the owner's --database-url or DATABASE_URL")
+    passwords = {role: os.environ.get(variable, "") for role, variable in DB_PASSWORD_ENV.items()}
+    if login_roles and not all(passwords.values()):
+        raise ValueError(f"--login-roles needs ${' and $'.join(DB_PASSWORD_ENV.values())}")
+    conn = await asyncpg.connect(database_url)
+    try:
+        applied = await migrate(conn)
+        print(f"migrations applied now: {applied or 'none (the schema is current)'}")
+        if login_roles:
+            await provision_login_roles(conn, passwords)
+            print(f"login roles ready: {', '.join(passwords)} on {without_credentials(database_url)}")
+    finally:
+        await conn.close()
     return 0
 
 
@@ -280,58 +308,21 @@ def run_dev(host: str, port: int, data_dir: Path, cluster_size: int = 1) -> int:
     info_path = data_dir / "dev.json"
     known = json.loads(info_path.read_text()).get("orgs", {}) if info_path.exists() else {}
     info_path.unlink(missing_ok=True)
-    with _dev_nats(data_dir, cluster_size) as nats_url:
+    with dev_nats(data_dir, cluster_size, DEV_ORGS) as servers:
         database_url = database_url_from_env()
         postgres = None if database_url else EmbeddedPostgres(data_dir / "postgres")
         try:
             if postgres is not None:
                 database_url = postgres.start()
             assert database_url is not None
-            settings = GatewaySettings.from_env(nats_url, database_url)
-            return uvloop.run(stack.run_dev(settings, host, port, data_dir, known))
+            settings = GatewaySettings.from_env(servers.url, database_url)
+            return uvloop.run(stack.run_dev(settings, host, port, data_dir, known, servers))
         finally:
             # A second Ctrl-C must not cut the shutdown short and leave servers running.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if postgres is not None:
                 postgres.stop()
-
-
-@contextlib.contextmanager
-def _dev_nats(data_dir: Path, cluster_size: int) -> Iterator[str]:
-    """One nats-server, or a cluster with every stream replicated on each node; yields the URL (a
-    comma-separated list for a cluster) that the gateway, the projector and dev.json carry."""
-    wanted = {"nats"} if cluster_size == 1 else {f"nats-{index}" for index in range(cluster_size)}
-    found = {path.name for path in data_dir.iterdir() if re.fullmatch(r"nats(-\d+)?", path.name)}
-    if found and found != wanted:
-        # Another layout would start an empty log next to read models and keys that remember the old one.
-        raise ValueError(
-            f"{data_dir} holds the log of another NATS layout ({', '.join(sorted(found))}); run with the --cluster "
-            f"size that wrote it, or use another --data-dir"
-        )
-    if cluster_size == 1:
-        with EmbeddedNats(data_dir / "nats") as server:
-            yield server.url
-        return
-    with EmbeddedNatsCluster(data_dir, size=cluster_size) as cluster:
-        uvloop.run(_replicate_dev_streams(cluster.urls, cluster_size))
-        yield cluster.urls
-
-
-async def _replicate_dev_streams(nats_url: str, replicas: int) -> None:
-    """Create the log and the dead-letter stream with ``replicas`` copies before any process creates
-    them with one, and scale the gateway's idempotency bucket, which the gateway creates with one."""
-    store = await JetStreamEventStore.connect(nats_url, provision=False)
-    try:
-        await store.provision(replicas=replicas)
-        js = store.nc.jetstream()
-        await provision_dead_letter_stream(js, replicas=replicas)
-        await IdempotencyRecords.open(store)
-        bucket = await js.stream_info(f"KV_{IDEMPOTENCY_BUCKET}")
-        if bucket.config.num_replicas != replicas:
-            await js.update_stream(dataclasses.replace(bucket.config, num_replicas=replicas))
-    finally:
-        await store.close()
 
 
 if __name__ == "__main__":

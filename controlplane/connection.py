@@ -12,6 +12,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEV_JSON = Path(".controlplane") / "dev.json"
 
@@ -28,19 +29,31 @@ def _default(variable: str, dev_key: str, fallback: str | None) -> str | None:
     return os.environ.get(variable) or _dev_stack().get(dev_key) or fallback
 
 
+def without_credentials(urls: str) -> str:
+    """``urls`` (one URL or a comma-separated list) for people and logs: user and password removed."""
+    return ",".join(
+        urlsplit(url)._replace(netloc=urlsplit(url).netloc.rpartition("@")[2]).geturl() for url in urls.split(",")
+    )
+
+
 def nats_url_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats-url",
         default=_default("CP_NATS_URL", "nats_url", "nats://127.0.0.1:4222"),
-        help=f"default: $CP_NATS_URL, else the dev stack's ({DEV_JSON}), else nats://127.0.0.1:4222",
+        help=f"default: $CP_NATS_URL, else the dev stack's ({DEV_JSON}), else nats://127.0.0.1:4222; a URL with a "
+        "password belongs in $CP_NATS_URL, not on the command line",
     )
 
 
-def database_url_argument(parser: argparse.ArgumentParser) -> None:
+def database_url_argument(parser: argparse.ArgumentParser, login: str | None = None) -> None:
+    """``login`` names the dev stack's least-privilege role the command runs as (``gateway`` or
+    ``projector``, from dev.json's ``database_logins``); without it, the owner's URL."""
+    dev_url = _dev_stack().get("database_logins", {}).get(login) if login else None
     parser.add_argument(
         "--database-url",
-        default=_default("DATABASE_URL", "database_url", None),
-        help=f"default: $DATABASE_URL, else the dev stack's ({DEV_JSON})",
+        default=os.environ.get("DATABASE_URL") or dev_url or _dev_stack().get("database_url"),
+        help=f"default: $DATABASE_URL, else the dev stack's ({DEV_JSON}); a URL with a password belongs in "
+        "$DATABASE_URL, not on the command line",
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -14,16 +15,21 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import uvicorn
 
+from controlplane.connection import without_credentials
+from controlplane.dev_nats import DevNats
 from controlplane.seed import seed_org
+from core.embedded import stored_login
 from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Services
 from projections.folds import PROJECTIONS
 from projections.projector import Projector
-from projections.schema import Shard
+from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE, login_url, provision_login_roles
+from projections.schema import Shard, migrate
 from runners.client import TaskApi
 from runners.registry import Registry
 from runners.runner import Runner
@@ -119,18 +125,24 @@ async def run_runner(
 
 
 async def run_dev(
-    settings: GatewaySettings, host: str, port: int, data_dir: Path, known: dict[str, dict[str, str]]
+    settings: GatewaySettings,
+    host: str,
+    port: int,
+    data_dir: Path,
+    known: dict[str, dict[str, str]],
+    servers: DevNats,
 ) -> int:
     """Gateway in this process, projector in a child process: each gets a core of its own. ``known``
     holds the keys of the previous run, kept when the log still has them."""
     stop = stop_on_signals()
-    services = await open_services(settings)
+    logins = await database_logins(settings.database_url, stored_passwords(data_dir / "postgres-logins"))
+    services = await open_services(dataclasses.replace(settings, database_url=logins[GATEWAY_ROLE]))
     # URLs may hold passwords: children get them, like the runner its key, in their environment, not in
     # arguments that every local user can read.
     projector = await start_child(
         ["projector"],
         data_dir / "projector.log",
-        env={"CP_NATS_URL": settings.nats_url, "DATABASE_URL": settings.database_url},
+        env={"CP_NATS_URL": settings.nats_url, "DATABASE_URL": logins[PROJECTOR_ROLE]},
     )
     runner: asyncio.subprocess.Process | None = None
     try:
@@ -142,7 +154,9 @@ async def run_dev(
             "gateway_url": f"http://{host}:{port}",
             "nats_url": settings.nats_url,
             "database_url": settings.database_url,
+            "database_logins": {"gateway": logins[GATEWAY_ROLE], "projector": logins[PROJECTOR_ROLE]},
             "orgs": orgs,
+            "nats_integrations": msgspec.to_builtins(servers.integrations),
         }
         ready, http_stop = asyncio.Event(), asyncio.Event()
         serving = asyncio.create_task(serve_http(services, host, port, http_stop, ready))
@@ -166,12 +180,12 @@ async def run_dev(
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
         print(f"  console:  {info['gateway_url']}/console  (sign in with acme's approver key to decide approvals)")
         print(f"  gateway:  {info['gateway_url']}  (docs at {info['gateway_url']}/docs)")
-        print(f"  nats:     {settings.nats_url}")
-        print(f"  postgres: {settings.database_url}")
+        print(f"  nats:     {servers.address}  (logins for the control plane and each org's integrations in dev.json)")
+        print(f"  postgres: {without_credentials(settings.database_url)}")
         print(f"  projector: pid {projector.pid}, log {data_dir / 'projector.log'}")
         print(
-            f"  runner:   pid {runner.pid}, example workflows agent-deploy and two-person-change on acme/default,"
-            f" log {data_dir / 'runner.log'}"
+            f"  runner:   pid {runner.pid}, example workflows agent-deploy, two-person-change and agent-chat"
+            f" on acme/default, log {data_dir / 'runner.log'}"
         )
         for org, keys in orgs.items():
             print(f"  {org}: " + ", ".join(f"{role}={key}" for role, key in keys.items()))
@@ -188,6 +202,28 @@ async def run_dev(
         await close_services(services)
     print("controlplane dev stopped", flush=True)
     return 0
+
+
+async def database_logins(owner_url: str, passwords: Mapping[str, str]) -> dict[str, str]:
+    """Migrate as the owner, then give the gateway and the projector their own login roles; their URLs
+    by role. An owner that may not create roles (an outside database without CREATEROLE) keeps doing
+    everything, with a warning."""
+    conn = await asyncpg.connect(owner_url)
+    try:
+        await migrate(conn)
+        try:
+            await provision_login_roles(conn, passwords)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            log.warning("cannot create the login roles (%s): the gateway and projector use the owner's login", exc)
+            return dict.fromkeys(passwords, owner_url)
+    finally:
+        await conn.close()
+    return {role: login_url(owner_url, role, password) for role, password in passwords.items()}
+
+
+def stored_passwords(login_dir: Path) -> dict[str, str]:
+    """The dev stack's database passwords, one file per login role, made on first use."""
+    return {role: stored_login(login_dir / f"{role}.json", role).password for role in LOGIN_ROLES}
 
 
 async def start_child(

@@ -69,7 +69,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     command.add_argument("--org", help="only this org (default: every org)")
     nats_url_argument(command)
-    database_url_argument(command)
+    database_url_argument(command, login="gateway")
     command.set_defaults(run=lambda args: uvloop.run(_reconcile(args)))
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.embedded import EmbeddedNats, _Service, _tail, free_port
+from core.embedded import EmbeddedNats, _Service, _tail, free_port, stored_login
 
 _READY_TIMEOUT_SECONDS = 30.0
 # An explicit empty ProxyHandler: an http_proxy in the environment must not intercept 127.0.0.1.
@@ -26,7 +26,16 @@ class EmbeddedNatsCluster(_Service):
     """``size`` nats-servers routed to each other in one JetStream cluster. ``with`` starts every node
     and returns once all are current; leaving the block stops every node by PID."""
 
-    def __init__(self, data_dir: Path, size: int = 3, *, host: str = "127.0.0.1", name: str = "cp-cluster") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        name: str = "cp-cluster",
+        accounts: dict[str, Any] | None = None,
+        exports: list[dict[str, Any]] | None = None,
+    ) -> None:
         if size < 2:
             raise ValueError(f"a cluster needs at least 2 nodes, not {size}; use EmbeddedNats for one server")
         cluster_ports: set[int] = set()
@@ -34,6 +43,8 @@ class EmbeddedNatsCluster(_Service):
             cluster_ports.add(free_port(host))
         ports = sorted(cluster_ports)
         self.names = [f"{name}-{index}" for index in range(size)]
+        self.login = stored_login(Path(data_dir) / "nats-login.json")
+        """One login for every node: a client fails over between them with the same URL."""
         """Server names by node index, as the JetStream API reports leaders and peers."""
         self.nodes = [
             EmbeddedNats(
@@ -43,6 +54,9 @@ class EmbeddedNatsCluster(_Service):
                 cluster_port=own_port,
                 routes=[f"nats-route://{host}:{port}" for port in ports if port != own_port],
                 cluster_name=name,
+                login=self.login,
+                accounts=accounts,
+                exports=exports,
             )
             for index, own_port in enumerate(ports)
         ]

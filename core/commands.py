@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from core.events import Escalation, PolicyDecision, Priority, Vote, WorkflowRef
-from core.ids import Token, whole
+from core.events import ApprovalKind, Escalation, PolicyDecision, Priority, Vote, WorkflowRef
+from core.ids import TOKEN_PATTERN, Token, whole
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]
@@ -53,6 +53,8 @@ class SubmitTask(TaskCommand, frozen=True, kw_only=True):
     instead of the task, an approval requirement makes the task wait for humans first."""
     policy_version: int | None = None
     """The org's policy bundle version that decided it (None: the shipped policies)."""
+    environment: Token | None = None
+    """The environment of the queue, as the server's environments say (never the submitter)."""
 
 
 class ClaimTask(TaskCommand, frozen=True, kw_only=True):
@@ -88,6 +90,8 @@ class RequestApproval(TaskCommand, frozen=True, kw_only=True):
     """What is being approved (any JSON); the gateway bounds its size."""
     form: dict[str, Any] | None = None
     """A JSON Schema the decisions' responses must satisfy; the gateway checks it is one."""
+    kind: ApprovalKind = "approval"
+    """``question``: a workflow asks a human something and takes the response as the answer."""
 
 
 class DecideApproval(TaskCommand, frozen=True, kw_only=True):
@@ -147,6 +151,31 @@ class ResumeTask(TaskCommand, frozen=True, kw_only=True):
     pass
 
 
+SignalName = Annotated[
+    str, msgspec.Meta(pattern=TOKEN_PATTERN, description="signal name: lowercase token [a-z0-9][a-z0-9_-]{0,62}")
+]
+
+
+class SignalTask(TaskCommand, frozen=True, kw_only=True):
+    """Send the task's workflow the signal ``name`` (admin, submitter or approver): delivered once, in
+    the order sent, to the first wait for that name."""
+
+    name: SignalName
+    payload: Any = {}
+
+
+class WaitForSignal(TaskCommand, frozen=True, kw_only=True):
+    """The workflow waits for a signal ``name`` at journal position ``index``: the earliest kept one of
+    that name is taken at once, else the lease is released until one arrives or ``timeout_seconds``
+    pass."""
+
+    worker_id: Token
+    lease_id: Token
+    index: JournalIndex
+    name: SignalName
+    timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)] | None = None
+
+
 class WorkerCommand(Command, frozen=True, kw_only=True):
     worker_id: Token
 
@@ -202,3 +231,30 @@ class PushPolicyBundle(Command, frozen=True, kw_only=True):
     wasm: bytes | None = None
     revision: Annotated[str, msgspec.Meta(max_length=256)] = ""
     entrypoints: tuple[str, ...] = ()
+
+
+EnvironmentName = Annotated[
+    str, msgspec.Meta(pattern=TOKEN_PATTERN, description="lowercase name [a-z0-9][a-z0-9_-]{0,62}")
+]
+LabelKey = Annotated[
+    str,
+    msgspec.Meta(pattern=whole(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}"), description="[A-Za-z0-9][A-Za-z0-9._/-]{0,127}"),
+]
+Labels = Annotated[dict[LabelKey, Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=64)]
+MAX_ENVIRONMENT_QUEUES = 100
+EnvironmentQueues = Annotated[tuple[Token, ...], msgspec.Meta(max_length=MAX_ENVIRONMENT_QUEUES)]
+
+
+class DefineEnvironment(Command, frozen=True, kw_only=True):
+    """Create the org's environment ``name`` holding ``queues`` (its first queue is where a submit that
+    names the environment instead of a queue goes), or, with ``replace``, create or replace it whole.
+    A queue belongs to at most one environment of the org."""
+
+    name: EnvironmentName
+    queues: EnvironmentQueues = ()
+    labels: Labels = {}
+    replace: bool = False
+
+
+class DeleteEnvironment(Command, frozen=True, kw_only=True):
+    name: EnvironmentName

@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,11 +31,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, NamedTuple, Self
 
 log = logging.getLogger(__name__)
 
 MIN_NATS_VERSION = (2, 12, 0)
+LOG_ACCOUNT = "CP"
+"""The NATS account that holds the log (JetStream enabled) and the control plane's own user."""
+CONTROL_PLANE_USER = "controlplane"
 
 _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 _HEALTH_TIMEOUT_SECONDS = 15.0
@@ -115,6 +119,39 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
         return "(no log written)"
 
 
+class NatsLogin(NamedTuple):
+    user: str
+    password: str
+
+
+def stored_login(path: Path, user: str = CONTROL_PLANE_USER) -> NatsLogin:
+    """The login kept in ``path`` (JSON, mode 0600), made with a fresh random password the first time:
+    a server restarted on the same data keeps accepting the processes that already hold it."""
+    try:
+        kept = json.loads(path.read_text())
+        return NatsLogin(str(kept["user"]), str(kept["password"]))
+    except FileNotFoundError:
+        pass
+    login = NatsLogin(user, secrets.token_urlsafe(24))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(login._asdict(), file)
+    return login
+
+
+def nats_url_with_login(host: str, port: int, login: NatsLogin) -> str:
+    """``token_urlsafe`` passwords and the user names used here need no escaping in a URL."""
+    return f"nats://{login.user}:{login.password}@{host}:{port}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        file.write(text)
+
+
 class _Service(ABC):
     """``with`` starts a server and stops it, whatever happens inside."""
 
@@ -138,7 +175,12 @@ class EmbeddedNats(_Service):
     """One nats-server process with JetStream, its config, data and log all under ``data_dir``.
 
     The client port is chosen on first start and kept, so ``restart()`` and ``kill()`` + ``start()``
-    bring the same server back at the same URL with the same data, which is what crash tests need."""
+    bring the same server back at the same URL with the same data, which is what crash tests need.
+
+    Nobody connects anonymously: the log lives in account ``CP`` (:data:`LOG_ACCOUNT`), whose one user
+    is the control plane's (``login``, by default a random password kept in ``data_dir/login.json``);
+    ``url`` carries it. ``accounts`` adds other accounts (an org's confined integration users, see
+    ``integrations.permissions``) and ``exports`` what ``CP`` offers them."""
 
     def __init__(
         self,
@@ -150,7 +192,9 @@ class EmbeddedNats(_Service):
         cluster_port: int | None = None,
         routes: list[str] | None = None,
         cluster_name: str = "cp-cluster",
-        extra_config: str = "",
+        login: NatsLogin | None = None,
+        accounts: dict[str, Any] | None = None,
+        exports: list[dict[str, Any]] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()  # the server runs in data_dir: relative paths would break
         self.host = host
@@ -159,8 +203,9 @@ class EmbeddedNats(_Service):
         self._cluster_port = cluster_port
         self._routes = list(routes) if routes is not None else None
         self._cluster_name = cluster_name
-        self._extra_config = extra_config
-        """Appended to the generated config verbatim: accounts, users and permissions for tests of them."""
+        self.login = login or stored_login(self.data_dir / "login.json")
+        self._accounts = dict(accounts or {})
+        self._exports = list(exports or [])
         self._monitor_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -172,6 +217,12 @@ class EmbeddedNats(_Service):
 
     @property
     def url(self) -> str:
+        """The client URL with the control plane's login in it: keep it out of logs and argv."""
+        return nats_url_with_login(self.host, self.port, self.login)
+
+    @property
+    def address(self) -> str:
+        """The client URL without credentials, for people and logs."""
         return f"nats://{self.host}:{self.port}"
 
     @property
@@ -208,8 +259,9 @@ class EmbeddedNats(_Service):
             self._monitor_port = free_port(self.host)
         if self._routes is not None and self._cluster_port is None:
             self._cluster_port = free_port(self.host)
+        self._adopt_anonymous_log()
         config = self.data_dir / "nats-server.conf"
-        config.write_text(self._config())
+        _write_private(config, self._config())  # it holds passwords
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 [str(binary), "-c", str(config)],
@@ -249,6 +301,16 @@ class EmbeddedNats(_Service):
         self.stop()
         self.start()
 
+    def _adopt_anonymous_log(self) -> None:
+        """Data written before NATS required a login lives in the global account's directory; the log
+        account takes it over (the server is stopped, so moving the directory is safe) instead of
+        starting empty beside it."""
+        store = self.data_dir / "jetstream" / "jetstream"  # nats-server adds a "jetstream" under store_dir
+        anonymous, own = store / "$G", store / LOG_ACCOUNT
+        if anonymous.is_dir() and not own.exists():
+            log.warning("moving the JetStream data of anonymous connections in %s to account %s", store, LOG_ACCOUNT)
+            anonymous.rename(own)
+
     def _config(self) -> str:
         # JSON string literals are valid nats-server config strings and take care of quoting paths.
         name = self._server_name or f"cp-{self.port}"
@@ -266,8 +328,12 @@ class EmbeddedNats(_Service):
                 f"  routes: {json.dumps(self._routes or [])}",
                 "}",
             ]
-        if self._extra_config:
-            lines.append(self._extra_config)
+        log_account = {
+            "jetstream": "enabled",
+            "users": [self.login._asdict()],
+            "exports": self._exports,
+        }
+        lines.append(f"accounts: {json.dumps({LOG_ACCOUNT: log_account, **self._accounts})}")
         return "\n".join(lines) + "\n"
 
     def _wait_healthy(self) -> None:

@@ -18,6 +18,7 @@ TaskStatus = Literal["pending", "running", "awaiting_approval", "completed", "fa
 WorkerStatus = Literal["starting", "ready", "busy", "draining", "offline", "failed"]
 Vote = Literal["approve", "reject"]
 ApprovalOutcome = Literal["approved", "rejected"]
+ApprovalKind = Literal["approval", "question"]
 
 PRIORITY_RANK: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "timed_out"})
@@ -90,6 +91,10 @@ class TaskSubmitted(Event, frozen=True, tag="TaskSubmitted"):
     policy_version: int | None = None
     """The org's policy bundle version in force at submit (null: the shipped policies, as no bundle
     was pushed). The task keeps it: every policy its workflow asks is decided by that version."""
+    environment: str | None = None
+    """The environment of the task's queue when it was submitted, as the server's environments said
+    (null: the queue belonged to none, or the event predates environments). The submit policy decided
+    on it; the task keeps it even if the queue moves to another environment later."""
 
 
 class TaskSubmissionDenied(Event, frozen=True, tag="TaskSubmissionDenied"):
@@ -147,6 +152,8 @@ class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
     """What is being approved, as the requester attached it: a plan, a diff, a tool call and its arguments."""
     form: dict[str, Any] | None = None
     """A JSON Schema (draft 2020-12) that every decision's ``response`` satisfies (the gateway checks)."""
+    kind: ApprovalKind = "approval"
+    """``question`` when a workflow asked a human something (``ctx.ask``): the answer is the response."""
 
 
 class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
@@ -279,6 +286,45 @@ class TaskTimedOut(Event, frozen=True, tag="TaskTimedOut"):
     deadline_at: datetime
 
 
+class TaskSignalled(Event, frozen=True, tag="TaskSignalled"):
+    """Someone sent the task's workflow the signal ``name``. A workflow waiting for that name receives
+    it; otherwise the task keeps it, in arrival order, until a wait for that name takes it: each
+    signal is delivered once."""
+
+    name: str
+    payload: Any
+    by: str
+
+
+class SignalWaitStarted(Event, frozen=True, tag="SignalWaitStarted"):
+    """The workflow waits, at position ``index`` of its journal, for a signal ``name`` (none of that
+    name was kept): the lease is released and the task cannot be claimed until one arrives, or until
+    ``until`` passes (None: no time limit)."""
+
+    index: int
+    name: str
+    until: datetime | None
+    worker_id: str
+    lease_id: str
+
+
+class SignalConsumed(Event, frozen=True, tag="SignalConsumed"):
+    """The workflow's wait at position ``index`` took a signal that had arrived before it: the
+    ``number``-th signal the task received, the earliest kept one of ``name``. The lease stays held."""
+
+    index: int
+    name: str
+    number: int
+    worker_id: str
+    lease_id: str
+
+
+class SignalWaitTimedOut(Event, frozen=True, tag="SignalWaitTimedOut"):
+    """timer: no signal came for the wait at journal position ``index`` before ``at``."""
+
+    index: int
+
+
 # --- worker ---------------------------------------------------------------------------------------
 
 
@@ -354,6 +400,26 @@ class PolicyBundlePushed(Event, frozen=True, tag="PolicyBundlePushed"):
     revision: str = ""
 
 
+# --- environments ---------------------------------------------------------------------------------
+
+
+class EnvironmentDefined(Event, frozen=True, tag="EnvironmentDefined"):
+    """The org's environment ``name`` now holds exactly ``queues`` and ``labels`` (created, or replaced
+    whole). Recorded on the org's one environments aggregate, which keeps a queue in at most one."""
+
+    name: str
+    queues: tuple[str, ...]
+    labels: dict[str, str]
+    defined_by: str
+
+
+class EnvironmentDeleted(Event, frozen=True, tag="EnvironmentDeleted"):
+    """The environment is gone; its queues belong to none (tasks keep the environment they recorded)."""
+
+    name: str
+    deleted_by: str
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskSubmissionDenied
@@ -376,15 +442,26 @@ TaskEvent = (
     | WorkflowSleepStarted
     | WorkflowNonDeterministic
     | TaskResumed
+    | TaskSignalled
+    | SignalWaitStarted
+    | SignalConsumed
+    | SignalWaitTimedOut
 )
 WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
 AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked
 PolicyEvent = PolicyBundlePushed
-AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent
+EnvironmentEvent = EnvironmentDefined | EnvironmentDeleted
+AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent | EnvironmentEvent
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (*TaskEvent.__args__, *WorkerEvent.__args__, *AccessEvent.__args__, PolicyBundlePushed)  # type: ignore[attr-defined]
+    for cls in (
+        *TaskEvent.__args__,  # type: ignore[attr-defined]
+        *WorkerEvent.__args__,  # type: ignore[attr-defined]
+        *AccessEvent.__args__,  # type: ignore[attr-defined]
+        PolicyBundlePushed,
+        *EnvironmentEvent.__args__,  # type: ignore[attr-defined]
+    )
 }
 
 # --- encoding, versions and upcasting ------------------------------------------------------------

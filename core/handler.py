@@ -22,6 +22,7 @@ import msgspec
 from core.access import API_KEY, ORG
 from core.commands import Actor, Command
 from core.decider import Decider, DecisionContext, Timer
+from core.environments import ENVIRONMENTS
 from core.errors import ConcurrencyExhausted, Rejected
 from core.events import Event, encode_event
 from core.ids import new_id, validate_token
@@ -90,13 +91,18 @@ class _Aggregate:
         return Outcome(events=events, state=state_then, seq=events[-1].seq, duplicate=True)
 
 
+_REMEMBERED_WRITERS = 65_536
+"""Actors whose newest write a handler remembers for read-your-writes; the least recent are forgotten
+(their reads then wait for nothing, as a reader on another gateway does)."""
+
+
 class CommandHandler:
     def __init__(
         self,
         store: JetStreamEventStore,
         *,
         clock: Clock = utc_now,
-        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET),
+        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET, ENVIRONMENTS),
         max_attempts: int = 20,
         cache_size: int = 4096,
         on_commit: Callable[[str, Any, int], None] | None = None,
@@ -115,6 +121,17 @@ class CommandHandler:
         self.last_appended_seq = 0
         """The newest stream sequence this handler appended: what a reader of this process's writes
         waits for."""
+        self._written_by: OrderedDict[str, int] = OrderedDict()
+
+    def last_write_of(self, actor_id: str) -> int:
+        """The sequence of the newest command ``actor_id`` had this handler decide (0 if none it still
+        remembers): what that actor's own reads wait for, so a list after a write shows it."""
+        return self._written_by.get(actor_id, 0)
+
+    def _wrote(self, actor_id: str, seq: int) -> None:
+        self._written_by[actor_id] = max(seq, self._written_by.pop(actor_id, 0))
+        if len(self._written_by) > _REMEMBERED_WRITERS:
+            self._written_by.popitem(last=False)
 
     async def handle(
         self,
@@ -141,6 +158,7 @@ class CommandHandler:
                     aggregate = await self._load(subject, decider, refresh=attempt > 0)
                     prior = aggregate.outcome_of(decider, command_id)
                     if prior is not None:
+                        self._wrote(actor.id, prior.seq)
                         return prior
                     try:
                         events = decider.decide(aggregate.state, command, context)
@@ -172,6 +190,7 @@ class CommandHandler:
                     for seq, event in zip(seqs, events, strict=True)
                 )
                 self.last_appended_seq = max(self.last_appended_seq, seqs[-1])
+                self._wrote(actor.id, seqs[-1])
                 aggregate.record(recorded, new_state)
                 self._remember(subject, aggregate)
                 if self._on_commit is not None:

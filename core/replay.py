@@ -21,6 +21,9 @@ from core.events import (
     OrgCreated,
     PolicyBundlePushed,
     PolicyDecided,
+    SignalConsumed,
+    SignalWaitStarted,
+    SignalWaitTimedOut,
     TaskCancelled,
     TaskClaimed,
     TaskCompleted,
@@ -30,6 +33,7 @@ from core.events import (
     TaskResumed,
     TaskRetryDue,
     TaskRetryScheduled,
+    TaskSignalled,
     TaskSubmissionDenied,
     TaskSubmitted,
     TaskTimedOut,
@@ -124,6 +128,15 @@ def summarize(event: AnyEvent) -> str:
             )
         case TaskResumed():
             return f"resumed by {event.by}"
+        case TaskSignalled():
+            return f"signal {event.name!r} from {event.by}: {short(event.payload, 50)}"
+        case SignalWaitStarted():
+            limit = "" if event.until is None else f" until {rfc3339(event.until)}"
+            return f"operation {event.index}: wait for signal {event.name!r}{limit}"
+        case SignalConsumed():
+            return f"operation {event.index}: took signal {event.name!r} (number {event.number})"
+        case SignalWaitTimedOut():
+            return f"operation {event.index}: no signal came in time"
         case WorkerRegistered():
             return f"worker {event.worker_id} registered on queue {event.queue}"
         case WorkerHeartbeat():

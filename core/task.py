@@ -22,9 +22,11 @@ from core.commands import (
     ReportNonDeterminism,
     RequestApproval,
     ResumeTask,
+    SignalTask,
     StartSleep,
     SubmitTask,
     TaskCommand,
+    WaitForSignal,
 )
 from core.decider import Decider, DecisionContext, Timer
 from core.errors import (
@@ -51,6 +53,9 @@ from core.events import (
     PolicyDecided,
     PolicyDecision,
     Priority,
+    SignalConsumed,
+    SignalWaitStarted,
+    SignalWaitTimedOut,
     TaskCancelled,
     TaskClaimed,
     TaskCompleted,
@@ -60,6 +65,7 @@ from core.events import (
     TaskResumed,
     TaskRetryDue,
     TaskRetryScheduled,
+    TaskSignalled,
     TaskStatus,
     TaskSubmissionDenied,
     TaskSubmitted,
@@ -71,8 +77,19 @@ from core.events import (
 )
 
 MAX_BACKOFF = timedelta(minutes=10)
-TIMER_EVENTS = (TaskLeaseExpired, TaskRetryDue, TaskTimedOut, ApprovalTimedOut, ApprovalEscalated)
+TIMER_EVENTS = (
+    TaskLeaseExpired,
+    TaskRetryDue,
+    TaskTimedOut,
+    ApprovalTimedOut,
+    ApprovalEscalated,
+    SignalWaitTimedOut,
+)
 APPROVER_ROLES = frozenset({"approver", "admin"})
+SIGNAL_ROLES = frozenset({"admin", "submitter", "approver"})
+MAX_PENDING_SIGNALS = 64
+"""Signals a task keeps for waits that have not come yet: each may carry 64 KiB, and the whole task is
+one row of the read model, so a flood is refused (409) rather than kept."""
 POLICY_GATE = "policy"
 """``requested_by`` of the approval a submit policy requires before anyone may work on the task."""
 
@@ -114,6 +131,8 @@ class Approval(msgspec.Struct, frozen=True):
     """What is being approved (a plan, a diff, a tool call), as the requester attached it."""
     form: dict[str, Any] | None = None
     """A JSON Schema every decision's ``response`` fits (checked by the gateway, not here)."""
+    kind: str = "approval"
+    """``question`` when a workflow asked a human something (``ctx.ask``), else ``approval``."""
 
 
 class JournalEntry(msgspec.Struct, frozen=True):
@@ -124,6 +143,31 @@ class JournalEntry(msgspec.Struct, frozen=True):
     name: str
     result: Any
     at: datetime
+
+
+class Signal(msgspec.Struct, frozen=True):
+    """A signal the task received and keeps until a wait for its name takes it."""
+
+    number: int
+    """Its place among all the signals the task received, from 1: what a ``SignalConsumed`` names."""
+    name: str
+    payload: Any
+    by: str
+    at: datetime
+
+    def delivered(self) -> dict[str, Any]:
+        """What ``wait_for_signal`` returns, and the journal records, for this signal."""
+        return {"name": self.name, "payload": self.payload, "by": self.by, "at": msgspec.to_builtins(self.at)}
+
+
+class SignalWait(msgspec.Struct, frozen=True):
+    """A workflow waiting, at position ``index`` of its journal, for a signal ``name``."""
+
+    index: int
+    name: str
+    since: datetime
+    until: datetime | None
+    """When the wait gives up (a timer), None for never."""
 
 
 class PolicyPin(msgspec.Struct, frozen=True):
@@ -164,8 +208,16 @@ class Task(msgspec.Struct, frozen=True):
     not_before: datetime | None = None
     cancellation_reason: str | None = None
     journal: tuple[JournalEntry, ...] = ()
+    signals: tuple[Signal, ...] = ()
+    """Signals received and not yet taken by a wait, in arrival order."""
+    signals_received: int = 0
+    """How many signals the task has received in all: the next one is number ``signals_received + 1``."""
+    signal_wait: SignalWait | None = None
+    """The workflow's wait for a signal, while it lasts: the task is pending but no worker may claim it."""
     parked: str | None = None
     policy: PolicyPin | None = None
+    environment: str | None = None
+    """The environment of its queue at submit, as recorded then (None: the queue had none)."""
 
     @property
     def is_terminal(self) -> bool:
@@ -317,6 +369,10 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
                     lease_id=command.lease_id,
                 )
             ]
+        case SignalTask():
+            return _signal(state, command, ctx)
+        case WaitForSignal():
+            return _wait_for_signal(state, command, ctx)
         case ResumeTask():
             _not_terminal(state, "resume")
             if state.parked is None:
@@ -357,6 +413,7 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             submitted_by=ctx.actor.id,
             policy=command.policy,
             policy_version=command.policy_version,
+            environment=command.environment,
         )
     ]
 
@@ -371,6 +428,8 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
         raise InvalidTransition(f"task {task.id} is {task.status}, only a pending task can be claimed")
     if task.parked is not None:
         raise NotReady(f"task {task.id} is parked ({task.parked}); resume it after fixing the workflow")
+    if task.signal_wait is not None:
+        raise NotReady(f"task {task.id} waits for a signal {task.signal_wait.name!r}")
     if task.queue != command.queue:
         raise InvalidTransition(f"task {task.id} is on queue {task.queue!r}, not {command.queue!r}")
     missing = set(task.required_capabilities) - set(command.capabilities)
@@ -425,8 +484,54 @@ def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext
             journal_index=command.journal_index,
             details=command.details,
             form=command.form,
+            kind=command.kind,
         )
     ]
+
+
+def _signal(task: Task, command: SignalTask, ctx: DecisionContext) -> Sequence[Event]:
+    _not_terminal(task, "signal")
+    if not ctx.actor.roles & SIGNAL_ROLES:
+        raise NotPermitted(f"sending a signal needs one of the roles {sorted(SIGNAL_ROLES)}")
+    if len(task.signals) >= MAX_PENDING_SIGNALS:
+        raise InvalidTransition(
+            f"task {task.id} already keeps {len(task.signals)} signals no wait has taken; "
+            "send more once its workflow has consumed some"
+        )
+    return [TaskSignalled(at=ctx.now, name=command.name, payload=command.payload, by=ctx.actor.id)]
+
+
+def _wait_for_signal(task: Task, command: WaitForSignal, ctx: DecisionContext) -> Sequence[Event]:
+    """The earliest kept signal of the name is taken at once (the lease stays); with none, the wait
+    starts and the lease is released."""
+    _journal_position(task, command.worker_id, command.lease_id, command.index, ctx)
+    kept = _first_signal(task, command.name)
+    if kept is not None:
+        return [
+            SignalConsumed(
+                at=ctx.now,
+                index=command.index,
+                name=command.name,
+                number=kept.number,
+                worker_id=command.worker_id,
+                lease_id=command.lease_id,
+            )
+        ]
+    until = None if command.timeout_seconds is None else ctx.now + timedelta(seconds=command.timeout_seconds)
+    return [
+        SignalWaitStarted(
+            at=ctx.now,
+            index=command.index,
+            name=command.name,
+            until=until,
+            worker_id=command.worker_id,
+            lease_id=command.lease_id,
+        )
+    ]
+
+
+def _first_signal(task: Task, name: str) -> Signal | None:
+    return next((signal for signal in task.signals if signal.name == name), None)
 
 
 def _decide_approval(task: Task, command: DecideApproval, ctx: DecisionContext) -> Sequence[Event]:
@@ -603,6 +708,7 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 escalation=event.escalation,
                 details=event.details,
                 form=event.form,
+                kind=event.kind,
             )
             return _released(
                 task, event.at, status="awaiting_approval", approvals=(*task.approvals, approval), journal=journal
@@ -643,7 +749,12 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             return _released(task, event.at, status="failed", error=event.error, completed_at=event.at)
         case TaskCancelled():
             return _released(
-                task, event.at, status="cancelled", completed_at=event.at, cancellation_reason=event.reason
+                task,
+                event.at,
+                status="cancelled",
+                completed_at=event.at,
+                cancellation_reason=event.reason,
+                signal_wait=None,  # an ended task waits for nothing
             )
         case WorkflowOperationRecorded() if _holds(task, event.lease_id) and event.index == len(task.journal):
             entry = JournalEntry(event.index, event.kind, event.name, event.result, event.at)
@@ -660,6 +771,23 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             return _released(task, event.at, status="pending", parked=reason)
         case TaskResumed() if task.parked is not None:
             return msgspec.structs.replace(task, parked=None, updated_at=event.at)
+        case TaskSignalled():
+            return _signalled(task, event)
+        case SignalConsumed() if _holds(task, event.lease_id) and event.index == len(task.journal):
+            kept = _first_signal(task, event.name)
+            if kept is None or kept.number != event.number:
+                return task  # only the earliest kept signal of the name may be taken
+            return msgspec.structs.replace(
+                task,
+                signals=tuple(s for s in task.signals if s.number != kept.number),
+                journal=(*task.journal, JournalEntry(event.index, "signal", event.name, kept.delivered(), event.at)),
+                updated_at=event.at,
+            )
+        case SignalWaitStarted() if _holds(task, event.lease_id) and event.index == len(task.journal):
+            wait = SignalWait(index=event.index, name=event.name, since=event.at, until=event.until)
+            return _released(task, event.at, status="pending", signal_wait=wait)
+        case SignalWaitTimedOut() if task.signal_wait is not None and task.signal_wait.index == event.index:
+            return _wait_ended(task, None, event.at)
         case TaskTimedOut():
             return _released(
                 task,
@@ -667,6 +795,7 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 status="timed_out",
                 completed_at=event.at,
                 error={"reason": "task deadline passed", "deadline_at": event.deadline_at.isoformat()},
+                signal_wait=None,
             )
     return task
 
@@ -691,6 +820,7 @@ def _created(event: TaskSubmitted) -> Task:
         created_at=event.at,
         updated_at=event.at,
         policy=None if event.policy is None else PolicyPin(event.policy_version, event.policy.bundle_digest),
+        environment=event.environment,
     )
     if event.policy is None or not event.policy.needs_approval:
         return task
@@ -710,6 +840,25 @@ def _created(event: TaskSubmitted) -> Task:
         escalation=None,
     )
     return msgspec.structs.replace(task, status="awaiting_approval", approvals=(gate,))
+
+
+def _signalled(task: Task, event: TaskSignalled) -> Task:
+    """A waiting workflow gets the signal of its name as the wait's result (kept signals of that name
+    cannot exist then: the wait would have taken one); any other signal is kept for a later wait."""
+    signal = Signal(task.signals_received + 1, event.name, event.payload, event.by, event.at)
+    task = msgspec.structs.replace(task, signals_received=signal.number, updated_at=event.at)
+    if task.signal_wait is not None and task.signal_wait.name == event.name:
+        return _wait_ended(task, signal.delivered(), event.at)
+    return msgspec.structs.replace(task, signals=(*task.signals, signal))
+
+
+def _wait_ended(task: Task, result: dict[str, Any] | None, at: datetime) -> Task:
+    """The wait's journal entry holds what it returns (a signal, or None when it timed out); the task
+    may be claimed again, and the next claim's replay returns it."""
+    wait = task.signal_wait
+    assert wait is not None
+    entry = JournalEntry(wait.index, "signal", wait.name, result, at)
+    return msgspec.structs.replace(task, signal_wait=None, journal=(*task.journal, entry), updated_at=at)
 
 
 def _holds(task: Task, lease_id: str) -> bool:
@@ -771,6 +920,9 @@ def timers(state: TaskState) -> Sequence[Timer]:
                     ApprovalEscalated(at=due, approval_id=approval.id, approvers=approval.escalation.approvers),
                 )
             )
+    wait = task.signal_wait
+    if wait is not None and wait.until is not None:
+        wanted.append(Timer(f"signal-wait-{wait.index}", SignalWaitTimedOut(at=wait.until, index=wait.index)))
     if task.deadline_at is not None:
         wanted.append(Timer("deadline", TaskTimedOut(at=task.deadline_at, deadline_at=task.deadline_at)))
     return wanted
@@ -791,6 +943,8 @@ TASK = Decider[TaskState](
         StartSleep,
         ReportNonDeterminism,
         ResumeTask,
+        SignalTask,
+        WaitForSignal,
     ),
     initial=None,
     decide=decide,

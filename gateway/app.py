@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
-from gateway import approvals, keys, policy_bundles, streams, system, tasks, usage, workers
+from gateway import approvals, environments, keys, policy_bundles, streams, system, tasks, usage, workers
 from gateway.console import routes as console_routes
 from gateway.problems import Problem, handle_problem, problem_response
 from gateway.services import Services
@@ -41,6 +41,8 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/tasks/{task_id}/sleep", tasks.sleep, methods=["POST"]),
         Route("/v1/tasks/{task_id}/non-determinism", tasks.report_non_determinism, methods=["POST"]),
         Route("/v1/tasks/{task_id}/resume", tasks.resume, methods=["POST"]),
+        Route("/v1/tasks/{task_id}/signals", tasks.signal, methods=["POST"]),
+        Route("/v1/tasks/{task_id}/signal-waits", tasks.wait_for_signal, methods=["POST"]),
         Route("/v1/tasks/{task_id}/events", streams.task_events, methods=["GET"]),
         Route("/v1/events", streams.org_events, methods=["GET"]),
         Route("/v1/approvals", approvals.list_approvals, methods=["GET"]),
@@ -57,6 +59,11 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/policy-bundles", policy_bundles.push, methods=["POST"]),
         Route("/v1/policy-bundles", policy_bundles.list_bundles, methods=["GET"]),
         Route("/v1/policy-bundles/{version}", policy_bundles.get_bundle, methods=["GET"]),
+        Route("/v1/environments", environments.create, methods=["POST"]),
+        Route("/v1/environments", environments.list_environments, methods=["GET"]),
+        Route("/v1/environments/{name}", environments.get_environment, methods=["GET"]),
+        Route("/v1/environments/{name}", environments.replace, methods=["PUT"]),
+        Route("/v1/environments/{name}", environments.delete, methods=["DELETE"]),
         Route("/v1/stats", system.stats, methods=["GET"]),
         Route("/v1/usage", usage.usage, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),

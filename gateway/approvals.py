@@ -26,7 +26,7 @@ from gateway.views import approval_document
 async def list_approvals(request: Request) -> Response:
     who = await principal(request, "read")
     asked = query(request, ApprovalList)
-    await read_after(request, "tasks")
+    await read_after(request, "tasks", who)
     try:
         rows, cursor = await services(request).read_model.list_approvals(
             who.org, status=asked.status, task_id=asked.task_id, limit=asked.limit, cursor=asked.cursor

@@ -1,11 +1,16 @@
 """Credentials: hashed API keys from the read model, or JWT bearer tokens (HS256 with a shared
-secret, RS256 with a public key). The org always comes from the credential, never from a body."""
+secret, RS256 with a public key, or RS256/ES256 with keys from the issuer's JWKS URL, so the issuer can
+rotate them). A JWT must name this gateway's audience and the trusted issuer: without both, any token
+signed by the key would do, including one the issuer made for another service. The org always comes
+from the credential, never from a body."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 
@@ -50,16 +55,32 @@ class KeyRecord:
 KeyLookup = Callable[[str], Awaitable[KeyRecord | None]]
 
 
+JWKS_ALGORITHMS = ("RS256", "ES256")
+JWKS_CACHE_SECONDS = 300
+"""How long a fetched key set is used before it is fetched again. A token naming a key id the set
+lacks fetches it at once (a rotation), at most once per ``jwks_refetch_seconds`` so that tokens with
+made-up key ids cannot make the gateway hammer the identity provider."""
+
+
 @dataclass
 class JwtSettings:
     hs256_secret: str | None = None
     rs256_public_key: str | None = None
+    jwks_url: str | None = None
     audience: str | None = None
     issuer: str | None = None
+    jwks_refetch_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (self.audience and self.issuer):
+            raise ValueError(
+                "JWT authentication is on but the audience or the issuer is missing: set CP_JWT_AUDIENCE (what "
+                "tokens for this gateway name in `aud`) and CP_JWT_ISSUER (the `iss` of the identity provider)"
+            )
 
     @property
     def enabled(self) -> bool:
-        return bool(self.hs256_secret or self.rs256_public_key)
+        return bool(self.hs256_secret or self.rs256_public_key or self.jwks_url)
 
 
 @dataclass
@@ -76,10 +97,21 @@ class Authenticator:
     clock: Callable[[], float] = time.monotonic
     _known: Lru[str, tuple[float, KeyRecord]] = field(init=False)
     _unknown: Lru[str, float] = field(init=False)
+    _jwks: jwt.PyJWKClient | None = field(init=False)
 
     def __post_init__(self) -> None:
         self._known = Lru(self.cache_size)
         self._unknown = Lru(self.unknown_cache_size)  # apart, so unknown ids can never evict known keys
+        self._jwks = (
+            None
+            if self.jwt.jwks_url is None
+            else jwt.PyJWKClient(
+                self.jwt.jwks_url,
+                lifespan=JWKS_CACHE_SECONDS,
+                timeout=5,
+                cooldown_duration=self.jwt.jwks_refetch_seconds,
+            )
+        )
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -88,7 +120,7 @@ class Authenticator:
         if parsed := parse_key(token):
             return await self._from_key(*parsed)
         if token.count(".") == 2 and self.jwt.enabled:
-            return self._from_jwt(token)
+            return await self._from_jwt(token)
         raise Problem(401, "the credential is not a valid API key or JWT", headers={"WWW-Authenticate": "Bearer"})
 
     async def still_valid(self, who: Principal) -> bool:
@@ -120,6 +152,18 @@ class Authenticator:
             self._known.put(key_id, (now, record))
         return record
 
+    async def _verification_key(self, token: str) -> tuple[str, Any]:
+        algorithm = jwt.get_unverified_header(token).get("alg")
+        if algorithm == "HS256" and self.jwt.hs256_secret:
+            return algorithm, self.jwt.hs256_secret
+        if algorithm == "RS256" and self.jwt.rs256_public_key:
+            return algorithm, self.jwt.rs256_public_key
+        if algorithm in JWKS_ALGORITHMS and self._jwks is not None:
+            # PyJWKClient fetches with blocking urllib: off the event loop.
+            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            return algorithm, signing_key.key
+        raise Problem(401, f"JWT algorithm {algorithm!r} is not accepted here", headers={"WWW-Authenticate": "Bearer"})
+
     async def _from_key(self, key_id: str, secret_sha256: str) -> Principal:
         try:
             validate_token(key_id, "API key id")
@@ -130,24 +174,19 @@ class Authenticator:
             raise Problem(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return Principal(record.org, Actor(f"key:{key_id}", frozenset(record.roles)), key_id)
 
-    def _from_jwt(self, token: str) -> Principal:
+    async def _from_jwt(self, token: str) -> Principal:
         try:
-            header = jwt.get_unverified_header(token)
-            algorithm = header.get("alg")
-            if algorithm == "HS256" and self.jwt.hs256_secret:
-                key = self.jwt.hs256_secret
-            elif algorithm == "RS256" and self.jwt.rs256_public_key:
-                key = self.jwt.rs256_public_key
-            else:
-                raise Problem(401, f"JWT algorithm {algorithm!r} is not accepted here")
+            algorithm, key = await self._verification_key(token)
             claims = jwt.decode(
                 token,
                 key,
                 algorithms=[algorithm],
                 audience=self.jwt.audience,
                 issuer=self.jwt.issuer,
-                options={"require": ["exp", "sub"], "verify_aud": self.jwt.audience is not None},
+                options={"require": ["exp", "sub", "aud", "iss"]},
             )
+        except jwt.PyJWKClientConnectionError as exc:
+            raise Problem(503, f"cannot fetch the JWT signing keys: {exc}", headers={"Retry-After": "5"}) from exc
         except jwt.PyJWTError as exc:
             raise Problem(401, f"invalid JWT: {exc}", headers={"WWW-Authenticate": "Bearer"}) from exc
         try:

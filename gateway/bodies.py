@@ -10,14 +10,18 @@ import msgspec
 from core.commands import (
     Approver,
     Capabilities,
+    EnvironmentName,
+    EnvironmentQueues,
     JournalIndex,
+    Labels,
     LeaseSeconds,
     OperationKind,
     Role,
     Seconds,
     ShortText,
+    SignalName,
 )
-from core.events import Escalation, Priority
+from core.events import ApprovalKind, Escalation, Priority
 from core.ids import Token, whole
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -25,6 +29,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Details = Annotated[Any, msgspec.Meta(description="What is being approved (a plan, a diff, a tool call); ≤ 64 KiB")]
 Form = Annotated[dict[str, Any], msgspec.Meta(description="A JSON Schema (2020-12) each response must fit; ≤ 16 KiB")]
 Response = Annotated[Any, msgspec.Meta(description="A structured answer that fits the approval's form; ≤ 64 KiB")]
+SignalPayload = Annotated[Any, msgspec.Meta(description="Any JSON handed to the waiting workflow; ≤ 64 KiB")]
 
 
 class WorkflowBody(msgspec.Struct, frozen=True):
@@ -35,7 +40,10 @@ class WorkflowBody(msgspec.Struct, frozen=True):
 class SubmitTaskBody(msgspec.Struct, frozen=True):
     type: Name
     payload: Any = None
-    queue: Token = "default"
+    queue: Token | None = None
+    """None: the first queue of ``environment`` when that is given, else "default"."""
+    environment: Token | None = None
+    """Route to this environment's first queue; with ``queue`` too, the queue must be the environment's."""
     required_capabilities: Capabilities = ()
     priority: Priority = "normal"
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
@@ -79,6 +87,8 @@ class ApprovalRequestBody(LeaseBody, frozen=True):
     journal_index: JournalIndex | None = None
     details: Details = None
     form: Form | None = None
+    kind: ApprovalKind = "approval"
+    """``question``: the workflow asks a human something (``ctx.ask``); the console labels it so."""
 
 
 class OperationBody(LeaseBody, frozen=True):
@@ -91,6 +101,17 @@ class OperationBody(LeaseBody, frozen=True):
 class SleepBody(LeaseBody, frozen=True):
     index: JournalIndex
     seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+
+
+class SignalWaitBody(LeaseBody, frozen=True):
+    index: JournalIndex
+    name: SignalName
+    timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)] | None = None
+
+
+class SignalBody(msgspec.Struct, frozen=True):
+    name: SignalName
+    payload: SignalPayload = {}
 
 
 class NonDeterminismBody(LeaseBody, frozen=True):
@@ -136,6 +157,22 @@ class CreateApiKeyBody(msgspec.Struct, frozen=True):
 
 
 ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=whole(r"[^\x00]*\.rego"))]
+
+
+class EnvironmentBody(msgspec.Struct, frozen=True):
+    """``POST /v1/environments``: a new environment and the queues it holds (its first queue is where a
+    submit naming the environment without a queue goes)."""
+
+    name: EnvironmentName
+    queues: EnvironmentQueues = ()
+    labels: Labels = {}
+
+
+class EnvironmentReplaceBody(msgspec.Struct, frozen=True):
+    """``PUT /v1/environments/{name}``: the environment's queues and labels, replaced whole."""
+
+    queues: EnvironmentQueues = ()
+    labels: Labels = {}
 
 
 class PolicyBundleBody(msgspec.Struct, frozen=True):

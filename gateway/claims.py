@@ -43,7 +43,9 @@ def claim_order(task: Task) -> ClaimOrder:
 
 
 def _waiting_for_a_worker(task: Task) -> bool:
-    return task.status == "pending" and task.parked is None
+    """Pending, and neither parked nor waiting for a signal (its workflow would only wait again: the
+    task opens up when the signal, or the wait's timeout, comes)."""
+    return task.status == "pending" and task.parked is None and task.signal_wait is None
 
 
 class OpenTasks:

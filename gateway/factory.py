@@ -30,7 +30,8 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, nats_url: str, database_url: str) -> GatewaySettings:
-        """``CP_JWT_HS256_SECRET``, ``CP_JWT_RS256_PUBLIC_KEY_FILE``, ``CP_JWT_AUDIENCE``, ``CP_JWT_ISSUER``,
+        """``CP_JWT_HS256_SECRET``, ``CP_JWT_RS256_PUBLIC_KEY_FILE``, ``CP_JWT_JWKS_URL``, ``CP_JWT_AUDIENCE``,
+        ``CP_JWT_ISSUER`` (both required when one of the three before is set),
         ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``,
         ``CP_AUTH_FAILURES_PER_SECOND``, ``CP_AUTH_FAILURE_BURST``, ``CP_SSE_MAX_PER_CREDENTIAL``,
         ``CP_SSE_MAX_PER_ORG``."""
@@ -43,6 +44,7 @@ class GatewaySettings:
             jwt=JwtSettings(
                 hs256_secret=env.get("CP_JWT_HS256_SECRET") or None,
                 rs256_public_key=Path(public_key_file).read_text() if public_key_file else None,
+                jwks_url=env.get("CP_JWT_JWKS_URL") or None,
                 audience=env.get("CP_JWT_AUDIENCE") or None,
                 issuer=env.get("CP_JWT_ISSUER") or None,
             ),

@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
+import regex
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
@@ -18,14 +19,53 @@ from gateway.problems import Problem
 MAX_DETAILS_BYTES = 64 * 1024
 MAX_FORM_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_SIGNAL_PAYLOAD_BYTES = 64 * 1024
 _REFERENCES = ("$ref", "$dynamicRef")
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 _LOCAL_ONLY: Registry[Any] = Registry()
 """Without a retriever: a form's references resolve inside the form, and never make the gateway fetch a URL."""
+PATTERN_SECONDS = 0.05
+"""How long one ``pattern`` of a form may take on one string. A form comes from a worker, the string
+from a person: with Python's backtracking ``re``, a pattern like ``(a+)+$`` on a long answer would hold
+the gateway's event loop for minutes."""
+
+
+class PatternTooSlow(Exception):
+    pass
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return regex.search(pattern, text, timeout=PATTERN_SECONDS) is not None
+    except TimeoutError:
+        raise PatternTooSlow(pattern) from None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: Any) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for name, value in instance.items():
+            if _search(pattern, name):
+                yield from validator.descend(value, subschema, path=name, schema_path=pattern)
+
+
+FormValidator = validators.extend(Draft202012Validator, {"pattern": _pattern, "patternProperties": _pattern_properties})
+"""Draft 2020-12 with every pattern matched within :data:`PATTERN_SECONDS`."""
 
 
 def check_details(details: Any) -> None:
     _bounded(details, MAX_DETAILS_BYTES, "details")
+
+
+def check_signal_payload(payload: Any) -> None:
+    """A signal's payload is kept in the task until a wait takes it: bounded like an approval's details."""
+    _bounded(payload, MAX_SIGNAL_PAYLOAD_BYTES, "payload")
 
 
 def check_form(form: dict[str, Any] | None) -> None:
@@ -55,9 +95,13 @@ def check_response(form: dict[str, Any] | None, response: Any, *, required: bool
     if form is None or (response is None and not required):
         return
     try:
-        error = best_match(Draft202012Validator(form, registry=_LOCAL_ONLY).iter_errors(response))
+        error = best_match(FormValidator(form, registry=_LOCAL_ONLY).iter_errors(response))
     except (Unresolvable, RecursionError) as exc:
         raise Problem(422, f"the approval's form cannot be evaluated ({exc}); reject it instead") from None
+    except PatternTooSlow as exc:
+        raise Problem(
+            422, f"the approval's form has a pattern too slow to match this response ({exc}); reject it instead"
+        ) from None
     if error is None:
         return
     if response is None:

@@ -184,14 +184,17 @@ def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 _encoder = msgspec.json.Encoder()
 
 
-async def read_after(request: Request, projection: str) -> None:
-    """``?min_seq=N``: answer from a read model that has projected at least sequence N (read your writes:
-    every state-changing response carries its ``seq``). A sequence the log has not reached is a 422:
-    waiting could not make it true."""
-    min_seq = query(request, ReadAfter).min_seq
-    if min_seq is None:
-        return
+async def read_after(request: Request, projection: str, who: Principal) -> None:
+    """Answer from a read model that has projected the caller's own newest write through this gateway
+    (read your writes, lists included), or at least sequence N with ``?min_seq=N`` (another client's
+    writes: every state-changing response carries its ``seq``). A sequence the log has not reached is a
+    422: waiting could not make it true."""
     svc = services(request)
+    own = svc.handler.last_write_of(who.actor.id)
+    asked = query(request, ReadAfter).min_seq
+    min_seq = max(own, asked or 0)
+    if min_seq == 0:
+        return
     if await svc.read_model.checkpoint(projection) >= min_seq:
         return
     with contextlib.suppress(nats.errors.Error, TimeoutError):  # the log unreachable: wait as before

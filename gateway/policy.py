@@ -36,7 +36,8 @@ TOOL_POLICY = "controlplane/tool"
 TOKENS_CACHE_SECONDS = 5.0
 POLICY_REFRESH_SECONDS = 2.0
 # Optional facts a submitter may declare in the task's metadata, passed on to the policy as they are.
-DECLARED = ("environment", "tools", "models", "estimated_cost_usd")
+# Not the environment: that is the queue's, from the org's environments (never the submitter's word).
+DECLARED = ("tools", "models", "estimated_cost_usd")
 
 
 def pushed_bundle(pushed: PolicyBundlePushed) -> Bundle:
@@ -132,21 +133,26 @@ class SubmitGate:
         self._pushed[org] = (time.monotonic() + POLICY_REFRESH_SECONDS, version, bundle)
         return version, bundle
 
-    async def decide(self, org: str, spec: SubmitTaskBody) -> tuple[PolicyDecision, int | None]:
-        """The decision and the org's bundle version that made it. Raises a ``PolicyError`` when the
-        policy cannot decide (the caller refuses the submit): ``PolicyTimeout``, naming the version,
-        when it overran the budget."""
+    async def decide(
+        self, org: str, spec: SubmitTaskBody, *, queue: str, environment: str | None
+    ) -> tuple[PolicyDecision, int | None]:
+        """The decision and the org's bundle version that made it, for a task on ``queue``, which is in
+        ``environment`` (the server's answer, or None: the policy input then has no environment).
+        Raises a ``PolicyError`` when the policy cannot decide (the caller refuses the submit):
+        ``PolicyTimeout``, naming the version, when it overran the budget."""
         facts: dict[str, Any] = {
             "org": org,
-            "queue": spec.queue,
+            "queue": queue,
             "task_type": spec.type,
             "payload_bytes": len(msgspec.json.encode(spec.payload)),
             "usage": {
                 "org_in_flight": self._claim_index.in_flight(org),
-                "queue_in_flight": self._claim_index.in_flight(org, spec.queue),
+                "queue_in_flight": self._claim_index.in_flight(org, queue),
             },
         }
         facts.update({name: spec.metadata[name] for name in DECLARED if name in spec.metadata})
+        if environment is not None:
+            facts["environment"] = environment
         if spec.workflow is not None:
             facts["workflow"] = spec.workflow.name
         tokens = await self._tokens_today(org)

@@ -14,6 +14,7 @@ from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
+from gateway.environment_map import EnvironmentDirectory
 from gateway.idempotency import IdempotencyRecords
 from gateway.lru import Lru
 from gateway.policy import SubmitGate
@@ -149,6 +150,8 @@ class Services:
     """Requests whose credential was refused (API calls and console sign-ins), per client address (see
     ``Limits``)."""
     streams: StreamSlots = field(init=False)
+    environments: EnvironmentDirectory = field(init=False)
+    """Each org's environments, read from the log at every use (a submit's environment gates it)."""
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
 
@@ -156,3 +159,4 @@ class Services:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)
         self.failed_auth = RateLimiter(self.limits.failed_auth_per_second, self.limits.failed_auth_burst)
         self.streams = StreamSlots(self.limits.sse_max_per_credential, self.limits.sse_max_per_org)
+        self.environments = EnvironmentDirectory(self.store)

@@ -132,6 +132,22 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
         "200",
     ),
     ("post", "/v1/tasks/{task_id}/resume", "Un-park a task after fixing its workflow", "admin", None, "200"),
+    (
+        "post",
+        "/v1/tasks/{task_id}/signals",
+        "Send the task's workflow a named signal: {seq}; 409 if the task is terminal",
+        "admin, submitter or approver",
+        bodies.SignalBody,
+        "202",
+    ),
+    (
+        "post",
+        "/v1/tasks/{task_id}/signal-waits",
+        "Wait for a signal at the next journal index: a kept one is taken at once, else the lease is released",
+        "lease",
+        bodies.SignalWaitBody,
+        "200",
+    ),
     ("get", "/v1/tasks/{task_id}/events", "Server-sent events of one task", "read", None, "200"),
     ("get", "/v1/events", "Server-sent events of the org (types, queue)", "read", None, "200"),
     ("get", "/v1/approvals", "List approvals (status, task_id)", "read", None, "200"),
@@ -155,6 +171,32 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
     ),
     ("get", "/v1/policy-bundles", "List the org's policy bundle versions, newest first", "read", None, "200"),
     ("get", "/v1/policy-bundles/{version}", "Get one version (or current) in full", "read", None, "200"),
+    (
+        "post",
+        "/v1/environments",
+        "Create an environment holding queues (a queue belongs to at most one); 409 if the name exists",
+        "admin",
+        bodies.EnvironmentBody,
+        "201",
+    ),
+    ("get", "/v1/environments", "List the org's environments: {items, seq}", "read", None, "200"),
+    ("get", "/v1/environments/{name}", "Get an environment", "read", None, "200"),
+    (
+        "put",
+        "/v1/environments/{name}",
+        "Create or replace an environment's queues and labels",
+        "admin",
+        bodies.EnvironmentReplaceBody,
+        "200",
+    ),
+    (
+        "delete",
+        "/v1/environments/{name}",
+        "Delete an environment (its queues then belong to none)",
+        "admin",
+        None,
+        "204",
+    ),
     ("get", "/v1/stats", "Counts by status and projection lag", "read", None, "200"),
     (
         "get",
@@ -214,7 +256,7 @@ def openapi_document() -> dict[str, Any]:
             ]
             + [
                 {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
-                for _ in ([1] if method == "post" else [])
+                for _ in ([1] if method in ("post", "put") else [])
             ],
             "responses": {
                 success: {"description": "Success"},

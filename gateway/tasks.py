@@ -23,14 +23,16 @@ from core.commands import (
     ReportNonDeterminism,
     RequestApproval,
     ResumeTask,
+    SignalTask,
     StartSleep,
     SubmitTask,
+    WaitForSignal,
 )
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
-from core.events import ApprovalRequested, PolicyDecision, WorkflowRef
+from core.events import ApprovalRequested, PolicyDecision, SignalConsumed, WorkflowRef
 from core.ids import new_id
 from core.subjects import aggregate_subject
-from core.task import Task, hosted_workflow_versions, next_approval_id, workflow_capability
+from core.task import SIGNAL_ROLES, Task, hosted_workflow_versions, next_approval_id, workflow_capability
 from gateway.auth import Principal
 from gateway.bodies import (
     ApprovalRequestBody,
@@ -43,10 +45,12 @@ from gateway.bodies import (
     NoBody,
     NonDeterminismBody,
     OperationBody,
+    SignalBody,
+    SignalWaitBody,
     SleepBody,
     SubmitTaskBody,
 )
-from gateway.forms import check_details, check_form
+from gateway.forms import check_details, check_form, check_signal_payload
 from gateway.http import (
     body,
     command_id,
@@ -66,6 +70,7 @@ from policies_wasm import PolicyError
 from projections.read import DATABASE_UNAVAILABLE
 
 CLAIM_CANDIDATES = 16
+DEFAULT_QUEUE = "default"
 DISCONNECT_CHECK_SECONDS = 1.0
 _UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
 
@@ -76,21 +81,23 @@ async def submit(request: Request) -> Response:
     key = idempotency_key(request)
     task_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "task")
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-    decision, policy_version = await _submit_decision(request, who.org, spec)
+    queue, environment = await _route(request, who.org, spec)
+    decision, policy_version = await _submit_decision(request, who.org, spec, queue, environment)
     command = SubmitTask(
         task_id=task_id,
         task_type=spec.type,
         payload=spec.payload,
-        queue=spec.queue,
+        queue=queue,
         priority=spec.priority,
         required_capabilities=spec.required_capabilities,
         max_retries=spec.max_retries,
         timeout_seconds=spec.timeout_seconds,
         retry_backoff_seconds=spec.retry_backoff_seconds,
         metadata=spec.metadata,
-        workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec),
+        workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec, queue),
         policy=decision,
         policy_version=policy_version,
+        environment=environment,
     )
     try:
         outcome = await services(request).handler.handle(
@@ -104,14 +111,49 @@ async def submit(request: Request) -> Response:
     return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id), 201)
 
 
-async def _submit_decision(request: Request, org: str, spec: SubmitTaskBody) -> tuple[PolicyDecision, int | None]:
+async def _route(request: Request, org: str, spec: SubmitTaskBody) -> tuple[str, str | None]:
+    """The task's queue and that queue's environment, from the org's environments as the log holds them
+    now. A submit naming an environment and no queue goes to the environment's first queue; naming
+    both, the queue must be one of the environment's. The submitter's metadata plays no part."""
+    environments, _ = await services(request).environments.current(org)
+    if spec.environment is None:
+        queue = spec.queue or DEFAULT_QUEUE
+        holder = environments.of_queue(queue)
+        return queue, None if holder is None else holder.name
+    named = environments.get(spec.environment)
+    if named is None:
+        raise Problem(
+            422,
+            f"environment {spec.environment} is not defined in this org; GET /v1/environments lists them, "
+            "or name a queue instead",
+        )
+    if spec.queue is None:
+        if not named.queues:
+            raise Problem(
+                422,
+                f"environment {named.name} holds no queue to submit to; name a queue, or give the environment one "
+                f"(PUT /v1/environments/{named.name})",
+            )
+        return named.queues[0], named.name
+    if spec.queue not in named.queues:
+        raise Problem(
+            422,
+            f"queue {spec.queue} is not in environment {named.name} (its queues: "
+            f"{', '.join(named.queues) or 'none'}); name one of those, or leave queue out",
+        )
+    return spec.queue, named.name
+
+
+async def _submit_decision(
+    request: Request, org: str, spec: SubmitTaskBody, queue: str, environment: str | None
+) -> tuple[PolicyDecision, int | None]:
     try:
-        return await services(request).submit_gate.decide(org, spec)
+        return await services(request).submit_gate.decide(org, spec, queue=queue, environment=environment)
     except PolicyError as exc:
         raise Problem(503, f"the submit policy could not decide ({exc}); nothing was submitted") from exc
 
 
-async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> WorkflowRef:
+async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody, queue: str) -> WorkflowRef:
     """A workflow named without a version is pinned to the newest version a live runner on the task's
     queue hosts. Without one (or without the read model) the first claim pins it instead."""
     assert spec.workflow is not None
@@ -119,7 +161,7 @@ async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody) -> 
     if version is None:
         try:
             runners = await services(request).read_model.list_workers(
-                org, queue=spec.queue, capability=workflow_capability(name, None)
+                org, queue=queue, capability=workflow_capability(name, None)
             )
         except DATABASE_UNAVAILABLE:  # submitting needs only the log
             runners = []
@@ -173,7 +215,7 @@ async def list_tasks(request: Request) -> Response:
     who = await principal(request, "read")
     asked = query(request, TaskList)
     svc = services(request)
-    await read_after(request, "tasks")
+    await read_after(request, "tasks", who)
     try:
         rows, cursor = await svc.read_model.list_tasks(
             who.org,
@@ -311,6 +353,7 @@ async def request_approval(request: Request) -> Response:
         journal_index=spec.journal_index,
         details=spec.details,
         form=spec.form,
+        kind=spec.kind,
     )
     outcome = await _handle(request, who, command, "approval")
     requested = next(r.event for r in outcome.events if isinstance(r.event, ApprovalRequested))
@@ -341,6 +384,33 @@ async def record_operation(request: Request) -> Response:
 async def sleep(request: Request) -> Response:
     who, outcome = await _path_command(request, "lease", SleepBody, StartSleep, "sleep")
     return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
+
+
+async def signal(request: Request) -> Response:
+    """Send the task's workflow a named signal: 202 ``{seq}``. Admin, submitter and approver may; a
+    waiting workflow gets it, otherwise the task keeps it for the first wait of that name."""
+    who = await principal(request, "read")
+    if not who.actor.roles & SIGNAL_ROLES:
+        raise Problem(
+            403, f"this credential (roles {sorted(who.actor.roles)}) may not signal: needs {sorted(SIGNAL_ROLES)}"
+        )
+    spec = await body(request, SignalBody)
+    check_signal_payload(spec.payload)
+    command = SignalTask(task_id=path_id(request, "task_id", "task"), name=spec.name, payload=spec.payload)
+    outcome = await _handle(request, who, command, "signal")
+    return json({"seq": outcome.seq}, 202)
+
+
+async def wait_for_signal(request: Request) -> Response:
+    """The workflow's ``wait_for_signal`` at journal position ``index``: ``{waiting: false, signal}``
+    when a kept signal was taken at once (the lease stays), else ``{waiting: true, signal: null}`` and
+    the lease is released until a signal of the name arrives or the timeout passes."""
+    _, outcome = await _path_command(request, "lease", SignalWaitBody, WaitForSignal, "signal-wait")
+    consumed = next((r.event for r in outcome.events if isinstance(r.event, SignalConsumed)), None)
+    if consumed is None:
+        return json({"index": outcome.events[0].event.index, "waiting": True, "signal": None, "seq": outcome.seq})
+    entry = outcome.state.journal[consumed.index]
+    return json({"index": consumed.index, "waiting": False, "signal": entry.result, "seq": outcome.seq})
 
 
 async def report_non_determinism(request: Request) -> Response:

@@ -49,7 +49,7 @@ async def usage(request: Request) -> Response:
     who = await principal(request, "read")
     svc = services(request)
     query = usage_query(request.query_params, svc.clock().astimezone(UTC).date())
-    await read_after(request, "usage")
+    await read_after(request, "usage", who)
     items = await svc.read_model.usage(
         who.org,
         start=query.start,

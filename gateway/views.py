@@ -30,6 +30,7 @@ def approval_document(approval: Approval) -> dict[str, Any]:
         if approval.escalation is None
         else {"after_seconds": approval.escalation.after_seconds, "approvers": list(approval.escalation.approvers)},
         "escalated": approval.escalated,
+        "kind": approval.kind,
     }
 
 
@@ -41,6 +42,7 @@ def task_document(task: Task, seq: int, *, viewer: str | None = None) -> dict[st
         "id": task.id,
         "org": task.org,
         "queue": task.queue,
+        "environment": task.environment,
         "type": task.task_type,
         "payload": task.payload,
         "status": task.status,
@@ -63,6 +65,15 @@ def task_document(task: Task, seq: int, *, viewer: str | None = None) -> dict[st
             {"index": e.index, "kind": e.kind, "name": e.name, "result": e.result, "at": e.at} for e in task.journal
         ],
         "parked": task.parked,
+        "signals": [signal.delivered() for signal in task.signals],
+        "signal_wait": None
+        if task.signal_wait is None
+        else {
+            "index": task.signal_wait.index,
+            "name": task.signal_wait.name,
+            "since": task.signal_wait.since,
+            "until": task.signal_wait.until,
+        },
         "policy": None if task.policy is None else {"version": task.policy.version, "digest": task.policy.digest},
         "created_at": task.created_at,
         "updated_at": task.updated_at,

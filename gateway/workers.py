@@ -52,7 +52,7 @@ async def deregister(request: Request) -> Response:
 async def list_workers(request: Request) -> Response:
     who = await principal(request, "read")
     asked = query(request, WorkerList)
-    await read_after(request, "workers")
+    await read_after(request, "workers", who)
     rows = await services(request).read_model.list_workers(
         who.org,
         queue=asked.queue,

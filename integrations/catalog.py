@@ -28,6 +28,7 @@ _GROUPS: tuple[tuple[str, Any, str], ...] = (
     ("Orgs", events.OrgCreated, "`cp.<org>.org.<org>`"),
     ("API keys", events.ApiKeyCreated | events.ApiKeyRevoked, "`cp.<org>.apikey.<key id>`"),
     ("Policy bundles", events.PolicyBundlePushed, "`cp.<org>.policy.bundles`"),
+    ("Environments", events.EnvironmentEvent, "`cp.<org>.environments.all`"),
 )
 
 _SCALARS: dict[Any, str] = {

@@ -23,6 +23,7 @@ import msgspec
 
 from core.access import API_KEY, ORG, ApiKey, Org
 from core.decider import Decider
+from core.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, Environment, Environments
 from core.events import (
     PRIORITY_RANK,
     Event,
@@ -373,6 +374,73 @@ class ApiKeyTable(StateTable[ApiKey | None]):
         )
 
 
+_ENVIRONMENTS = Upsert(
+    "environments",
+    key=("org_id", "name"),
+    columns=(
+        ("org_id", "text"),
+        ("name", "text"),
+        ("queues", "text[]"),
+        ("labels", "jsonb"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
+        ("defined_by", "text"),
+        ("seq", "bigint"),
+    ),
+)
+_DELETE_OTHER_ENVIRONMENTS = """
+DELETE FROM environments e WHERE e.org_id = ANY($1::text[]) AND NOT EXISTS (
+    SELECT FROM unnest($2::text[], $3::text[]) AS kept(org_id, name) WHERE kept.org_id = e.org_id AND kept.name = e.name
+)
+"""
+
+
+def environment_from_row(row: asyncpg.Record) -> Environment:
+    return Environment(
+        name=row["name"],
+        queues=tuple(row["queues"]),
+        labels=msgspec.json.decode(row["labels"], type=dict[str, str]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        defined_by=row["defined_by"],
+    )
+
+
+class EnvironmentTable(StateTable[Environments]):
+    """A row per environment of each org (the org's one environments aggregate, spread over rows): a
+    folded state replaces the org's rows, so a deleted environment's row goes."""
+
+    decider = ENVIRONMENTS
+
+    async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, Environments]:
+        rows = await conn.fetch(
+            "SELECT org_id, name, queues, labels, created_at, updated_at, defined_by FROM environments"
+            " WHERE org_id = ANY($1::text[])",
+            [org for org, _ in keys],
+        )
+        by_org: dict[str, dict[str, Environment]] = defaultdict(dict)
+        for row in rows:
+            by_org[row["org_id"]][row["name"]] = environment_from_row(row)
+        return {key: Environments(by_name=by_org[key[0]]) for key in keys if key[0] in by_org}
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[Environments]]) -> None:
+        kept = [(org, name) for (org, _), item in folded.items() for name in item.state.by_name]
+        await conn.execute(
+            _DELETE_OTHER_ENVIRONMENTS,
+            [org for org, _ in folded],
+            [org for org, _ in kept],
+            [name for _, name in kept],
+        )
+        await _ENVIRONMENTS(
+            conn,
+            [
+                (org, e.name, e.queues, to_json(e.labels), e.created_at, e.updated_at, e.defined_by, item.seq)
+                for (org, _), item in folded.items()
+                for e in item.state.listed()
+            ],
+        )
+
+
 def fold(
     decider: Decider[S], histories: dict[AggregateKey, list[RecordedEvent]], states: dict[AggregateKey, S]
 ) -> tuple[dict[AggregateKey, Folded[S]], int]:
@@ -602,6 +670,7 @@ PROJECTIONS: dict[str, Projection] = {
         WorkersProjection(),
         StateProjection("access", ("orgs", "api_keys"), {"org": OrgTable(), "apikey": ApiKeyTable()}),
         UsageProjection(),
+        StateProjection("environments", ("environments",), {ENVIRONMENTS_AGGREGATE: EnvironmentTable()}),
     )
 }
 

@@ -19,9 +19,11 @@ from typing import Any, TypeVar, get_args
 import asyncpg
 import msgspec
 
+from core.environments import Environment
 from core.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
 from core.task import Approval, Task
 from core.worker import Worker
+from projections.folds import environment_from_row
 from projections.schema import (
     NOTIFY_CHANNEL,
     READER_ROLE,
@@ -366,6 +368,36 @@ class ReadModel:
             ):
                 workers[row["status"]] = row["n"]
         return {"tasks": {"by_status": by_status, "by_priority": by_priority}, "workers": {"by_status": workers}}
+
+    # --- environments ---------------------------------------------------------------------------
+
+    async def list_environments(self, org: str) -> list[tuple[Environment, int]]:
+        """The org's environments by name, each with the sequence of the environments' last event
+        folded (the same for all of them: they are one aggregate)."""
+        rows = await self._fetch(
+            org,
+            "SELECT name, queues, labels, created_at, updated_at, defined_by, seq FROM environments"
+            " WHERE org_id = $1 ORDER BY name",
+            org,
+        )
+        return [(environment_from_row(row), row["seq"]) for row in rows]
+
+    async def get_environment(self, org: str, name: str) -> tuple[Environment, int] | None:
+        rows = await self._fetch(
+            org,
+            "SELECT name, queues, labels, created_at, updated_at, defined_by, seq FROM environments"
+            " WHERE org_id = $1 AND name = $2",
+            org,
+            name,
+        )
+        return (environment_from_row(rows[0]), rows[0]["seq"]) if rows else None
+
+    async def environment_of_queue(self, org: str, queue: str) -> str | None:
+        """The name of the environment holding ``queue``, as projected (None: none holds it)."""
+        rows = await self._fetch(
+            org, "SELECT name FROM environments WHERE org_id = $1 AND $2 = ANY(queues)", org, queue
+        )
+        return rows[0]["name"] if rows else None
 
     # --- credentials and checkpoints --------------------------------------------------------------
 

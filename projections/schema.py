@@ -41,7 +41,7 @@ NOTIFY_CHANNEL = "cp_checkpoint"
 """``pg_notify`` channel; the payload is ``<projection>:<checkpoint seq>``."""
 
 _FIRST_ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
-ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks")
+ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks", "environments")
 _MIGRATION_LOCK = 0x63705F6D6967  # "cp_mig": one advisory lock id for every migrating process
 
 
@@ -203,6 +203,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         """
         + _row_level_security(("usage", "usage_tasks")),
     ),
+    Migration(
+        4,
+        "environments: each org's environments and the queues each holds (the environments projection)",
+        """
+        CREATE TABLE environments (
+            org_id text NOT NULL,
+            name text NOT NULL,
+            queues text[] NOT NULL,  -- in order: the first is where a submit naming the environment goes
+            labels jsonb NOT NULL,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            defined_by text NOT NULL,
+            seq bigint NOT NULL,  -- of the org's environments' last event folded
+            PRIMARY KEY (org_id, name)
+        );
+        """
+        + _row_level_security(("environments",)),
+    ),
 )
 
 
@@ -212,6 +230,9 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection) -> list[int]:
     if isinstance(target, asyncpg.Pool):
         async with target.acquire() as conn:
             return await migrate(conn)
+    if not await _may_migrate(target):
+        await _require_current_schema(target)
+        return []
     applied: list[int] = []
     for migration in MIGRATIONS:
         async with target.transaction():
@@ -230,6 +251,32 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection) -> list[int]:
         await target.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await _grant_reader(target)
     return applied
+
+
+class SchemaBehind(RuntimeError):
+    """The database lacks migrations and the connected role may not apply them."""
+
+
+async def _may_migrate(conn: asyncpg.Connection) -> bool:
+    """A superuser, or a member of the role that owns the schema's tables (or, on a fresh database,
+    anyone: whoever creates the tables owns them). The login roles of ``projections.roles`` are none."""
+    superuser, owner = await conn.fetchrow(
+        "SELECT r.rolsuper, t.tableowner FROM pg_roles r LEFT JOIN pg_tables t"
+        " ON t.tablename = 'schema_migrations' AND t.schemaname = current_schema() WHERE r.rolname = current_user"
+    )
+    if superuser or owner is None:
+        return True
+    return bool(await conn.fetchval("SELECT pg_has_role(current_user, $1, 'USAGE')", owner))
+
+
+async def _require_current_schema(conn: asyncpg.Connection) -> None:
+    applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    missing = [migration.version for migration in MIGRATIONS if migration.version not in applied]
+    if missing:
+        raise SchemaBehind(
+            f"the read model's database lacks migrations {missing}, and {await conn.fetchval('SELECT current_user')} "
+            "may not change the schema: run `controlplane migrate` with the owner's DATABASE_URL first"
+        )
 
 
 async def _grant_reader(conn: asyncpg.Connection) -> None:

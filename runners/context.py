@@ -106,6 +106,24 @@ class PolicyDenied(Exception):
         self.reasons = reasons
 
 
+class QuestionDeclined(PolicyDenied):
+    """The human a workflow asked (``ctx.ask``) rejected the question or let it time out: there is no
+    answer. The task fails without retrying unless the workflow handles it."""
+
+    def __init__(self, question: str, status: str, reasons: list[str]) -> None:
+        Exception.__init__(self, f"question {question[:200]!r} was {status}: {'; '.join(reasons) or 'no reason given'}")
+        self.question, self.status, self.reasons = question, status, reasons
+
+
+QUESTION_FORM: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "title": "Your answer", "minLength": 1}},
+    "required": ["answer"],
+}
+"""What ``ctx.ask`` shows a human when the workflow gives no form: one required text answer."""
+MAX_REASON_CHARS = 4096
+
+
 class Policies:
     """A runner's policy engines. A task is decided by the bundle it was submitted under: its org's
     pushed version, fetched from the gateway once and kept, or the shipped policies (``shipped``
@@ -296,6 +314,52 @@ class WorkflowContext:
         await self._record("sleep", {**self._lease, "index": index, "seconds": seconds})
         raise Suspended(f"sleeping {seconds} s")
 
+    async def wait_for_signal(self, name: str, timeout_seconds: float | None = None) -> dict[str, Any] | None:
+        """Wait for the signal ``name`` (sent with ``POST /v1/tasks/{id}/signals``) and return it as
+        ``{name, payload, by, at}``, or None when ``timeout_seconds`` passed first. A signal sent before
+        the workflow got here was kept and is taken at once; signals of a name are delivered in the
+        order sent, each once. Otherwise the lease is released and no runner claims the task until the
+        signal or the timeout comes; the claim after that replays to here and returns it."""
+        index = self._next("signal", name)
+        if index is None:
+            return self._journal[self._position - 1]["result"]  # type: ignore[no-any-return]
+        body = {**self._lease, "index": index, "name": name, "timeout_seconds": timeout_seconds}
+        answer = await self._record("signal-waits", body)
+        if answer.get("waiting", True):
+            raise Suspended(f"waiting for signal {name!r}")
+        signal: dict[str, Any] = answer["signal"]
+        self._journal.append({"index": index, "kind": "signal", "name": name, "result": signal})
+        self._position += 1
+        return signal
+
+    async def ask(
+        self,
+        question: str,
+        form: dict[str, Any] | None = None,
+        timeout_seconds: float | None = None,
+        approvers: tuple[str, ...] = ("role:approver",),
+    ) -> Any:
+        """Ask a human ``question`` and return the answer: an approval labelled as a question in the
+        console inbox, whose ``details`` carry the question. With a ``form`` (a JSON Schema) the answer
+        is the response that fits it; without one the human types a text and that string is returned.
+        Raises :class:`QuestionDeclined` if the human rejects the question or it times out."""
+        reason = question if len(question) <= MAX_REASON_CHARS else question[: MAX_REASON_CHARS - 1] + "…"
+        approval = await self._ask_humans(
+            reason,
+            approvers=approvers,
+            quorum=1,
+            timeout_seconds=timeout_seconds,
+            escalation=None,
+            details={"question": question},
+            form=QUESTION_FORM if form is None else form,
+            kind="question",
+        )
+        if approval["status"] != "approved":
+            reasons = [d["comment"] for d in approval["decisions"] if d["decision"] == "reject" and d["comment"]]
+            raise QuestionDeclined(question, approval["status"], reasons)
+        response = [d["response"] for d in approval["decisions"] if d["decision"] == "approve"][-1]
+        return response["answer"] if form is None else response
+
     async def request_approval(
         self,
         reason: str,
@@ -312,6 +376,34 @@ class WorkflowContext:
         ``decisions``, each with its ``response``). ``details`` is what they approve (the plan, the tool
         call and its arguments: JSON, ≤ 64 KiB); ``form`` a JSON Schema every ``response`` must fit.
         ``escalate_after_seconds``: if still undecided then, ``escalate_to`` may decide too."""
+        escalation = (
+            None
+            if escalate_after_seconds is None
+            else {"after_seconds": escalate_after_seconds, "approvers": list(escalate_to)}
+        )
+        return await self._ask_humans(
+            reason,
+            approvers=approvers,
+            quorum=quorum,
+            timeout_seconds=timeout_seconds,
+            escalation=escalation,
+            details=details,
+            form=form,
+            kind="approval",
+        )
+
+    async def _ask_humans(
+        self,
+        reason: str,
+        *,
+        approvers: tuple[str, ...],
+        quorum: int,
+        timeout_seconds: float | None,
+        escalation: dict[str, Any] | None,
+        details: Any,
+        form: dict[str, Any] | None,
+        kind: str,
+    ) -> dict[str, Any]:
         index = self._next("approval", "approval")
         if index is None:
             approval = self._approvals[self._journal[self._position - 1]["result"]]
@@ -328,9 +420,8 @@ class WorkflowContext:
             "journal_index": index,
             "details": details,
             "form": form,
-            "escalation": None
-            if escalate_after_seconds is None
-            else {"after_seconds": escalate_after_seconds, "approvers": list(escalate_to)},
+            "escalation": escalation,
+            "kind": kind,
         }
         await self._record("approval-requests", body)
         raise Suspended("waiting for a human")
@@ -360,10 +451,11 @@ class WorkflowContext:
         self._position += 1
         return result
 
-    async def _record(self, action: str, body: dict[str, Any]) -> None:
-        """A lease-bound call for the workflow; one that cannot be made stops the workflow's code."""
+    async def _record(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A lease-bound call for the workflow, and its answer; one that cannot be made stops the
+        workflow's code."""
         try:
-            await self._api.lease_call(self.task_id, action, body)
+            return await self._api.lease_call(self.task_id, action, body)
         except _GONE as exc:
             raise Interrupted(exc) from exc
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from runners.context import WorkflowContext
+from runners.context import QuestionDeclined, WorkflowContext
 from runners.registry import workflow
 
 MODEL = os.environ.get("CP_EXAMPLE_MODEL", "gpt-4o-mini")
@@ -101,4 +101,67 @@ async def two_person_change(ctx: WorkflowContext, payload: dict[str, Any] | None
     }
 
 
-EXAMPLES = [agent_deploy, two_person_change]
+QUESTION_MARKER = "QUESTION:"
+CHAT_SYSTEM_PROMPT = (
+    "You are an operations agent. If the request is ambiguous, reply with exactly one clarifying question "
+    f"that starts with {QUESTION_MARKER!r} and nothing else. Otherwise answer it in a few lines."
+)
+CHAT_FORM: dict[str, Any] = {
+    "type": "object",
+    "title": "Your reply",
+    "properties": {
+        "answer": {"type": "string", "title": "Your answer"},
+        "done": {"type": "boolean", "title": "Done: end the conversation", "default": False},
+    },
+    "additionalProperties": False,
+}
+"""What the human fills in at each turn: a text, or ``done`` to end the conversation."""
+
+
+def offline_chat_reply(turn: int, last_message: str) -> str:
+    """The mock model, deterministic: it first asks what the request means, then answers with the
+    human's last words, so the question-and-answer loop can be tried offline."""
+    if turn == 0:
+        return f"{QUESTION_MARKER} Which service and which environment do you mean by {last_message!r}?"
+    return f"Understood ({last_message}). Plan: build, run the migrations, roll out to 10% and then 100%."
+
+
+@workflow("agent-chat", version=1)
+async def agent_chat(ctx: WorkflowContext, payload: dict[str, Any] | None) -> dict[str, Any]:
+    """A multi-turn conversation between an agent and a human. The model answers the request; a reply
+    starting with ``QUESTION:`` is a clarifying question, which is put to a human (``ctx.ask``) and
+    whose answer joins the conversation; any other reply is shown to the human, who adds to it or says
+    the conversation is done. Every turn is journaled: a runner that crashes mid-conversation is
+    replaced by one that replays to the same point, asking nobody and no model twice."""
+    payload = payload or {}
+    request = str(payload.get("request", "roll out the new release"))
+    max_turns = int(payload.get("max_turns", 10))
+    timeout_seconds = payload.get("timeout_seconds", 24 * 3600)
+    conversation = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, {"role": "user", "content": request}]
+    ended = "turn limit reached"
+    for turn in range(max_turns):
+        reply = await ctx.llm(
+            f"turn-{turn}",
+            model=MODEL,
+            messages=list(conversation),  # the whole history, every turn
+            **llm_options(offline_chat_reply(turn, conversation[-1]["content"])),
+        )
+        content = (reply["content"] or "").strip()
+        conversation.append({"role": "assistant", "content": content})
+        if content.startswith(QUESTION_MARKER):
+            question = content.removeprefix(QUESTION_MARKER).strip()
+        else:
+            question = f"{content}\n\nAnything to add? Answer to go on, or tick done."
+        try:
+            answer = await ctx.ask(question, form=CHAT_FORM, timeout_seconds=timeout_seconds)
+        except QuestionDeclined as declined:
+            ended = f"the question was {declined.status}"
+            break
+        if answer.get("done"):
+            ended = "done"
+            break
+        conversation.append({"role": "user", "content": str(answer.get("answer", ""))})
+    return {"request": request, "conversation": conversation[1:], "ended": ended}
+
+
+EXAMPLES = [agent_deploy, two_person_change, agent_chat]

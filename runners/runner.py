@@ -173,9 +173,9 @@ class Runner:
             return
         except (LeaseLost, Unavailable):
             raise
-        except PolicyDenied as exc:  # retrying would be denied again
+        except PolicyDenied as exc:  # retrying would be denied again (a declined question: asked again)
             log.warning("task %s: %s", task["id"], exc)
-            error = {"type": "PolicyDenied", "message": str(exc), "reasons": exc.reasons}
+            error = {"type": type(exc).__name__, "message": str(exc), "reasons": exc.reasons}
             await self._api.lease_call(task["id"], "fail", {**lease, "error": error, "retryable": False})
             return
         except Exception as exc:  # the workflow's own failure: retried with backoff by the task's rules

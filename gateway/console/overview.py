@@ -26,6 +26,7 @@ WORKER_LIVE_TYPES = (
     "TaskLeaseExpired",
     "ApprovalRequested",
     "WorkflowSleepStarted",
+    "SignalWaitStarted",
 )
 """Events that change a worker's row: its own, and those that take or release a task it holds."""
 

@@ -18,8 +18,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.auth import Principal
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSession
+from gateway.http import client_address, keyed_command_id, services, valid_idempotency_key
 from gateway.http import json as json_response
-from gateway.http import keyed_command_id, services, valid_idempotency_key
 from gateway.problems import Problem, describe, problem_response
 
 CSRF_FIELD = "csrf"
@@ -143,7 +143,17 @@ def console_page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
-        session = await services(request).sessions.find(request.cookies.get(SESSION_COOKIE))
+        svc, cookie = services(request), request.cookies.get(SESSION_COOKIE)
+        # A made-up cookie costs a session lookup: such lookups are throttled per client address with
+        # the API's refused credentials, before the lookup.
+        address = client_address(request)
+        if cookie and (wait := svc.failed_auth.blocked_for(address)) > 0:
+            return error_response(
+                request, 429, f"too many requests from this address had no valid session; retry in {wait:.0f} s"
+            )
+        session = await svc.sessions.find(cookie)
+        if session is None and cookie:
+            svc.failed_auth.retry_after(address)
         if session is None:
             if request.method == "GET" and not wants_json(request):
                 return sign_in_redirect(request)

@@ -186,6 +186,8 @@ def valid_bodies(target: Target) -> dict[str, dict[str, Any]]:
         "/v1/tasks/{task_id}/operations": {**lease, "index": 0, "kind": "step", "name": "plan", "result": [1]},
         "/v1/tasks/{task_id}/sleep": {**lease, "index": 0, "seconds": 3600},
         "/v1/tasks/{task_id}/non-determinism": {**lease, "index": 0, "expected": "a", "actual": "b"},
+        "/v1/tasks/{task_id}/signals": {"name": "go", "payload": {"answer": "staging", "n": [1, 2]}},
+        "/v1/tasks/{task_id}/signal-waits": {**lease, "index": 0, "name": "go", "timeout_seconds": 3600},
         "/v1/approvals/{approval_id}/approve": {"comment": "fine"},
         "/v1/approvals/{approval_id}/reject": {"reason": "not today"},
         "/v1/workers": {
@@ -199,6 +201,8 @@ def valid_bodies(target: Target) -> dict[str, dict[str, Any]]:
         },
         "/v1/workers/{worker_id}/heartbeat": {"status": "ready"},
         "/v1/api-keys": {"name": "k", "roles": ["viewer"]},
+        "/v1/environments": {"name": "fuzzed", "queues": [f"{QUEUE}-env"], "labels": {"tier": "a"}},
+        "/v1/environments/{name}": {"queues": [f"{QUEUE}-env"], "labels": {"tier": "a"}},
     }
 
 

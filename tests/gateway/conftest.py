@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +20,23 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.devstack import with_database
 from controlplane.seed import seed_org
+from controlplane.stack import database_logins
 from core.embedded import EmbeddedNats, free_port
 from core.ids import new_id
 from gateway.app import build_app
 from gateway.auth import JwtSettings
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Limits, Services
+from projections.folds import PROJECTIONS
 from projections.projector import Projector
+from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE
 
 ROLES = ("admin", "submitter", "worker", "approver", "viewer")
 HS256_SECRET = "test-secret-that-is-long-enough-for-hs256"
+JWT_AUDIENCE = "controlplane-tests"
+JWT_ISSUER = "https://issuer.test"
+JWT_SCOPE = {"aud": JWT_AUDIENCE, "iss": JWT_ISSUER}
+"""The claims every token for the test gateway carries besides its own."""
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Stack:
     services: Services
     projector: Projector
     rsa_private_pem: bytes
+    database_logins: dict[str, str]
+    """The URL each least-privilege role (``cp_gateway``, ``cp_projector``) logs in with, and ``owner``'s."""
 
     def client(self, org: str = "acme", role: str = "admin", **headers: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -81,11 +92,17 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
     settings = GatewaySettings(
         nats_url=nats_url,
         database_url=database_url,
-        jwt=JwtSettings(hs256_secret=HS256_SECRET, rs256_public_key=public_pem.decode()),
+        jwt=JwtSettings(
+            hs256_secret=HS256_SECRET, rs256_public_key=public_pem.decode(), audience=JWT_AUDIENCE, issuer=JWT_ISSUER
+        ),
         limits=Limits(sse_keepalive_seconds=1.0, max_block_ms=10_000),
     )
-    services = await open_services(settings)
-    projector = Projector(services.read_model.pool, services.store.nc)
+    # The gateway and the projector log in as their least-privilege roles, as in the dev stack: every
+    # HTTP test also checks that the gateway needs no more than reading through row-level security.
+    logins = await database_logins(database_url, {role: secrets.token_urlsafe(16) for role in LOGIN_ROLES})
+    services = await open_services(dataclasses.replace(settings, database_url=logins[GATEWAY_ROLE]))
+    projector_pool = await asyncpg.create_pool(logins[PROJECTOR_ROLE], min_size=1, max_size=len(PROJECTIONS) + 2)
+    projector = Projector(projector_pool, services.store.nc)
     await projector.start()
     keys = {org: await seed_org(services.handler, org, ROLES) for org in ("acme", "globex")}
     await projector.run_until_caught_up()
@@ -98,12 +115,15 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
     while not server.started:
         await asyncio.sleep(0.02)
     try:
-        yield Stack(f"http://127.0.0.1:{port}", keys, services, projector, private_pem)
+        yield Stack(
+            f"http://127.0.0.1:{port}", keys, services, projector, private_pem, {**logins, "owner": database_url}
+        )
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(serving, 10)
         await projector.stop()
+        await projector_pool.close()
         await close_services(services)
 
 

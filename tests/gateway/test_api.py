@@ -12,7 +12,7 @@ import pytest
 
 from core.ids import new_id
 from gateway.services import RateLimiter
-from tests.gateway.conftest import HS256_SECRET, Stack
+from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,15 @@ async def claim(c: httpx.AsyncClient, q: str, worker: str = "w1", **fields: Any)
 
 async def last_seq(stack: Stack) -> int:
     return await stack.services.store.last_seq()
+
+
+async def into_environment(stack: Stack, name: str, q: str) -> None:
+    """Add queue ``q`` to acme's environment ``name`` (created if need be)."""
+    async with stack.client() as admin:
+        current = await admin.get(f"/v1/environments/{name}")
+        held = current.json()["queues"] if current.status_code == 200 else []
+        r = await admin.put(f"/v1/environments/{name}", json={"queues": [*held, q]})
+        assert r.status_code == 200, r.text
 
 
 def problem(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -447,7 +456,7 @@ async def test_api_keys_are_shown_once_and_revocable(stack: Stack) -> None:
 
 
 async def test_jwt_bearer_hs256_and_rs256(stack: Stack) -> None:
-    claims = {"sub": "alice", "org": "acme", "roles": ["viewer"], "exp": int(time.time()) + 60}
+    claims = {"sub": "alice", "org": "acme", "roles": ["viewer"], "exp": int(time.time()) + 60, **JWT_SCOPE}
     for token in (
         jwt.encode(claims, HS256_SECRET, algorithm="HS256"),
         jwt.encode(claims, stack.rsa_private_pem, algorithm="RS256"),
@@ -482,7 +491,7 @@ async def test_health_readiness_metrics_stats_and_docs(stack: Stack) -> None:
         assert (await c.get("/healthz")).json() == {"status": "ok"}
         ready = await c.get("/readyz")
         assert ready.status_code == 200
-        assert set(ready.json()["projection_lag"]) == {"tasks", "workers", "access", "usage"}
+        assert set(ready.json()["projection_lag"]) == {"tasks", "workers", "access", "usage", "environments"}
         stats = (await c.get("/v1/stats")).json()
         assert "by_status" in stats["tasks"]
         assert "projection_lag" in stats
@@ -591,8 +600,9 @@ async def test_the_submit_policy_gates_risky_tasks_behind_a_human_and_refuses_ba
         stack.client(role="approver") as approver,
         stack.client(role="worker") as worker,
     ):
-        gated = await submit(submitter, q, metadata={"environment": "prod"})
-        assert gated["status"] == "awaiting_approval"
+        await into_environment(stack, "prod", q)  # the queue's environment decides, not the submitter
+        gated = await submit(submitter, q)
+        assert (gated["status"], gated["environment"]) == ("awaiting_approval", "prod")
         [gate] = gated["approvals"]
         assert gate["requested_by"] == "policy"
         assert "prod" in gate["reason"]
@@ -602,7 +612,7 @@ async def test_the_submit_policy_gates_risky_tasks_behind_a_human_and_refuses_ba
         leased = await claim(worker, q)
         assert leased is not None and leased["task"]["id"] == gated["id"]
 
-        refused = await submit(submitter, q, metadata={"environment": "prod"})
+        refused = await submit(submitter, q, metadata={"environment": "dev"})
         await approver.post(f"/v1/approvals/{refused['approvals'][0]['id']}/reject", json={"reason": "not today"})
         cancelled = (await submitter.get(f"/v1/tasks/{refused['id']}")).json()
         assert cancelled["status"] == "cancelled"

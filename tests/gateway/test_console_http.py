@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from gateway.services import RateLimiter
-from tests.gateway.conftest import HS256_SECRET, Stack
+from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack
 from tests.gateway.test_api import claim, queue, submit
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ async def test_failed_sign_ins_from_one_address_are_throttled(stack: Stack) -> N
 
 async def test_a_jwt_session_ends_when_the_token_expires(stack: Stack) -> None:
     token = jwt.encode(
-        {"sub": "alice", "org": "acme", "roles": ["approver"], "exp": int(time.time()) + 2},
+        {"sub": "alice", "org": "acme", "roles": ["approver"], "exp": int(time.time()) + 2, **JWT_SCOPE},
         HS256_SECRET,
         algorithm="HS256",
     )

@@ -36,3 +36,20 @@ async def test_newest_first_pages_cover_every_task_once_in_reverse_order(stack: 
             break
     assert sorted(task_id for _, task_id in seen) == sorted(ids)
     assert seen == sorted(seen, reverse=True)
+
+
+async def test_a_list_shows_the_callers_own_writes_without_min_seq(stack: Stack) -> None:
+    """Reads reflect the caller's own earlier writes, lists included: no ``min_seq`` needed."""
+    q = queue()
+    for _ in range(5):  # the projector is fast; repeating makes a missed wait show up
+        async with stack.client(role="submitter") as c:
+            task = await submit(c, q)
+            listed = await c.get("/v1/tasks", params={"queue": q})
+            assert task["id"] in [t["id"] for t in listed.json()["items"]]
+            cancelled = await c.post(f"/v1/tasks/{task['id']}/cancel", json={"reason": "read your writes"})
+            assert cancelled.status_code == 200, cancelled.text
+            listed = await c.get("/v1/tasks", params={"queue": q, "status": "cancelled"})
+            assert task["id"] in [t["id"] for t in listed.json()["items"]]
+    async with stack.client(role="approver") as approver:
+        approvals = await approver.get("/v1/approvals", params={"task_id": task["id"]})
+        assert approvals.status_code == 200  # another credential's read waits for nothing of theirs

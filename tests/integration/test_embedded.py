@@ -80,7 +80,7 @@ def test_parse_version_forms(text: str) -> None:
 
 
 async def test_jetstream_is_usable(nats_server: EmbeddedNats) -> None:
-    assert nats_server.url == f"nats://127.0.0.1:{nats_server.port}"
+    assert nats_server.address == f"nats://127.0.0.1:{nats_server.port}"
     assert await publish_one(nats_server.url, stream_name("EMBEDDED")) == 1
 
 

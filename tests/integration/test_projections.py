@@ -32,6 +32,8 @@ from core.commands import (
     CreateApiKey,
     CreateOrg,
     DecideApproval,
+    DefineEnvironment,
+    DeleteEnvironment,
     DeregisterWorker,
     FailTask,
     HeartbeatTask,
@@ -80,6 +82,7 @@ ORG_TABLES = {
     "worker_counters": "org_id",
     "usage": "org_id",
     "usage_tasks": "org_id",
+    "environments": "org_id",
     "api_keys": "org_id",
     "orgs": "id",
 }
@@ -321,10 +324,19 @@ async def test_rebuilt_read_model_equals_live_one(
     await handle(handler, org, CreateOrg(org=org, name="Acme"))
     await handle(handler, org, CreateApiKey(key_id=f"{org}-k", name="k", roles=("admin",), secret_sha256="cd" * 32))
     async with running(projector):  # live: many small batches while commands come in
+        for command in (
+            DefineEnvironment(name="prod", queues=("q1", "q2"), labels={"tier": "1"}),
+            DefineEnvironment(name="dev", queues=("q3",)),
+            DefineEnvironment(name="prod", queues=("q2",), replace=True),
+            DeleteEnvironment(name="dev"),
+            DefineEnvironment(name="qa", queues=("q3", "q1")),
+        ):
+            await handle(handler, org, command)
         accepted = await play_random_history(handler, org, seed=7, steps=400)
         await caught_up(projector)
     live = await snapshot(pool, org)
     assert accepted > 150
+    assert [(row["name"], row["queues"]) for row in live["environments"]] == [("prod", ["q2"]), ("qa", ["q3", "q1"])]
     assert len(live["tasks"]) > 20 and live["approvals"] and live["workers"] and live["worker_counters"]
 
     shown: list[tuple[int, int]] = []
@@ -548,13 +560,14 @@ async def test_row_level_security_walls_off_other_orgs(
         request = RequestApproval(task_id="t1", worker_id="w1", lease_id="l1", approval_id="a1", reason="r")
         await handle(handler, owner, request, WORKER)
         await handle(handler, owner, RegisterWorker(worker_id="w1"))
+        await handle(handler, owner, DefineEnvironment(name="prod", queues=("q1",)))
     async with running(projector):
         await caught_up(projector)
 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL ROLE cp_reader")
         await conn.execute("SELECT set_config('cp.org', $1, true)", org)
-        for table in ("tasks", "approvals", "workers"):  # no org filter: RLS alone decides
+        for table in ("tasks", "approvals", "workers", "environments"):  # no org filter: RLS alone decides
             assert [row["org_id"] for row in await conn.fetch(f"SELECT org_id FROM {table}")] == [org]
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("DELETE FROM tasks")
@@ -662,15 +675,18 @@ async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with fresh_database(database_url) as fresh:
+        later_tables = ("usage_tasks", "environments")  # made by migrations 2 and 4
         monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])  # the release before usage_tasks
-        monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t != "usage_tasks"))
+        monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in later_tables))
         assert await migrate(fresh) == [1]
-        monkeypatch.undo()
         async with fresh.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL cp.projector = 'on'")
             await conn.execute("INSERT INTO usage VALUES ('o', '2025-01-01', 'm', 'p', 1, 2, 3, 0.5)")
             await conn.execute("INSERT INTO checkpoints VALUES ('usage', 9), ('usage@1/2', 9), ('tasks', 9)")
+        monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:2])
+        monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t != "environments"))
         assert await migrate(fresh) == [2]
+        monkeypatch.undo()
         assert await fetch_checkpoints(fresh) == {"tasks": 9}  # usage folds again from sequence 1
         async with fresh.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL cp.projector = 'on'")

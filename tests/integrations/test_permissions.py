@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from controlplane.cli import main
-from core.embedded import EmbeddedNats
+from core.embedded import EmbeddedNats, NatsLogin
 from core.handler import CommandHandler
 from core.ids import TOKEN_PATTERN, new_id
 from core.store import STREAM_NAME, JetStreamEventStore
@@ -37,7 +37,7 @@ from integrations.consumer import (
     dead_letter_subject,
     provision_dead_letter_stream,
 )
-from integrations.permissions import cp_account_config, integration_permissions, integration_user, org_imports, render
+from integrations.permissions import cp_exports, integration_permissions, integration_user, org_imports
 from tests.integrations.helpers import dead_lettered, dead_letters, submit, wait_for
 from tests.integrations.receiver import Receiver, webhook_command
 
@@ -81,18 +81,23 @@ def _cli_output(*argv: str) -> str:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     """Account CP holds the log (its user is unconfined, like the control plane's processes); the org
     accounts are exactly what `controlplane nats-config` prints."""
-    org_accounts = "\n".join(
+    printed = [
         _cli_output("nats-config", org, "--password", PASSWORDS[org], "--integration", "webhook")
         for org in ("acme", "globex")
-    )
-    config = f'accounts {{\n"CP": {render(cp_account_config([ADMIN]))}\n{org_accounts}\n}}\n'
-    with EmbeddedNats(tmp_path_factory.mktemp("confined"), extra_config=config) as running:
+    ]
+    entries = ",".join("".join(line for line in text.splitlines() if not line.startswith("#")) for text in printed)
+    with EmbeddedNats(
+        tmp_path_factory.mktemp("confined"),
+        login=NatsLogin(ADMIN["user"], ADMIN["password"]),
+        accounts=json.loads(f"{{{entries}}}"),
+        exports=cp_exports(),
+    ) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 async def admin(server: EmbeddedNats) -> AsyncIterator[Admin]:
-    store = await JetStreamEventStore.connect(server.url, user=ADMIN["user"], password=ADMIN["password"])
+    store = await JetStreamEventStore.connect(server.address, user=ADMIN["user"], password=ADMIN["password"])
     await provision_dead_letter_stream(store.nc.jetstream())
     handler = CommandHandler(store)
     for org, task_id in (("acme", "a1"), ("globex", "g1")):
@@ -122,7 +127,7 @@ async def _confined(server: EmbeddedNats, org: str) -> AsyncIterator[Confined]:
         errors.append(str(error).lower())
 
     nc = await nats.connect(
-        server.url, user=f"integration-{org}", password=PASSWORDS[org], error_cb=collect, allow_reconnect=False
+        server.address, user=f"integration-{org}", password=PASSWORDS[org], error_cb=collect, allow_reconnect=False
     )
     connection = Confined(nc, errors)
     try:
@@ -324,7 +329,7 @@ async def test_the_webhook_command_forwards_as_the_confined_user(
         "--url",
         receiver.url,
         "--nats-url",
-        server.url,
+        server.address,
         "--nats-user",
         "integration-acme",
         "--nats-password-env",

@@ -169,3 +169,29 @@ def test_every_limiter_of_the_gateway_is_bounded(stack: Stack) -> None:
             limiter.blocked_for(f"203.0.{i // 256}.{i % 256}")
             limiter.retry_after(f"2001:db8::{i:x}")
         assert len(limiter._buckets) <= RATE_LIMITER_BUCKETS
+
+
+async def test_made_up_console_cookies_are_throttled_per_address_before_the_session_lookup(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack.services, "failed_auth", RateLimiter(rate=0.001, burst=2))
+    sessions = stack.services.sessions
+    looked_up: list[str | None] = []
+    real = sessions.find
+
+    async def counted(token: str | None) -> object:
+        looked_up.append(token)
+        return await real(token)
+
+    monkeypatch.setattr(sessions, "find", counted)
+    async with client(stack, "127.0.0.5") as attacker, client(stack, "127.0.0.6") as neighbour:
+        for attempt in range(2):
+            attacker.cookies.set("cp_session", f"made-up-{attempt}")
+            page = await attacker.get("/console/tasks")
+            assert page.status_code == 303, page.text  # to the sign-in page
+        attacker.cookies.set("cp_session", "made-up-3")
+        throttled = await attacker.get("/console/tasks")
+        assert throttled.status_code == 429
+        assert len(looked_up) == 2, "a throttled request must not look the cookie up"
+        neighbour.cookies.set("cp_session", "made-up-4")
+        assert (await neighbour.get("/console/tasks")).status_code == 303

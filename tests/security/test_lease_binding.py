@@ -37,7 +37,7 @@ from core.errors import LeaseLost
 from core.events import TaskClaimed, decode_event, encode_event
 from core.ids import new_id
 from core.task import TASK, Task
-from tests.gateway.conftest import HS256_SECRET, Stack, own_stack
+from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack, own_stack
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 TASK_ID, WORKER_ID, LEASE_ID = "t1", "w1", "l1"
@@ -149,7 +149,7 @@ def bearer(url: str, credential: str) -> httpx.AsyncClient:
 
 
 def a_jwt(subject: str, org: str = "acme", roles: tuple[str, ...] = ("worker",)) -> str:
-    claims = {"sub": subject, "org": org, "roles": list(roles), "exp": int(time.time()) + 600}
+    claims = {"sub": subject, "org": org, "roles": list(roles), "exp": int(time.time()) + 600, **JWT_SCOPE}
     return jwt.encode(claims, HS256_SECRET, algorithm="HS256")
 
 

@@ -1,6 +1,6 @@
 """The in-memory claim index against the rule it stands for: the claimable tasks are the pending,
-unparked ones whose backoff has passed and whose capabilities the worker has (and, for a runner, that
-run a workflow), best priority first, then oldest."""
+unparked ones not waiting for a signal, whose backoff has passed and whose capabilities the worker has
+(and, for a runner, that run a workflow), best priority first, then oldest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.events import PRIORITY_RANK, TaskStatus, WorkflowRef
-from core.task import Task
+from core.task import SignalWait, Task
 from gateway.claims import OpenTasks, claim_order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -43,6 +43,7 @@ def task_states(draw: st.DrawFn) -> tuple[str, Task]:
         updated_at=created,
         not_before=draw(st.none() | st.just(T0 + timedelta(seconds=10))),
         parked=draw(st.none() | st.just("non-deterministic")),
+        signal_wait=draw(st.none() | st.just(SignalWait(index=0, name="go", since=T0, until=None))),
     )
     return org, task
 
@@ -78,6 +79,7 @@ def test_candidates_are_the_claimable_tasks_in_claim_order(
                     and task.queue == queue
                     and task.status == "pending"
                     and task.parked is None
+                    and task.signal_wait is None
                     and (task.not_before is None or task.not_before <= now)
                     and set(task.required_capabilities) <= capabilities
                     and (task.workflow is not None or not workflows_only)

@@ -24,8 +24,10 @@ from core.commands import (
     ReportNonDeterminism,
     RequestApproval,
     ResumeTask,
+    SignalTask,
     StartSleep,
     SubmitTask,
+    WaitForSignal,
 )
 from core.decider import DecisionContext, Timer
 from core.errors import Rejected
@@ -175,6 +177,7 @@ class TaskMachine(RuleBasedStateMachine):
             assert before is not None
             assert before.status == "pending", "no double claim: only a pending task can be claimed"
             assert before.parked is None, "a parked task is never claimed"
+            assert before.signal_wait is None, "a task waiting for a signal is never claimed"
             assert set(before.required_capabilities) <= caps
             assert before.not_before is None or self.now >= before.not_before
             assert self.state is not None and self.state.lease is not None
@@ -334,6 +337,36 @@ class TaskMachine(RuleBasedStateMachine):
         accepted = self.run(ResumeTask(task_id=TASK_ID), actor=ACTORS[2])
         assert accepted == (before is not None and before.parked is not None and not before.is_terminal)
 
+    @rule(name=st.sampled_from(["go", "input"]), actor=st.sampled_from(ACTORS))
+    def signal(self, name: str, actor: Actor) -> None:
+        before = self.state
+        accepted = self.run(SignalTask(task_id=TASK_ID, name=name, payload={"from": actor.id}), actor=actor)
+        if accepted:
+            assert actor.roles & {"admin", "submitter", "approver"}, "only these roles may signal"
+            assert before is not None and self.state is not None
+            assert self.state.signals_received == before.signals_received + 1
+
+    @rule(
+        stale=STALE,
+        name=st.sampled_from(["go", "input"]),
+        timeout=st.none() | st.sampled_from([1.0, 30.0]),
+        by=BY,
+    )
+    def wait_for_signal(self, stale: bool, name: str, timeout: float | None, by: Actor | None) -> None:
+        worker, lease_id = self.lease(stale)
+        index = len(self.state.journal) if self.state else 0
+        wait = WaitForSignal(
+            task_id=TASK_ID, worker_id=worker, lease_id=lease_id, index=index, name=name, timeout_seconds=timeout
+        )
+        kept = any(s.name == name for s in self.state.signals) if self.state else False
+        if self.run_lease_bound(wait, by):
+            assert self.state is not None
+            if kept:
+                assert self.state.status == "running", "a kept signal is taken at once; the lease stays"
+                assert self.state.journal[-1].kind == "signal"
+            else:
+                assert self.state.status == "pending" and self.state.signal_wait is not None
+
     @rule(seconds=st.sampled_from([0.5, 3, 10, 40, 120]))
     def time_passes(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -394,6 +427,14 @@ class TaskMachine(RuleBasedStateMachine):
         assert [entry.index for entry in journal] == list(range(len(journal)))
         assert journal[: len(self.last_journal)] == self.last_journal, "recorded operations never change"
         self.last_journal = journal
+
+    @invariant()
+    def a_signal_wait_holds_no_lease_and_the_next_journal_position(self) -> None:
+        wait = self.state.signal_wait if self.state else None
+        if wait is not None and self.state is not None and not self.state.is_terminal:
+            assert self.state.status == "pending" and self.state.lease is None
+            assert wait.index == len(self.state.journal)
+            assert all(s.name != wait.name for s in self.state.signals), "a kept signal would have been taken"
 
     @invariant()
     def attempts_count_claims(self) -> None:

@@ -1,0 +1,37 @@
+"""The org's environments as the gateway reads them: from the log, at every use.
+
+A submit's environment decides whether it needs approval, so it must never come from a stale copy:
+an admin who puts a queue into ``prod`` on one gateway must gate the next submit on every gateway.
+The environments of an org are one small aggregate (``cp.<org>.environments.all``), so each read asks
+the log only for the events after the ones already folded here: one direct get, which finds nothing
+new almost always. Reads run concurrently, without a lock: each folds only the events newer than the
+state it finds when its answer arrives."""
+
+from __future__ import annotations
+
+from core.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID, Environments
+from core.store import JetStreamEventStore
+from core.subjects import aggregate_subject
+from gateway.lru import Lru
+
+ORGS_REMEMBERED = 4096
+
+
+class EnvironmentDirectory:
+    def __init__(self, store: JetStreamEventStore, size: int = ORGS_REMEMBERED) -> None:
+        self._store = store
+        self._folded: Lru[str, tuple[Environments, int]] = Lru(size)
+
+    async def current(self, org: str) -> tuple[Environments, int]:
+        """The org's environments as the log holds them now, and the sequence of their last event (0:
+        none was ever defined)."""
+        subject = aggregate_subject(org, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID)
+        _, known = self._folded.get(org) or (ENVIRONMENTS.initial, 0)
+        newer = await self._store.read_subject(subject, after_seq=known)
+        # Another read may have folded further meanwhile: continue from whatever is here now.
+        state, seq = self._folded.get(org) or (ENVIRONMENTS.initial, 0)
+        for item in newer:
+            if item.seq > seq:
+                state, seq = ENVIRONMENTS.evolve(state, item.event), item.seq
+        self._folded.put(org, (state, seq))
+        return state, seq
