@@ -41,6 +41,7 @@ bench: $(STAMP) chromium
 	$(BIN)/python bench/policy.py
 	$(BIN)/python bench/console.py
 	$(BIN)/python bench/client.py
+	$(BIN)/python bench/schedules.py
 
 clean:
 	rm -rf $(VENV) .controlplane .pytest_cache

@@ -6,6 +6,11 @@ Starts its own stack (``controlplane dev`` in a subprocess: NATS, PostgreSQL, pr
 org's event stream and approves each request as it appears.
 
     .venv/bin/python bench/lifecycle.py [--tasks 2000] [--workers 4] [--in-flight 8] [--cluster 3]
+
+Tracing's cost: ``--tracing on`` starts the stack with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set (spans go to
+``--otlp-endpoint``, or to a sink in this process that decodes and counts them); ``--tracing both``
+runs the lifecycle without and with tracing, ``--rounds`` times each, alternating, each run on a stack
+of its own, and prints the throughput ratio.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import uvloop
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from core.embedded import free_port
 
@@ -162,13 +170,47 @@ class Lifecycle:
         }
 
 
-def start_stack(data_dir: Path, port: int, cluster: int = 1) -> subprocess.Popen[bytes]:
+class SpanSink:
+    """An OTLP/HTTP endpoint that decodes what it gets and counts the spans, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = ExportTraceServiceRequest.FromString(body)
+                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def start_stack(
+    data_dir: Path, port: int, cluster: int = 1, otlp_endpoint: str | None = None
+) -> subprocess.Popen[bytes]:
     controlplane = Path(sys.executable).parent / "controlplane"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_EXPORTER_OTLP")}
+    if otlp_endpoint is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
     process = subprocess.Popen(
         [str(controlplane), "dev", "--port", str(port), "--data-dir", str(data_dir), "--cluster", str(cluster)],
         stdout=subprocess.DEVNULL,
         stderr=open(data_dir / "dev.log", "wb"),  # noqa: SIM115
         start_new_session=True,
+        env=env,
     )
     deadline = time.monotonic() + 60
     while not (data_dir / "dev.json").exists():
@@ -185,28 +227,53 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--dev-json", type=Path, help="use a running stack described by this dev.json")
     parser.add_argument("--cluster", type=int, default=1, help="nats-servers in the stack's JetStream cluster (R=N)")
+    parser.add_argument("--tracing", choices=("off", "on", "both"), default="off", help="OpenTelemetry in the stack")
+    parser.add_argument("--otlp-endpoint", help="where spans go with tracing on (default: a counting sink here)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --tracing both: off/on pairs to run")
     args = parser.parse_args()
+    if args.tracing != "off" and args.dev_json is not None:
+        parser.error("--tracing needs a stack of the benchmark's own (no --dev-json)")
+    sink = SpanSink() if args.tracing != "off" and args.otlp_endpoint is None else None
+    endpoint = args.otlp_endpoint or (sink.url if sink else None)
+    modes = {"off": [False], "on": [True], "both": [False, True] * args.rounds}[args.tracing]
+    results: list[tuple[str, dict[str, float]]] = []
+    for traced in modes:
+        spans_before = sink.spans if sink else 0
+        result = run_once(args, endpoint if traced else None)
+        if sink is not None and traced:
+            time.sleep(6)  # the stack's last batch of spans (exported every 5 s) has reached the sink
+            result["spans_exported"] = sink.spans - spans_before
+        results.append(("on" if traced else "off", result))
+    if sink is not None:
+        sink.close()
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"tasks={args.tasks} workers={args.workers} in_flight={args.in_flight} nats_servers={args.cluster}")
+    print("| metric | " + " | ".join(f"tracing {mode}" for mode, _ in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for key in results[0][1]:
+        print(f"| {key} | " + " | ".join(f"{result.get(key, float('nan')):,.1f}" for _, result in results) + " |")
+    if args.tracing == "both":
+        off = statistics.mean(r["tasks_per_second"] for mode, r in results if mode == "off")
+        on = statistics.mean(r["tasks_per_second"] for mode, r in results if mode == "on")
+        print(f"throughput with tracing on / off: {on:,.1f} / {off:,.1f} = {on / off:.3f} (cost {1 - on / off:.1%})")
+
+
+def run_once(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         process = None
         dev_json = args.dev_json
         if dev_json is None:
-            process = start_stack(Path(tmp), free_port(), args.cluster)
+            process = start_stack(Path(tmp), free_port(), args.cluster, otlp_endpoint)
             dev_json = Path(tmp) / "dev.json"
         info = json.loads(dev_json.read_text())
         try:
             bench = Lifecycle(info["gateway_url"], info["orgs"]["acme"], args.tasks, args.workers, args.in_flight)
-            result = uvloop.run(bench.run())
+            return uvloop.run(bench.run())
         finally:
             if process is not None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(60)
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"tasks={args.tasks} workers={args.workers} in_flight={args.in_flight} nats_servers={args.cluster}")
-    print("| metric | value |")
-    print("|---|---|")
-    for key, value in result.items():
-        print(f"| {key} | {value:,.1f} |")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import nats.errors
 import uvloop
 
 from controlplane import environments as environment_commands
+from controlplane import exec as exec_commands
 from controlplane import integrations as integration_commands
 from controlplane import policies as policy_commands
 from controlplane import replay as replay_commands
+from controlplane import schedules as schedule_commands
 from controlplane import stack
 from controlplane import timers as timer_commands
 from controlplane.connection import (
@@ -31,8 +33,10 @@ from controlplane.connection import (
     without_credentials,
 )
 from controlplane.dev_nats import dev_nats
+from controlplane.logs import configure_logging
 from controlplane.seed import seed_org
 from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
+from controlplane.tracing import configure_tracing
 from core.commands import SYSTEM, CreateOrg, ResumeTask
 from core.embedded import (
     EmbeddedPostgres,
@@ -143,55 +147,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay_commands.register(commands)
     policy_commands.register(commands)
     environment_commands.register(commands)
+    schedule_commands.register(commands)
+    exec_commands.register(commands)
     timer_commands.register(commands)
     integration_commands.register(commands)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns what matters
+    process = args.command if args.command in SERVICES else "cli"
     try:
-        if (run := getattr(args, "run", None)) is not None:  # commands that bring their own entry point
-            return int(run(args))
-        match args.command:
-            case "dev":
-                return run_dev(args.host, args.port, args.data_dir, args.cluster)
-            case "gateway":
-                return uvloop.run(run_gateway(_settings(args), args.host, args.port))
-            case "projector":
-                return uvloop.run(run_projector(_settings(args), args.shard))
-            case "runner":
-                key = key_from(args, os.environ, WORKER_KEY_ENV, "CP_API_KEY")
-                os.environ.pop(WORKER_KEY_ENV, None)  # not inherited by whatever the workflows start
-                return uvloop.run(
-                    run_runner(
-                        args.url,
-                        key,
-                        args.queue,
-                        args.workflows,
-                        args.worker_id,
-                        args.concurrency,
-                        args.lease_seconds,
-                    )
-                )
-            case "tasks":
-                return uvloop.run(_resume(args.nats_url, args.org, args.task_id))
-            case "orgs":
-                return uvloop.run(_create_org(args.nats_url, args.org))
-            case "projections":
-                return uvloop.run(_rebuild(_settings(args), args.names))
-            case "provision":
-                return uvloop.run(_provision(args.nats_url, args.replicas))
-            case "migrate":
-                return uvloop.run(_migrate(args.database_url, args.login_roles))
-            case "doctor":
-                return doctor()
-    except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
+        log_format = configure_logging(process)
+    except ValueError as exc:  # a CP_LOG_FORMAT or CP_LOG_LEVEL that means nothing
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
+    stop_tracing = configure_tracing(process) if process in SERVICES else None
+    try:
+        return _run(args)
+    except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
+        _report(log_format, f"controlplane: {exc}")
+        return 2
     except (OSError, asyncpg.PostgresError, nats.errors.Error) as exc:
-        print(f"controlplane: {_unreachable(exc)}", file=sys.stderr)
+        _report(log_format, f"controlplane: {_unreachable(exc)}")
         return 3
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
+
+
+SERVICES = ("gateway", "projector", "runner", "dev")
+"""Commands that run until stopped: their log lines name them as the process, and they trace."""
+
+
+def _report(log_format: str | None, text: str) -> None:
+    """Why the command failed, on stderr: a JSON line when the logs are JSON (so a collector reading
+    the stream never meets a line it cannot parse), else the text itself."""
+    if log_format == "json":
+        logging.getLogger("controlplane").error(text)
+    else:
+        print(text, file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if (run := getattr(args, "run", None)) is not None:  # commands that bring their own entry point
+        return int(run(args))
+    match args.command:
+        case "dev":
+            return run_dev(args.host, args.port, args.data_dir, args.cluster)
+        case "gateway":
+            return uvloop.run(run_gateway(_settings(args), args.host, args.port))
+        case "projector":
+            return uvloop.run(run_projector(_settings(args), args.shard))
+        case "runner":
+            key = key_from(args, os.environ, WORKER_KEY_ENV, "CP_API_KEY")
+            os.environ.pop(WORKER_KEY_ENV, None)  # not inherited by whatever the workflows start
+            return uvloop.run(
+                run_runner(
+                    args.url,
+                    key,
+                    args.queue,
+                    args.workflows,
+                    args.worker_id,
+                    args.concurrency,
+                    args.lease_seconds,
+                )
+            )
+        case "tasks":
+            return uvloop.run(_resume(args.nats_url, args.org, args.task_id))
+        case "orgs":
+            return uvloop.run(_create_org(args.nats_url, args.org))
+        case "projections":
+            return uvloop.run(_rebuild(_settings(args), args.names))
+        case "provision":
+            return uvloop.run(_provision(args.nats_url, args.replicas))
+        case "migrate":
+            return uvloop.run(_migrate(args.database_url, args.login_roles))
+        case "doctor":
+            return doctor()
     return 1
 
 

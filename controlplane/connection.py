@@ -9,10 +9,13 @@ import argparse
 import json
 import os
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 DEV_JSON = Path(".controlplane") / "dev.json"
 
@@ -106,3 +109,25 @@ def read_key_file(path: Path) -> str:
     if not key:
         raise ValueError(f"the key file {path} is empty")
     return key
+
+
+def gateway_request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """One call of the gateway's API for a CLI command (``--url`` and the key of ``key_arguments``, role
+    taken from ``$CP_API_KEY``): the JSON answer, or exit 1 printing the problem's detail (3 when the
+    gateway cannot be reached)."""
+    key = key_from(args, os.environ, "CP_API_KEY")
+    try:
+        response = httpx.request(
+            method, f"{args.url.rstrip('/')}{path}", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+    except httpx.HTTPError as exc:
+        print(f"controlplane: cannot reach the gateway at {args.url} ({exc!r}); check --url", file=sys.stderr)
+        raise SystemExit(3) from None
+    if response.is_error:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        print(f"controlplane: {response.status_code} {detail}", file=sys.stderr)
+        raise SystemExit(1)
+    return {} if response.status_code == 204 else response.json()  # type: ignore[no-any-return]

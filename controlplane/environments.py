@@ -4,14 +4,11 @@ They go through the gateway's API with a key (an admin's to change anything; the
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any
 
-import httpx
 import msgspec
 
-from controlplane.connection import gateway_url_argument, key_arguments, key_from
+from controlplane.connection import gateway_request, gateway_url_argument, key_arguments
 
 _CREATE_EXAMPLES = """\
 examples:
@@ -72,15 +69,15 @@ def labels_of(pairs: list[str]) -> dict[str, str]:
 def _create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"queues": args.queue, "labels": labels_of(args.label)}
     if args.replace:
-        answer = _request(args, "PUT", f"/v1/environments/{args.name}", body)
+        answer = gateway_request(args, "PUT", f"/v1/environments/{args.name}", body)
     else:
-        answer = _request(args, "POST", "/v1/environments", {"name": args.name, **body})
+        answer = gateway_request(args, "POST", "/v1/environments", {"name": args.name, **body})
     print(f"environment {answer['name']}: queues {', '.join(answer['queues']) or 'none'} (seq {answer['seq']})")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    answer = _request(args, "GET", "/v1/environments")
+    answer = gateway_request(args, "GET", "/v1/environments")
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(answer)).decode())
         return 0
@@ -93,25 +90,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    _request(args, "DELETE", f"/v1/environments/{args.name}")
+    gateway_request(args, "DELETE", f"/v1/environments/{args.name}")
     print(f"environment {args.name} deleted")
     return 0
-
-
-def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    key = key_from(args, os.environ, "CP_API_KEY")
-    try:
-        response = httpx.request(
-            method, f"{args.url.rstrip('/')}{path}", json=body, headers={"Authorization": f"Bearer {key}"}
-        )
-    except httpx.HTTPError as exc:
-        print(f"controlplane: cannot reach the gateway at {args.url} ({exc!r}); check --url", file=sys.stderr)
-        raise SystemExit(3) from None
-    if response.is_error:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        print(f"controlplane: {response.status_code} {detail}", file=sys.stderr)
-        raise SystemExit(1)
-    return {} if response.status_code == 204 else response.json()  # type: ignore[no-any-return]

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
-import sys
-from typing import Any
 
-import httpx
 import msgspec
 
-from controlplane.connection import gateway_url_argument, key_arguments, key_from
+from controlplane.connection import gateway_request, gateway_url_argument, key_arguments
 from policies_wasm import Bundle, PolicyLoadError
 
 _PUSH_EXAMPLES = """\
@@ -73,7 +69,7 @@ def _push(args: argparse.Namespace) -> int:
         "wasm": None if bundle.wasm is None else base64.b64encode(bundle.wasm).decode(),
         "revision": args.revision if args.revision is not None else bundle.revision,
     }
-    answer = _request(args, "POST", "/v1/policy-bundles", body)
+    answer = gateway_request(args, "POST", "/v1/policy-bundles", body)
     if answer["unchanged"]:
         print(f"unchanged: this bundle is already version {answer['version']} ({answer['digest']})")
     else:
@@ -85,7 +81,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    answer = _request(args, "GET", "/v1/policy-bundles")
+    answer = gateway_request(args, "GET", "/v1/policy-bundles")
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(answer)).decode())
         return 0
@@ -100,22 +96,3 @@ def _list(args: argparse.Namespace) -> int:
             f"by {item['pushed_by']}{revision}{'  (wasm)' if item['compiled'] else ''}"
         )
     return 0
-
-
-def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    key = key_from(args, os.environ, "CP_API_KEY")
-    try:
-        response = httpx.request(
-            method, f"{args.url.rstrip('/')}{path}", json=body, headers={"Authorization": f"Bearer {key}"}
-        )
-    except httpx.HTTPError as exc:
-        print(f"controlplane: cannot reach the gateway at {args.url} ({exc!r}); check --url", file=sys.stderr)
-        raise SystemExit(3) from None
-    if response.is_error:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        print(f"controlplane: {response.status_code} {detail}", file=sys.stderr)
-        raise SystemExit(1)
-    return response.json()  # type: ignore[no-any-return]

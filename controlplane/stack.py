@@ -65,7 +65,9 @@ async def serve_http(
     """Serve until ``stop``; ``ready`` is set once requests are being answered."""
     # Bind here, not inside uvicorn: a taken port is then an OSError we can explain, not a sys.exit.
     listener = socket.create_server((host, port))
-    server = _Server(uvicorn.Config(build_app(services), log_level="warning", lifespan="off", access_log=False))
+    # log_config=None: uvicorn's own lines go through the process's handler (JSON or text), not a second format.
+    config = uvicorn.Config(build_app(services), log_level="warning", lifespan="off", access_log=False, log_config=None)
+    server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn offers no startup event
         await asyncio.sleep(0.02)
@@ -82,7 +84,7 @@ async def run_gateway(settings: GatewaySettings, host: str, port: int) -> int:
     stop = stop_on_signals()
     services = await open_services(settings)
     try:
-        print(f"gateway listening on http://{host}:{port}", flush=True)
+        log.info("gateway listening on http://%s:%d", host, port)
         await serve_http(services, host, port, stop)
     finally:
         await close_services(services)
@@ -98,7 +100,7 @@ async def run_projector(settings: GatewaySettings, shard: Shard | None = None) -
     projector = Projector(pool, store.nc, shard=shard)
     try:
         await projector.start()
-        print("projector running" if shard is None else f"projector running shard {shard}", flush=True)
+        log.info("projector running" if shard is None else f"projector running shard {shard}")
         await stop.wait()
     finally:
         await projector.stop()
@@ -114,7 +116,7 @@ async def run_runner(
     stop = stop_on_signals()
     api = TaskApi(url, key)
     try:
-        print(f"runner {worker_id} on queue {queue!r} hosts {registry.capabilities()}", flush=True)
+        log.info("runner %s on queue %r hosts %s", worker_id, queue, registry.capabilities())
         runner = Runner(
             api, registry, worker_id=worker_id, queue=queue, concurrency=concurrency, lease_seconds=lease_seconds
         )

@@ -4,11 +4,21 @@ the caller and passed in, which keeps the deciders pure."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from core.events import ApprovalKind, Escalation, PolicyDecision, Priority, Vote, WorkflowRef
+from core.events import (
+    ApprovalKind,
+    Escalation,
+    PolicyDecision,
+    Priority,
+    ScheduleOverlap,
+    ScheduleRunOutcome,
+    Vote,
+    WorkflowRef,
+)
 from core.ids import TOKEN_PATTERN, Token, whole
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -258,3 +268,53 @@ class DefineEnvironment(Command, frozen=True, kw_only=True):
 
 class DeleteEnvironment(Command, frozen=True, kw_only=True):
     name: EnvironmentName
+
+
+CronExpression = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=128,
+        description="5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first",
+    ),
+]
+TimeZoneName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="an IANA time zone, e.g. UTC")]
+
+
+class ScheduleCommand(Command, frozen=True, kw_only=True):
+    schedule_id: Token
+
+
+class CreateSchedule(ScheduleCommand, frozen=True, kw_only=True):
+    """Submit ``task`` (a submit body, checked by the gateway) at each time ``cron`` names in
+    ``timezone``; ``overlap`` says what a fire does while the previous run is still open."""
+
+    cron: CronExpression
+    timezone: TimeZoneName = "UTC"
+    task: dict[str, Any]
+    overlap: ScheduleOverlap = "skip"
+    paused: bool = False
+
+
+class PauseSchedule(ScheduleCommand, frozen=True, kw_only=True):
+    pass
+
+
+class ResumeSchedule(ScheduleCommand, frozen=True, kw_only=True):
+    pass
+
+
+class DeleteSchedule(ScheduleCommand, frozen=True, kw_only=True):
+    pass
+
+
+class RecordScheduleRun(ScheduleCommand, frozen=True, kw_only=True):
+    """What the run of the fire at ``fire_at`` did (the scheduler or a trigger ran it: the submit goes
+    through the gateway's submit path, so it cannot happen inside a decider)."""
+
+    fire_at: datetime
+    task_id: Token | None
+    outcome: ScheduleRunOutcome
+    reason: ShortText | None = None
+    cancelled_task_id: Token | None = None
+    manual: bool = False

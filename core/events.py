@@ -420,6 +420,68 @@ class EnvironmentDeleted(Event, frozen=True, tag="EnvironmentDeleted"):
     deleted_by: str
 
 
+# --- schedules ------------------------------------------------------------------------------------
+
+ScheduleOverlap = Literal["skip", "allow", "cancel_previous"]
+ScheduleRunOutcome = Literal["submitted", "skipped", "cancelled_previous", "denied", "failed"]
+
+
+class ScheduleCreated(Event, frozen=True, tag="ScheduleCreated"):
+    """The schedule ``schedule_id`` submits ``task`` (a submit body) at each time ``cron`` names in
+    ``timezone``. ``generation`` counts the schedules of this id (a deleted id may be created again):
+    fire timers and run task ids carry it, so nothing of an earlier one fires into a later one."""
+
+    schedule_id: str
+    cron: str
+    timezone: str
+    task: dict[str, Any]
+    overlap: ScheduleOverlap
+    paused: bool
+    next_fire_at: datetime | None
+    """Computed from the command's time: null when created paused."""
+    generation: int
+    created_by: str
+
+
+class SchedulePaused(Event, frozen=True, tag="SchedulePaused"):
+    """No more fires until resumed; a fire that came and has no run yet is dropped."""
+
+    by: str
+
+
+class ScheduleResumed(Event, frozen=True, tag="ScheduleResumed"):
+    """Fires again from ``next_fire_at`` (the first cron time after the resume: none is caught up)."""
+
+    by: str
+    next_fire_at: datetime
+
+
+class ScheduleFired(Event, frozen=True, tag="ScheduleFired"):
+    """timer: the cron time ``at`` of generation ``generation`` has come. The schedule then waits for
+    its run to be recorded (``ScheduleRunRecorded``) before it arms the next fire."""
+
+    generation: int
+
+
+class ScheduleRunRecorded(Event, frozen=True, tag="ScheduleRunRecorded"):
+    """What the fire at ``fire_at`` (or a trigger, ``manual``) did: submitted ``task_id``, skipped it
+    (the previous run still open), cancelled the previous run and submitted, or the submit was denied
+    by policy or failed. ``next_fire_at`` is the next cron time after the later of ``fire_at`` and the
+    recording's own time: after downtime, one catch-up run, not a burst."""
+
+    fire_at: datetime
+    task_id: str | None
+    outcome: ScheduleRunOutcome
+    reason: str | None = None
+    cancelled_task_id: str | None = None
+    manual: bool = False
+    next_fire_at: datetime | None = None
+
+
+class ScheduleDeleted(Event, frozen=True, tag="ScheduleDeleted"):
+    by: str
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskSubmissionDenied
@@ -451,7 +513,10 @@ WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | Worke
 AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked
 PolicyEvent = PolicyBundlePushed
 EnvironmentEvent = EnvironmentDefined | EnvironmentDeleted
-AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent | EnvironmentEvent
+ScheduleEvent = (
+    ScheduleCreated | SchedulePaused | ScheduleResumed | ScheduleFired | ScheduleRunRecorded | ScheduleDeleted
+)
+AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent | EnvironmentEvent | ScheduleEvent
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
@@ -461,6 +526,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         *AccessEvent.__args__,  # type: ignore[attr-defined]
         PolicyBundlePushed,
         *EnvironmentEvent.__args__,  # type: ignore[attr-defined]
+        *ScheduleEvent.__args__,  # type: ignore[attr-defined]
     )
 }
 

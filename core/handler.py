@@ -19,14 +19,16 @@ from typing import Any
 
 import msgspec
 
+from core import telemetry
 from core.access import API_KEY, ORG
-from core.commands import Actor, Command
+from core.commands import Actor, ClaimTask, Command
 from core.decider import Decider, DecisionContext, Timer
 from core.environments import ENVIRONMENTS
 from core.errors import ConcurrencyExhausted, Rejected
 from core.events import Event, encode_event
 from core.ids import new_id, validate_token
 from core.policy_set import POLICY_SET
+from core.schedules import SCHEDULE
 from core.store import (
     AppendMeta,
     DuplicateAppend,
@@ -91,6 +93,9 @@ class _Aggregate:
         return Outcome(events=events, state=state_then, seq=events[-1].seq, duplicate=True)
 
 
+TRACE_CONTINUED = frozenset({TASK.aggregate})
+"""Aggregates whose every command joins the trace of their creation (see ``CommandHandler._traced``)."""
+
 _REMEMBERED_WRITERS = 65_536
 """Actors whose newest write a handler remembers for read-your-writes; the least recent are forgotten
 (their reads then wait for nothing, as a reader on another gateway does)."""
@@ -102,7 +107,7 @@ class CommandHandler:
         store: JetStreamEventStore,
         *,
         clock: Clock = utc_now,
-        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET, ENVIRONMENTS),
+        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET, ENVIRONMENTS, SCHEDULE),
         max_attempts: int = 20,
         cache_size: int = 4096,
         on_commit: Callable[[str, Any, int], None] | None = None,
@@ -143,6 +148,97 @@ class CommandHandler:
         correlation_id: str | None = None,
         causation_id: str | None = None,
     ) -> Outcome:
+        """Decide and append ``command``. Without a ``correlation_id`` the events carry the one bound in
+        ``core.telemetry`` (the gateway binds each request's X-Request-Id there), if any. With tracing
+        on, a span covers the decision and the append; see :meth:`_traced`."""
+        if correlation_id is None:
+            correlation_id = telemetry.correlation_id.get()
+        if telemetry.enabled():
+            return await self._traced(org, command, actor, command_id, correlation_id, causation_id)
+        return await self._handle(org, command, actor, command_id, correlation_id, causation_id)
+
+    async def _traced(
+        self,
+        org: str,
+        command: Command,
+        actor: Actor,
+        command_id: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+    ) -> Outcome:
+        """The command in a span. A command on a task continues the task's trace (the one its submit
+        started, whose ``traceparent`` its first event keeps) when it comes from another trace, linking
+        the caller's: so a claim, a human's approval or an admin's cancel shows in the task's one trace,
+        and the request they came with stays one hop away."""
+        decider = self._decider_for(command)
+        aggregate_id = decider.aggregate_id(command)
+        origin = await self._trace_origin(org, decider, command, actor)
+        caller = telemetry.current_traceparent()
+        joins = origin is not None and telemetry.trace_id_of(origin) != telemetry.trace_id_of(caller)
+        attributes = {
+            "cp.org": org,
+            "cp.aggregate": decider.aggregate,
+            "cp.aggregate_id": aggregate_id,
+            "cp.command": type(command).__name__,
+            "cp.actor": actor.id,
+        }
+        with telemetry.span(
+            f"command {type(command).__name__}",
+            attributes,
+            parent=origin if joins else None,
+            links=[caller] if joins else (),
+            fine=(Rejected,),
+            # A claim the gateway lost to another claimer is noise: it tries the next candidate at once.
+            dropped=(Rejected,) if isinstance(command, ClaimTask) else (),
+        ) as span:
+            outcome = await self._handle(org, command, actor, command_id, correlation_id, causation_id)
+            telemetry.set_attributes(
+                span,
+                {
+                    "cp.seq": outcome.seq,
+                    "cp.events": ",".join(type(item.event).__name__ for item in outcome.events),
+                    "cp.duplicate": outcome.duplicate,
+                },
+            )
+            return outcome
+
+    async def _trace_origin(self, org: str, decider: Decider[Any], command: Command, actor: Actor) -> str | None:
+        """The ``traceparent`` a command on a task continues: its first event's. Only tasks: a worker or
+        an org lives for months, and its heartbeats belong to no one trace. Read from the cache; on a miss
+        the aggregate is loaded now (the first attempt would load it anyway), unless the command creates
+        it, which has no trace to continue and need not read."""
+        if decider.aggregate not in TRACE_CONTINUED:
+            return None
+        subject = aggregate_subject(org, decider.aggregate, decider.aggregate_id(command))
+        cached = self._cache.get(subject)
+        if cached is None:
+            try:
+                decider.decide(decider.initial, command, DecisionContext(org=org, now=self._clock(), actor=actor))
+                return None
+            except Rejected:
+                pass
+            async with self._lock(subject):
+                cached = await self._load(subject, decider, refresh=True)
+        return cached.history[0].traceparent if cached.history else None
+
+    async def origin(self, org: str, aggregate: str, aggregate_id: str) -> RecordedEvent | None:
+        """The aggregate's first event (its creation, with the correlation id and ``traceparent`` of the
+        request that made it); from the cache when it holds the aggregate, as after a command on it."""
+        subject = aggregate_subject(org, aggregate, aggregate_id)
+        cached = self._cache.get(subject)
+        if cached is None or not cached.history:
+            cached = await self._refreshed(org, aggregate, aggregate_id)
+        return cached.history[0] if cached.history else None
+
+    async def _handle(
+        self,
+        org: str,
+        command: Command,
+        actor: Actor,
+        command_id: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+    ) -> Outcome:
         decider = self._decider_for(command)
         subject = aggregate_subject(org, decider.aggregate, decider.aggregate_id(command))
         command_id = validate_token(command_id, "command id") if command_id is not None else new_id()
@@ -168,7 +264,8 @@ class CommandHandler:
                         continue  # refused by a cached state (a timer may have fired since): read, decide again
                 new_state = decider.fold(events, aggregate.state)
                 armed, cancelled = _timer_changes(decider, aggregate.state, new_state, subject)
-                meta = AppendMeta(command_id, actor.id, now, correlation_id, causation_id)
+                traceparent = telemetry.current_traceparent()
+                meta = AppendMeta(command_id, actor.id, now, correlation_id, causation_id, traceparent)
                 try:
                     seqs = await self._store.append(
                         subject, events, expected_last_seq=aggregate.last_seq, meta=meta, schedules=armed
@@ -186,6 +283,7 @@ class CommandHandler:
                         actor=actor.id,
                         correlation_id=correlation_id,
                         causation_id=causation_id,
+                        traceparent=traceparent,
                     )
                     for seq, event in zip(seqs, events, strict=True)
                 )

@@ -42,6 +42,9 @@ H_ACTOR = "Cp-Actor"
 H_CORRELATION = "Cp-Correlation-Id"
 H_CAUSATION = "Cp-Causation-Id"
 H_TIME = "Cp-Time"
+H_TRACEPARENT = "traceparent"
+"""The W3C trace context of the command that appended the event (set only while tracing is on): how a
+span in another process (a projection batch, a runner continuing a task) joins the command's trace."""
 TIMER_ACTOR = "system:timer"
 
 _ERR_WRONG_LAST_SEQUENCE = 10071
@@ -84,6 +87,7 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     actor: str | None = None
     correlation_id: str | None = None
     causation_id: str | None = None
+    traceparent: str | None = None
 
 
 class AppendMeta(msgspec.Struct, frozen=True):
@@ -92,6 +96,7 @@ class AppendMeta(msgspec.Struct, frozen=True):
     time: datetime
     correlation_id: str | None = None
     causation_id: str | None = None
+    traceparent: str | None = None
 
 
 class Schedule(msgspec.Struct, frozen=True):
@@ -336,6 +341,8 @@ class JetStreamEventStore:
             headers[H_CORRELATION] = meta.correlation_id
         if meta.causation_id:
             headers[H_CAUSATION] = meta.causation_id
+        if meta.traceparent:
+            headers[H_TRACEPARENT] = meta.traceparent
         return headers
 
     @staticmethod
@@ -350,6 +357,8 @@ class JetStreamEventStore:
         }
         if meta.correlation_id:
             headers[H_CORRELATION] = meta.correlation_id
+        if meta.traceparent:  # the fired timer's event belongs to the trace that armed it
+            headers[H_TRACEPARENT] = meta.traceparent
         return headers
 
     async def _publish_batch(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> int:
@@ -450,6 +459,7 @@ def _recorded(
         actor=headers.get(H_ACTOR),
         correlation_id=headers.get(H_CORRELATION),
         causation_id=headers.get(H_CAUSATION),
+        traceparent=headers.get(H_TRACEPARENT),
     )
 
 

@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
-from gateway import approvals, environments, keys, policy_bundles, streams, system, tasks, usage, workers
+from gateway import approvals, environments, keys, policy_bundles, schedules, streams, system, tasks, usage, workers
 from gateway.console import routes as console_routes
+from gateway.observe import RequestTelemetry
 from gateway.problems import Problem, handle_problem, problem_response
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE
@@ -64,6 +65,13 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/environments/{name}", environments.get_environment, methods=["GET"]),
         Route("/v1/environments/{name}", environments.replace, methods=["PUT"]),
         Route("/v1/environments/{name}", environments.delete, methods=["DELETE"]),
+        Route("/v1/schedules", schedules.create, methods=["POST"]),
+        Route("/v1/schedules", schedules.list_schedules, methods=["GET"]),
+        Route("/v1/schedules/{schedule_id}", schedules.get_schedule, methods=["GET"]),
+        Route("/v1/schedules/{schedule_id}", schedules.delete, methods=["DELETE"]),
+        Route("/v1/schedules/{schedule_id}/pause", schedules.pause, methods=["POST"]),
+        Route("/v1/schedules/{schedule_id}/resume", schedules.resume, methods=["POST"]),
+        Route("/v1/schedules/{schedule_id}/trigger", schedules.trigger, methods=["POST"]),
         Route("/v1/stats", system.stats, methods=["GET"]),
         Route("/v1/usage", usage.usage, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
@@ -86,7 +94,8 @@ def build_app(svc: Services) -> Starlette:
     )
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(ObserveRequests, services=svc)],
+        # RequestTelemetry outermost: every answer, the 503 of ObserveRequests too, carries the request id.
+        middleware=[Middleware(RequestTelemetry), Middleware(ObserveRequests, services=svc)],
         exception_handlers={kind: handle_problem for kind in handled},
     )
     app.state.services = svc

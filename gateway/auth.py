@@ -22,7 +22,7 @@ from gateway.problems import Problem
 
 # What each role may do; admin may do everything.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "submitter": frozenset({"read", "submit", "cancel"}),
+    "submitter": frozenset({"read", "submit", "cancel", "schedule"}),
     "worker": frozenset({"read", "claim", "lease", "workers"}),
     "approver": frozenset({"read", "decide"}),
     "viewer": frozenset({"read"}),

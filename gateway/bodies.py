@@ -10,6 +10,7 @@ import msgspec
 from core.commands import (
     Approver,
     Capabilities,
+    CronExpression,
     EnvironmentName,
     EnvironmentQueues,
     JournalIndex,
@@ -20,8 +21,9 @@ from core.commands import (
     Seconds,
     ShortText,
     SignalName,
+    TimeZoneName,
 )
-from core.events import ApprovalKind, Escalation, Priority
+from core.events import ApprovalKind, Escalation, Priority, ScheduleOverlap
 from core.ids import Token, whole
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -183,3 +185,15 @@ class PolicyBundleBody(msgspec.Struct, frozen=True):
     data: dict[str, Any] = {}
     wasm: bytes | None = None
     revision: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+class ScheduleBody(msgspec.Struct, frozen=True):
+    """``POST /v1/schedules``: submit ``task`` (a submit body, as ``POST /v1/tasks`` takes) at each time
+    ``cron`` names in ``timezone``; ``overlap`` says what a fire does while the previous run is open."""
+
+    cron: CronExpression
+    task: SubmitTaskBody
+    id: Token | None = None
+    timezone: TimeZoneName = "UTC"
+    overlap: ScheduleOverlap = "skip"
+    paused: bool = False

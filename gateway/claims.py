@@ -13,7 +13,7 @@ from bisect import insort
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -28,6 +28,9 @@ from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.task import TASK, Task
 from projections.read import ReadModel
+
+if TYPE_CHECKING:
+    from gateway.metrics import LogObserver
 
 log = logging.getLogger(__name__)
 TASK_EVENTS = f"{EVENTS_PREFIX}.*.task.*"
@@ -143,8 +146,13 @@ class OpenTasks:
 class ClaimIndex:
     """``OpenTasks`` kept current: loaded from the read model, then following the log."""
 
-    def __init__(self, nc: NATS, read_model: ReadModel, *, stream: str = STREAM_NAME) -> None:
+    def __init__(
+        self, nc: NATS, read_model: ReadModel, *, stream: str = STREAM_NAME, observer: LogObserver | None = None
+    ) -> None:
+        """``observer`` (the operator metrics) is seeded with the snapshot and then handed every task
+        event this index follows, once each, in log order: one reading of the log serves both."""
         self._nc, self._read_model, self._stream = nc, read_model, stream
+        self._observer = observer
         self._open = OpenTasks()
         self.candidates = self._open.candidates
         """What a claim may take now: :meth:`OpenTasks.candidates` of the tasks this index keeps."""
@@ -164,6 +172,8 @@ class ClaimIndex:
         tasks, self._position = await self._read_model.open_tasks()
         for org, task, seq in tasks:
             self._open.put(org, task, seq)
+            if self._observer is not None:
+                self._observer.seed(org, task, seq)
         log.info("claim index: %d open tasks at seq %d; following the log", len(self._open), self._position)
         self._follower = asyncio.create_task(self._follow())
 
@@ -229,6 +239,11 @@ class ClaimIndex:
         except (UnknownEvent, msgspec.DecodeError):  # the projector reports it; a claim cannot use it
             log.warning("claim index: cannot read the event at seq %d on %s", self._position, msg.subject)
             return
+        if self._observer is not None:
+            try:
+                self._observer.fold(recorded)
+            except Exception:  # a metrics bug must never stop claims from seeing the log
+                log.exception("claim index: the observer failed on the event at seq %d", self._position)
         opened = self._open.fold(recorded)
         if opened is not None:
             self._wake(*opened)

@@ -16,7 +16,8 @@ from gateway.console.sessions import SessionStore
 from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
 from gateway.policy import SubmitGate
-from gateway.services import Limits, Services
+from gateway.scheduler import Scheduler
+from gateway.services import Limits, Metrics, Services
 from projections.read import ReadModel
 from projections.schema import migrate
 
@@ -27,6 +28,8 @@ class GatewaySettings:
     database_url: str
     jwt: JwtSettings = field(default_factory=JwtSettings)
     limits: Limits = field(default_factory=Limits)
+    scheduler: bool = True
+    """Run the scheduler (schedules' fires) in this gateway; every gateway may: they share its consumer."""
 
     @classmethod
     def from_env(cls, nats_url: str, database_url: str) -> GatewaySettings:
@@ -66,7 +69,8 @@ async def open_services(settings: GatewaySettings) -> Services:
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=10)
     await migrate(pool)
     read_model = ReadModel(pool)
-    claim_index = ClaimIndex(store.nc, read_model, stream=store.stream)
+    metrics = Metrics()
+    claim_index = ClaimIndex(store.nc, read_model, stream=store.stream, observer=metrics.events)
     await claim_index.start()
 
     def on_commit(subject: str, state: object, seq: int) -> None:
@@ -78,7 +82,7 @@ async def open_services(settings: GatewaySettings) -> Services:
     keyring = KeyRing(handler, read_model)
     submit_gate = await SubmitGate.open(handler, claim_index, read_model)
     auth = Authenticator(keyring.lookup, settings.jwt)
-    return Services(
+    services = Services(
         store=store,
         handler=handler,
         read_model=read_model,
@@ -88,10 +92,17 @@ async def open_services(settings: GatewaySettings) -> Services:
         idempotency=await IdempotencyRecords.open(store),
         sessions=await SessionStore.open(store, auth),
         limits=settings.limits,
+        metrics=metrics,
     )
+    if settings.scheduler:
+        services.scheduler = Scheduler(services)
+        await services.scheduler.start()
+    return services
 
 
 async def close_services(svc: Services) -> None:
+    if svc.scheduler is not None:
+        await svc.scheduler.stop()
     svc.submit_gate.close()
     await svc.claim_index.stop()
     await svc.handler.close()

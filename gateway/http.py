@@ -15,6 +15,7 @@ import nats.errors
 from starlette.requests import Request
 from starlette.responses import Response
 
+from core import telemetry
 from core.ids import validate_token
 from gateway.auth import Principal
 from gateway.console.sessions import SESSION_COOKIE
@@ -50,6 +51,7 @@ async def principal(request: Request, permission: str) -> Principal:
         if exc.status == 401:
             svc.failed_auth.retry_after(address)
         raise
+    telemetry.org.set(who.org)  # the rest of the request's log lines name the org (reset with the request's task)
     wait = svc.rate_limiter.retry_after(who.credential_id)
     if wait > 0:
         raise Problem(429, f"rate limit exceeded; retry in {wait:.2f} s", headers={"Retry-After": str(int(wait) + 1)})
@@ -144,9 +146,12 @@ def path_id(request: Request, name: str, what: str) -> str:
     """A path id that is not a valid token names nothing: 404, and it never reaches a subject."""
     value = request.path_params[name]
     try:
-        return validate_token(value, what)
+        valid = validate_token(value, what)
     except ValueError as exc:
         raise Problem(404, f"{what} {value!r} not found") from exc
+    if what == "task":
+        telemetry.task_id.set(valid)  # on the request's log lines from here on
+    return valid
 
 
 def idempotency_key(request: Request) -> str | None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,8 +18,12 @@ from gateway.console.sessions import SessionStore
 from gateway.environment_map import EnvironmentDirectory
 from gateway.idempotency import IdempotencyRecords
 from gateway.lru import Lru
+from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
 from gateway.policy import SubmitGate
 from projections.read import ReadModel
+
+if TYPE_CHECKING:
+    from gateway.scheduler import Scheduler
 
 
 @dataclass
@@ -130,6 +135,11 @@ class Metrics:
         self.projection_lag = Gauge(
             "cp_projection_lag_events", "Events in the log not yet folded", ["projection"], registry=self.registry
         )
+        # What operators alert on (gateway/metrics.py, ADR 0009): folded from the log the claim index
+        # follows, and read from the read model at scrape time.
+        self.labels = LabelBudget.from_env()
+        self.events = EventMetrics(self.registry, self.labels)
+        self.queues = QueueGauges(self.registry, self.labels, ttl=cache_seconds())
 
 
 @dataclass
@@ -154,6 +164,8 @@ class Services:
     """Each org's environments, read from the log at every use (a submit's environment gates it)."""
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
+    scheduler: Scheduler | None = None
+    """The schedules' fire runner this process runs (gateway/scheduler.py), started and stopped with it."""
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)

@@ -62,6 +62,7 @@ async def metrics(request: Request) -> Response:
             svc.metrics.projection_lag.labels(projection=name).set(lag)
     except Exception:  # metrics stay available while NATS is not
         pass
+    await svc.metrics.queues.refresh(svc.read_model)  # cached: at most one query per few seconds
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -197,6 +198,28 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
         None,
         "204",
     ),
+    (
+        "post",
+        "/v1/schedules",
+        "Create a schedule: submit `task` at each time `cron` names in `timezone`; overlap skip, allow or"
+        " cancel_previous (admin, submitter); 422 for a bad cron or time zone",
+        "schedule",
+        bodies.ScheduleBody,
+        "201",
+    ),
+    ("get", "/v1/schedules", "List the org's schedules: {items}", "schedule", None, "200"),
+    ("get", "/v1/schedules/{schedule_id}", "Get a schedule", "schedule", None, "200"),
+    ("delete", "/v1/schedules/{schedule_id}", "Delete a schedule (no more fires)", "schedule", None, "204"),
+    ("post", "/v1/schedules/{schedule_id}/pause", "Pause a schedule", "schedule", None, "200"),
+    ("post", "/v1/schedules/{schedule_id}/resume", "Resume from the next cron time", "schedule", None, "200"),
+    (
+        "post",
+        "/v1/schedules/{schedule_id}/trigger",
+        "Run a schedule now (its overlap policy applies): the schedule, with last_task_id",
+        "schedule",
+        None,
+        "200",
+    ),
     ("get", "/v1/stats", "Counts by status and projection lag", "read", None, "200"),
     (
         "get",
@@ -222,6 +245,7 @@ _QUERY = {
     "/v1/events": ["types", "queue", "after"],
     "/v1/tasks/{task_id}/events": ["after"],
     "/v1/usage": ["from", "to", "group_by", "queue", "workflow", "min_seq"],
+    "/v1/schedules": ["min_seq"],
 }
 _ERRORS = {
     "400": "Malformed body",

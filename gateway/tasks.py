@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.commands import (
+    Actor,
     CancelTask,
     ClaimTask,
     CompleteTask,
@@ -29,7 +30,8 @@ from core.commands import (
     WaitForSignal,
 )
 from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
-from core.events import ApprovalRequested, PolicyDecision, SignalConsumed, WorkflowRef
+from core.events import ApprovalRequested, PolicyDecision, SignalConsumed, TaskSubmissionDenied, WorkflowRef
+from core.handler import Outcome
 from core.ids import new_id
 from core.subjects import aggregate_subject
 from core.task import SIGNAL_ROLES, Task, hosted_workflow_versions, next_approval_id, workflow_capability
@@ -65,6 +67,7 @@ from gateway.http import (
 )
 from gateway.problems import Problem
 from gateway.queries import TaskList, TaskRead
+from gateway.services import Services
 from gateway.views import approval_document, task_document
 from policies_wasm import PolicyError
 from projections.read import DATABASE_UNAVAILABLE
@@ -81,8 +84,36 @@ async def submit(request: Request) -> Response:
     key = idempotency_key(request)
     task_id = new_id() if key is None else derived_id(who.org, who.credential_id, key, "task")
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-    queue, environment = await _route(request, who.org, spec)
-    decision, policy_version = await _submit_decision(request, who.org, spec, queue, environment)
+    try:
+        outcome = await submit_task(
+            services(request),
+            who.org,
+            spec,
+            task_id=task_id,
+            actor=who.actor,
+            command_id=command_id(request, who, "submit", fingerprint),
+        )
+    except AlreadyExists as exc:
+        raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc
+    if outcome.state is None:  # the denial is in the log; a retry with the same key gets it again
+        raise Problem(403, f"the submit policy denied this task: {'; '.join(denial_reasons(outcome))}")
+    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id), 201)
+
+
+def denial_reasons(outcome: Outcome) -> list[str]:
+    """Why the submit policy denied a submission whose outcome holds no task."""
+    denied = outcome.events[0].event
+    return denied.decision.reasons if isinstance(denied, TaskSubmissionDenied) else []
+
+
+async def submit_task(
+    svc: Services, org: str, spec: SubmitTaskBody, *, task_id: str, actor: Actor, command_id: str | None
+) -> Outcome:
+    """The one submit path, for the API and for schedules: route by the org's environments, ask the
+    submit policy, pin the workflow, append. Raises ``Problem`` (422 routing, 503 policy) and the
+    handler's ``Rejected``; a denial is an outcome whose state is None."""
+    queue, environment = await _route(svc, org, spec)
+    decision, policy_version = await _submit_decision(svc, org, spec, queue, environment)
     command = SubmitTask(
         task_id=task_id,
         task_type=spec.type,
@@ -94,28 +125,19 @@ async def submit(request: Request) -> Response:
         timeout_seconds=spec.timeout_seconds,
         retry_backoff_seconds=spec.retry_backoff_seconds,
         metadata=spec.metadata,
-        workflow=None if spec.workflow is None else await _pinned_workflow(request, who.org, spec, queue),
+        workflow=None if spec.workflow is None else await _pinned_workflow(svc, org, spec, queue),
         policy=decision,
         policy_version=policy_version,
         environment=environment,
     )
-    try:
-        outcome = await services(request).handler.handle(
-            who.org, command, actor=who.actor, command_id=command_id(request, who, "submit", fingerprint)
-        )
-    except AlreadyExists as exc:
-        raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc
-    if outcome.state is None:  # the denial is in the log; a retry with the same key gets it again
-        denied = outcome.events[0].event
-        raise Problem(403, f"the submit policy denied this task: {'; '.join(denied.decision.reasons)}")  # type: ignore[union-attr]
-    return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id), 201)
+    return await svc.handler.handle(org, command, actor=actor, command_id=command_id)
 
 
-async def _route(request: Request, org: str, spec: SubmitTaskBody) -> tuple[str, str | None]:
+async def _route(svc: Services, org: str, spec: SubmitTaskBody) -> tuple[str, str | None]:
     """The task's queue and that queue's environment, from the org's environments as the log holds them
     now. A submit naming an environment and no queue goes to the environment's first queue; naming
     both, the queue must be one of the environment's. The submitter's metadata plays no part."""
-    environments, _ = await services(request).environments.current(org)
+    environments, _ = await svc.environments.current(org)
     if spec.environment is None:
         queue = spec.queue or DEFAULT_QUEUE
         holder = environments.of_queue(queue)
@@ -145,24 +167,22 @@ async def _route(request: Request, org: str, spec: SubmitTaskBody) -> tuple[str,
 
 
 async def _submit_decision(
-    request: Request, org: str, spec: SubmitTaskBody, queue: str, environment: str | None
+    svc: Services, org: str, spec: SubmitTaskBody, queue: str, environment: str | None
 ) -> tuple[PolicyDecision, int | None]:
     try:
-        return await services(request).submit_gate.decide(org, spec, queue=queue, environment=environment)
+        return await svc.submit_gate.decide(org, spec, queue=queue, environment=environment)
     except PolicyError as exc:
         raise Problem(503, f"the submit policy could not decide ({exc}); nothing was submitted") from exc
 
 
-async def _pinned_workflow(request: Request, org: str, spec: SubmitTaskBody, queue: str) -> WorkflowRef:
+async def _pinned_workflow(svc: Services, org: str, spec: SubmitTaskBody, queue: str) -> WorkflowRef:
     """A workflow named without a version is pinned to the newest version a live runner on the task's
     queue hosts. Without one (or without the read model) the first claim pins it instead."""
     assert spec.workflow is not None
     name, version = spec.workflow.name, spec.workflow.version
     if version is None:
         try:
-            runners = await services(request).read_model.list_workers(
-                org, queue=queue, capability=workflow_capability(name, None)
-            )
+            runners = await svc.read_model.list_workers(org, queue=queue, capability=workflow_capability(name, None))
         except DATABASE_UNAVAILABLE:  # submitting needs only the log
             runners = []
         hosted = [
@@ -238,8 +258,8 @@ async def claim(request: Request) -> Response:
     claimed = await _claim(request, who, spec, max_tasks=1)
     if not claimed:
         return Response(status_code=204)
-    [(document, lease, seq)] = claimed
-    return json({"task": document, "lease": lease, "seq": seq})
+    [(document, lease, seq, trace)] = claimed
+    return json({"task": document, "lease": lease, "seq": seq, "trace": trace})
 
 
 async def claim_batch(request: Request) -> Response:
@@ -250,12 +270,14 @@ async def claim_batch(request: Request) -> Response:
     claimed = await _claim(request, who, spec, max_tasks=spec.max_tasks)
     if not claimed:
         return Response(status_code=204)
-    items = [{"task": document, "lease": lease} for document, lease, _ in claimed]
-    return json({"items": items, "seq": max(seq for _, _, seq in claimed)})
+    items = [{"task": document, "lease": lease, "trace": trace} for document, lease, _, trace in claimed]
+    return json({"items": items, "seq": max(seq for _, _, seq, _ in claimed)})
 
 
-Claimed = tuple[dict[str, Any], dict[str, Any], int]
-"""A claimed task's document, its lease and the claim's stream sequence."""
+Claimed = tuple[dict[str, Any], dict[str, Any], int, dict[str, str | None]]
+"""A claimed task's document, its lease, the claim's stream sequence, and its ``trace``: the correlation id
+and ``traceparent`` of its submit, which the runner sends on with every call for the task (so its events
+carry the submit's correlation id, and its spans join the submit's trace)."""
 
 
 async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks: int) -> list[Claimed]:
@@ -288,7 +310,12 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             await svc.idempotency.remember(lease_id, task_id)
         claimed = next(r for r in outcome.events if getattr(r.event, "lease_id", None) == lease_id)
         lease = {"id": lease_id, "expires_at": claimed.event.lease_expires_at}  # type: ignore[union-attr]
-        return task_document(outcome.state, outcome.seq, viewer=who.actor.id), lease, outcome.seq
+        origin = await svc.handler.origin(who.org, "task", task_id)  # cached: the claim just read the task
+        trace = {
+            "correlation_id": None if origin is None else origin.correlation_id,
+            "traceparent": None if origin is None else origin.traceparent,
+        }
+        return task_document(outcome.state, outcome.seq, viewer=who.actor.id), lease, outcome.seq, trace
 
     if key is not None:
         recalled = await asyncio.gather(*(svc.idempotency.recall(lease_id) for lease_id in lease_ids))

@@ -29,6 +29,7 @@ _GROUPS: tuple[tuple[str, Any, str], ...] = (
     ("API keys", events.ApiKeyCreated | events.ApiKeyRevoked, "`cp.<org>.apikey.<key id>`"),
     ("Policy bundles", events.PolicyBundlePushed, "`cp.<org>.policy.bundles`"),
     ("Environments", events.EnvironmentEvent, "`cp.<org>.environments.all`"),
+    ("Schedules", events.ScheduleEvent, "`cp.<org>.schedule.<schedule id>`"),
 )
 
 _SCALARS: dict[Any, str] = {

@@ -33,6 +33,7 @@ from core.events import (
     TaskSubmitted,
     WorkflowOperationRecorded,
 )
+from core.schedules import SCHEDULE, SCHEDULE_AGGREGATE, ScheduleState
 from core.store import RecordedEvent
 from core.task import TASK, TaskState
 from core.worker import WORKER, WorkerState
@@ -441,6 +442,58 @@ class EnvironmentTable(StateTable[Environments]):
         )
 
 
+_SCHEDULES = Upsert(
+    "schedules",
+    key=("org_id", "id"),
+    columns=(
+        ("org_id", "text"),
+        ("id", "text"),
+        ("cron", "text"),
+        ("timezone", "text"),
+        ("overlap", "text"),
+        ("paused", "boolean"),
+        ("deleted", "boolean"),
+        ("next_fire_at", "timestamptz"),
+        ("last_task_id", "text"),
+        ("created_at", "timestamptz"),
+        ("state", "jsonb"),
+        ("seq", "bigint"),
+    ),
+)
+
+
+class ScheduleTable(JsonStateTable[ScheduleState]):
+    """A row per schedule; a deleted one keeps its row (flagged), so one created again under its id
+    folds on from it as the log does."""
+
+    decider = SCHEDULE
+    table = "schedules"
+    decoder = msgspec.json.Decoder(ScheduleState)
+
+    async def save(self, conn: asyncpg.Connection, folded: dict[AggregateKey, Folded[ScheduleState]]) -> None:
+        await _SCHEDULES(
+            conn,
+            [
+                (
+                    org,
+                    s.id,
+                    s.cron,
+                    s.timezone,
+                    s.overlap,
+                    s.paused,
+                    s.deleted,
+                    s.next_fire_at,
+                    s.last_task_id,
+                    s.created_at,
+                    to_json(s),
+                    item.seq,
+                )
+                for (org, _), item in folded.items()
+                if (s := item.state) is not None
+            ],
+        )
+
+
 def fold(
     decider: Decider[S], histories: dict[AggregateKey, list[RecordedEvent]], states: dict[AggregateKey, S]
 ) -> tuple[dict[AggregateKey, Folded[S]], int]:
@@ -474,6 +527,11 @@ class Projection(ABC):
         """Fold ``events`` (stream order, all newer than the checkpoint) inside the caller's
         transaction; returns how many were skipped because they could not be folded."""
 
+    def reads(self, aggregate: str) -> bool:
+        """Whether events of ``aggregate`` may change these tables (a batch of none of them is traced
+        by no span; see ``projections.projector``)."""
+        return True
+
 
 class StateProjection(Projection):
     """Tables holding aggregate states, one :class:`StateTable` per aggregate type."""
@@ -482,6 +540,9 @@ class StateProjection(Projection):
         self.name = name
         self.tables = tables
         self._states = states
+
+    def reads(self, aggregate: str) -> bool:
+        return aggregate in self._states
 
     async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
         histories: dict[str, dict[AggregateKey, list[RecordedEvent]]] = defaultdict(lambda: defaultdict(list))
@@ -516,6 +577,9 @@ class WorkersProjection(StateProjection):
 
     def __init__(self) -> None:
         super().__init__("workers", ("workers", "worker_counters"), {"worker": WorkerTable()})
+
+    def reads(self, aggregate: str) -> bool:
+        return aggregate in ("worker", "task")
 
     async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
         failures = await super().apply(conn, events)
@@ -623,6 +687,9 @@ class UsageProjection(Projection):
     name = "usage"
     tables = ("usage", "usage_tasks")
 
+    def reads(self, aggregate: str) -> bool:
+        return aggregate == "task"
+
     async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
         relevant: list[tuple[AggregateKey, UsageDelta | Route]] = []
         for item in events:
@@ -671,6 +738,7 @@ PROJECTIONS: dict[str, Projection] = {
         StateProjection("access", ("orgs", "api_keys"), {"org": OrgTable(), "apikey": ApiKeyTable()}),
         UsageProjection(),
         StateProjection("environments", ("environments",), {ENVIRONMENTS_AGGREGATE: EnvironmentTable()}),
+        StateProjection("schedules", ("schedules",), {SCHEDULE_AGGREGATE: ScheduleTable()}),
     )
 }
 

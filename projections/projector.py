@@ -43,9 +43,9 @@ import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -55,8 +55,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from core import telemetry
 from core.ids import new_id
-from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
+from core.store import H_TRACEPARENT, STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from projections.folds import Projection, select
 from projections.schema import (
@@ -186,6 +187,32 @@ async def commit_batch(
         if applied:
             await conn.execute(_SAVE_CHECKPOINTS, [keys[name] for name in applied], last_seq)
     return BatchResult(last_seq, tuple(applied), skipped)
+
+
+def _batch_trace(projection: Projection, msgs: Sequence[Msg]) -> tuple[dict[str, Any], str | None, list[str]] | None:
+    """The attributes, parent and links of a batch's span, or None for no span: tracing is off, or no
+    event of the batch is of an aggregate the projection reads (every projection sees every event, and
+    a span per projection per batch of events it ignores would cost more than it tells). The batch joins
+    the trace of its first traced event (at low load a batch holds one task's events, whose trace then
+    shows when the read model got them) and links the traces of the others, up to ``telemetry.MAX_LINKS``."""
+    if not telemetry.enabled():
+        return None
+    if not any(projection.reads(_aggregate_of(msg.subject)) for msg in msgs):
+        return None
+    traced = [value for msg in msgs if msg.headers and (value := msg.headers.get(H_TRACEPARENT))]
+    attributes = {
+        "cp.projection": projection.name,
+        "cp.events": len(msgs),
+        "cp.first_seq": msgs[0].metadata.sequence.stream,
+        "cp.last_seq": msgs[-1].metadata.sequence.stream,
+    }
+    return attributes, traced[0] if traced else None, traced[1:]
+
+
+def _aggregate_of(subject: str) -> str:
+    """``cp.<org>.<aggregate>.<id>``'s aggregate, without validating (``decode`` reports bad subjects)."""
+    parts = subject.split(".", 3)
+    return parts[2] if len(parts) == 4 else ""
 
 
 async def _apply_bisecting(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
@@ -522,7 +549,14 @@ class Projector:
         try:
             while (msgs := await self._next_batch(puller, stopped)) is not None:
                 if msgs:
-                    result = await commit_batch(conn, [projection], msgs, self._shard)
+                    traced = _batch_trace(projection, msgs)
+                    with (
+                        telemetry.span(f"project {name}", traced[0], parent=traced[1], links=traced[2])
+                        if traced is not None
+                        else nullcontext()
+                    ) as span:
+                        result = await commit_batch(conn, [projection], msgs, self._shard)
+                        telemetry.set_attributes(span, {"cp.skipped": result.skipped})
                     self.committed[name] += len(msgs)
                     self.skipped[name] += result.skipped
                     for msg in msgs:

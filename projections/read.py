@@ -21,6 +21,7 @@ import msgspec
 
 from core.environments import Environment
 from core.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
+from core.schedules import Schedule
 from core.task import Approval, Task
 from core.worker import Worker
 from projections.folds import environment_from_row
@@ -34,6 +35,7 @@ from projections.schema import (
 )
 
 log = logging.getLogger(__name__)
+_SCHEDULE = msgspec.json.Decoder(Schedule)
 
 T = TypeVar("T")
 MAX_PAGE = 500
@@ -122,6 +124,58 @@ def check_usage_query(start: date, end: date, group_by: tuple[str, ...]) -> None
         raise ValueError(f"from {start} to {end} is {days} days; ask for at most {MAX_USAGE_DAYS} at a time")
 
 
+class QueueSummary(msgspec.Struct, frozen=True):
+    """One queue's open tasks and pending approvals (``ReadModel.queue_summary``); org and queue are
+    None on the row that sums every queue past the limit."""
+
+    org: str | None
+    queue: str | None
+    pending: int
+    running: int
+    awaiting_approval: int
+    parked: int
+    approvals_pending: int
+    oldest_waiting_since: datetime | None
+    """Since when the longest-waiting claimable task (pending, not parked, not waiting for a signal or
+    a time) has been claimable: the later of its last change and its ``not_before``."""
+    oldest_approval_since: datetime | None
+
+
+_QUEUE_SUMMARY = """
+WITH open AS MATERIALIZED (
+    SELECT org_id, id, queue, status, state->>'parked' IS NOT NULL AS parked,
+        CASE WHEN status = 'pending' AND state->>'parked' IS NULL AND state->>'signal_wait' IS NULL
+            AND (not_before IS NULL OR not_before <= now()) THEN greatest(updated_at, not_before) END AS waiting_since
+    FROM tasks WHERE status IN ('pending', 'running', 'awaiting_approval')
+), waiting_approvals AS (
+    SELECT o.org_id, o.queue, count(*) AS approvals_pending, min(a.created_at) AS oldest_approval_since
+    FROM approvals a JOIN open o ON a.org_id = o.org_id AND a.task_id = o.id
+    WHERE a.status = 'pending' GROUP BY o.org_id, o.queue
+), per_queue AS (
+    SELECT org_id, queue,
+        count(*) FILTER (WHERE status = 'pending') AS pending,
+        count(*) FILTER (WHERE status = 'running') AS running,
+        count(*) FILTER (WHERE status = 'awaiting_approval') AS awaiting_approval,
+        count(*) FILTER (WHERE parked) AS parked,
+        min(waiting_since) AS oldest_waiting_since,
+        count(*) AS open
+    FROM open GROUP BY org_id, queue
+), ranked AS (
+    SELECT p.*, coalesce(w.approvals_pending, 0) AS approvals_pending, w.oldest_approval_since,
+        row_number() OVER (ORDER BY p.open DESC, p.org_id, p.queue) <= $1 AS named
+    FROM per_queue p LEFT JOIN waiting_approvals w USING (org_id, queue)
+)
+SELECT CASE WHEN named THEN org_id END AS org, CASE WHEN named THEN queue END AS queue,
+    sum(pending)::bigint AS pending, sum(running)::bigint AS running,
+    sum(awaiting_approval)::bigint AS awaiting_approval, sum(parked)::bigint AS parked,
+    sum(approvals_pending)::bigint AS approvals_pending,
+    min(oldest_waiting_since) AS oldest_waiting_since, min(oldest_approval_since) AS oldest_approval_since
+FROM ranked GROUP BY 1, 2
+"""
+"""The status list is spelled out (not a parameter) so the planner can use the partial index
+``tasks_open``, whose predicate it must prove from the query's text."""
+
+
 class ReadModel:
     """Queries for the gateway. One instance per process; ``close`` releases its LISTEN connection."""
 
@@ -204,6 +258,18 @@ class ReadModel:
             await conn.execute("SET LOCAL cp.projector = 'on'")  # the system's own view, across orgs
             rows = await conn.fetch("SELECT org_id, id FROM workers WHERE status NOT IN ('offline', 'failed')")
         return [(row["org_id"], row["id"]) for row in rows]
+
+    async def queue_summary(self, limit: int) -> list[QueueSummary]:
+        """Per org and queue with open tasks, in every org: open tasks by status, parked ones, pending
+        approvals and the oldest claimable task and approval; the ``limit`` queues with the most open
+        tasks by name, every other one summed into one row without org or queue. One statement over the
+        open tasks only (the partial index ``tasks_open``), so its cost follows the backlog, not the
+        history; the operator metrics run it at most once per few seconds."""
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL cp.projector = 'on'")  # the system's own view, across orgs
+            await conn.execute("SET LOCAL statement_timeout = 2000")  # a slow database fails the scrape's gauges
+            rows = await conn.fetch(_QUEUE_SUMMARY, limit)
+        return [msgspec.convert(dict(row), QueueSummary) for row in rows]
 
     async def get_approval(self, org: str, approval_id: str) -> tuple[Approval, int] | None:
         return await self._get(org, "approvals", approval_id, _approval_decoder.decode)
@@ -398,6 +464,24 @@ class ReadModel:
             org, "SELECT name FROM environments WHERE org_id = $1 AND $2 = ANY(queues)", org, queue
         )
         return rows[0]["name"] if rows else None
+
+    # --- schedules ------------------------------------------------------------------------------
+
+    async def list_schedules(self, org: str, *, limit: int = 1000) -> list[tuple[Schedule, int]]:
+        """The org's live schedules, oldest first, each with the sequence of its last event folded."""
+        rows = await self._fetch(
+            org,
+            "SELECT state, seq FROM schedules WHERE org_id = $1 AND NOT deleted ORDER BY created_at, id LIMIT $2",
+            org,
+            limit,
+        )
+        return [(_SCHEDULE.decode(row["state"]), row["seq"]) for row in rows]
+
+    async def get_schedule(self, org: str, schedule_id: str) -> tuple[Schedule, int] | None:
+        rows = await self._fetch(
+            org, "SELECT state, seq FROM schedules WHERE org_id = $1 AND id = $2 AND NOT deleted", org, schedule_id
+        )
+        return (_SCHEDULE.decode(rows[0]["state"]), rows[0]["seq"]) if rows else None
 
     # --- credentials and checkpoints --------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 
-from projections.schema import _MIGRATION_LOCK, ORG_SCOPED_TABLES, READER_ROLE
+from projections.schema import MIGRATION_LOCK, ORG_SCOPED_TABLES, READER_ROLE
 
 GATEWAY_ROLE = "cp_gateway"
 PROJECTOR_ROLE = "cp_projector"
@@ -41,7 +41,7 @@ async def provision_login_roles(conn: asyncpg.Connection, passwords: Mapping[str
     if unknown or not passwords:
         raise ValueError(f"give passwords for the login roles {', '.join(LOGIN_ROLES)}, not {sorted(unknown)}")
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         schema = await conn.fetchval("SELECT current_schema()")
         for role, password in passwords.items():
             exists = await conn.fetchval("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", role)

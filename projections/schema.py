@@ -41,8 +41,8 @@ NOTIFY_CHANNEL = "cp_checkpoint"
 """``pg_notify`` channel; the payload is ``<projection>:<checkpoint seq>``."""
 
 _FIRST_ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
-ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks", "environments")
-_MIGRATION_LOCK = 0x63705F6D6967  # "cp_mig": one advisory lock id for every migrating process
+ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks", "environments", "schedules")
+MIGRATION_LOCK = 0x63705F6D6967  # "cp_mig": one advisory lock id for every migrating process
 
 
 class Migration(msgspec.Struct, frozen=True):
@@ -221,6 +221,37 @@ MIGRATIONS: tuple[Migration, ...] = (
         """
         + _row_level_security(("environments",)),
     ),
+    Migration(
+        5,
+        "tasks_open: the open tasks indexed apart, for the operator metrics' per-scrape queue summary",
+        """
+        -- The predicate is the open statuses spelled out: queries that want the index say the same.
+        CREATE INDEX tasks_open ON tasks (org_id, queue) WHERE status IN ('pending', 'running', 'awaiting_approval');
+        """,
+    ),
+    Migration(
+        6,
+        "schedules: each schedule (cron) of each org (the schedules projection)",
+        """
+        CREATE TABLE schedules (
+            org_id text NOT NULL,
+            id text NOT NULL,
+            cron text NOT NULL,
+            timezone text NOT NULL,
+            overlap text NOT NULL,
+            paused boolean NOT NULL,
+            deleted boolean NOT NULL,  -- kept, so a schedule created again under the id folds on from it
+            next_fire_at timestamptz,
+            last_task_id text,
+            created_at timestamptz NOT NULL,
+            state jsonb NOT NULL,
+            seq bigint NOT NULL,
+            PRIMARY KEY (org_id, id)
+        );
+        CREATE INDEX schedules_listing ON schedules (org_id, created_at, id) WHERE NOT deleted;
+        """
+        + _row_level_security(("schedules",)),
+    ),
 )
 
 
@@ -233,10 +264,19 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection) -> list[int]:
     if not await _may_migrate(target):
         await _require_current_schema(target)
         return []
+    # One session lock around them all: concurrent migrators then never split the versions between
+    # them (each migration still commits on its own, so a failed one keeps the ones before).
+    await target.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        return await _apply_migrations(target)
+    finally:
+        await target.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def _apply_migrations(target: asyncpg.Connection) -> list[int]:
     applied: list[int] = []
     for migration in MIGRATIONS:
         async with target.transaction():
-            await target.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await target.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
                 " (version int PRIMARY KEY, applied_at timestamptz NOT NULL)"
@@ -248,7 +288,6 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection) -> list[int]:
             log.info("applied migration %d: %s", migration.version, migration.description)
             applied.append(migration.version)
     async with target.transaction():
-        await target.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await _grant_reader(target)
     return applied
 

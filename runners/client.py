@@ -27,6 +27,7 @@ from controlplane.client.transport import (
     exchange,
     retry_after_seconds,
 )
+from core import telemetry
 
 __all__ = [
     "MAX_RETRY_AFTER_SECONDS",
@@ -101,8 +102,20 @@ class TaskApi:
         return response.json() if response.content else {}  # type: ignore[no-any-return]
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        """The first answer that is not transient, retried with backoff within the retry budget."""
-        return await self._driver.run(exchange(Call.of(method, path, body), self._retry_seconds))
+        """The first answer that is not transient, retried with backoff within the retry budget. A call
+        made for a task carries the task's correlation id as ``X-Request-Id`` (so the events it appends
+        carry the submit's) and, with tracing on, the current span as ``traceparent``."""
+        call = Call.of(method, path, body, headers=context_headers())
+        return await self._driver.run(exchange(call, self._retry_seconds))
+
+
+def context_headers() -> dict[str, str]:
+    headers = {}
+    if (correlation_id := telemetry.correlation_id.get()) is not None:
+        headers["X-Request-Id"] = correlation_id
+    if (traceparent := telemetry.current_traceparent()) is not None:
+        headers[telemetry.TRACEPARENT] = traceparent
+    return headers
 
 
 def _raise_for(response: httpx.Response) -> None:

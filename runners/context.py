@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from controlplane import logs
+from core import telemetry
 from core.events import LlmCall, LlmUsage, PolicyDecision
 from policies_wasm import Bundle, PolicyLoadError, default_bundle, input_digest
 from policies_wasm.budget import PolicyEvaluator
@@ -34,7 +36,9 @@ async def load_litellm() -> ModuleType:
     waits for it."""
     # Otherwise LiteLLM downloads its model price map at import; the bundled copy keeps a runner off the network.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    return await asyncio.to_thread(importlib.import_module, "litellm")
+    module = await asyncio.to_thread(importlib.import_module, "litellm")
+    logs.adopt()  # its lines in the runner's log format, not in a second one of LiteLLM's
+    return module
 
 
 TOOL_POLICY = "controlplane/tool"
@@ -65,6 +69,59 @@ def _provider(litellm: ModuleType, model: str) -> str | None:
         return litellm.get_llm_provider(model)[1]
     except Exception:  # LiteLLM cannot tell for a private or unknown model: record none
         return None
+
+
+def _result_attributes(kind: str, result: Any) -> dict[str, Any]:
+    """What a span says about an operation's result: for an LLM call its model, tokens and cost (the
+    OpenTelemetry GenAI names), for a policy its decision."""
+    if not isinstance(result, dict):
+        return {}
+    if kind == "llm":
+        usage = result.get("usage") or {}
+        return {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": (result.get("request") or {}).get("model"),
+            "gen_ai.response.model": result.get("model"),
+            "gen_ai.provider.name": result.get("provider"),
+            "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
+            "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
+            "cp.llm.cost_usd": result.get("cost_usd"),
+        }
+    if kind == "policy":
+        value = result.get("value")
+        decided = value if isinstance(value, dict) else {}
+        return {
+            "cp.policy.entrypoint": result.get("entrypoint"),
+            "cp.policy.engine": result.get("engine"),
+            "cp.policy.bundle_digest": result.get("bundle_digest"),
+            "cp.policy.duration_ms": result.get("duration_ms"),
+            "cp.policy.allow": decided.get("allow") if isinstance(decided.get("allow"), bool) else None,
+            "cp.policy.require_approval": decided.get("require_approval")
+            if isinstance(decided.get("require_approval"), bool)
+            else None,
+        }
+    return {}
+
+
+def _waited(approval: dict[str, Any]) -> None:
+    """A span for the time humans took, from the request to the decision: known only now, when a claim
+    after the decision replays to it, so it is recorded with those two times."""
+    try:
+        started = datetime.fromisoformat(approval["created_at"].replace("Z", "+00:00"))
+        ended = datetime.fromisoformat(approval["decided_at"].replace("Z", "+00:00"))
+    except (AttributeError, KeyError, TypeError, ValueError):  # no times to show: no span
+        return
+    telemetry.record_span(
+        f"{approval.get('kind') or 'approval'} wait",
+        int(started.timestamp() * 1e9),
+        int(ended.timestamp() * 1e9),
+        {
+            "cp.approval.id": approval.get("id"),
+            "cp.approval.status": approval.get("status"),
+            "cp.approval.decisions": len(approval.get("decisions") or ()),
+            "cp.approval.escalated": approval.get("escalated"),
+        },
+    )
 
 
 class ControlFlow(BaseException):
@@ -410,6 +467,8 @@ class WorkflowContext:
             self._asked_as_recorded(self._position - 1, approval, details, form)
             if approval["status"] == "pending":
                 raise Suspended("still waiting for a decision")
+            if self._position == len(self._journal):  # this claim resumes the workflow from the decision
+                _waited(approval)
             return approval
         body = {
             **self._lease,
@@ -423,7 +482,13 @@ class WorkflowContext:
             "escalation": escalation,
             "kind": kind,
         }
-        await self._record("approval-requests", body)
+        attributes = {
+            "cp.approval.approvers": ",".join(approvers),
+            "cp.approval.quorum": quorum,
+            "cp.operation.index": index,
+        }
+        with telemetry.span(f"{kind} request", attributes):
+            await self._record("approval-requests", body)
         raise Suspended("waiting for a human")
 
     def _asked_as_recorded(self, index: int, approval: dict[str, Any], details: Any, form: Any) -> None:
@@ -445,8 +510,14 @@ class WorkflowContext:
         index = self._next(kind, name)
         if index is None:
             return self._journal[self._position - 1]["result"]
-        result = await run(index)
-        await self._record("operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result})
+        # A span only for an operation that runs now: a replayed one did its work in an earlier claim's span.
+        attributes = {"cp.operation.kind": kind, "cp.operation.name": name, "cp.operation.index": index}
+        with telemetry.span(f"{kind} {name}", attributes) as span:
+            result = await run(index)
+            telemetry.set_attributes(span, _result_attributes(kind, result))
+            await self._record(
+                "operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result}
+            )
         self._journal.append({"index": index, "kind": kind, "name": name, "result": result})
         self._position += 1
         return result

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from core import telemetry
 from runners.client import LeaseLost, TaskApi, Unavailable
 from runners.context import Interrupted, NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
 from runners.registry import Registry
@@ -115,11 +116,34 @@ class Runner:
                 for _ in range(free - len(claimed)):
                     self._slots.release()
             for item in claimed:
-                job = asyncio.create_task(self._execute(item["task"], item["lease"]["id"]))
+                job = asyncio.create_task(self._execute(item["task"], item["lease"]["id"], item.get("trace")))
                 self._running.add(job)
                 job.add_done_callback(self._running.discard)
 
-    async def _execute(self, task: dict[str, Any], lease_id: str) -> None:
+    async def _execute(self, task: dict[str, Any], lease_id: str, trace: dict[str, Any] | None = None) -> None:
+        """Run the claimed task in its own log context (org, task id, the submit's correlation id) and,
+        with tracing on, in a span that continues the trace its submit started (``trace`` is what the
+        claim answered): every call made for it, the lease's heartbeats too, carries both on."""
+        trace = trace or {}
+        workflow = task.get("workflow") or {}
+        with (
+            telemetry.bound(org=task.get("org"), task_id=task["id"], correlation_id=trace.get("correlation_id")),
+            telemetry.span(
+                f"workflow {workflow.get('name')}",
+                {
+                    "cp.org": task.get("org"),
+                    "cp.task_id": task["id"],
+                    "cp.workflow": workflow.get("name"),
+                    "cp.workflow_version": workflow.get("version"),
+                    "cp.worker_id": self.worker_id,
+                    "cp.replayed_operations": len(task.get("journal") or ()),
+                },
+                parent=trace.get("traceparent"),
+            ),
+        ):
+            await self._run_claimed(task, lease_id)
+
+    async def _run_claimed(self, task: dict[str, Any], lease_id: str) -> None:
         """Run the workflow while the lease is renewed beside it. If renewing fails the lease is gone:
         the run stops at once rather than keep working on a task another runner may now own."""
         lease = {"worker_id": self.worker_id, "lease_id": lease_id}
@@ -157,9 +181,13 @@ class Runner:
             await self._api.lease_call(task["id"], "fail", {**lease, "error": f"no workflow {ref}", "retryable": False})
             return
         context = WorkflowContext(self._api, task, lease["lease_id"], self.worker_id, policies=self._policies)
+        # One line per claim and one per outcome: the task id, org and correlation id come with the context.
+        log.info("running workflow %s v%s, replaying %d operations", found.name, found.version, len(task["journal"]))
         try:
             result = await found.fn(context, task["payload"])
-        except Suspended:
+        except Suspended as exc:
+            log.info("workflow %s suspended: %s", found.name, exc)
+            telemetry.annotate({"cp.workflow.outcome": "suspended", "cp.workflow.suspended": str(exc)})
             return
         except Interrupted as exc:  # the lease is lost or the gateway unreachable: report nothing
             raise exc.reason from None
@@ -185,6 +213,8 @@ class Runner:
             )
             return
         await self._api.lease_call(task["id"], "complete", {**lease, "result": result})
+        log.info("workflow %s completed", found.name)
+        telemetry.annotate({"cp.workflow.outcome": "completed"})
 
     async def _keep_lease(self, task_id: str, lease: dict[str, str]) -> None:
         """Returns (or raises) only when the lease can no longer be renewed."""

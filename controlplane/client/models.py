@@ -93,10 +93,12 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
-    """A claimed task and the lease that lets its worker heartbeat, complete or fail it."""
+    """A claimed task, its lease and the worker that holds it: what the worker hands back to renew the
+    lease, complete or fail the task, or ask for an approval."""
 
     task: Task
     lease: Lease
+    worker_id: str
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,6 +24,7 @@ from controlplane.client.transport import (
     Close,
     Emit,
     Feed,
+    Finished,
     Join,
     Op,
     Open,
@@ -91,6 +92,11 @@ def _error_document(error: BaseException) -> dict[str, str]:
 
 
 class _Renewed(msgspec.Struct):
+    lease: Lease
+
+
+class _Claimed(msgspec.Struct):
+    task: Task
     lease: Lease
 
 
@@ -304,6 +310,12 @@ class Operations:
         body = {"worker_id": worker_id, "queue": queue, "capabilities": list(capabilities), **fields}
         return self._fetch(Call.of("POST", "/v1/workers", body), Worker)
 
+    def deregister_worker(self, worker_id: str) -> Op[None]:
+        response = yield from exchange(
+            Call.of("DELETE", f"/v1/workers/{quote(worker_id, safe='')}"), self.retry_seconds
+        )
+        raise_for_problem(response)
+
     def heartbeat_worker(self, worker_id: str, status: str) -> Op[Worker]:
         path = f"/v1/workers/{quote(worker_id, safe='')}/heartbeat"
         return self._fetch(Call.of("POST", path, {"status": status}), Worker)
@@ -325,12 +337,30 @@ class Operations:
             return None
         raise_for_problem(response)
         self._wrote(response)
-        return msgspec.json.decode(response.content, type=Claim)
+        claimed = msgspec.json.decode(response.content, type=_Claimed)
+        return Claim(task=claimed.task, lease=claimed.lease, worker_id=worker_id)
 
-    def _lease_call(self, task_id: str, action: str, worker_id: str, lease_id: str | None, **fields: Any) -> Call:
-        return Call.of(
-            "POST", f"{_task_path(task_id)}/{action}", {"worker_id": worker_id, "lease_id": lease_id, **fields}
-        )
+    def _under_lease(self, claim: Claim, action: str, fields: Mapping[str, Any], into: type[T]) -> Op[T]:
+        """A command only the claim's holder may send: it names the worker and the lease."""
+        body = {"worker_id": claim.worker_id, "lease_id": claim.lease.id, **fields}
+        return self._fetch(Call.of("POST", f"{_task_path(claim.task.id)}/{action}", body), into)
+
+    def heartbeat_lease(self, claim: Claim, lease_seconds: float | None, progress: Any) -> Op[Lease]:
+        optional = (("lease_seconds", lease_seconds), ("progress", progress))
+        fields = {name: value for name, value in optional if value is not None}
+        renewed = yield from self._under_lease(claim, "heartbeat", fields, _Renewed)
+        return renewed.lease
+
+    def complete(self, claim: Claim, result: Any) -> Op[Task]:
+        return self._under_lease(claim, "complete", {"result": result}, Task)
+
+    def fail(self, claim: Claim, error: Any, retryable: bool) -> Op[Task]:
+        """An exception as ``error`` is sent as ``{"type", "message"}``; anything else as it is (JSON)."""
+        document = _error_document(error) if isinstance(error, BaseException) else error
+        return self._under_lease(claim, "fail", {"error": document, "retryable": retryable}, Task)
+
+    def request_approval(self, claim: Claim, reason: str, fields: Mapping[str, Any]) -> Op[Approval]:
+        return self._under_lease(claim, "approval-requests", {"reason": reason, **fields}, Approval)
 
     def work(
         self,
@@ -370,35 +400,36 @@ class Operations:
     def _handle(
         self, claim: Claim, handler: Callable[[Task], Any], lease_seconds: float, liveness: _Liveness
     ) -> Op[None]:
-        task, worker_id, lease_id = claim.task, liveness.worker_id, claim.lease.id
-        job = yield Start(handler, task)
+        job = yield Start(handler, claim.task)
         held = True
         while (finished := (yield Join(job, lease_seconds / 3))) is None:
             if held:
                 try:
-                    yield from self._fetch(
-                        self._lease_call(task.id, "heartbeat", worker_id, lease_id, lease_seconds=lease_seconds),
-                        _Renewed,
-                    )
+                    yield from self.heartbeat_lease(claim, lease_seconds, None)
                 except Conflict as exc:  # the handler runs on (a thread cannot be stopped); its outcome is dropped
-                    log.warning("task %s: the lease is lost (%s); its outcome will be dropped", task.id, exc.detail)
+                    log.warning(
+                        "task %s: the lease is lost (%s); its outcome will be dropped", claim.task.id, exc.detail
+                    )
                     held = False
             yield from self._report(liveness, "busy")
-        if not held:
-            return
-        error = finished.error
-        if error is None:
-            try:
-                report = self._lease_call(task.id, "complete", worker_id, lease_id, result=finished.value)
-            except (TypeError, msgspec.EncodeError) as exc:  # a result that is not JSON is the handler's failure
-                error = exc
-        if error is not None:
-            log.warning("task %s: the handler raised %r; failing the task", task.id, error)
-            report = self._lease_call(task.id, "fail", worker_id, lease_id, error=_error_document(error))
+        if held:
+            yield from self._report_outcome(claim, finished)
+
+    def _report_outcome(self, claim: Claim, finished: Finished) -> Op[None]:
+        """Completes the task with what the handler returned, or fails it (retryable) with what it
+        raised; a return value that is not JSON is the handler's failure too."""
         try:
-            yield from self._fetch(report, Task)
+            error = finished.error
+            if error is None:
+                try:
+                    yield from self.complete(claim, finished.value)
+                    return
+                except (TypeError, msgspec.EncodeError) as exc:  # raised while encoding, before sending
+                    error = exc
+            log.warning("task %s: the handler failed (%r); failing the task", claim.task.id, error)
+            yield from self.fail(claim, error, retryable=True)
         except Conflict as exc:
-            log.warning("task %s: the lease is lost (%s); its outcome is dropped", task.id, exc.detail)
+            log.warning("task %s: the lease is lost (%s); its outcome is dropped", claim.task.id, exc.detail)
 
 
 def _still_running(task: Task, timeout: float) -> TimeoutError:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from controlplane.client.models import Approval, Event, Task, Worker
+from controlplane.client.models import Approval, Claim, Event, Lease, Task, Worker
 from controlplane.client.operations import Operations
 from controlplane.client.transport import RETRY_BUDGET_SECONDS, SyncDriver
 
@@ -124,9 +124,47 @@ class Workers:
         """Registers (or re-registers) a worker; ``fields`` are labels, model, provider."""
         return self._driver.run(self._ops.register_worker(worker_id, queue, capabilities, fields))
 
+    def deregister(self, worker_id: str) -> None:
+        """Removes the worker's record (DELETE /v1/workers/{id}); ``NotFound`` if there is none."""
+        return self._driver.run(self._ops.deregister_worker(worker_id))
+
     def heartbeat(self, worker_id: str, status: str = "ready") -> Worker:
         """``status`` is ready, busy or draining."""
         return self._driver.run(self._ops.heartbeat_worker(worker_id, status))
+
+    def claim(
+        self,
+        worker_id: str,
+        queue: str = "default",
+        capabilities: Iterable[str] = (),
+        *,
+        block_ms: int = 0,
+        lease_seconds: float = 30.0,
+    ) -> Claim | None:
+        """Claims the queue's next task whose required capabilities are among ``capabilities``, waiting
+        up to ``block_ms`` (at most 30000) for one; None if none came. The :class:`Claim` holds the task
+        and its lease for ``lease_seconds``: renew it with :meth:`heartbeat_lease` before it runs out."""
+        return self._driver.run(self._ops.claim(worker_id, queue, capabilities, block_ms, lease_seconds))
+
+    def heartbeat_lease(self, claim: Claim, *, progress: Any = None, lease_seconds: float | None = None) -> Lease:
+        """Renews the claim's lease (for ``lease_seconds``, else as long as claimed) and records
+        ``progress`` (any JSON) if given; returns the renewed lease. ``Conflict`` if the lease was lost."""
+        return self._driver.run(self._ops.heartbeat_lease(claim, lease_seconds, progress))
+
+    def complete(self, claim: Claim, result: Any = None) -> Task:
+        """Completes the claimed task with ``result`` (any JSON); returns the completed task."""
+        return self._driver.run(self._ops.complete(claim, result))
+
+    def fail(self, claim: Claim, error: Any, *, retryable: bool = True) -> Task:
+        """Fails the claimed task with ``error``: any JSON, or an exception (sent as ``{"type",
+        "message"}``). Retryable, the task goes back to ``pending`` while it has retries left."""
+        return self._driver.run(self._ops.fail(claim, error, retryable))
+
+    def request_approval(self, claim: Claim, reason: str, **fields: Any) -> Approval:
+        """Asks a human to approve ``reason``; ``fields`` are details, form, approvers, quorum,
+        timeout_seconds. The lease is released: once decided, the task is pending again, and the worker
+        that claims it reads the decision from ``task.approvals``."""
+        return self._driver.run(self._ops.request_approval(claim, reason, fields))
 
     def run(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.console import approvals, overview, signin, tasks
+from gateway.console import approvals, overview, schedules, signin, tasks
 
 ROUTES: list[BaseRoute] = [
     Route("/", signin.root, methods=["GET"]),
@@ -25,6 +25,9 @@ ROUTES: list[BaseRoute] = [
     Route("/console/tasks/{task_id}/resume", tasks.resume, methods=["POST"]),
     Route("/console/workers", overview.workers, methods=["GET"]),
     Route("/console/usage", overview.usage, methods=["GET"]),
+    Route("/console/schedules", schedules.schedules, methods=["GET"]),
+    Route("/console/schedules/{schedule_id}/pause", schedules.pause, methods=["POST"]),
+    Route("/console/schedules/{schedule_id}/resume", schedules.resume, methods=["POST"]),
     Route("/console/policies", overview.policies, methods=["GET"]),
     Mount("/console/static", StaticFiles(packages=[("gateway.console", "static")]), name="console-static"),
 ]

@@ -41,6 +41,7 @@ NAVIGATION = (
     ("approvals", "Approvals"),
     ("tasks", "Runs"),
     ("workers", "Workers"),
+    ("schedules", "Schedules"),
     ("usage", "Usage"),
     ("policies", "Policies"),
 )

@@ -12,8 +12,11 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+import uvicorn
 
 from controlplane.client import AsyncClient, Client, Event
+from core.embedded import free_port
+from gateway.app import build_app
 from tests.gateway.conftest import Stack, own_stack
 
 Flavor = Literal["sync", "async"]
@@ -183,8 +186,8 @@ Connect = Callable[..., Either]
 
 @pytest.fixture(params=["sync", "async"])
 async def connect(request: pytest.FixtureRequest, stack: Stack) -> AsyncIterator[Connect]:
-    """``connect(role="admin", org="acme", key=None, transport=None, **options)``: a client of this
-    test's flavour, closed at the end."""
+    """``connect(role="admin", org="acme", key=None, transport=None, url=None, **options)``: a client
+    of this test's flavour (of the stack's gateway, or the one at ``url``), closed at the end."""
     flavor: Flavor = request.param
     opened: list[Client | AsyncClient] = []
 
@@ -194,10 +197,13 @@ async def connect(request: pytest.FixtureRequest, stack: Stack) -> AsyncIterator
         org: str = "acme",
         key: str | None = None,
         transport: Faults | None = None,
+        url: str | None = None,
         **options: Any,
     ) -> Either:
         api_key = key or stack.keys[org][role]
-        client = (Client if flavor == "sync" else AsyncClient)(stack.url, api_key, transport=transport, **options)
+        client = (Client if flavor == "sync" else AsyncClient)(
+            url or stack.url, api_key, transport=transport, **options
+        )
         opened.append(client)
         return Either(client, flavor)
 
@@ -207,3 +213,128 @@ async def connect(request: pytest.FixtureRequest, stack: Stack) -> AsyncIterator
             await client.close()
         else:
             client.close()
+
+
+ProxyFault = Literal["refuse", "lose"]
+"""What :class:`Proxy` does to one request: answer 503 itself, or forward it and then close the
+connection instead of answering (the server acted; its answer is lost)."""
+
+
+class Proxy:
+    """A small HTTP/1.1 proxy on a free 127.0.0.1 port in front of the gateway, for requests with short
+    answers (no streams). Each request it receives takes the next fault of ``plan`` (then none) and is
+    recorded in ``received``; a request that is forwarded goes to the gateway as it came."""
+
+    def __init__(self, upstream: str) -> None:
+        self.plan: list[ProxyFault] = []
+        self.received: list[httpx.Request] = []
+        self._upstream_url = httpx.URL(upstream)
+        self._upstream = httpx.AsyncClient(timeout=30)
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self.url = ""
+
+    def sent(self, method: str, path_end: str) -> list[httpx.Request]:
+        return [r for r in self.received if r.method == method and r.url.path.endswith(path_end)]
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for connection in self._connections:
+            connection.close()
+        await self._server.wait_closed()
+        await self._upstream.aclose()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            while (request := await _read_request(reader, self._upstream_url)) is not None:
+                self.received.append(request)
+                fault = self.plan.pop(0) if self.plan else None
+                if fault == "refuse":
+                    writer.write(_response_bytes(httpx.Response(503, json={"title": "Service unavailable"})))
+                    await writer.drain()
+                    continue
+                answer = await self._upstream.send(request)
+                if fault == "lose":
+                    return
+                writer.write(_response_bytes(answer))
+                await writer.drain()
+        finally:
+            self._connections.discard(writer)
+            writer.close()
+
+
+async def _read_request(reader: asyncio.StreamReader, upstream: httpx.URL) -> httpx.Request | None:
+    """The next request on the connection, addressed to ``upstream``; None once the client closed it."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]
+    method, target, _ = request_line.split(" ", 2)
+    headers = [tuple(line.split(": ", 1)) for line in header_lines]
+    length = int(next((value for name, value in headers if name.lower() == "content-length"), "0"))
+    content = await reader.readexactly(length)
+    hop_by_hop = {"host", "connection", "content-length"}
+    kept = [(name, value) for name, value in headers if name.lower() not in hop_by_hop]
+    return httpx.Request(method, upstream.join(target), headers=kept, content=content)
+
+
+def _response_bytes(response: httpx.Response) -> bytes:
+    body = response.content
+    dropped = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+    headers = [(name, value) for name, value in response.headers.items() if name.lower() not in dropped]
+    lines = [f"HTTP/1.1 {response.status_code} {response.reason_phrase}", *(f"{n}: {v}" for n, v in headers)]
+    lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class RestartableGateway:
+    """A gateway HTTP server of its own over the stack's services, on a port it keeps: :meth:`stop`
+    takes it down (open streams are cut) while NATS, PostgreSQL and the projector stay up, and
+    :meth:`start` brings it back on the same port."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._services = stack.services
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = uvicorn.Config(
+            build_app(self._services),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=0,  # cancel the open streams at once
+        )
+        self._server = uvicorn.Server(config)
+        self._serving = asyncio.get_running_loop().create_task(self._server.serve())
+        while not self._server.started:
+            assert not self._serving.done(), "the gateway did not start"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Stops the server, if it runs, and waits until it has."""
+        if self._server is None or self._serving is None:
+            return
+        self._server.should_exit = True
+        await asyncio.wait_for(self._serving, 10)
+        self._server = self._serving = None
+
+
+@pytest.fixture
+async def restartable_gateway(stack: Stack) -> AsyncIterator[RestartableGateway]:
+    gateway = RestartableGateway(stack)
+    await gateway.start()
+    yield gateway
+    await gateway.stop()

@@ -1,5 +1,6 @@
 """Problem answers become the exception classes of the contract; transient failures are retried with
-one Idempotency-Key per POST, so a retry whose first answer was lost appends nothing twice."""
+one Idempotency-Key per POST, so a retry whose first answer was lost appends nothing twice: a submit,
+a claim or a completion happens once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from controlplane.client import (
     Unavailable,
     Unprocessable,
 )
-from tests.client.conftest import Connect, Drop, Fault, Faults
+from tests.client.conftest import Connect, Drop, Fault, Faults, Proxy
+from tests.gateway.conftest import Stack
 from tests.gateway.test_api import queue
 
 pytestmark = pytest.mark.integration
@@ -82,3 +84,32 @@ async def test_past_the_retry_budget_the_call_raises_unavailable(connect: Connec
     assert time.monotonic() - started < 2
     assert len(faults.requests) > 1, "retried before giving up"
     assert isinstance(raised.value.__cause__, Unavailable) and raised.value.__cause__.detail == "down"
+
+
+async def test_retries_through_a_failing_proxy_never_double_a_submit_or_a_claim(connect: Connect, stack: Stack) -> None:
+    """Through a proxy that refuses each POST's first attempt (503) and loses the answer to its second
+    (the gateway acted), the submit, the claim and the completion each happen once, and the claim
+    returned holds the lease the log recorded."""
+    async with Proxy(stack.url) as proxy:
+        submitter, worker = connect("submitter", url=proxy.url), connect("worker", url=proxy.url)
+        q = queue()
+        proxy.plan = ["refuse", "lose"]
+        task = await submitter.submit("deploy", {"n": 1}, queue=q)
+        proxy.plan = ["refuse", "lose"]
+        claim = await worker.workers.claim("w-proxied", queue=q, block_ms=5000)
+        proxy.plan = ["refuse", "lose"]
+        assert claim is not None and claim.task.id == task.id
+        done = await worker.workers.complete(claim, {"ok": True})
+        assert proxy.plan == [], "every planned fault was met"
+
+        for path_end in ("/v1/tasks", "/v1/tasks/claim", f"/v1/tasks/{task.id}/complete"):
+            attempts = proxy.sent("POST", path_end)
+            assert len(attempts) == 3, f"POST {path_end}: refused, lost, answered"
+            assert len({request.headers["idempotency-key"] for request in attempts}) == 1
+
+    assert (done.status, done.result) == ("completed", {"ok": True})
+    viewer = connect("viewer")
+    assert [listed.id for listed in await viewer.list(queue=q, min_seq=done.seq)] == [task.id], "one task"
+    events = await viewer.take(3, task_id=task.id)
+    assert [event.type for event in events] == ["TaskSubmitted", "TaskClaimed", "TaskCompleted"], "each once"
+    assert (events[1].data["worker_id"], events[1].data["lease_id"]) == ("w-proxied", claim.lease.id)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from controlplane.client import Conflict, Task
-from tests.client.conftest import Connect, Cut, Faults
+from tests.client.conftest import Connect, Cut, Faults, RestartableGateway
 from tests.gateway.conftest import Stack
 from tests.gateway.test_api import claim, queue, submit
 
@@ -26,9 +26,9 @@ async def until(condition: Any, within: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def finish(stack: Stack, q: str, result: Any) -> None:
+async def finish(stack: Stack, q: str, result: Any, org: str = "acme") -> None:
     """Claim the task on ``q`` as a worker over plain HTTP and complete it with ``result``."""
-    async with stack.client(role="worker") as worker:
+    async with stack.client(org, role="worker") as worker:
         claimed = await claim(worker, q)
         assert claimed is not None
         done = await worker.post(
@@ -118,6 +118,41 @@ async def test_wait_for_result_follows_the_task_feed_and_resumes_it_after_a_drop
     assert first.headers["last-event-id"] == str(task["seq"]), "the feed starts after the state first read"
     assert int(second.headers["last-event-id"]) > task["seq"], "reopened after the event seen"
     assert not [r for r in faults.requests if "wait_seconds" in r.url.params]
+
+
+@pytest.mark.parametrize("ended", ["while it is down", "once it is back"])
+async def test_wait_for_result_outlasts_a_gateway_restart(
+    connect: Connect, stack: Stack, restartable_gateway: RestartableGateway, ended: str
+) -> None:
+    """The gateway's HTTP server stops under the open feed and starts again on the same port, NATS and
+    PostgreSQL staying up; the task ends while it is down, or once it is back and followed again."""
+    gateway, recorder, q = restartable_gateway, Faults(), queue()
+    client = connect("viewer", org="globex", url=gateway.url, transport=recorder)
+    async with stack.client("globex", role="submitter") as submitter:
+        task = await submit(submitter, q)
+
+    def open_streams() -> int:
+        return stack.services.streams.open_for("globex", "")[1]
+
+    before = open_streams()
+    waiting = asyncio.create_task(client.wait_for_result(task["id"], timeout=30))
+    await until(lambda: open_streams() == before + 1)
+    await gateway.stop()
+    await until(lambda: open_streams() == before)  # the feed was cut
+    if ended == "while it is down":
+        await finish(stack, q, {"ok": True}, org="globex")
+        await gateway.start()
+    else:
+        await gateway.start()
+        await until(lambda: open_streams() == before + 1)
+        await finish(stack, q, {"ok": True}, org="globex")
+    done = await asyncio.wait_for(waiting, 20)
+
+    assert (done.id, done.status, done.result) == (task["id"], "completed", {"ok": True})
+    first, *reopened = recorder.sent("GET", "/events")
+    assert reopened, "the feed was reopened"
+    assert {r.headers["last-event-id"] for r in [first, *reopened]} == {str(task["seq"])}, "after the event seen"
+    assert not [r for r in recorder.requests if "wait_seconds" in r.url.params], "no long-poll needed"
 
 
 async def test_wait_for_result_long_polls_when_the_feed_is_refused(connect: Connect, stack: Stack) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.client import Task
+from controlplane.client import Conflict, NotFound, Task
 from core.ids import new_id
 from tests.client.conftest import Connect
 from tests.gateway.conftest import Stack
@@ -37,6 +37,9 @@ async def test_register_and_heartbeat(connect: Connect) -> None:
     worker = await client.workers.register(worker_id, queue=q, capabilities=["gpu"], labels={"zone": "a"})
     assert (worker.id, worker.queue, worker.capabilities, worker.labels) == (worker_id, q, ["gpu"], {"zone": "a"})
     assert (await client.workers.heartbeat(worker_id, "busy")).status == "busy"
+    await client.workers.deregister(worker_id)
+    with pytest.raises(NotFound):
+        await client.workers.deregister(worker_id)
 
 
 async def test_the_worker_loop_completes_and_fails_tasks_until_stopped(connect: Connect, stack: Stack) -> None:
@@ -87,3 +90,31 @@ async def test_the_worker_loop_completes_and_fails_tasks_until_stopped(connect: 
     assert [event.type for event in events] == ["TaskSubmitted", "TaskClaimed", "TaskHeartbeat"], "lease renewed"
     assert events[1].data["worker_id"] == worker_id
     assert worker["status"] == "draining", "a stopped loop says so"
+
+
+async def test_a_hand_written_worker_claims_renews_completes_and_fails(connect: Connect) -> None:
+    worker, submitter = connect("worker"), connect("submitter")
+    worker_id, q = f"w{new_id()[-10:]}", queue()
+    await worker.workers.register(worker_id, queue=q, capabilities=["gpu"])
+    assert await worker.workers.claim(worker_id, queue=q, capabilities=["gpu"]) is None, "nothing to claim yet"
+    on_gpu = await submitter.submit("render", {"n": 1}, queue=q, required_capabilities=["gpu"], max_retries=0)
+    anywhere = await submitter.submit("render", {"n": 2}, queue=q, max_retries=0)
+
+    plain = await worker.workers.claim(worker_id, queue=q, block_ms=5000)
+    assert plain is not None and plain.task.id == anywhere.id, "the older task needs a capability not offered"
+    claim = await worker.workers.claim(worker_id, queue=q, capabilities=["gpu"], block_ms=5000, lease_seconds=5)
+    assert claim is not None and claim.task.id == on_gpu.id
+    assert (claim.worker_id, claim.task.status, claim.task.assigned_worker) == (worker_id, "running", worker_id)
+
+    renewed = await worker.workers.heartbeat_lease(claim, progress={"frames": 12}, lease_seconds=60)
+    assert renewed.id == claim.lease.id and renewed.expires_at > claim.lease.expires_at
+    done = await worker.workers.complete(claim, {"frames": 24})
+    assert (done.id, done.status, done.result) == (on_gpu.id, "completed", {"frames": 24})
+    events = await worker.take(4, task_id=on_gpu.id)
+    assert [event.type for event in events] == ["TaskSubmitted", "TaskClaimed", "TaskHeartbeat", "TaskCompleted"]
+    assert events[2].data["progress"] == {"frames": 12}
+
+    failed = await worker.workers.fail(plain, RuntimeError("no GPU here"), retryable=False)
+    assert (failed.status, failed.error) == ("failed", {"type": "RuntimeError", "message": "no GPU here"})
+    with pytest.raises(Conflict):
+        await worker.workers.complete(plain, {"frames": 0})

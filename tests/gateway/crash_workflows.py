@@ -79,4 +79,14 @@ async def all_operations(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[
     return {"steps": [first, slow, last], "answer": answer["content"], "decision": decision["status"]}
 
 
-ALL = [all_operations]
+@workflow("ask-then-act", version=1)
+async def ask_then_act(ctx: WorkflowContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """A step, a question to a human (``ctx.ask``), and a step that uses the answer. With ``hang_in``
+    ``step`` in its payload only the step after the question hangs (the first is given no payload)."""
+    prepared = await ctx.step("prepare", side_effect, {})
+    answer = await ctx.ask(payload["question"])
+    acted = await ctx.step("act", side_effect, {**payload, "answer": answer})
+    return {"answer": answer, "steps": [prepared, acted]}
+
+
+ALL = [all_operations, ask_then_act]

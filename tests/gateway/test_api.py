@@ -491,7 +491,14 @@ async def test_health_readiness_metrics_stats_and_docs(stack: Stack) -> None:
         assert (await c.get("/healthz")).json() == {"status": "ok"}
         ready = await c.get("/readyz")
         assert ready.status_code == 200
-        assert set(ready.json()["projection_lag"]) == {"tasks", "workers", "access", "usage", "environments"}
+        assert set(ready.json()["projection_lag"]) == {
+            "tasks",
+            "workers",
+            "access",
+            "usage",
+            "environments",
+            "schedules",
+        }
         stats = (await c.get("/v1/stats")).json()
         assert "by_status" in stats["tasks"]
         assert "projection_lag" in stats

@@ -218,6 +218,31 @@ async def test_a_signal_sent_during_the_wait_wakes_the_workflow(stack: Stack) ->
     assert done["result"]["first"]["name"] == "go"
 
 
+async def test_two_signals_sent_while_the_workflow_waits_reach_its_two_waits_in_order(stack: Stack) -> None:
+    """Each signal sent while the workflow waits for it (the first wakes the first wait, the second the
+    second), and two sent back to back while it waits for the first (one wakes it, the other is kept
+    for the second wait): either way the first wait gets the first signal and the second the second."""
+    q = f"wf{new_id()[-8:]}"
+    async with stack.client() as c, running(stack, Registry([await_go]), q):
+        one_by_one = (await c.post("/v1/tasks", json=workflow_task(q, twice=True))).json()
+        back_to_back = (await c.post("/v1/tasks", json=workflow_task(q, twice=True))).json()
+        await reaches(c, one_by_one["id"], lambda t: waiting(t) and t["signal_wait"]["index"] == 1)
+        await send(c, one_by_one["id"], "go", {"n": 1})
+        await reaches(c, one_by_one["id"], lambda t: waiting(t) and t["signal_wait"]["index"] == 2)
+        await send(c, one_by_one["id"], "go", {"n": 2})
+        await reaches(c, back_to_back["id"], lambda t: waiting(t) and t["signal_wait"]["index"] == 1)
+        for n in (1, 2):
+            assert (await send(c, back_to_back["id"], "go", {"n": n})).status_code == 202
+        done = [
+            await reaches(c, task["id"], lambda t: t["status"] == "completed") for task in (one_by_one, back_to_back)
+        ]
+    for task in done:
+        assert task["result"]["first"]["payload"] == {"n": 1}
+        assert task["result"]["second"]["payload"] == {"n": 2}
+        assert [(e["index"], e["kind"]) for e in task["journal"]] == [(0, "step"), (1, "signal"), (2, "signal")]
+        assert task["signals"] == [], "each signal was delivered once"
+
+
 async def test_a_wait_that_times_out_returns_none(stack: Stack) -> None:
     q = f"wf{new_id()[-8:]}"
     async with stack.client() as c, running(stack, Registry([await_go]), q):

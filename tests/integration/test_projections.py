@@ -675,7 +675,7 @@ async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with fresh_database(database_url) as fresh:
-        later_tables = ("usage_tasks", "environments")  # made by migrations 2 and 4
+        later_tables = ("usage_tasks", "environments", "schedules")  # made by migrations 2, 4 and 6
         monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])  # the release before usage_tasks
         monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in later_tables))
         assert await migrate(fresh) == [1]
@@ -684,7 +684,9 @@ async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
             await conn.execute("INSERT INTO usage VALUES ('o', '2025-01-01', 'm', 'p', 1, 2, 3, 0.5)")
             await conn.execute("INSERT INTO checkpoints VALUES ('usage', 9), ('usage@1/2', 9), ('tasks', 9)")
         monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:2])
-        monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t != "environments"))
+        monkeypatch.setattr(
+            schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in ("environments", "schedules"))
+        )
         assert await migrate(fresh) == [2]
         monkeypatch.undo()
         assert await fetch_checkpoints(fresh) == {"tasks": 9}  # usage folds again from sequence 1

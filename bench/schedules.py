@@ -1,0 +1,155 @@
+"""Schedules benchmark (issue 16): ``--schedules`` cron schedules (default 1,000) that all fire at the
+same second of every minute, for ``--rounds`` minutes: how late each fire runs, and the CPU per fire.
+
+Everything real, on one machine: a nats-server and a PostgreSQL this benchmark starts, and in this
+process the gateway's services with their scheduler (what ``controlplane gateway`` runs). Each fire is
+the whole path: the message schedule fires ``ScheduleFired`` into the schedule's subject, the
+scheduler's durable consumer delivers it, the schedule is read from the log, the previous run's task
+is looked up, the task is submitted through the submit path (environments, the submit policy), and
+the run is recorded (which arms the next fire). Every schedule fires at the same second: the worst
+case for lateness, a burst of ``--schedules`` fires at once; ``--spread`` gives schedule n the second
+n mod 60 instead (the same fires per minute, evenly spread).
+
+Lateness is measured from the cron time to the run being recorded (the scheduler's own samples) and
+to the task's ``TaskSubmitted`` in the log. CPU per fire is this process's CPU time (gateway +
+scheduler) and the nats-server's over the firing windows, divided by the fires run.
+
+    .venv/bin/python bench/schedules.py [--schedules 1000] [--rounds 2] [--spread]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+
+from controlplane.seed import seed_org
+from core.commands import SYSTEM, CreateSchedule
+from core.embedded import EmbeddedNats, EmbeddedPostgres
+from core.events import TaskSubmitted
+from core.ids import new_id
+from core.schedules import run_task_id
+from core.subjects import aggregate_subject
+from gateway.factory import GatewaySettings, close_services, open_services
+
+ORG = "bench"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def nats_process(port: int) -> psutil.Process:
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "nats-server" in cmdline:
+            try:
+                if any(c.laddr.port == port for c in process.net_connections(kind="tcp")):
+                    return process
+            except psutil.Error:
+                continue
+    raise RuntimeError("the benchmark's nats-server was not found")
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def run(schedules: int, rounds: int, spread: bool, data_dir: Path) -> None:
+    with EmbeddedNats(data_dir / "nats") as nats_server, EmbeddedPostgres(data_dir / "postgres") as postgres:
+        server = nats_process(nats_server.port)
+        svc = await open_services(GatewaySettings(nats_url=nats_server.url, database_url=postgres.dsn))
+        assert svc.scheduler is not None
+        try:
+            await seed_org(svc.handler, ORG, ("admin",))
+            # All fire at one second of the minute, at least 15 s from now (creating them takes a while).
+            second = (datetime.now(UTC) + timedelta(seconds=15)).second
+            ids = [f"s{n:05d}-{new_id()[-6:]}" for n in range(schedules)]
+            crons = {
+                schedule_id: f"{(second + n % 60) % 60 if spread else second} * * * * *"
+                for n, schedule_id in enumerate(ids)
+            }
+            cron = "<second spread over the minute> * * * * *" if spread else crons[ids[0]]
+            task = {"type": "report", "queue": "scheduled", "payload": {"bench": True}}
+            started = time.perf_counter()
+            semaphore = asyncio.Semaphore(128)
+
+            async def create(schedule_id: str) -> None:
+                async with semaphore:
+                    cron_of = crons[schedule_id]
+                    command = CreateSchedule(schedule_id=schedule_id, cron=cron_of, task=task, overlap="allow")
+                    await svc.handler.handle(ORG, command, actor=SYSTEM)
+
+            await asyncio.gather(*(create(schedule_id) for schedule_id in ids))
+            print(f"created {schedules} schedules with cron {cron!r} in {time.perf_counter() - started:.1f} s")
+            first_fire = (await svc.handler.load(ORG, "schedule", ids[0]))[0].next_fire_at
+            fire_times = [first_fire + timedelta(minutes=r) for r in range(rounds)]
+            due_of = {  # each schedule's fires, for reading its tasks back
+                schedule_id: [
+                    (await svc.handler.load(ORG, "schedule", schedule_id))[0].next_fire_at + timedelta(minutes=r)
+                    for r in range(rounds)
+                ]
+                for schedule_id in ids[:: max(1, schedules // 200)]
+            }
+            own = psutil.Process(os.getpid())
+            cpu_self = cpu_nats = 0.0
+            for due in fire_times:
+                await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds() - 1))
+                self_before, nats_before, runs_before = cpu_seconds(own), cpu_seconds(server), svc.scheduler.runs
+                deadline = time.monotonic() + (70 if spread else 30)
+                while svc.scheduler.runs < runs_before + schedules and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                cpu_self += cpu_seconds(own) - self_before
+                cpu_nats += cpu_seconds(server) - nats_before
+                done = svc.scheduler.runs - runs_before
+                print(f"fire at {due.isoformat()}: {done} of {schedules} runs recorded")
+            recorded = list(svc.scheduler.lateness)
+            submitted: list[float] = []
+            for schedule_id, dues in due_of.items():  # a sample of the tasks, read from the log
+                for due in dues:
+                    task_id = run_task_id(ORG, schedule_id, 1, due)
+                    history = await svc.store.read_subject(aggregate_subject(ORG, "task", task_id))
+                    if history and isinstance(history[0].event, TaskSubmitted):
+                        submitted.append((history[0].event.at - due).total_seconds())
+            fires = svc.scheduler.runs
+        finally:
+            await close_services(svc)
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    when = "their seconds spread over the minute" if spread else "all at the same second"
+    print(f"fires run: {fires} ({schedules} schedules x {rounds} rounds, {when})")
+    for name, samples in (("recorded", recorded), ("task submitted (sample)", submitted)):
+        if samples:
+            print(
+                f"lateness to {name}: p50 {pct(samples, 50) * 1000:.0f} ms, p99 {pct(samples, 99) * 1000:.0f} ms,"
+                f" max {max(samples) * 1000:.0f} ms, mean {statistics.fmean(samples) * 1000:.0f} ms (n={len(samples)})"
+            )
+    if fires:
+        print(
+            f"CPU per fire: gateway+scheduler {cpu_self / fires * 1000:.2f} ms, nats-server "
+            f"{cpu_nats / fires * 1000:.2f} ms"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedules", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2, help="minutes of fires to measure")
+    parser.add_argument("--spread", action="store_true", help="spread the schedules' second over the minute")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cp-bench-schedules-") as directory:
+        asyncio.run(run(args.schedules, args.rounds, args.spread, Path(directory)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Schedules (cron): one aggregate per schedule (``cp.<org>.schedule.<id>``). Pure: no I/O, no clock.
+
+A schedule's next fire is a durable timer like every other (``timers``): ``ScheduleFired`` lands in
+the schedule's subject at the cron time and folds into a *pending fire*. The gateway's scheduler
+follows the schedule subjects on a durable consumer, submits the task of a pending fire through the
+submit path (policies, environments) with a task id derived from the schedule, its generation and the
+fire time, and records the run (``RecordScheduleRun``). Only the recorded run arms the next fire, at
+the first cron time after the later of the fire time and the recording's time: after downtime one
+catch-up run, never a burst. Next fire times come from the injected ``ctx.now`` or the fire's own
+time; cron parsing (cronsim) and time zones (zoneinfo) are pure computation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from cronsim import CronSim, CronSimError
+
+from core.commands import (
+    Command,
+    CreateSchedule,
+    DeleteSchedule,
+    PauseSchedule,
+    RecordScheduleRun,
+    ResumeSchedule,
+)
+from core.decider import Decider, DecisionContext, Timer
+from core.errors import AlreadyExists, InvalidCommand, NotFound
+from core.events import (
+    Event,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleFired,
+    ScheduleOverlap,
+    SchedulePaused,
+    ScheduleResumed,
+    ScheduleRunOutcome,
+    ScheduleRunRecorded,
+)
+
+SCHEDULE_AGGREGATE = "schedule"
+SUBMITTING_OUTCOMES: frozenset[str] = frozenset({"submitted", "cancelled_previous"})
+OverlapAction = Literal["submit", "skip", "cancel_then_submit"]
+
+
+class InvalidSchedule(InvalidCommand):
+    """A cron expression or time zone that cannot be used."""
+
+
+def _zone(timezone: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise InvalidSchedule(
+            f"timezone {timezone!r} is not a known IANA time zone; use a name like UTC or Europe/Paris"
+        ) from None
+
+
+def check_cron(cron: str, timezone: str) -> None:
+    """Raise ``InvalidSchedule`` saying what is wrong with ``cron`` or ``timezone``."""
+    _zone(timezone)
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        raise InvalidSchedule(
+            f"cron {cron!r} has {len(fields)} fields; give 5 (minute hour day-of-month month day-of-week) "
+            "or 6 (second first)"
+        )
+    try:
+        CronSim(cron, datetime(2000, 1, 1, tzinfo=UTC))
+    except CronSimError as exc:
+        raise InvalidSchedule(f"cron {cron!r} is not a valid expression: {exc}") from None
+
+
+def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
+    """The first time ``cron`` names in ``timezone`` strictly after ``after`` (in UTC, whole seconds)."""
+    check_cron(cron, timezone)
+    try:
+        due = next(CronSim(cron, after.astimezone(_zone(timezone))))
+    except (CronSimError, StopIteration, OverflowError, ValueError):
+        raise InvalidSchedule(f"cron {cron!r} names no time after {after.isoformat()}") from None
+    return due.astimezone(UTC)
+
+
+def overlap_action(overlap: ScheduleOverlap, *, previous_open: bool) -> OverlapAction:
+    """What a fire does, by the schedule's overlap policy, when its previous run is (or is not) open."""
+    if not previous_open or overlap == "allow":
+        return "submit"
+    return "skip" if overlap == "skip" else "cancel_then_submit"
+
+
+def run_task_id(org: str, schedule_id: str, generation: int, fire_at: datetime) -> str:
+    """The task id of a fire: the same fire always submits the same task, so it runs at most once."""
+    moment = fire_at.astimezone(UTC).isoformat(timespec="microseconds")
+    return hashlib.sha256(f"schedule\x1f{org}\x1f{schedule_id}\x1f{generation}\x1f{moment}".encode()).hexdigest()[:32]
+
+
+class Schedule(msgspec.Struct, frozen=True):
+    id: str
+    cron: str
+    timezone: str
+    task: dict[str, object]
+    overlap: ScheduleOverlap
+    paused: bool
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    next_fire_at: datetime | None = None
+    """The next cron time the schedule will fire at (null while paused)."""
+    pending_fire: datetime | None = None
+    """A fire that came and whose run is not recorded yet: no next fire is armed meanwhile."""
+    last_fire_at: datetime | None = None
+    last_task_id: str | None = None
+    """The task of the latest run that submitted one (what ``skip`` and ``cancel_previous`` look at)."""
+    last_outcome: ScheduleRunOutcome | None = None
+    last_reason: str | None = None
+    runs: int = 0
+    """Runs that submitted a task."""
+    skipped: int = 0
+    deleted: bool = False
+
+
+ScheduleState = Schedule | None
+
+
+def _live(state: ScheduleState, schedule_id: str) -> Schedule:
+    if state is None or state.deleted:
+        raise NotFound(f"schedule {schedule_id} not found")
+    return state
+
+
+def decide(state: ScheduleState, command: Command, ctx: DecisionContext) -> Sequence[Event]:
+    match command:
+        case CreateSchedule():
+            if state is not None and not state.deleted:
+                raise AlreadyExists(f"schedule {command.schedule_id} already exists; delete it first to replace it")
+            check_cron(command.cron, command.timezone)
+            return [
+                ScheduleCreated(
+                    at=ctx.now,
+                    schedule_id=command.schedule_id,
+                    cron=command.cron,
+                    timezone=command.timezone,
+                    task=command.task,
+                    overlap=command.overlap,
+                    paused=command.paused,
+                    next_fire_at=None if command.paused else next_fire(command.cron, command.timezone, ctx.now),
+                    generation=1 if state is None else state.generation + 1,
+                    created_by=ctx.actor.id,
+                )
+            ]
+        case PauseSchedule():
+            _live(state, command.schedule_id)
+            return [SchedulePaused(at=ctx.now, by=ctx.actor.id)]
+        case ResumeSchedule():
+            schedule = _live(state, command.schedule_id)
+            if not schedule.paused and schedule.next_fire_at is not None:
+                upcoming = schedule.next_fire_at
+            else:
+                upcoming = next_fire(schedule.cron, schedule.timezone, ctx.now)
+            return [ScheduleResumed(at=ctx.now, by=ctx.actor.id, next_fire_at=upcoming)]
+        case DeleteSchedule():
+            _live(state, command.schedule_id)
+            return [ScheduleDeleted(at=ctx.now, by=ctx.actor.id)]
+        case RecordScheduleRun():
+            schedule = _live(state, command.schedule_id)
+            if command.outcome in SUBMITTING_OUTCOMES and command.task_id is None:
+                raise InvalidCommand(f"a run with outcome {command.outcome} names the task it submitted")
+            resolves = not command.manual and schedule.pending_fire == command.fire_at
+            upcoming = schedule.next_fire_at
+            if resolves and not schedule.paused:
+                upcoming = next_fire(schedule.cron, schedule.timezone, max(command.fire_at, ctx.now))
+            return [
+                ScheduleRunRecorded(
+                    at=ctx.now,
+                    fire_at=command.fire_at,
+                    task_id=command.task_id,
+                    outcome=command.outcome,
+                    reason=command.reason,
+                    cancelled_task_id=command.cancelled_task_id,
+                    manual=command.manual,
+                    next_fire_at=upcoming,
+                )
+            ]
+    raise TypeError(f"schedule aggregate does not handle {type(command).__name__}")
+
+
+def evolve(state: ScheduleState, event: Event) -> ScheduleState:
+    match event:
+        case ScheduleCreated():
+            return Schedule(
+                id=event.schedule_id,
+                cron=event.cron,
+                timezone=event.timezone,
+                task=event.task,
+                overlap=event.overlap,
+                paused=event.paused,
+                generation=event.generation,
+                created_at=event.at,
+                updated_at=event.at,
+                created_by=event.created_by,
+                next_fire_at=event.next_fire_at,
+            )
+    if state is None or state.deleted:
+        return state
+    match event:
+        case SchedulePaused():
+            return msgspec.structs.replace(
+                state, paused=True, next_fire_at=None, pending_fire=None, updated_at=event.at
+            )
+        case ScheduleResumed():
+            return msgspec.structs.replace(state, paused=False, next_fire_at=event.next_fire_at, updated_at=event.at)
+        case ScheduleFired() if event in (timer.event for timer in timers(state)):
+            return msgspec.structs.replace(state, pending_fire=event.at)
+        case ScheduleRunRecorded():
+            submitted = event.outcome in SUBMITTING_OUTCOMES
+            resolves = not event.manual and state.pending_fire == event.fire_at
+            return msgspec.structs.replace(
+                state,
+                pending_fire=None if resolves else state.pending_fire,
+                next_fire_at=event.next_fire_at,
+                last_fire_at=event.fire_at if state.last_fire_at is None else max(state.last_fire_at, event.fire_at),
+                last_task_id=event.task_id if submitted else state.last_task_id,
+                last_outcome=event.outcome,
+                last_reason=event.reason,
+                runs=state.runs + submitted,
+                skipped=state.skipped + (event.outcome == "skipped"),
+                updated_at=event.at,
+            )
+        case ScheduleDeleted():
+            return msgspec.structs.replace(
+                state, deleted=True, next_fire_at=None, pending_fire=None, paused=True, updated_at=event.at
+            )
+    return state
+
+
+def timers(state: ScheduleState) -> Sequence[Timer]:
+    if state is None or state.deleted or state.paused or state.pending_fire is not None:
+        return ()
+    due = state.next_fire_at
+    if due is None:
+        return ()
+    key = f"fire-{state.generation}-{int(due.timestamp())}"
+    return [Timer(key, ScheduleFired(at=due, generation=state.generation))]
+
+
+SCHEDULE = Decider[ScheduleState](
+    aggregate=SCHEDULE_AGGREGATE,
+    commands=(CreateSchedule, PauseSchedule, ResumeSchedule, DeleteSchedule, RecordScheduleRun),
+    initial=None,
+    decide=decide,
+    evolve=evolve,
+    timers=timers,
+    aggregate_id=lambda command: command.schedule_id,  # type: ignore[attr-defined]
+)

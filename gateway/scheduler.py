@@ -1,0 +1,155 @@
+"""The scheduler: turns each schedule's fires into runs. It runs in every gateway process (which has
+the submit path: environments, the submit policy, the command handler).
+
+Fires are durable timers: ``ScheduleFired`` lands in ``cp.<org>.schedule.<id>`` at the cron time,
+stored in the log whether or not any gateway is up. The scheduler follows those subjects on one
+durable JetStream pull consumer (``cp_scheduler``, file-backed, shared by every gateway: each fire is
+delivered to one of them) and acknowledges a fire only after its run is recorded. A gateway that dies
+mid-run leaves the fire unacknowledged, and it is delivered again (after ``ACK_WAIT_SECONDS``) to
+whichever gateway is up. Running it again is harmless: the run's task id, and the id of every command
+it issues, derive from the schedule, its generation and the fire time, so a second attempt finds the
+task submitted and records the same run, which the handler deduplicates.
+
+A fire whose schedule has moved on (paused, deleted, recreated, or its run already recorded) is
+acknowledged and ignored: the schedule's state, folded from the log, is the only judge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from core.events import ScheduleFired, UnknownEvent
+from core.schedules import SCHEDULE_AGGREGATE, run_task_id
+from core.store import recorded_from_message
+from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from gateway.schedules import Transient, run_fire
+from gateway.services import Services
+from projections.projector import Puller
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "cp_scheduler"
+SCHEDULE_SUBJECTS = f"{EVENTS_PREFIX}.*.{SCHEDULE_AGGREGATE}.*"
+ACK_WAIT_SECONDS = 10.0
+RETRY_SECONDS = 1.0
+BATCH = 256
+CONCURRENCY = 256
+LATENESS_SAMPLES = 100_000
+
+
+class Scheduler:
+    def __init__(
+        self,
+        svc: Services,
+        *,
+        consumer: str = CONSUMER,
+        concurrency: int = CONCURRENCY,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self._svc = svc
+        self._consumer = consumer
+        self._slots = asyncio.Semaphore(concurrency)
+        self._retry_seconds = retry_seconds
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.runs = 0
+        """Fires this process ran (and recorded)."""
+        self.lateness: deque[float] = deque(maxlen=LATENESS_SAMPLES)
+        """Seconds from each fire's cron time to its run being recorded, newest last."""
+
+    async def start(self) -> None:
+        js = self._svc.store.nc.jetstream()
+        stream = self._svc.store.stream
+        try:
+            await js.consumer_info(stream, self._consumer)
+        except NotFoundError:
+            await js.add_consumer(
+                stream,
+                ConsumerConfig(
+                    durable_name=self._consumer,
+                    # Everything: a consumer created after fires were stored still runs them (the
+                    # state says which fires are still pending; the rest are acknowledged at once).
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=ACK_WAIT_SECONDS,
+                    max_deliver=-1,
+                    max_ack_pending=20_000,
+                    filter_subject=SCHEDULE_SUBJECTS,
+                ),
+            )
+        self._loop = asyncio.get_running_loop().create_task(self._follow())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop fetching; let the runs in flight finish (a run cut short is delivered again)."""
+        self._stopping.set()
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=grace)
+
+    async def _follow(self) -> None:
+        puller = Puller(self._svc.store.nc, self._svc.store.stream, self._consumer)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    messages = await puller.fetch(BATCH, wait=1.0)
+                except (TimeoutError, RuntimeError, OSError) as exc:
+                    log.warning("scheduler: fetching fires failed (%s); retrying", exc)
+                    await asyncio.sleep(self._retry_seconds)
+                    continue
+                except Exception:
+                    log.exception("scheduler: fetching fires failed; retrying")
+                    await asyncio.sleep(self._retry_seconds)
+                    continue
+                for message in messages:
+                    await self._slots.acquire()
+                    task = asyncio.get_running_loop().create_task(self._handle(message))
+                    self._running.add(task)
+                    task.add_done_callback(self._done)
+        finally:
+            await puller.close()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _handle(self, message: Msg) -> None:
+        try:
+            await self.process(message)
+        except Exception as exc:
+            if isinstance(exc, Transient):
+                log.warning("scheduler: a run must wait (%s); retrying in %.1f s", exc, self._retry_seconds)
+            else:
+                log.exception("scheduler: running a fire failed; it will be delivered again")
+            with contextlib.suppress(Exception):
+                await message.nak(delay=self._retry_seconds)
+            return
+        with contextlib.suppress(Exception):  # unacknowledged, it comes again and is found done
+            await message.ack()
+
+    async def process(self, message: Msg) -> None:
+        """Run the fire ``message`` carries if its schedule still waits for it; anything else is done."""
+        try:
+            recorded = recorded_from_message(message)
+        except UnknownEvent:
+            return  # written by newer code; that code's gateways run it
+        event = recorded.event
+        if not isinstance(event, ScheduleFired):
+            return
+        org, _, schedule_id = parse_aggregate_subject(recorded.subject)
+        state, _ = await self._svc.handler.load(org, SCHEDULE_AGGREGATE, schedule_id)
+        if state is None or state.deleted or state.generation != event.generation or state.pending_fire != event.at:
+            return
+        task_id = run_task_id(org, schedule_id, state.generation, event.at)
+        await run_fire(self._svc, org, state, event.at, task_id=task_id)
+        self.runs += 1
+        self.lateness.append((self._svc.clock() - event.at).total_seconds())
