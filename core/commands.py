@@ -23,6 +23,7 @@ from core.ids import TOKEN_PATTERN, Token, whole
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]
+ExcludedWorkers = Annotated[tuple[Token, ...], msgspec.Meta(max_length=64)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=366 * 24 * 3600)]
 LeaseSeconds = Annotated[float, msgspec.Meta(ge=1, le=24 * 3600)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -65,6 +66,8 @@ class SubmitTask(TaskCommand, frozen=True, kw_only=True):
     """The org's policy bundle version that decided it (None: the shipped policies)."""
     environment: Token | None = None
     """The environment of the queue, as the server's environments say (never the submitter)."""
+    excluded_workers: ExcludedWorkers = ()
+    """Worker ids never offered this task."""
 
 
 class ClaimTask(TaskCommand, frozen=True, kw_only=True):
@@ -209,6 +212,18 @@ class ReportWorkerFailure(WorkerCommand, frozen=True, kw_only=True):
 
 class DeregisterWorker(WorkerCommand, frozen=True, kw_only=True):
     pass
+
+
+class RecordWorkerAttempt(WorkerCommand, frozen=True, kw_only=True):
+    """The gateway tells the worker how an attempt of its ended (from the task's events): a
+    non-retryable failure or an expired lease counts toward its circuit breaker; a success resets it."""
+
+    task_id: Token
+    outcome: Annotated[str, msgspec.Meta(pattern=whole("succeeded|failed|lease_expired"))]
+
+
+class ResetWorkerBreaker(WorkerCommand, frozen=True, kw_only=True):
+    """An admin closes the worker's open circuit breaker before its cool-down ends."""
 
 
 ROLES = frozenset({"admin", "submitter", "worker", "approver", "viewer"})

@@ -95,6 +95,8 @@ class TaskSubmitted(Event, frozen=True, tag="TaskSubmitted"):
     """The environment of the task's queue when it was submitted, as the server's environments said
     (null: the queue belonged to none, or the event predates environments). The submit policy decided
     on it; the task keeps it even if the queue moves to another environment later."""
+    excluded_workers: tuple[str, ...] = ()
+    """Worker ids never offered this task (and refused if they claim it)."""
 
 
 class TaskSubmissionDenied(Event, frozen=True, tag="TaskSubmissionDenied"):
@@ -356,6 +358,35 @@ class WorkerDeregistered(Event, frozen=True, tag="WorkerDeregistered"):
     pass
 
 
+class WorkerAttemptFailed(Event, frozen=True, tag="WorkerAttemptFailed"):
+    """An attempt by this worker failed: ``failed`` (a non-retryable failure it reported) or
+    ``lease_expired`` (a lease it held ran out). Counts toward its circuit breaker."""
+
+    task_id: str
+    reason: Literal["failed", "lease_expired"]
+
+
+class WorkerAttemptSucceeded(Event, frozen=True, tag="WorkerAttemptSucceeded"):
+    """An attempt by this worker completed its task: the breaker's failure count starts again."""
+
+    task_id: str
+
+
+class WorkerBreakerOpened(Event, frozen=True, tag="WorkerBreakerOpened"):
+    """``failures`` consecutive failed attempts: the worker is ``failed`` and offered nothing until
+    ``until`` (or an admin's reset)."""
+
+    failures: int
+    until: datetime
+
+
+class WorkerBreakerReset(Event, frozen=True, tag="WorkerBreakerReset"):
+    """The breaker closes: timer (``by`` None) when the cool-down ``until`` passed, or an admin's reset."""
+
+    until: datetime
+    by: str | None = None
+
+
 # --- orgs and credentials -------------------------------------------------------------------------
 
 
@@ -509,7 +540,17 @@ TaskEvent = (
     | SignalConsumed
     | SignalWaitTimedOut
 )
-WorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerHeartbeatMissed | WorkerFailed | WorkerDeregistered
+WorkerEvent = (
+    WorkerRegistered
+    | WorkerHeartbeat
+    | WorkerHeartbeatMissed
+    | WorkerFailed
+    | WorkerDeregistered
+    | WorkerAttemptFailed
+    | WorkerAttemptSucceeded
+    | WorkerBreakerOpened
+    | WorkerBreakerReset
+)
 AccessEvent = OrgCreated | ApiKeyCreated | ApiKeyRevoked
 PolicyEvent = PolicyBundlePushed
 EnvironmentEvent = EnvironmentDefined | EnvironmentDeleted

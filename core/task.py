@@ -218,6 +218,8 @@ class Task(msgspec.Struct, frozen=True):
     policy: PolicyPin | None = None
     environment: str | None = None
     """The environment of its queue at submit, as recorded then (None: the queue had none)."""
+    excluded_workers: tuple[str, ...] = ()
+    """Worker ids never offered this task; a claim by one of them is refused."""
 
     @property
     def is_terminal(self) -> bool:
@@ -414,6 +416,7 @@ def _submit(state: TaskState, command: SubmitTask, ctx: DecisionContext) -> Sequ
             policy=command.policy,
             policy_version=command.policy_version,
             environment=command.environment,
+            excluded_workers=tuple(sorted(set(command.excluded_workers))),
         )
     ]
 
@@ -435,6 +438,8 @@ def _claim(task: Task, command: ClaimTask, ctx: DecisionContext) -> Sequence[Eve
     missing = set(task.required_capabilities) - set(command.capabilities)
     if missing:
         raise CapabilityMismatch(f"worker {command.worker_id} lacks capabilities {sorted(missing)}")
+    if command.worker_id in task.excluded_workers:
+        raise CapabilityMismatch(f"task {task.id} excludes worker {command.worker_id}")
     if task.not_before is not None and ctx.now < task.not_before:
         raise NotReady(f"task {task.id} is backing off until {task.not_before.isoformat()}")
     return [
@@ -821,6 +826,7 @@ def _created(event: TaskSubmitted) -> Task:
         updated_at=event.at,
         policy=None if event.policy is None else PolicyPin(event.policy_version, event.policy.bundle_digest),
         environment=event.environment,
+        excluded_workers=event.excluded_workers,
     )
     if event.policy is None or not event.policy.needs_approval:
         return task

@@ -1,7 +1,12 @@
 """The worker aggregate: registration, heartbeats and liveness. Pure: no I/O, no clock.
 
 A worker that misses heartbeats for ``heartbeat_timeout_seconds`` goes ``offline`` through a durable
-timer re-armed by every heartbeat, so liveness needs no sweeper process."""
+timer re-armed by every heartbeat, so liveness needs no sweeper process.
+
+Circuit breaker: ``BREAKER_FAILURES`` consecutive failed attempts (non-retryable failure, lease
+expiry; the gateway records each from the task's events) open it: the worker is ``failed`` and the
+gateway offers it nothing until ``BREAKER_COOLDOWN_SECONDS`` pass (a durable timer closes it) or an
+admin resets it. A completed attempt resets the count."""
 
 from __future__ import annotations
 
@@ -10,11 +15,23 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from core.commands import Command, DeregisterWorker, HeartbeatWorker, RegisterWorker, ReportWorkerFailure
+from core.commands import (
+    Command,
+    DeregisterWorker,
+    HeartbeatWorker,
+    RecordWorkerAttempt,
+    RegisterWorker,
+    ReportWorkerFailure,
+    ResetWorkerBreaker,
+)
 from core.decider import Decider, DecisionContext, Timer
-from core.errors import NotFound
+from core.errors import InvalidTransition, NotFound
 from core.events import (
     Event,
+    WorkerAttemptFailed,
+    WorkerAttemptSucceeded,
+    WorkerBreakerOpened,
+    WorkerBreakerReset,
     WorkerDeregistered,
     WorkerFailed,
     WorkerHeartbeat,
@@ -37,7 +54,19 @@ class Worker(msgspec.Struct, frozen=True):
     last_heartbeat_at: datetime
     registrations: int
     failure_reason: str | None = None
+    consecutive_failures: int = 0
+    """Failed attempts since the last success (or the last breaker reset)."""
+    breaker_open_until: datetime | None = None
+    """Set while the circuit breaker is open: the worker is ``failed`` and offered nothing."""
+    breaker_trips: int = 0
+    """How many times the breaker opened: names its reset timer."""
 
+    def breaker_open(self, now: datetime) -> bool:
+        return self.breaker_open_until is not None and now < self.breaker_open_until
+
+
+BREAKER_FAILURES = 3
+BREAKER_COOLDOWN_SECONDS = 60.0
 
 WorkerState = Worker | None
 
@@ -65,13 +94,32 @@ def decide(state: WorkerState, command: Command, ctx: DecisionContext) -> Sequen
             return [WorkerFailed(at=ctx.now, reason=command.reason)]
         case DeregisterWorker():
             return [WorkerDeregistered(at=ctx.now)]
+        case RecordWorkerAttempt():
+            return _attempt(state, command, ctx)
+        case ResetWorkerBreaker():
+            if state.breaker_open_until is None:
+                raise InvalidTransition(f"worker {state.id}'s circuit breaker is not open")
+            return [WorkerBreakerReset(at=ctx.now, until=state.breaker_open_until, by=ctx.actor.id)]
     raise TypeError(f"worker aggregate does not handle {type(command).__name__}")
+
+
+def _attempt(state: Worker, command: RecordWorkerAttempt, ctx: DecisionContext) -> Sequence[Event]:
+    if command.outcome == "succeeded":
+        if state.consecutive_failures == 0:
+            raise InvalidTransition(f"worker {state.id} has no failed attempts to reset")
+        return [WorkerAttemptSucceeded(at=ctx.now, task_id=command.task_id)]
+    failed = WorkerAttemptFailed(at=ctx.now, task_id=command.task_id, reason=command.outcome)  # type: ignore[arg-type]
+    failures = state.consecutive_failures + 1
+    if state.breaker_open_until is not None or failures < BREAKER_FAILURES:
+        return [failed]
+    until = ctx.now + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)
+    return [failed, WorkerBreakerOpened(at=ctx.now, failures=failures, until=until)]
 
 
 def evolve(state: WorkerState, event: Event) -> WorkerState:
     match event:
         case WorkerRegistered():
-            return Worker(
+            fresh = Worker(
                 id=event.worker_id,
                 queue=event.queue,
                 capabilities=event.capabilities,
@@ -83,7 +131,16 @@ def evolve(state: WorkerState, event: Event) -> WorkerState:
                 registered_at=event.at,
                 last_heartbeat_at=event.at,
                 registrations=(state.registrations if state else 0) + 1,
+                # Registering again does not close an open breaker nor forget failures.
+                consecutive_failures=state.consecutive_failures if state else 0,
+                breaker_open_until=state.breaker_open_until if state else None,
+                breaker_trips=state.breaker_trips if state else 0,
             )
+            if state is not None and state.breaker_open_until is not None:
+                return msgspec.structs.replace(fresh, status="failed", failure_reason=state.failure_reason)
+            return fresh
+        case WorkerHeartbeat() if state is not None and state.breaker_open_until is not None:
+            return msgspec.structs.replace(state, last_heartbeat_at=event.at)  # stays failed while open
         case WorkerHeartbeat() if state is not None:
             return msgspec.structs.replace(state, status=event.status, last_heartbeat_at=event.at, failure_reason=None)
         case WorkerHeartbeatMissed() if any(timer.event == event for timer in timers(state)):
@@ -92,11 +149,32 @@ def evolve(state: WorkerState, event: Event) -> WorkerState:
             return msgspec.structs.replace(state, status="failed", failure_reason=event.reason)
         case WorkerDeregistered():
             return None
+        case WorkerAttemptFailed() if state is not None:
+            return msgspec.structs.replace(state, consecutive_failures=state.consecutive_failures + 1)
+        case WorkerAttemptSucceeded() if state is not None:
+            return msgspec.structs.replace(state, consecutive_failures=0)
+        case WorkerBreakerOpened() if state is not None:
+            return msgspec.structs.replace(
+                state,
+                status="failed",
+                failure_reason=f"circuit breaker: {event.failures} consecutive failed attempts",
+                breaker_open_until=event.until,
+                breaker_trips=state.breaker_trips + 1,
+            )
+        case WorkerBreakerReset() if state is not None and state.breaker_open_until == event.until:
+            return msgspec.structs.replace(
+                state, status="ready", failure_reason=None, breaker_open_until=None, consecutive_failures=0
+            )
     return state
 
 
 def timers(state: WorkerState) -> Sequence[Timer]:
-    if state is None or state.status in ("offline", "failed"):
+    if state is None:
+        return ()
+    if state.breaker_open_until is not None:
+        reset = WorkerBreakerReset(at=state.breaker_open_until, until=state.breaker_open_until)
+        return [Timer(f"breaker-{state.breaker_trips}", reset)]
+    if state.status in ("offline", "failed"):
         return ()
     due = state.last_heartbeat_at + timedelta(seconds=state.heartbeat_timeout_seconds)
     return [
@@ -109,7 +187,14 @@ def timers(state: WorkerState) -> Sequence[Timer]:
 
 WORKER = Decider[WorkerState](
     aggregate="worker",
-    commands=(RegisterWorker, HeartbeatWorker, ReportWorkerFailure, DeregisterWorker),
+    commands=(
+        RegisterWorker,
+        HeartbeatWorker,
+        ReportWorkerFailure,
+        DeregisterWorker,
+        RecordWorkerAttempt,
+        ResetWorkerBreaker,
+    ),
     initial=None,
     decide=decide,
     evolve=evolve,

@@ -16,7 +16,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import Rejected
 from core.ids import InvalidToken
 from core.store import StoreError
-from gateway import approvals, environments, keys, policy_bundles, schedules, streams, system, tasks, usage, workers
+from gateway import (
+    approvals,
+    breakers,
+    environments,
+    keys,
+    policy_bundles,
+    schedules,
+    streams,
+    system,
+    tasks,
+    usage,
+    workers,
+)
 from gateway.console import routes as console_routes
 from gateway.observe import RequestTelemetry
 from gateway.problems import Problem, handle_problem, problem_response
@@ -55,6 +67,7 @@ def build_app(svc: Services) -> Starlette:
         Route("/v1/workers/{worker_id}", workers.get_worker, methods=["GET"]),
         Route("/v1/workers/{worker_id}", workers.deregister, methods=["DELETE"]),
         Route("/v1/workers/{worker_id}/heartbeat", workers.heartbeat, methods=["POST"]),
+        Route("/v1/workers/{worker_id}/reset", breakers.reset, methods=["POST"]),
         Route("/v1/api-keys", keys.create, methods=["POST"]),
         Route("/v1/api-keys/{key_id}", keys.revoke, methods=["DELETE"]),
         Route("/v1/policy-bundles", policy_bundles.push, methods=["POST"]),

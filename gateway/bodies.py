@@ -13,6 +13,7 @@ from core.commands import (
     CronExpression,
     EnvironmentName,
     EnvironmentQueues,
+    ExcludedWorkers,
     JournalIndex,
     Labels,
     LeaseSeconds,
@@ -53,6 +54,8 @@ class SubmitTaskBody(msgspec.Struct, frozen=True):
     retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
     metadata: Annotated[dict[str, Any], msgspec.Meta(max_length=64)] = {}
     workflow: WorkflowBody | None = None
+    excluded_workers: ExcludedWorkers = ()
+    """Worker ids never offered this task (at most 64)."""
 
 
 class ClaimBody(msgspec.Struct, frozen=True):

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from bisect import insort
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
-from core.events import PRIORITY_RANK, TaskSubmitted, UnknownEvent
+from core.events import PRIORITY_RANK, TaskLeaseExpired, TaskSubmitted, UnknownEvent
 from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.task import TASK, Task
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 TASK_EVENTS = f"{EVENTS_PREFIX}.*.task.*"
 FETCH_BATCH = 512
 RESUBSCRIBE_SECONDS = 1.0
+
+LeaseExpiredHook = Callable[[str, str, str, int], None]
+"""``(org, worker id, task id, seq)``: a lease the worker held expired (the event at ``seq``)."""
 
 ClaimOrder = tuple[int, datetime, str]
 """Highest priority first, then oldest, then by id so the order is total."""
@@ -89,6 +92,20 @@ class OpenTasks:
             return True
         return False
 
+    def lease_expired(self, recorded: RecordedEvent) -> tuple[str, str, str] | None:
+        """``(org, worker id, task id)`` when ``recorded`` expires the lease a worker holds (call it
+        before :meth:`fold` of the same event); None for anything else, a stale timer included."""
+        if not isinstance(recorded.event, TaskLeaseExpired):
+            return None
+        address = parse_aggregate_subject(recorded.subject)
+        known = self._tasks.get((address.org, address.id))
+        if known is None or recorded.seq <= known[1]:
+            return None
+        lease = known[0].lease
+        if lease is None or lease.id != recorded.event.lease_id:
+            return None
+        return address.org, lease.worker_id, address.id
+
     def fold(self, recorded: RecordedEvent) -> tuple[str, str] | None:
         """Apply one task event; ``(org, queue)`` when its task now waits for a worker."""
         address = parse_aggregate_subject(recorded.subject)
@@ -111,9 +128,10 @@ class OpenTasks:
         limit: int,
         *,
         workflows_only: bool = False,
+        worker_id: str | None = None,
     ) -> list[str]:
         """Up to ``limit`` ids a worker with ``capabilities`` may claim now, best first; with
-        ``workflows_only``, only tasks that run a workflow."""
+        ``workflows_only``, only tasks that run a workflow; with ``worker_id``, none that excludes it."""
         offered = set(capabilities)
         found: list[str] = []
         for _, _, task_id in self._waiting.get((org, queue), ()):
@@ -122,6 +140,7 @@ class OpenTasks:
                 (task.not_before is None or task.not_before <= now)
                 and offered.issuperset(task.required_capabilities)
                 and (task.workflow is not None or not workflows_only)
+                and (worker_id is None or worker_id not in task.excluded_workers)
             ):
                 found.append(task_id)
                 if len(found) == limit:
@@ -147,12 +166,20 @@ class ClaimIndex:
     """``OpenTasks`` kept current: loaded from the read model, then following the log."""
 
     def __init__(
-        self, nc: NATS, read_model: ReadModel, *, stream: str = STREAM_NAME, observer: LogObserver | None = None
+        self,
+        nc: NATS,
+        read_model: ReadModel,
+        *,
+        stream: str = STREAM_NAME,
+        observer: LogObserver | None = None,
+        on_lease_expired: LeaseExpiredHook | None = None,
     ) -> None:
         """``observer`` (the operator metrics) is seeded with the snapshot and then handed every task
-        event this index follows, once each, in log order: one reading of the log serves both."""
+        event this index follows, once each, in log order: one reading of the log serves both.
+        ``on_lease_expired`` hears of every lease expiry it follows (the workers' circuit breakers)."""
         self._nc, self._read_model, self._stream = nc, read_model, stream
         self._observer = observer
+        self.on_lease_expired = on_lease_expired
         self._open = OpenTasks()
         self.candidates = self._open.candidates
         """What a claim may take now: :meth:`OpenTasks.candidates` of the tasks this index keeps."""
@@ -244,6 +271,12 @@ class ClaimIndex:
                 self._observer.fold(recorded)
             except Exception:  # a metrics bug must never stop claims from seeing the log
                 log.exception("claim index: the observer failed on the event at seq %d", self._position)
+        expired = self._open.lease_expired(recorded)
+        if expired is not None and self.on_lease_expired is not None:
+            try:
+                self.on_lease_expired(*expired, recorded.seq)
+            except Exception:
+                log.exception("claim index: the lease-expiry hook failed on the event at seq %d", self._position)
         opened = self._open.fold(recorded)
         if opened is not None:
             self._wake(*opened)

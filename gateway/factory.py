@@ -11,6 +11,7 @@ import asyncpg
 from core.handler import CommandHandler
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator, JwtSettings
+from gateway.breakers import LeaseExpiries
 from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
 from gateway.idempotency import IdempotencyRecords
@@ -70,7 +71,10 @@ async def open_services(settings: GatewaySettings) -> Services:
     await migrate(pool)
     read_model = ReadModel(pool)
     metrics = Metrics()
-    claim_index = ClaimIndex(store.nc, read_model, stream=store.stream, observer=metrics.events)
+    lease_expiries = LeaseExpiries()  # given the handler below: the index starts following first
+    claim_index = ClaimIndex(
+        store.nc, read_model, stream=store.stream, observer=metrics.events, on_lease_expired=lease_expiries
+    )
     await claim_index.start()
 
     def on_commit(subject: str, state: object, seq: int) -> None:
@@ -79,6 +83,7 @@ async def open_services(settings: GatewaySettings) -> Services:
         submit_gate.observe(subject, state, seq)
 
     handler = CommandHandler(store, on_commit=on_commit)
+    lease_expiries.handler = handler
     keyring = KeyRing(handler, read_model)
     submit_gate = await SubmitGate.open(handler, claim_index, read_model)
     auth = Authenticator(keyring.lookup, settings.jwt)
@@ -105,6 +110,8 @@ async def close_services(svc: Services) -> None:
         await svc.scheduler.stop()
     svc.submit_gate.close()
     await svc.claim_index.stop()
+    if isinstance(svc.claim_index.on_lease_expired, LeaseExpiries):
+        await svc.claim_index.on_lease_expired.close()
     await svc.handler.close()
     await svc.read_model.close()
     await svc.read_model.pool.close()

@@ -160,6 +160,7 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
     ("get", "/v1/workers/{worker_id}", "Get a worker", "read", None, "200"),
     ("post", "/v1/workers/{worker_id}/heartbeat", "Worker heartbeat", "workers", bodies.WorkerHeartbeatBody, "200"),
     ("delete", "/v1/workers/{worker_id}", "Deregister a worker", "workers", None, "204"),
+    ("post", "/v1/workers/{worker_id}/reset", "Close the worker's open circuit breaker now", "admin", None, "200"),
     ("post", "/v1/api-keys", "Create an API key (shown once)", "admin", bodies.CreateApiKeyBody, "201"),
     ("delete", "/v1/api-keys/{key_id}", "Revoke an API key", "admin", None, "204"),
     (

@@ -52,6 +52,7 @@ from gateway.bodies import (
     SleepBody,
     SubmitTaskBody,
 )
+from gateway.breakers import open_breaker, record_task_outcome
 from gateway.forms import check_details, check_form, check_signal_payload
 from gateway.http import (
     body,
@@ -129,6 +130,7 @@ async def submit_task(
         policy=decision,
         policy_version=policy_version,
         environment=environment,
+        excluded_workers=spec.excluded_workers,
     )
     return await svc.handler.handle(org, command, actor=actor, command_id=command_id)
 
@@ -326,6 +328,10 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             return [claim for claim in replayed if claim is not None]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(spec.block_ms, svc.limits.max_block_ms) / 1000
+    if await open_breaker(svc.handler, who.org, spec.worker_id, svc.clock()) is not None:
+        # Its circuit breaker is open: offered nothing (204 after block_ms, so a runner does not spin).
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        return []
     capabilities = list(spec.capabilities)
     claimed: list[Claimed] = []
     while True:
@@ -340,6 +346,7 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             svc.clock(),
             max(CLAIM_CANDIDATES, 2 * wanted),
             workflows_only=spec.workflows_only,
+            worker_id=spec.worker_id,
         )
         # Racing another claimer of this gateway for the same task would only lose: try the others first.
         for task_id in sorted(candidates, key=svc.claims_in_flight.__contains__):
@@ -390,11 +397,13 @@ async def request_approval(request: Request) -> Response:
 
 async def complete(request: Request) -> Response:
     who, outcome = await _path_command(request, "lease", CompleteBody, CompleteTask, "complete")
+    await record_task_outcome(services(request).handler, who.org, outcome.state.id, outcome)
     return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 
 async def fail(request: Request) -> Response:
     who, outcome = await _path_command(request, "lease", FailBody, FailTask, "fail")
+    await record_task_outcome(services(request).handler, who.org, outcome.state.id, outcome)
     return json(task_document(outcome.state, outcome.seq, viewer=who.actor.id))
 
 

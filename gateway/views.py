@@ -81,6 +81,7 @@ def task_document(task: Task, seq: int, *, viewer: str | None = None) -> dict[st
         "completed_at": task.completed_at,
         "not_before": task.not_before,
         "deadline_at": task.deadline_at,
+        "excluded_workers": list(task.excluded_workers),
         "seq": seq,
     }
 
@@ -106,5 +107,7 @@ def worker_document(worker: Worker, tasks_completed: int, seq: int) -> dict[str,
         "last_heartbeat_at": worker.last_heartbeat_at,
         "heartbeat_timeout_seconds": worker.heartbeat_timeout_seconds,
         "tasks_completed": tasks_completed,
+        "failure_reason": worker.failure_reason,
+        "breaker": {"failures": worker.consecutive_failures, "open_until": worker.breaker_open_until},
         "seq": seq,
     }

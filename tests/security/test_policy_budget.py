@@ -28,9 +28,10 @@ from tests.security.test_lease_binding import security_stack  # noqa: F401 - thi
 pytestmark = pytest.mark.integration
 
 BUDGET_MS = 100
-OTHERS_BOUND_SECONDS = 0.5
-"""Another org's request must stay under this while the runaway runs (baseline: a few ms; generous
-for a shared 2-core machine)."""
+OTHERS_BOUND_SECONDS = 1.0
+"""Another org's request must stay under this while the runaway runs (baseline: a few ms; before the
+fix, 2.2-2.4 s and growing with the loop). Generous because a shared 2-core machine running other
+test processes once took 0.51 s."""
 ENTRYPOINT = "# METADATA\n# entrypoint: true\n"
 RUNAWAY = "count([x | some x in numbers.range(1, 2000); some y in numbers.range(1, 2000); x == y]) > 0"
 DECIDES = '{"allow": true, "require_approval": false, "reasons": []}'
