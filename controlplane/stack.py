@@ -25,6 +25,7 @@ from core.embedded import stored_login
 from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
+from gateway.observe import ACCESS_LOG_ENV
 from gateway.services import Services
 from projections.folds import PROJECTIONS
 from projections.projector import Projector
@@ -136,6 +137,9 @@ async def run_dev(
 ) -> int:
     """Gateway in this process, projector in a child process: each gets a core of its own. ``known``
     holds the keys of the previous run, kept when the log still has them."""
+    # The dev terminal is a person's: a line for every runner long-poll would bury what matters.
+    # CP_ACCESS_LOG=1 brings the access log back; `controlplane gateway` keeps it on by default.
+    os.environ.setdefault(ACCESS_LOG_ENV, "0")
     stop = stop_on_signals()
     logins = await database_logins(settings.database_url, stored_passwords(data_dir / "postgres-logins"))
     services = await open_services(dataclasses.replace(settings, database_url=logins[GATEWAY_ROLE]))
