@@ -298,6 +298,12 @@ class CommandHandler:
                 return Outcome(events=recorded, state=aggregate.state, seq=seqs[-1])
         raise ConcurrencyExhausted(f"{subject} kept changing; {self._max_attempts} attempts lost the race")
 
+    def cached_state(self, org: str, aggregate: str, aggregate_id: str) -> Any:
+        """The aggregate's state as this handler last saw it (None if it holds none), without I/O: for a
+        caller that may act on a slightly old state to skip a command that would change nothing."""
+        cached = self._cache.get(aggregate_subject(org, aggregate, aggregate_id))
+        return None if cached is None else cached.state
+
     async def load(self, org: str, aggregate: str, aggregate_id: str) -> tuple[Any, int]:
         """The current state of an aggregate and the sequence of its last event (0 if it has none)."""
         loaded = await self._refreshed(org, aggregate, aggregate_id)

@@ -44,8 +44,15 @@ async def record_task_outcome(handler: CommandHandler, org: str, task_id: str, o
         event = recorded.event
         if isinstance(event, TaskFailed):
             await record_attempt(handler, org, event.worker_id, task_id, "failed", recorded.seq)
-        elif isinstance(event, TaskCompleted):
+        elif isinstance(event, TaskCompleted) and _may_have_failures(handler, org, event.worker_id):
             await record_attempt(handler, org, event.worker_id, task_id, "succeeded", recorded.seq)
+
+
+def _may_have_failures(handler: CommandHandler, org: str, worker_id: str) -> bool:
+    """A success only resets a count of failures: with none counted (as this gateway last saw the worker,
+    at its claim), recording it would cost a read of the log to be refused."""
+    worker = handler.cached_state(org, "worker", worker_id)
+    return not isinstance(worker, Worker) or worker.consecutive_failures > 0
 
 
 class LeaseExpiries:
