@@ -32,7 +32,7 @@ from controlplane.connection import (
     nats_url_argument,
     without_credentials,
 )
-from controlplane.dev_nats import dev_nats
+from controlplane.dev_nats import dev_nats, provision_streams
 from controlplane.logs import configure_logging
 from controlplane.seed import seed_org
 from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
@@ -51,7 +51,7 @@ from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
 from core.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
-from integrations.consumer import DEAD_LETTER_STREAM, provision_dead_letter_stream
+from integrations.consumer import DEAD_LETTER_STREAM
 from projections.projector import progress_bar, rebuild
 from projections.roles import DB_PASSWORD_ENV, GATEWAY_ROLE, PROJECTOR_ROLE, provision_login_roles
 from projections.schema import Shard, migrate, parse_shard
@@ -263,13 +263,8 @@ def doctor() -> int:
 
 
 async def _provision(nats_url: str, replicas: int) -> int:
-    store = await JetStreamEventStore.connect(nats_url, provision=False)
-    try:
-        await store.provision(replicas=replicas)
-        await provision_dead_letter_stream(store.nc.jetstream(), replicas=replicas)
-        print(f"streams {store.stream} and {DEAD_LETTER_STREAM} ready on {without_credentials(nats_url)}")
-    finally:
-        await store.close()
+    stream = await provision_streams(nats_url, replicas)
+    print(f"streams {stream} and {DEAD_LETTER_STREAM} ready on {without_credentials(nats_url)}")
     return 0
 
 

@@ -89,28 +89,30 @@ def dev_nats(data_dir: Path, cluster_size: int, orgs: Iterable[str]) -> Iterator
     accounts, exports = org_accounts(logins), cp_exports()
     if cluster_size == 1:
         with EmbeddedNats(data_dir / "nats", accounts=accounts, exports=exports) as server:
-            uvloop.run(_provision_streams(server.url, 1))
+            uvloop.run(provision_streams(server.url, 1))
             yield DevNats(server.url, server.address, logins)
         return
     with EmbeddedNatsCluster(data_dir, size=cluster_size, accounts=accounts, exports=exports) as cluster:
-        uvloop.run(_provision_streams(cluster.urls, cluster_size))
+        uvloop.run(provision_streams(cluster.urls, cluster_size))
         addresses = ",".join(node.address for node in cluster.nodes)
         yield DevNats(cluster.urls, addresses, logins)
 
 
-async def _provision_streams(nats_url: str, replicas: int) -> None:
+async def provision_streams(nats_url: str, replicas: int) -> str:
     """Create the log and the dead-letter stream with ``replicas`` copies before any process creates
-    them with one, and scale the gateway's idempotency bucket, which the gateway creates with one."""
+    them with one, and scale the gateway's idempotency bucket, which the gateway creates with one.
+    Returns the log stream's name."""
     store = await JetStreamEventStore.connect(nats_url, provision=False)
     try:
         await store.provision(replicas=replicas)
         js = store.nc.jetstream()
         await provision_dead_letter_stream(js, replicas=replicas)
         if replicas == 1:
-            return
+            return store.stream
         await IdempotencyRecords.open(store)
         bucket = await js.stream_info(f"KV_{IDEMPOTENCY_BUCKET}")
         if bucket.config.num_replicas != replicas:
             await js.update_stream(dataclasses.replace(bucket.config, num_replicas=replicas))
+        return store.stream
     finally:
         await store.close()

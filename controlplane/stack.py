@@ -21,7 +21,7 @@ import uvicorn
 from controlplane.connection import without_credentials
 from controlplane.dev_nats import DevNats
 from controlplane.seed import seed_org
-from core.embedded import stored_login
+from core.embedded import stored_login, write_private
 from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
@@ -249,14 +249,6 @@ async def start_child(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # stopped by us, in order, not by the terminal's Ctrl-C
         )
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``path`` readable and writable by its owner only (mode 0600), whatever the umask."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
-        file.write(text)
 
 
 async def stop_process(process: asyncio.subprocess.Process, grace: float = 15.0) -> None:

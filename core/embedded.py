@@ -145,7 +145,8 @@ def nats_url_with_login(host: str, port: int, login: NatsLogin) -> str:
     return f"nats://{login.user}:{login.password}@{host}:{port}"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable and writable by its owner only (mode 0600), whatever the umask."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
@@ -261,7 +262,7 @@ class EmbeddedNats(_Service):
             self._cluster_port = free_port(self.host)
         self._adopt_anonymous_log()
         config = self.data_dir / "nats-server.conf"
-        _write_private(config, self._config())  # it holds passwords
+        write_private(config, self._config())  # it holds passwords
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 [str(binary), "-c", str(config)],

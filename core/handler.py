@@ -27,6 +27,7 @@ from core.environments import ENVIRONMENTS
 from core.errors import ConcurrencyExhausted, Rejected
 from core.events import Event, encode_event
 from core.ids import new_id, validate_token
+from core.lru import Lru
 from core.policy_set import POLICY_SET
 from core.schedules import SCHEDULE
 from core.store import (
@@ -126,17 +127,15 @@ class CommandHandler:
         self.last_appended_seq = 0
         """The newest stream sequence this handler appended: what a reader of this process's writes
         waits for."""
-        self._written_by: OrderedDict[str, int] = OrderedDict()
+        self._written_by: Lru[str, int] = Lru(_REMEMBERED_WRITERS)
 
     def last_write_of(self, actor_id: str) -> int:
         """The sequence of the newest command ``actor_id`` had this handler decide (0 if none it still
         remembers): what that actor's own reads wait for, so a list after a write shows it."""
-        return self._written_by.get(actor_id, 0)
+        return self._written_by.get(actor_id) or 0
 
     def _wrote(self, actor_id: str, seq: int) -> None:
-        self._written_by[actor_id] = max(seq, self._written_by.pop(actor_id, 0))
-        if len(self._written_by) > _REMEMBERED_WRITERS:
-            self._written_by.popitem(last=False)
+        self._written_by.put(actor_id, max(seq, self._written_by.get(actor_id) or 0))
 
     async def handle(
         self,

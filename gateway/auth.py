@@ -17,7 +17,7 @@ import jwt
 from core.access import parse_key, secret_matches
 from core.commands import ROLES, Actor
 from core.ids import InvalidToken, validate_token
-from gateway.lru import Lru
+from core.lru import Lru
 from gateway.problems import Problem
 
 # What each role may do; admin may do everything.

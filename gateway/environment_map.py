@@ -10,9 +10,9 @@ state it finds when its answer arrives."""
 from __future__ import annotations
 
 from core.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID, Environments
+from core.lru import Lru
 from core.store import JetStreamEventStore
 from core.subjects import aggregate_subject
-from gateway.lru import Lru
 
 ORGS_REMEMBERED = 4096
 

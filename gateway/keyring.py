@@ -11,10 +11,10 @@ import nats.errors
 
 from core.access import ApiKey
 from core.handler import CommandHandler
+from core.lru import Lru
 from core.store import StoreError
 from core.subjects import parse_aggregate_subject
 from gateway.auth import KeyRecord
-from gateway.lru import Lru
 from projections.read import ReadModel
 
 ORGS_REMEMBERED = 16_384

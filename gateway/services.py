@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from core.handler import CommandHandler, utc_now
+from core.lru import Lru
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
 from gateway.environment_map import EnvironmentDirectory
 from gateway.idempotency import IdempotencyRecords
-from gateway.lru import Lru
 from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
 from gateway.policy import SubmitGate
 from projections.read import ReadModel

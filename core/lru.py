@@ -1,5 +1,5 @@
 """A mapping that holds at most ``size`` entries and forgets the least recently used one first: every
-cache and table of the gateway keyed by something a client chooses (a key id, an address) is one, so no
+cache and table keyed by something a client chooses (a key id, an address, an actor) is one, so no
 stream of new keys can grow the process without bound."""
 
 from __future__ import annotations
