@@ -20,7 +20,7 @@ from runners.context import WorkflowContext
 from runners.examples import EXAMPLES
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack
-from tests.gateway.test_api import claim, last_seq, problem, queue, submit
+from tests.gateway.test_api import appended_since, claim, last_seq, problem, queue, submit
 from tests.gateway.test_runner import running, until
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,7 @@ async def test_a_response_that_does_not_fit_the_form_is_refused_and_appends_noth
             "is not of type 'integer'"
             in problem(await approver.post(f"{decide_url}/reject", json=wrong_type), 422)["detail"]
         )
-        assert await last_seq(stack) == before, "nothing was appended"
+        assert await appended_since(stack, before) == [], "nothing was appended"
         assert (await admin.get(decide_url)).json()["decisions"] == []
 
         answer = {"rollout_percent": 10, "note": "canary first"}
@@ -157,7 +157,7 @@ async def test_an_invalid_form_or_oversized_details_are_refused_and_append_nothi
         assert "only point inside it" in remote["detail"]
         oversized = problem(await admin.post(url, json={**lease, "details": {"diff": "x" * MAX_DETAILS_BYTES}}), 422)
         assert f"the limit is {MAX_DETAILS_BYTES}" in oversized["detail"]
-        assert await last_seq(stack) == before, "nothing was appended"
+        assert await appended_since(stack, before) == [], "nothing was appended"
         assert (await admin.get(f"/v1/tasks/{task['id']}")).json()["status"] == "running", "the lease is still held"
         r = await admin.post(url, json={**lease, "details": {"diff": "small"}, "form": ROLLOUT})
         assert r.status_code == 201, r.text
@@ -188,7 +188,7 @@ async def test_the_routes_and_the_console_decide_through_one_function(stack: Sta
         with pytest.raises(Problem) as missing:
             await decide(stack.services, who, "nope-1", "approve", comment=None, response=None, command_id=None)
         assert missing.value.status == 404
-        assert await last_seq(stack) == before
+        assert await appended_since(stack, before) == []
         decided, seq = await decide(
             stack.services,
             who,
@@ -198,7 +198,7 @@ async def test_the_routes_and_the_console_decide_through_one_function(stack: Sta
             response={"rollout_percent": 25},
             command_id=None,
         )
-        assert (decided.status, seq) == ("approved", await last_seq(stack))
+        assert (decided.status, seq) == ("approved", (await appended_since(stack, before))[-1].seq)
         assert [(v.by, v.response) for v in decided.decisions] == [("console:ann", {"rollout_percent": 25})]
         shown = (await admin.get(f"/v1/approvals/{approval['id']}")).json()
         assert shown["decisions"][0]["response"] == {"rollout_percent": 25}
