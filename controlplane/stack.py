@@ -27,7 +27,6 @@ from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.observe import ACCESS_LOG_ENV
 from gateway.services import Services
-from projections.folds import PROJECTIONS
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE, login_url, provision_login_roles
 from projections.schema import Shard, migrate
@@ -97,7 +96,8 @@ async def run_projector(settings: GatewaySettings, shard: Shard | None = None) -
     stop = stop_on_signals()
     # Only the log and the database: a projector serves no requests, so it needs no claim index, policy engine or keys.
     store = await JetStreamEventStore.connect(settings.nats_url)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=len(PROJECTIONS) + 2)
+    # One connection leads and writes the projections; the others answer lag and checkpoint reads.
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
     projector = Projector(pool, store.nc, shard=shard)
     try:
         await projector.start()

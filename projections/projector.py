@@ -1,17 +1,27 @@
-"""Keeps the read model up to date: one durable JetStream pull consumer per projection, folded into
-PostgreSQL one batch per transaction together with the projection's checkpoint.
+"""Keeps the read model up to date: one durable JetStream pull consumer for all of a projector's
+projections, each batch folded into PostgreSQL in one transaction together with every projection's
+checkpoint.
 
-Exactly once, restartable. A batch, its rows and the checkpoint (stream sequence of its last message)
-commit together; the messages are acked after the commit. A crash between commit and ack therefore
-redelivers messages at or below the checkpoint, which the next transaction skips. The checkpoint in
-PostgreSQL is the truth and the consumer only a cursor: whenever a projection (re)starts it recreates
-its consumer at checkpoint + 1, so a restored or rebuilt database and its consumer always agree (the
-consumer is kept in memory on the server for the same reason: losing it costs nothing).
+Exactly once, restartable. A batch, its rows and the checkpoints (stream sequence of its last message)
+commit together; the batch is acked after the commit (one ack: the consumer acks all up to the one
+acked). A crash between commit and ack therefore redelivers messages at or below the checkpoints,
+which the next transaction skips. The checkpoints in PostgreSQL are the truth and the consumer only a
+cursor: whenever a projector (re)starts it recreates its consumer at checkpoint + 1, so a restored or
+rebuilt database and its consumer always agree (the consumer is kept in memory on the server for the
+same reason: losing it costs nothing).
+
+One consumer and one transaction for the projections together, not one each: every event is then
+delivered, decoded and committed once rather than once per projection, which was most of the
+projector's cost per event. A projection that lags the others when the projector starts (a new one, or
+one just rebuilt) first catches up with them from the log, as a rebuild reads it, and then they
+follow together. The price: a projection whose code fails on an event (a bug, not bad data: refused
+data is skipped, see :func:`_apply_bisecting`) holds the others back with it until it is fixed.
 
 One writer per projection. A shared durable consumer splits batches between its fetchers, and a
 batch committed out of order would move the checkpoint past one still in flight, so each projection
-runs only where its session-level advisory lock is held; another process running the same projection
-waits as a standby and takes over when the lock frees up (its holder stopped or its connection died).
+runs only where its session-level advisory lock is held; a projector leads all its projections or
+none, and another process running the same ones waits as a standby and takes over when the locks free
+up (their holder stopped or its connection died).
 
 Consumers filter ``cp.>``, not single aggregates, so every projection's checkpoint advances with
 every event and "wait until projection X reached seq N" works for any N. Timer definitions on
@@ -39,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 import zlib
@@ -59,7 +70,7 @@ from core import telemetry
 from core.ids import new_id
 from core.store import H_TRACEPARENT, STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
-from projections.folds import Projection, select
+from projections.folds import PROJECTIONS, Projection, select
 from projections.schema import (
     NOTIFY_CHANNEL,
     Shard,
@@ -104,9 +115,15 @@ class BatchResult:
     """Stream sequence of the batch's last message: the new checkpoint of every projection applied."""
     applied: tuple[str, ...]
     """The projections whose checkpoint was below ``last_seq``; the others had seen the whole batch."""
-    skipped: int
-    """Undecodable messages plus, summed over the applied projections, events a projection could not
-    fold or store."""
+    undecodable: int
+    """Messages of the batch that could not be read as events."""
+    refused: dict[str, int]
+    """Per applied projection, the events it could not fold or store."""
+
+    @property
+    def skipped(self) -> int:
+        """Undecodable messages plus, summed over the applied projections, events a projection refused."""
+        return self.undecodable + sum(self.refused.values())
 
 
 def decode(msgs: Sequence[Msg]) -> tuple[list[RecordedEvent], int]:
@@ -167,8 +184,7 @@ async def commit_batch(
     recorded, undecodable = decode(msgs if shard is None else owned_by(shard, msgs))
     last_seq = msgs[-1].metadata.sequence.stream
     keys = {projection.name: checkpoint_key(projection.name, shard) for projection in projections}
-    applied: list[str] = []
-    skipped = undecodable
+    refused: dict[str, int] = {}
     async with conn.transaction():
         # Asynchronous commit: a server crash may lose the last batches, rows and checkpoint together,
         # and they are folded again from the log. Not waiting for the WAL flush is most of a small batch's cost.
@@ -182,26 +198,29 @@ async def commit_batch(
             checkpoint = checkpoints.get(keys[projection.name], 0)
             if last_seq <= checkpoint:
                 continue
-            skipped += await _apply_bisecting(conn, projection, [item for item in recorded if item.seq > checkpoint])
-            applied.append(projection.name)
-        if applied:
-            await conn.execute(_SAVE_CHECKPOINTS, [keys[name] for name in applied], last_seq)
-    return BatchResult(last_seq, tuple(applied), skipped)
+            refused[projection.name] = await _apply_bisecting(
+                conn, projection, [item for item in recorded if item.seq > checkpoint]
+            )
+        if refused:
+            await conn.execute(_SAVE_CHECKPOINTS, [keys[name] for name in refused], last_seq)
+    return BatchResult(last_seq, tuple(refused), undecodable, refused)
 
 
-def _batch_trace(projection: Projection, msgs: Sequence[Msg]) -> tuple[dict[str, Any], str | None, list[str]] | None:
+def _batch_trace(
+    projections: Sequence[Projection], msgs: Sequence[Msg]
+) -> tuple[dict[str, Any], str | None, list[str]] | None:
     """The attributes, parent and links of a batch's span, or None for no span: tracing is off, or no
-    event of the batch is of an aggregate the projection reads (every projection sees every event, and
-    a span per projection per batch of events it ignores would cost more than it tells). The batch joins
+    event of the batch is of an aggregate a projection reads (the projector sees every event, and a
+    span per batch of events it ignores would cost more than it tells). The batch joins
     the trace of its first traced event (at low load a batch holds one task's events, whose trace then
     shows when the read model got them) and links the traces of the others, up to ``telemetry.MAX_LINKS``."""
     if not telemetry.enabled():
         return None
-    if not any(projection.reads(_aggregate_of(msg.subject)) for msg in msgs):
+    if not any(projection.reads(_aggregate_of(msg.subject)) for msg in msgs for projection in projections):
         return None
     traced = [value for msg in msgs if msg.headers and (value := msg.headers.get(H_TRACEPARENT))]
     attributes = {
-        "cp.projection": projection.name,
+        "cp.projections": ",".join(projection.name for projection in projections),
         "cp.events": len(msgs),
         "cp.first_seq": msgs[0].metadata.sequence.stream,
         "cp.last_seq": msgs[-1].metadata.sequence.stream,
@@ -316,11 +335,42 @@ def _running_elsewhere(name: str, previous: Collection[str], mine: Collection[st
     )
 
 
-def _consumer_name(prefix: str, key: str) -> str:
-    """The durable consumer of checkpoint ``key``: ``<prefix><projection>``, plus ``-shard-<i>-of-<n>``
+_ALL_PROJECTIONS = "all"
+_GROUP_SEPARATOR = "_"
+_SHARD_SUFFIX = re.compile(r"-shard-(\d+)-of-(\d+)$")
+
+
+def _consumer_name(prefix: str, names: Sequence[str], shard: Shard | None) -> str:
+    """The durable consumer of a projector following ``names`` together as ``shard`` (or unsharded):
+    ``<prefix>all`` for every projection, else ``<prefix><name>_<name>…``, plus ``-shard-<i>-of-<n>``
     for a shard (consumer names may not hold ``/``)."""
-    projection, shard = parse_checkpoint_key(key)
-    return f"{prefix}{projection}" if shard is None else f"{prefix}{projection}-shard-{shard.index}-of-{shard.count}"
+    group = _ALL_PROJECTIONS if set(names) == set(PROJECTIONS) else _GROUP_SEPARATOR.join(names)
+    return f"{prefix}{group}" if shard is None else f"{prefix}{group}-shard-{shard.index}-of-{shard.count}"
+
+
+def _consumer_covers(prefix: str, consumer: str) -> tuple[set[str], Shard | None] | None:
+    """The projections and shard a consumer made by :func:`_consumer_name` with ``prefix`` follows, or
+    None for another consumer."""
+    if not consumer.startswith(prefix):
+        return None
+    group = consumer[len(prefix) :]
+    shard: Shard | None = None
+    if match := _SHARD_SUFFIX.search(group):
+        shard, group = Shard(int(match[1]), int(match[2])), group[: match.start()]
+    names = set(PROJECTIONS) if group == _ALL_PROJECTIONS else set(group.split(_GROUP_SEPARATOR))
+    return (names, shard) if names <= set(PROJECTIONS) else None
+
+
+async def _delete_consumers(
+    js: JetStreamContext, stream: str, prefix: str, names: Collection[str], shards: Collection[Shard | None]
+) -> None:
+    """Delete the consumers made with ``prefix`` that follow any of ``names`` as one of ``shards``: nothing
+    may resume from a position its projections' rows no longer match."""
+    for info in await js.consumers_info(stream):
+        covered = _consumer_covers(prefix, info.name)
+        if covered is not None and covered[0] & set(names) and covered[1] in shards:
+            with suppress(NotFoundError):
+                await js.delete_consumer(stream, info.name)
 
 
 async def _recreate_consumer(js: JetStreamContext, stream: str, name: str, start_seq: int, batch_size: int) -> None:
@@ -333,7 +383,7 @@ async def _recreate_consumer(js: JetStreamContext, stream: str, name: str, start
             durable_name=name,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start_seq,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             ack_wait=ACK_WAIT_SECONDS,
             max_ack_pending=2 * batch_size,
             filter_subject=EVENTS_FILTER,
@@ -390,9 +440,9 @@ class Puller:
 
 
 class Projector:
-    """Runs projections (all by default) until stopped, each on its own durable consumer, checkpoint
-    and PostgreSQL connection: a running projector holds one pool connection per projection (the
-    session that owns its writer lock), so size the pool for that. ``start`` applies the migrations,
+    """Runs projections (all by default) until stopped, together on one durable consumer and one
+    PostgreSQL connection (the session that owns their writer locks), each with its own checkpoint.
+    ``start`` applies the migrations,
     so it is safe on a fresh database. With a ``shard`` it folds only that shard's orgs (see the
     module's description); the read-side methods (``checkpoints``, ``lag``, ``run_until_caught_up``)
     answer for the projection as a whole, whichever layout runs it, so any projector object asks them."""
@@ -409,9 +459,9 @@ class Projector:
         batch_size: int = LIVE_BATCH,
         idle_wait: float = 1.0,
     ) -> None:
-        """``consumer_prefix`` names the durable consumers (``<prefix><projection>``); databases fed
-        from one stream need distinct prefixes, and every projector of one database (each shard, or
-        unsharded) the same one. ``idle_wait`` is how long one fetch lingers for new events; events
+        """``consumer_prefix`` names the durable consumer (``<prefix>all``, see :func:`_consumer_name`);
+        databases fed from one stream need distinct prefixes, and every projector of one database (each
+        shard, or unsharded) the same one. ``idle_wait`` is how long one fetch lingers for new events; events
         that arrive meanwhile are delivered at once, so it bounds nothing but idle polling."""
         self._pool = pool
         self._nc = nc
@@ -433,8 +483,13 @@ class Projector:
     def names(self) -> list[str]:
         return [projection.name for projection in self._projections]
 
-    def consumer_name(self, projection: str) -> str:
-        return _consumer_name(self._prefix, checkpoint_key(projection, self._shard))
+    @property
+    def consumer_prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def consumer_name(self) -> str:
+        return _consumer_name(self._prefix, self.names, self._shard)
 
     async def start(self) -> None:
         """Start following the log. Raises :class:`ShardLayoutConflict` while another shard layout
@@ -446,10 +501,7 @@ class Projector:
             for projection in self._projections:
                 await self._refuse_other_running_layout(conn, projection.name)
         self._stopped = asyncio.get_running_loop().create_future()
-        self._tasks = [
-            asyncio.create_task(self._run(projection, self._stopped), name=f"projection-{projection.name}")
-            for projection in self._projections
-        ]
+        self._tasks = [asyncio.create_task(self._run(self._stopped), name="projector")]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish the batch in hand (commit and ack it), then stop; cancels what takes longer than ``grace``."""
@@ -468,9 +520,10 @@ class Projector:
         return {name: effective.get(name, 0) for name in self.names}
 
     async def lag(self) -> dict[str, int]:
-        """Events each projection has yet to commit: its consumer's pending plus unacked messages,
+        """Events each projection has yet to commit: the consumer's pending plus unacked messages,
         and with shards the most of any shard (readers wait for the slowest). A consumer that does
-        not exist yet counts the sequences between its checkpoint and the newest event, an upper bound."""
+        not exist (another projector of this database follows other projections, or none runs) counts
+        the sequences between the checkpoint and the newest event, an upper bound."""
         rows = await fetch_checkpoints(self._pool)
         newest: int | None = None
         lag: dict[str, int] = {}
@@ -478,7 +531,8 @@ class Projector:
             behind: list[int] = []
             for key, checkpoint in (layout_of(rows, name) or {name: 0}).items():
                 try:
-                    info = await self._js.consumer_info(self._stream, _consumer_name(self._prefix, key))
+                    consumer = _consumer_name(self._prefix, self.names, parse_checkpoint_key(key)[1])
+                    info = await self._js.consumer_info(self._stream, consumer)
                 except NotFoundError:
                     if newest is None:
                         newest = await last_event_seq(self._js, self._stream)
@@ -509,60 +563,79 @@ class Projector:
                 raise _running_elsewhere(name, previous, mine)
             await _release(conn, [_lock_key(key) for key in previous])
 
-    async def _run(self, projection: Projection, stopped: asyncio.Future[None]) -> None:
-        """Lead the projection (or stand by for it) until stopped. An error restarts it from its
-        checkpoint after a pause that grows while no batch gets committed: never a crash loop."""
-        name = projection.name
-        key = checkpoint_key(name, self._shard)
+    async def _run(self, stopped: asyncio.Future[None]) -> None:
+        """Lead the projections (or stand by for them) until stopped. An error restarts them from their
+        checkpoints after a pause that grows while no batch gets committed: never a crash loop."""
+        keys = [checkpoint_key(name, self._shard) for name in self.names]
         retry = _RETRY_MIN_SECONDS
         standby_logged = False
         while not stopped.done():
-            committed = self.committed[name]
+            committed = sum(self.committed.values())
             try:
                 async with self._pool.acquire() as conn:
-                    if await _lead(conn, [key]):
+                    if await _lead(conn, keys):
                         standby_logged = False
-                        await self._follow(conn, projection, stopped)
+                        await self._follow(conn, stopped)  # the pool's reset of the connection unlocks
                         continue
                 if not standby_logged:
-                    log.info("projection %s runs elsewhere; standing by", key)
+                    log.info("projections %s run elsewhere; standing by", ", ".join(keys))
                     standby_logged = True
                 await asyncio.wait((stopped,), timeout=_STANDBY_RETRY_SECONDS)
             except ShardLayoutConflict as exc:  # another layout started meanwhile: a configuration error
                 log.error("%s; retrying in %.1fs", exc, _STANDBY_RETRY_SECONDS)
                 await asyncio.wait((stopped,), timeout=_STANDBY_RETRY_SECONDS)
             except Exception:
-                if self.committed[name] > committed:
+                if sum(self.committed.values()) > committed:
                     retry = _RETRY_MIN_SECONDS
-                log.exception("projection %s failed; restarting from its checkpoint in %.1fs", key, retry)
+                log.exception(
+                    "projections %s failed; restarting from their checkpoints in %.1fs", ", ".join(keys), retry
+                )
                 await asyncio.wait((stopped,), timeout=retry)
                 retry = min(2 * retry, _RETRY_MAX_SECONDS)
 
-    async def _follow(self, conn: asyncpg.Connection, projection: Projection, stopped: asyncio.Future[None]) -> None:
-        name = projection.name
-        key = checkpoint_key(name, self._shard)
-        checkpoint = await self._adopt_layout(conn, projection)
-        consumer = self.consumer_name(name)
-        await _recreate_consumer(self._js, self._stream, consumer, checkpoint + 1, self._batch_size)
+    async def _follow(self, conn: asyncpg.Connection, stopped: asyncio.Future[None]) -> None:
+        start = await self._catch_up(conn)
+        consumer = self.consumer_name
+        await _recreate_consumer(self._js, self._stream, consumer, start + 1, self._batch_size)
         puller = Puller(self._nc, self._stream, consumer)
-        log.info("projection %s following %s from seq %d", key, self._stream, checkpoint + 1)
+        log.info("projections %s following %s from seq %d", ", ".join(self.names), self._stream, start + 1)
         try:
             while (msgs := await self._next_batch(puller, stopped)) is not None:
                 if msgs:
-                    traced = _batch_trace(projection, msgs)
+                    traced = _batch_trace(self._projections, msgs)
                     with (
-                        telemetry.span(f"project {name}", traced[0], parent=traced[1], links=traced[2])
+                        telemetry.span("project", traced[0], parent=traced[1], links=traced[2])
                         if traced is not None
                         else nullcontext()
                     ) as span:
-                        result = await commit_batch(conn, [projection], msgs, self._shard)
+                        result = await commit_batch(conn, self._projections, msgs, self._shard)
                         telemetry.set_attributes(span, {"cp.skipped": result.skipped})
-                    self.committed[name] += len(msgs)
-                    self.skipped[name] += result.skipped
-                    for msg in msgs:
-                        await msg.ack()
+                    for name, refused in result.refused.items():
+                        self.committed[name] += len(msgs)
+                        self.skipped[name] += result.undecodable + refused
+                    await msgs[-1].ack()  # acks the whole batch (AckPolicy.ALL)
         finally:
             await puller.close()
+
+    async def _catch_up(self, conn: asyncpg.Connection) -> int:
+        """Adopt every projection's layout, fold the ones behind the others up to the most advanced
+        checkpoint (from the log, as a rebuild does), and return that checkpoint: where they then
+        follow together."""
+        checkpoints = {projection.name: await self._adopt_layout(conn, projection) for projection in self._projections}
+        start = max(checkpoints.values())
+        behind = [projection for projection in self._projections if checkpoints[projection.name] < start]
+        if behind:
+            after = min(checkpoints.values())
+            log.info(
+                "projections %s catch up from seq %d to %d",
+                ", ".join(projection.name for projection in behind),
+                after,
+                start,
+            )
+            await _fold_log(
+                conn, self._nc, self._stream, behind, REBUILD_BATCH, None, shard=self._shard, after=after, target=start
+            )
+        return start
 
     async def _adopt_layout(self, conn: asyncpg.Connection, projection: Projection) -> int:
         """Make the projection's checkpoint rows this projector's layout and return its own row's
@@ -601,9 +674,8 @@ class Projector:
                     await conn.execute(_SAVE_CHECKPOINTS, mine, target)
             finally:
                 await _release(conn, [_lock_key(key) for key in previous])
-        for key in previous:
-            with suppress(NotFoundError):
-                await self._js.delete_consumer(self._stream, _consumer_name(self._prefix, key))
+        previous_shards = {parse_checkpoint_key(key)[1] for key in previous}
+        await _delete_consumers(self._js, self._stream, self._prefix, [name], previous_shards)
         log.info("projection %s now runs %s from seq %d (was %s)", name, _describe(mine), target, _describe(previous))
         return target
 
@@ -645,8 +717,8 @@ async def rebuild(
     batch_size: int = REBUILD_BATCH,
 ) -> RebuildReport:
     """Empty the projections' tables, reset their checkpoints to 0 and fold the log again up to the
-    newest event present at the start; then point their durable consumers just past it, where a
-    projector resumes (and catches up with whatever was appended meanwhile).
+    newest event present at the start, where a projector resumes (and catches up with whatever was
+    appended meanwhile). Their durable consumers are deleted: a projector makes its own at start.
 
     Meant to run while no projector runs these projections: it takes their writer locks, every
     shard's included, and raises :class:`ProjectionBusy` if another process holds one. A sharded
@@ -672,12 +744,9 @@ async def rebuild(
                 await conn.execute(f"TRUNCATE {', '.join(table for p in projections for table in p.tables)}")
                 await conn.execute("DELETE FROM checkpoints WHERE projection = ANY($1::text[])", sorted(keys))
                 await conn.execute(_SAVE_CHECKPOINTS, chosen, 0)
-        for key in keys:  # nothing may resume from a position the emptied tables no longer match
-            with suppress(NotFoundError):
-                await js.delete_consumer(stream, _consumer_name(consumer_prefix, key))
+        shards = {parse_checkpoint_key(key)[1] for key in keys}
+        await _delete_consumers(js, stream, consumer_prefix, chosen, shards)
         events, last_seq, skipped = await _fold_log(conn, nc, stream, projections, batch_size, progress)
-        for name in chosen:
-            await _recreate_consumer(js, stream, _consumer_name(consumer_prefix, name), last_seq + 1, LIVE_BATCH)
     return RebuildReport(tuple(chosen), events, last_seq, time.monotonic() - started, skipped)
 
 

@@ -27,7 +27,6 @@ from gateway.app import build_app
 from gateway.auth import JwtSettings
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.services import Limits, Services
-from projections.folds import PROJECTIONS
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE
 
@@ -101,7 +100,7 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
     # HTTP test also checks that the gateway needs no more than reading through row-level security.
     logins = await database_logins(database_url, {role: secrets.token_urlsafe(16) for role in LOGIN_ROLES})
     services = await open_services(dataclasses.replace(settings, database_url=logins[GATEWAY_ROLE]))
-    projector_pool = await asyncpg.create_pool(logins[PROJECTOR_ROLE], min_size=1, max_size=len(PROJECTIONS) + 2)
+    projector_pool = await asyncpg.create_pool(logins[PROJECTOR_ROLE], min_size=1, max_size=3)
     projector = Projector(projector_pool, services.store.nc)
     await projector.start()
     keys = {org: await seed_org(services.handler, org, ROLES) for org in ("acme", "globex")}

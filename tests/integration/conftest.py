@@ -49,13 +49,12 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def projector(pool: asyncpg.Pool, store: JetStreamEventStore, org: str) -> AsyncIterator[Projector]:
-    """Not started; its durable consumers are removed at the end."""
+    """Not started; its durable consumer is removed at the end."""
     made = Projector(pool, store.nc, consumer_prefix=f"proj-{org}-", idle_wait=0.2)
     yield made
     await made.stop()
-    for name in made.names:
-        with suppress(NotFoundError):
-            await store.nc.jetstream().delete_consumer(STREAM_NAME, made.consumer_name(name))
+    with suppress(NotFoundError):
+        await store.nc.jetstream().delete_consumer(STREAM_NAME, made.consumer_name)
 
 
 @pytest.fixture

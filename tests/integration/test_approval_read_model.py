@@ -74,5 +74,5 @@ async def test_details_forms_and_responses_are_kept_live_and_by_a_rebuild(
     assert by_id["t1-1"].status == "approved"
 
     live = await snapshot(pool, org)
-    await rebuild(pool, store.nc, None, lambda done, total: None, consumer_prefix=projector.consumer_name(""))
+    await rebuild(pool, store.nc, None, lambda done, total: None, consumer_prefix=projector.consumer_prefix)
     assert await snapshot(pool, org) == live

@@ -284,7 +284,7 @@ async def test_rebuild_resets_the_shards_which_then_resume_from_it(
     report = await rebuild(pool, store.nc, consumer_prefix=prefix)
     assert await fetch_checkpoints(pool) == dict.fromkeys(PROJECTIONS, report.last_seq)  # no shard rows left
     with pytest.raises(NotFoundError):  # nor shard consumers that would resume from their old positions
-        await js.consumer_info(STREAM_NAME, shards(pool, store, prefix, 2)[0].consumer_name("tasks"))
+        await js.consumer_info(STREAM_NAME, shards(pool, store, prefix, 2)[0].consumer_name)
     assert {org: await snapshot(pool, org) for org in orgs} == live
 
     async with AsyncExitStack() as stack:

@@ -345,7 +345,7 @@ async def test_rebuilt_read_model_equals_live_one(
         store.nc,
         None,
         lambda done, total: shown.append((done, total)),
-        consumer_prefix=projector.consumer_name(""),
+        consumer_prefix=projector.consumer_prefix,
     )
     rebuilt = await snapshot(pool, org)
     assert rebuilt == live
@@ -381,7 +381,7 @@ async def test_crash_between_commit_and_ack_applies_nothing_twice(
         raise ConnectionResetError("the process died after COMMIT, before the ack")
 
     monkeypatch.setattr(Msg, "ack", crash)
-    one_batch = Projector(pool, store.nc, consumer_prefix=projector.consumer_name(""), batch_size=100_000)
+    one_batch = Projector(pool, store.nc, consumer_prefix=projector.consumer_prefix, batch_size=100_000)
     async with running(one_batch):
         await caught_up(one_batch)  # committed, never acked: the runner restarts from its checkpoint
         await asyncio.sleep(0.7)  # past the restart pause
@@ -607,7 +607,7 @@ async def test_a_non_superuser_owner_projects_through_rls_without_the_reader_rol
                 assert await conn.fetchval("SELECT count(*) FROM tasks") == 0  # the owner, but no org set
                 await conn.execute("SELECT set_config('cp.org', $1, true)", org)
                 assert [row["org_id"] for row in await conn.fetch("SELECT org_id FROM tasks")] == [org]
-            await store.nc.jetstream().delete_consumer(STREAM_NAME, projector.consumer_name("tasks"))
+            await store.nc.jetstream().delete_consumer(STREAM_NAME, projector.consumer_name)
     finally:
         await admin.execute(f"DROP ROLE {owner}")
         await admin.close()
@@ -646,12 +646,12 @@ async def test_lag_drops_to_zero(handler: CommandHandler, org: str, projector: P
 async def test_one_writer_per_projection_and_rebuild_waits_for_none(
     handler: CommandHandler, org: str, pool: asyncpg.Pool, projector: Projector, store: JetStreamEventStore
 ) -> None:
-    standby = Projector(pool, store.nc, consumer_prefix=projector.consumer_name(""), idle_wait=0.2)
+    standby = Projector(pool, store.nc, consumer_prefix=projector.consumer_prefix, idle_wait=0.2)
     async with running(projector):
         await caught_up(projector)
         async with running(standby):
             with pytest.raises(ProjectionBusy):
-                await rebuild(pool, store.nc, ["tasks"], consumer_prefix=projector.consumer_name(""))
+                await rebuild(pool, store.nc, ["tasks"], consumer_prefix=projector.consumer_prefix)
             await projector.stop()  # the standby takes over
             seq = await submit(handler, org, "t1")
             async with asyncio.timeout(15):
@@ -830,7 +830,7 @@ async def test_usage_is_kept_per_queue_and_workflow_and_a_rebuild_equals_the_liv
     assert await read_model.usage(org, start=today, end=today, workflow="wf-b") == []
     assert await read_model.tokens_on(org, today) == 142 + 5  # every queue and workflow: the submit quotas
 
-    await rebuild(pool, store.nc, ["usage"], consumer_prefix=projector.consumer_name(""))
+    await rebuild(pool, store.nc, ["usage"], consumer_prefix=projector.consumer_prefix)
     assert await snapshot(pool, org) == live
 
 
