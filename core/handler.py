@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -66,18 +68,22 @@ class _Aggregate:
     last_seq: int = 0
     history: list[RecordedEvent] = field(default_factory=list)
     by_command: dict[str, list[int]] = field(default_factory=dict)
+    known_at: float = -math.inf
+    """When (``time.monotonic``) this copy was last known to be the log's: read, or appended to."""
 
     def extend(self, decider: Decider[Any], recorded: Sequence[RecordedEvent]) -> None:
         """Fold events read from the log."""
         for item in recorded:
             self._append(item)
             self.state = decider.evolve(self.state, item.event)
+        self.known_at = time.monotonic()
 
     def record(self, recorded: Sequence[RecordedEvent], state_after: Any) -> None:
         """Keep events this process appended, whose fold it has already computed."""
         for item in recorded:
             self._append(item)
         self.state = state_after
+        self.known_at = time.monotonic()
 
     def _append(self, item: RecordedEvent) -> None:
         if item.command_id is not None:
@@ -303,8 +309,13 @@ class CommandHandler:
         cached = self._cache.get(aggregate_subject(org, aggregate, aggregate_id))
         return None if cached is None else cached.state
 
-    async def load(self, org: str, aggregate: str, aggregate_id: str) -> tuple[Any, int]:
-        """The current state of an aggregate and the sequence of its last event (0 if it has none)."""
+    async def load(self, org: str, aggregate: str, aggregate_id: str, *, max_age: float = 0.0) -> tuple[Any, int]:
+        """The current state of an aggregate and the sequence of its last event (0 if it has none). With
+        ``max_age`` (seconds), a copy this handler read or wrote that recently is answered without
+        reading the log: for a read that may be that stale, as other processes' writes go."""
+        cached = self._cache.get(aggregate_subject(org, aggregate, aggregate_id))
+        if max_age > 0 and cached is not None and time.monotonic() - cached.known_at <= max_age:
+            return cached.state, cached.last_seq
         loaded = await self._refreshed(org, aggregate, aggregate_id)
         return loaded.state, loaded.last_seq
 

@@ -130,6 +130,10 @@ class JetStreamEventStore:
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ack_counter = itertools.count()
         self._ack_subscription: Subscription | None = None
+        self._read_prefix = nc.new_inbox()
+        self._reads: dict[str, asyncio.Queue[Msg]] = {}
+        self._read_counter = itertools.count()
+        self._read_subscription: Subscription | None = None
 
     @classmethod
     async def connect(
@@ -412,16 +416,22 @@ class JetStreamEventStore:
             next_seq = batch[-1].seq + 1
 
     async def _direct_batch(self, subject: str, start_seq: int) -> tuple[list[RecordedEvent], int]:
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        # Replies come to one long-lived subscription, told apart by the last token of their inbox: a
+        # subscription of its own per read would cost a subscribe and an unsubscribe on every read.
+        if self._read_subscription is None:
+            self._read_subscription = await self._nc.subscribe(f"{self._read_prefix}.*", cb=self._on_read_reply)
+        token = str(next(self._read_counter))
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        self._reads[token] = replies
         try:
             request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": READ_BATCH}).encode()
-            await self._nc.publish(self._direct_get_subject, request, reply=inbox)
+            await self._nc.publish(self._direct_get_subject, request, reply=f"{self._read_prefix}.{token}")
             batch: list[RecordedEvent] = []
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=5)
-                except NatsTimeoutError as exc:
+                    async with asyncio.timeout(5):
+                        msg = await replies.get()
+                except TimeoutError as exc:
                     raise StoreError(f"reading {subject} from the log timed out") from exc
                 headers = msg.headers or {}
                 status = headers.get("Status")
@@ -433,7 +443,12 @@ class JetStreamEventStore:
                     raise StoreError(f"direct get on {subject} failed: {status} {headers.get('Description')}")
                 batch.append(recorded_from_message(msg))
         finally:
-            await sub.unsubscribe()
+            del self._reads[token]
+
+    async def _on_read_reply(self, msg: Msg) -> None:
+        replies = self._reads.get(msg.subject.rsplit(".", 1)[1])
+        if replies is not None:  # else the read gave up (timed out or was cancelled) meanwhile
+            replies.put_nowait(msg)
 
 
 def recorded_from_message(msg: Msg) -> RecordedEvent:

@@ -81,9 +81,15 @@ class LeaseExpiries:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
+BREAKER_STALENESS_SECONDS = 1.0
+"""How old this gateway's copy of a worker may be when a claim checks its breaker. Attempts this
+gateway records update its copy at once; a breaker another gateway opens (or an admin resets there)
+is seen here within this time, instead of a read of the log on every claim."""
+
+
 async def open_breaker(handler: CommandHandler, org: str, worker_id: str, now: Any) -> Worker | None:
     """The worker if its breaker is open now (it must be offered nothing), else None."""
-    worker, _ = await handler.load(org, "worker", worker_id)
+    worker, _ = await handler.load(org, "worker", worker_id, max_age=BREAKER_STALENESS_SECONDS)
     if isinstance(worker, Worker) and worker.breaker_open(now):
         return worker
     return None

@@ -19,11 +19,11 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
 from core.events import PRIORITY_RANK, TaskLeaseExpired, TaskSubmitted, UnknownEvent
+from core.pull import Puller
 from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.task import TASK, Task
@@ -238,24 +238,27 @@ class ClaimIndex:
         js = self._nc.jetstream()
         while True:
             try:
-                config = ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=self._position + 1,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=60.0,
-                    mem_storage=True,
+                consumer = await js.add_consumer(
+                    self._stream,
+                    ConsumerConfig(
+                        filter_subject=TASK_EVENTS,
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=self._position + 1,
+                        ack_policy=AckPolicy.NONE,
+                        inactive_threshold=60.0,
+                        mem_storage=True,
+                    ),
                 )
-                subscription = await js.pull_subscribe(TASK_EVENTS, stream=self._stream, config=config)
+                puller = Puller(self._nc, self._stream, consumer.name)
                 try:
                     while True:
-                        # An idle log: nats-py raises its own or asyncio's TimeoutError (an OSError!).
-                        with contextlib.suppress(NatsTimeoutError, TimeoutError):
-                            for msg in await subscription.fetch(FETCH_BATCH, timeout=1.0):
-                                self._fold(msg)
+                        for msg in await puller.fetch(FETCH_BATCH, 1.0):
+                            self._fold(msg)
                 finally:
+                    await puller.close()
                     with contextlib.suppress(Exception):
-                        await subscription.unsubscribe()
-            except (NatsError, JetStreamError, OSError) as exc:
+                        await js.delete_consumer(self._stream, consumer.name)
+            except (NatsError, JetStreamError, OSError, RuntimeError) as exc:
                 log.warning("claim index: following the log failed (%r); again in %.0f s", exc, RESUBSCRIBE_SECONDS)
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)
 

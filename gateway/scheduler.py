@@ -25,12 +25,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from core.events import ScheduleFired, UnknownEvent
+from core.pull import Puller
 from core.schedules import SCHEDULE_AGGREGATE, run_task_id
 from core.store import recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from gateway.schedules import Transient, run_fire
 from gateway.services import Services
-from projections.projector import Puller
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,6 @@ run, :meth:`Projector.start` raises :class:`ShardLayoutConflict`."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import sys
@@ -61,13 +60,13 @@ from typing import Any, TextIO
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from core import telemetry
 from core.ids import new_id
+from core.pull import Puller
 from core.store import H_TRACEPARENT, STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from projections.folds import PROJECTIONS, Projection, select
@@ -390,53 +389,6 @@ async def _recreate_consumer(js: JetStreamContext, stream: str, name: str, start
             mem_storage=True,
         ),
     )
-
-
-class Puller:
-    """Fetches batches from a pull consumer, one request per batch: ``no_wait`` with ``expires`` makes
-    the server send what is there at once (or wait up to ``expires`` for the first event) and end the
-    batch with a 404 status. A subscription callback collects the messages; nats-py's ``fetch`` awaits
-    every message with a task and a timeout of its own, which costs more than folding it does."""
-
-    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
-        self._nc = nc
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = nc.new_inbox()
-        self._subscription: Subscription | None = None
-        self._batch: list[Msg] = []
-        self._wanted = 0
-        self._done: asyncio.Future[list[Msg]] | None = None
-
-    async def fetch(self, batch: int, wait: float) -> list[Msg]:
-        """Up to ``batch`` messages; [] if none came within ``wait`` seconds."""
-        if self._subscription is None:
-            self._subscription = await self._nc.subscribe(self._inbox, cb=self._receive)
-        self._batch, self._wanted = [], batch
-        self._done = done = asyncio.get_running_loop().create_future()
-        request = {"batch": batch, "no_wait": True, "expires": int(wait * 1e9)}
-        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
-        async with asyncio.timeout(wait + 5.0):  # the server always answers unless the connection broke
-            return await done
-
-    async def close(self) -> None:
-        if self._subscription is not None:
-            with suppress(Exception):
-                await self._subscription.unsubscribe()
-
-    async def _receive(self, msg: Msg) -> None:
-        done = self._done
-        if done is None or done.done():
-            return  # left over from an abandoned request; the consumer is recreated before the next run
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
-            self._batch.append(msg)
-            if len(self._batch) >= self._wanted:
-                done.set_result(self._batch)
-        elif status in ("404", "408"):  # nothing (more) to deliver / the request expired
-            done.set_result(self._batch)
-        elif status != "100":  # 100 is a heartbeat
-            description = msg.headers.get("Description", "") if msg.headers else ""
-            done.set_exception(RuntimeError(f"pull from {self._next} failed: {status} {description}"))
 
 
 class Projector:
