@@ -52,7 +52,7 @@ import re
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -177,12 +177,33 @@ async def commit_batch(
 ) -> BatchResult:
     """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
     all in one transaction. Messages at or below a projection's checkpoint were committed before (a
-    crash between commit and ack) and are skipped, so applying a batch twice changes nothing. Each
-    projection applies in a savepoint; if PostgreSQL refuses the data, see :func:`_apply_bisecting`.
+    crash between commit and ack) and are skipped, so applying a batch twice changes nothing. If
+    PostgreSQL refuses some data, the transaction is rolled back and the batch applied again with each
+    projection in a savepoint, see :func:`_apply_bisecting`.
     With a ``shard``, only its orgs' events are folded, and the checkpoints moved are the shard's rows."""
     recorded, undecodable = decode(msgs if shard is None else owned_by(shard, msgs))
     last_seq = msgs[-1].metadata.sequence.stream
     keys = {projection.name: checkpoint_key(projection.name, shard) for projection in projections}
+    try:
+        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_all)
+    except POISON:  # rolled back: again, each projection in a savepoint, to find and skip what is refused
+        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_bisecting)
+    return BatchResult(last_seq, tuple(refused), undecodable, refused)
+
+
+Apply = Callable[[asyncpg.Connection, Projection, list[RecordedEvent]], Awaitable[int]]
+
+
+async def _commit(
+    conn: asyncpg.Connection,
+    projections: Sequence[Projection],
+    keys: dict[str, str],
+    recorded: list[RecordedEvent],
+    last_seq: int,
+    apply: Apply,
+) -> dict[str, int]:
+    """One transaction: the events newer than each projection's checkpoint applied with ``apply``, and
+    the checkpoints moved to ``last_seq``; returns what each projection that applied refused."""
     refused: dict[str, int] = {}
     async with conn.transaction():
         # Asynchronous commit: a server crash may lose the last batches, rows and checkpoint together,
@@ -197,12 +218,16 @@ async def commit_batch(
             checkpoint = checkpoints.get(keys[projection.name], 0)
             if last_seq <= checkpoint:
                 continue
-            refused[projection.name] = await _apply_bisecting(
-                conn, projection, [item for item in recorded if item.seq > checkpoint]
-            )
+            newer = [item for item in recorded if item.seq > checkpoint]
+            refused[projection.name] = await apply(conn, projection, newer)
         if refused:
             await conn.execute(_SAVE_CHECKPOINTS, [keys[name] for name in refused], last_seq)
-    return BatchResult(last_seq, tuple(refused), undecodable, refused)
+    return refused
+
+
+async def _apply_all(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+    """The common case: PostgreSQL takes every row, and no savepoint per projection is paid for."""
+    return await projection.apply(conn, events)
 
 
 def _batch_trace(
