@@ -19,9 +19,12 @@ import uvloop
 from controlplane import environments as environment_commands
 from controlplane import exec as exec_commands
 from controlplane import integrations as integration_commands
+from controlplane import notify as notify_commands
 from controlplane import policies as policy_commands
+from controlplane import queues as queue_commands
 from controlplane import replay as replay_commands
 from controlplane import schedules as schedule_commands
+from controlplane import secrets as secret_commands
 from controlplane import stack
 from controlplane import timers as timer_commands
 from controlplane.connection import (
@@ -147,10 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay_commands.register(commands)
     policy_commands.register(commands)
     environment_commands.register(commands)
+    queue_commands.register(commands)
     schedule_commands.register(commands)
+    secret_commands.register(commands)
     exec_commands.register(commands)
     timer_commands.register(commands)
     integration_commands.register(commands)
+    notify_commands.register(commands)
 
     args = parser.parse_args(argv)
     process = args.command if args.command in SERVICES else "cli"
@@ -173,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_tracing()
 
 
-SERVICES = ("gateway", "projector", "runner", "dev")
+SERVICES = ("gateway", "projector", "runner", "dev", "notify")
 """Commands that run until stopped: their log lines name them as the process, and they trace."""
 
 
@@ -341,6 +347,10 @@ def run_dev(host: str, port: int, data_dir: Path, cluster_size: int = 1) -> int:
                 database_url = postgres.start()
             assert database_url is not None
             settings = GatewaySettings.from_env(servers.url, database_url)
+            if settings.secrets_key is None:
+                # The gateway runs in this process: the key goes to it in memory, not into os.environ,
+                # which the runner and projector children inherit (workflow code has no use for it).
+                settings.secrets_key = stack.stored_secrets_key(data_dir)
             return uvloop.run(stack.run_dev(settings, host, port, data_dir, known, servers))
         finally:
             # A second Ctrl-C must not cut the shutdown short and leave servers running.

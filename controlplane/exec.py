@@ -416,6 +416,7 @@ _DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
     "TaskClaimed": lambda d: f"running on {d['worker_id']} (attempt {d['attempt']})",
     "TaskHeartbeat": lambda d: "",  # a lease renewal every few seconds: noise in a log
     "TaskLeaseExpired": lambda d: "the lease expired; the task will be claimed again",
+    "TaskLeaseReleased": lambda d: f"{d['reason']}: its lease is released; the task will be claimed again",
     "ApprovalRequested": lambda d: "",  # the waiting lines of Follower._waiting say it, and more
     "ApprovalVoteCast": lambda d: (
         f"{d['by']} voted {d['decision']} on {d['approval_id']}" + (f": {d['comment']}" if d.get("comment") else "")

@@ -26,6 +26,7 @@ from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.observe import ACCESS_LOG_ENV
+from gateway.secret_box import MASTER_KEY_ENV, generate_key_text
 from gateway.services import Services
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE, login_url, provision_login_roles
@@ -38,6 +39,7 @@ log = logging.getLogger("controlplane")
 
 DEV_ORGS = ("acme", "globex")
 DEV_ROLES = ("admin", "submitter", "worker", "approver", "viewer")
+SECRETS_KEY_FILE = "secrets.key"
 WORKER_KEY_ENV = "CP_WORKER_KEY"
 """Where ``controlplane runner`` finds its key: an environment variable, never the command line."""
 
@@ -154,6 +156,7 @@ async def run_dev(
         env={"CP_NATS_URL": settings.nats_url, "DATABASE_URL": logins[PROJECTOR_ROLE]},
     )
     runner: asyncio.subprocess.Process | None = None
+    notifier: asyncio.subprocess.Process | None = None
     try:
         info_path = data_dir / "dev.json"
         orgs = {org: await seed_org(services.handler, org, DEV_ROLES, known.get(org)) for org in DEV_ORGS}
@@ -185,6 +188,14 @@ async def run_dev(
             data_dir / "runner.log",
             env={WORKER_KEY_ENV: orgs["acme"]["worker"]},
         )
+        # Sends each seeded org's notifications once an admin defines channels and rules; it reads and
+        # appends to the log, so it logs in as the control plane (docs/adr/0010-notifications.md).
+        notifier = await start_child(
+            ["notify", *DEV_ORGS, "--url", info["gateway_url"]],
+            data_dir / "notify.log",
+            # The master key opens channels' sealed URLs and secrets; this child alone gets it.
+            env={"CP_NATS_URL": settings.nats_url, MASTER_KEY_ENV: settings.secrets_key or ""},
+        )
         write_private(info_path, json.dumps(info, indent=2) + "\n")  # it holds every key
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")
         print(f"  console:  {info['gateway_url']}/console  (sign in with acme's approver key to decide approvals)")
@@ -196,6 +207,7 @@ async def run_dev(
             f"  runner:   pid {runner.pid}, example workflows agent-deploy, two-person-change and agent-chat"
             f" on acme/default, log {data_dir / 'runner.log'}"
         )
+        print(f"  notifier: pid {notifier.pid}, notifications of {', '.join(DEV_ORGS)}, log {data_dir / 'notify.log'}")
         for org, keys in orgs.items():
             print(f"  {org}: " + ", ".join(f"{role}={key}" for role, key in keys.items()))
         print("Ctrl-C stops everything.", flush=True)
@@ -207,6 +219,8 @@ async def run_dev(
     finally:
         if runner is not None:
             await stop_process(runner)
+        if notifier is not None:
+            await stop_process(notifier)
         await stop_process(projector)
         await close_services(services)
     print("controlplane dev stopped", flush=True)
@@ -228,6 +242,16 @@ async def database_logins(owner_url: str, passwords: Mapping[str, str]) -> dict[
     finally:
         await conn.close()
     return {role: login_url(owner_url, role, password) for role, password in passwords.items()}
+
+
+def stored_secrets_key(data_dir: Path) -> str:
+    """The dev stack's master key for secrets (``CP_SECRETS_KEY``), made once into ``secrets.key``
+    (mode 0600): secrets set in one run open in the next. It reaches the gateway through the
+    environment, never a command line."""
+    path = data_dir / SECRETS_KEY_FILE
+    if not path.exists():
+        write_private(path, generate_key_text() + "\n")
+    return path.read_text().strip()
 
 
 def stored_passwords(login_dir: Path) -> dict[str, str]:

@@ -11,11 +11,14 @@ import msgspec
 
 from core.events import (
     ApprovalKind,
+    ChannelKind,
     Escalation,
+    NotificationTrigger,
     PolicyDecision,
     Priority,
     ScheduleOverlap,
     ScheduleRunOutcome,
+    SealedText,
     Vote,
     WorkflowRef,
 )
@@ -177,6 +180,19 @@ class SignalTask(TaskCommand, frozen=True, kw_only=True):
     payload: Any = {}
 
 
+class ReleaseLease(TaskCommand, frozen=True, kw_only=True):
+    """Give up the lease ``lease_id`` of ``worker_id`` before it runs out: its process is gone (the
+    gateway sends it when the worker registers again as a new incarnation). Like any lease-bound command
+    it is accepted only from the credential that claimed."""
+
+    worker_id: Token
+    lease_id: Token
+    reason: ShortText
+    claimed_before: datetime
+    """Only a lease claimed before this moment (the new process's registration) is released: one the
+    new process took since is its own, even when a retried registration asks again."""
+
+
 class WaitForSignal(TaskCommand, frozen=True, kw_only=True):
     """The workflow waits for a signal ``name`` at journal position ``index``: the earliest kept one of
     that name is taken at once, else the lease is released until one arrives or ``timeout_seconds``
@@ -200,6 +216,11 @@ class RegisterWorker(WorkerCommand, frozen=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     provider: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     heartbeat_timeout_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    incarnation: Token | None = None
+    """An opaque token the registering process chose when it started (a new one per process): a
+    registration with another incarnation than the worker's recorded one is a restart, and the leases
+    the worker held under the registering credential are released at once. None: no process is named,
+    nothing is released, the recorded incarnation stays."""
 
 
 class HeartbeatWorker(WorkerCommand, frozen=True, kw_only=True):
@@ -214,12 +235,21 @@ class DeregisterWorker(WorkerCommand, frozen=True, kw_only=True):
     pass
 
 
+DEFAULT_BREAKER_FAILURES = 3
+DEFAULT_BREAKER_COOLDOWN_SECONDS = 60.0
+BreakerFailures = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+BreakerCooldown = Annotated[float, msgspec.Meta(ge=1, le=7 * 24 * 3600)]
+
+
 class RecordWorkerAttempt(WorkerCommand, frozen=True, kw_only=True):
     """The gateway tells the worker how an attempt of its ended (from the task's events): a
-    non-retryable failure or an expired lease counts toward its circuit breaker; a success resets it."""
+    non-retryable failure or an expired lease counts toward its circuit breaker; a success resets it.
+    The breaker's settings are the worker's queue's, as the gateway found them."""
 
     task_id: Token
     outcome: Annotated[str, msgspec.Meta(pattern=whole("succeeded|failed|lease_expired"))]
+    breaker_failures: BreakerFailures = DEFAULT_BREAKER_FAILURES
+    breaker_cooldown_seconds: BreakerCooldown = DEFAULT_BREAKER_COOLDOWN_SECONDS
 
 
 class ResetWorkerBreaker(WorkerCommand, frozen=True, kw_only=True):
@@ -285,6 +315,65 @@ class DeleteEnvironment(Command, frozen=True, kw_only=True):
     name: EnvironmentName
 
 
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ApiBase = Annotated[
+    str, msgspec.Meta(max_length=2048, pattern=whole(r"https?://[^\s\x00]+"), description="an http(s) URL")
+]
+
+
+class LlmConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The LLM settings an admin gives an org's (or an environment's) runners; null leaves a field unset."""
+
+    api_base: ApiBase | None = None
+    model_override: ModelName | None = None
+    fallbacks: Annotated[tuple[ModelName, ...], msgspec.Meta(max_length=16)] | None = None
+
+
+HeartbeatInterval = Annotated[float, msgspec.Meta(ge=1, le=3600)]
+"""Seconds between a worker's liveness reports."""
+
+
+class SetWorkerConfig(Command, frozen=True, kw_only=True):
+    """Replace whole the worker configuration of the org (``environment`` None) or of one environment."""
+
+    environment: EnvironmentName | None = None
+    heartbeat_interval_seconds: HeartbeatInterval | None = None
+    lease_seconds: LeaseSeconds | None = None
+    llm: LlmConfig = LlmConfig()
+
+
+SECRET_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+SecretName = Annotated[
+    str, msgspec.Meta(pattern=whole(SECRET_NAME_PATTERN), description="[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+]
+SecretVersion = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class SetSecret(Command, frozen=True, kw_only=True):
+    """Record version ``version`` of the secret ``name`` (org-wide, or for one environment), sealed by the
+    caller (the decider never sees a value): the version is the one the caller sealed it for, so it must
+    be the next one, else it is refused and the caller seals again."""
+
+    name: SecretName
+    environment: EnvironmentName | None = None
+    version: SecretVersion
+    key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+
+class ReadSecret(TaskCommand, frozen=True, kw_only=True):
+    """The worker holding the task's lease reads the secret ``name``: the version the task is pinned to,
+    else ``newest_version`` (the newest that applies to the task's environment, as the caller found it;
+    None: none does), which the task is pinned to from then on."""
+
+    worker_id: Token
+    lease_id: Token
+    name: SecretName
+    newest_version: SecretVersion | None
+
+
 CronExpression = Annotated[
     str,
     msgspec.Meta(
@@ -333,3 +422,123 @@ class RecordScheduleRun(ScheduleCommand, frozen=True, kw_only=True):
     reason: ShortText | None = None
     cancelled_task_id: Token | None = None
     manual: bool = False
+
+
+ChannelName = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN, description="lowercase name [a-z0-9][a-z0-9_-]{0,62}")]
+ChannelUrl = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=8, max_length=2048, pattern=whole(r"https?://[^\s\x00-\x1f\x7f]+"), description="http(s) URL"
+    ),
+]
+EmailAddress = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=254,
+        pattern=whole(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"),
+        description="an e-mail address, local@domain",
+    ),
+]
+HostName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=whole(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"), description="SMTP host name or IPv4"
+    ),
+]
+MAX_RECIPIENTS = 50
+MAX_TRIGGERS = 5
+
+
+# One line, as a header takes it: no control characters nor Unicode line separators, and no space at
+# either end (where a paste leaves one that nobody sees).
+_LINE_CHAR = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]"
+_LINE_END = r"[^\x00-\x20\x7f-\x9f\u2028\u2029]"
+OneLine = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=1024, pattern=whole(f"{_LINE_END}(?:{_LINE_CHAR}*{_LINE_END})?"))
+]
+
+
+class SmtpSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """An ``email`` channel's SMTP server and envelope; the password is the channel's ``secret``."""
+
+    host: HostName
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 25
+    starttls: bool = False
+    username: OneLine | None = None
+    sender: EmailAddress = msgspec.field(name="from")
+    recipients: Annotated[tuple[EmailAddress, ...], msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS)] = (
+        msgspec.field(name="to")
+    )
+
+
+class DefineNotificationChannel(Command, frozen=True, kw_only=True):
+    """Create the org's notification channel ``name`` (or, with ``replace``, create or replace it whole):
+    ``slack`` and ``webhook`` need ``url`` (a webhook also its signing ``secret``), ``email`` needs
+    ``smtp`` (its ``secret`` is the SMTP password, if the server wants a login)."""
+
+    name: ChannelName
+    kind: ChannelKind
+    url: ChannelUrl | None = None
+    smtp: SmtpSpec | None = None
+    secret: OneLine | None = None
+    replace: bool = False
+    sealed_url: SealedText | None = None
+    sealed_secret: SealedText | None = None
+    """``url`` and ``secret`` sealed by the gateway: what the log gets (the command itself is never stored)."""
+
+
+class DeleteNotificationChannel(Command, frozen=True, kw_only=True):
+    name: ChannelName
+
+
+class DefineNotificationRule(Command, frozen=True, kw_only=True):
+    """Send to ``channel`` when one of ``on`` happens to a task of ``queue``, ``environment`` and
+    ``workflow`` (each: any when absent)."""
+
+    rule_id: Token
+    channel: ChannelName
+    on: Annotated[tuple[NotificationTrigger, ...], msgspec.Meta(min_length=1, max_length=MAX_TRIGGERS)]
+    queue: Token | None = None
+    environment: Token | None = None
+    workflow: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+
+class DeleteNotificationRule(Command, frozen=True, kw_only=True):
+    rule_id: Token
+
+
+class RecordNotification(Command, frozen=True, kw_only=True):
+    """The notifier tells the log what became of notification ``notification_id`` (one rule, one source
+    event): ``sent`` to its channel, or ``dead_lettered``. Recorded once."""
+
+    notification_id: Token
+    outcome: Annotated[str, msgspec.Meta(pattern=whole("sent|dead_lettered"))]
+    rule_id: Token
+    channel: ChannelName
+    kind: ChannelKind
+    trigger: NotificationTrigger
+    source_seq: Annotated[int, msgspec.Meta(ge=1)]
+    source_type: str
+    task_id: Token
+    approval_id: Token | None = None
+    message_id: str = ""
+    deliveries: int = 1
+    error: str = ""
+
+
+# --- queue settings -------------------------------------------------------------------------------
+
+ClaimStrategyName = Annotated[str, msgspec.Meta(pattern=whole("fifo|least_loaded|round_robin|random"))]
+
+
+class ConfigureQueue(Command, frozen=True, kw_only=True):
+    """Set how queue ``queue`` hands tasks to the workers waiting on it, and its circuit breakers."""
+
+    queue: Token
+    strategy: ClaimStrategyName = "fifo"
+    breaker_failures: BreakerFailures = DEFAULT_BREAKER_FAILURES
+    breaker_cooldown_seconds: BreakerCooldown = DEFAULT_BREAKER_COOLDOWN_SECONDS
+
+
+class RemoveQueueSettings(Command, frozen=True, kw_only=True):
+    queue: Token

@@ -58,5 +58,9 @@ class InvalidCommand(Rejected):
     kind = "invalid"
 
 
+class CommandIdTaken(Rejected):
+    """The command id (an Idempotency-Key's) was already used by a command on another aggregate."""
+
+
 class ConcurrencyExhausted(Rejected):
     """Every bounded retry lost the optimistic-concurrency race; the caller may try again."""

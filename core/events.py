@@ -138,6 +138,16 @@ class TaskLeaseExpired(Event, frozen=True, tag="TaskLeaseExpired"):
     lease_id: str
 
 
+class TaskLeaseReleased(Event, frozen=True, tag="TaskLeaseReleased"):
+    """The lease ``lease_id`` of ``worker_id`` was given up before it ran out, because the process that
+    held it is gone (``reason``: ``worker restarted``, a new incarnation of the worker registered). Folded
+    as an expiry is: the attempt counts, and the task is pending again, or timed out with no retries left."""
+
+    lease_id: str
+    worker_id: str
+    reason: str
+
+
 class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
     approval_id: str
     lease_id: str
@@ -327,6 +337,19 @@ class SignalWaitTimedOut(Event, frozen=True, tag="SignalWaitTimedOut"):
     index: int
 
 
+class SecretRead(Event, frozen=True, tag="SecretRead"):
+    """The worker holding the task's lease read version ``version`` of the org's secret ``name`` (the
+    audit of the read; the value is never in the log). The task's first read of a name pins that
+    version: its later reads get it again, even after the secret is rotated, until the task ends.
+    Not a journal operation: a replay reads again and is not checked against it."""
+
+    name: str
+    version: int
+    worker_id: str
+    lease_id: str
+    read_by: str
+
+
 # --- worker ---------------------------------------------------------------------------------------
 
 
@@ -338,6 +361,12 @@ class WorkerRegistered(Event, frozen=True, tag="WorkerRegistered"):
     model: str | None
     provider: str | None
     heartbeat_timeout_seconds: float
+    incarnation: str | None = None
+    """The registering process's token (one per process start), as the registration gave it; None when
+    it gave none (or the event predates incarnations): the worker keeps the incarnation it had."""
+    restarted: bool = False
+    """The registration came from a new incarnation of a worker that had one recorded (or none yet): the
+    leases the worker held under the registering credential are released (``TaskLeaseReleased``)."""
 
 
 class WorkerHeartbeat(Event, frozen=True, tag="WorkerHeartbeat"):
@@ -513,12 +542,188 @@ class ScheduleDeleted(Event, frozen=True, tag="ScheduleDeleted"):
     by: str
 
 
+# --- queue settings -------------------------------------------------------------------------------
+
+ClaimStrategy = Literal["fifo", "least_loaded", "round_robin", "random"]
+
+
+class QueueConfigured(Event, frozen=True, tag="QueueConfigured"):
+    """The org's queue ``queue`` now hands tasks to waiting workers by ``strategy``, and opens a
+    worker's circuit breaker after ``breaker_failures`` consecutive failed attempts for
+    ``breaker_cooldown_seconds`` (replacing whatever it had before)."""
+
+    queue: str
+    strategy: ClaimStrategy
+    breaker_failures: int
+    breaker_cooldown_seconds: float
+    configured_by: str
+
+
+class QueueSettingsRemoved(Event, frozen=True, tag="QueueSettingsRemoved"):
+    """The queue is back to the defaults."""
+
+    queue: str
+    removed_by: str
+
+
+# --- notifications --------------------------------------------------------------------------------
+
+ChannelKind = Literal["slack", "email", "webhook"]
+NotificationTrigger = Literal[
+    "approval_requested", "approval_escalated", "approval_timed_out", "task_failed", "task_parked"
+]
+
+
+class SmtpSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an ``email`` channel sends: the SMTP server, whether to upgrade with STARTTLS, the login
+    (its password is the channel's ``secret``), and the envelope's sender and recipients."""
+
+    host: str
+    port: int
+    starttls: bool = False
+    username: str | None = None
+    sender: str = msgspec.field(name="from")
+    recipients: tuple[str, ...] = msgspec.field(name="to")
+
+
+class SealedText(msgspec.Struct, frozen=True):
+    """A value sealed by the gateway's master key (envelope encryption, ``gateway.secret_box``): its own
+    data key wrapped by master key ``key_id``, the nonce and the AES-256-GCM ciphertext. Never the
+    value itself: whoever reads the log without the master key learns nothing of it."""
+
+    key_id: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+
+class NotificationChannelDefined(Event, frozen=True, tag="NotificationChannelDefined"):
+    """The org's notification channel ``name`` (created, or replaced whole): a Slack-compatible incoming
+    webhook (``url``), e-mail over SMTP (``smtp``), or a Standard Webhooks endpoint (``url``, signed with
+    ``secret``). ``secret`` is the webhook's signing secret or the SMTP password. The URL is secret too
+    (a Slack incoming webhook's URL is its credential): both are sealed, and ``endpoint`` shows where
+    the channel posts without what may be secret in the URL."""
+
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"url", "secret"})
+    name: str
+    kind: ChannelKind
+    url: SealedText | None
+    endpoint: str | None
+    smtp: SmtpSettings | None
+    secret: SealedText | None
+    defined_by: str
+
+
+class NotificationChannelDeleted(Event, frozen=True, tag="NotificationChannelDeleted"):
+    name: str
+    deleted_by: str
+
+
+class NotificationRuleDefined(Event, frozen=True, tag="NotificationRuleDefined"):
+    """Send to ``channel`` when one of ``on`` happens to a task of ``queue``, ``environment`` and
+    ``workflow`` (each: any when null)."""
+
+    rule_id: str
+    channel: str
+    on: tuple[NotificationTrigger, ...]
+    queue: str | None
+    environment: str | None
+    workflow: str | None
+    defined_by: str
+
+
+class NotificationRuleDeleted(Event, frozen=True, tag="NotificationRuleDeleted"):
+    rule_id: str
+    deleted_by: str
+
+
+class NotificationSent(Event, frozen=True, tag="NotificationSent"):
+    """The notifier handed the message of rule ``rule_id`` about the event at ``source_seq`` to its
+    channel (the SMTP server or the webhook answered 2xx). ``message_id`` is what the receiver
+    deduplicates on: the e-mail's ``Message-ID``, the webhook's ``webhook-id``."""
+
+    notification_id: str
+    rule_id: str
+    channel: str
+    kind: ChannelKind
+    trigger: NotificationTrigger
+    source_seq: int
+    source_type: str
+    task_id: str
+    approval_id: str | None
+    message_id: str
+
+
+class NotificationDeadLettered(Event, frozen=True, tag="NotificationDeadLettered"):
+    """The channel refused the message, or kept failing for ``deliveries`` attempts: it was not sent,
+    and the source event went to the notifier's dead letters with ``error``."""
+
+    notification_id: str
+    rule_id: str
+    channel: str
+    kind: ChannelKind
+    trigger: NotificationTrigger
+    source_seq: int
+    source_type: str
+    task_id: str
+    approval_id: str | None
+    deliveries: int
+    error: str
+
+
+# --- worker configuration -------------------------------------------------------------------------
+
+
+class LlmSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How runners call models (LiteLLM): every field unset (null) leaves the workflow's own choice."""
+
+    api_base: str | None = None
+    """The LLM gateway (a LiteLLM proxy) every call goes to, as LiteLLM's ``api_base``."""
+    model_override: str | None = None
+    """The model every call uses instead of the one the workflow names."""
+    fallbacks: tuple[str, ...] | None = None
+    """Models LiteLLM tries in turn when the call fails (its ``fallbacks``)."""
+
+
+class WorkerConfigSet(Event, frozen=True, tag="WorkerConfigSet"):
+    """The org's worker configuration (``environment`` null), or one environment's, is now exactly
+    this (replaced whole). A worker gets the org's, overridden field by field by its queue's
+    environment's; a null field sets nothing."""
+
+    environment: str | None
+    heartbeat_interval_seconds: float | None
+    lease_seconds: float | None
+    llm: LlmSettings
+    set_by: str
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+class SecretVersionSet(Event, frozen=True, tag="SecretVersionSet"):
+    """Version ``version`` of the org's secret ``name`` (org-wide when ``environment`` is null): its
+    value sealed by envelope encryption. Only ciphertext is here: a data key of its own wrapped by the
+    master key ``key_id``, the nonce and the AES-256-GCM ciphertext, whose associated data binds the org,
+    the name, the version and the environment. Every reader outside the log sees these redacted."""
+
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"wrapped_key", "nonce", "ciphertext"})
+    name: str
+    version: int
+    environment: str | None
+    key_id: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    set_by: str
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskSubmissionDenied
     | TaskClaimed
     | TaskHeartbeat
     | TaskLeaseExpired
+    | TaskLeaseReleased
     | ApprovalRequested
     | ApprovalVoteCast
     | ApprovalDecided
@@ -539,6 +744,7 @@ TaskEvent = (
     | SignalWaitStarted
     | SignalConsumed
     | SignalWaitTimedOut
+    | SecretRead
 )
 WorkerEvent = (
     WorkerRegistered
@@ -557,7 +763,26 @@ EnvironmentEvent = EnvironmentDefined | EnvironmentDeleted
 ScheduleEvent = (
     ScheduleCreated | SchedulePaused | ScheduleResumed | ScheduleFired | ScheduleRunRecorded | ScheduleDeleted
 )
-AnyEvent = TaskEvent | WorkerEvent | AccessEvent | PolicyEvent | EnvironmentEvent | ScheduleEvent
+NotificationConfigEvent = (
+    NotificationChannelDefined | NotificationChannelDeleted | NotificationRuleDefined | NotificationRuleDeleted
+)
+NotificationEvent = NotificationSent | NotificationDeadLettered
+WorkerConfigEvent = WorkerConfigSet
+SecretEvent = SecretVersionSet
+QueueEvent = QueueConfigured | QueueSettingsRemoved
+AnyEvent = (
+    TaskEvent
+    | WorkerEvent
+    | AccessEvent
+    | PolicyEvent
+    | EnvironmentEvent
+    | ScheduleEvent
+    | NotificationConfigEvent
+    | NotificationEvent
+    | WorkerConfigEvent
+    | SecretEvent
+    | QueueEvent
+)
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
@@ -568,6 +793,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PolicyBundlePushed,
         *EnvironmentEvent.__args__,  # type: ignore[attr-defined]
         *ScheduleEvent.__args__,  # type: ignore[attr-defined]
+        *NotificationConfigEvent.__args__,  # type: ignore[attr-defined]
+        *NotificationEvent.__args__,  # type: ignore[attr-defined]
+        WorkerConfigSet,
+        SecretVersionSet,
+        *QueueEvent.__args__,  # type: ignore[attr-defined]
     )
 }
 

@@ -26,23 +26,27 @@ from core.access import API_KEY, ORG
 from core.commands import Actor, ClaimTask, Command
 from core.decider import Decider, DecisionContext, Timer
 from core.environments import ENVIRONMENTS
-from core.errors import ConcurrencyExhausted, Rejected
-from core.events import Event, encode_event
-from core.ids import new_id, validate_token
-from core.lru import Lru
-from core.policy_set import POLICY_SET
-from core.schedules import SCHEDULE
-from core.store import (
+from core.errors import CommandIdTaken, ConcurrencyExhausted, Rejected
+from core.event_store import (
     AppendMeta,
     DuplicateAppend,
-    JetStreamEventStore,
+    EventStore,
     RecordedEvent,
     Schedule,
     WrongExpectedSequence,
 )
+from core.events import Event, encode_event
+from core.ids import new_id, validate_token
+from core.lru import Lru
+from core.notifications import NOTIFICATION, NOTIFICATIONS
+from core.policy_set import POLICY_SET
+from core.queues import QUEUES
+from core.schedules import SCHEDULE
+from core.secrets import SECRETS
 from core.subjects import aggregate_subject, schedule_subject
 from core.task import TASK
 from core.worker import WORKER
+from core.worker_config import WORKER_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,23 @@ _REMEMBERED_WRITERS = 65_536
 class CommandHandler:
     def __init__(
         self,
-        store: JetStreamEventStore,
+        store: EventStore,
         *,
         clock: Clock = utc_now,
-        deciders: Sequence[Decider[Any]] = (TASK, WORKER, ORG, API_KEY, POLICY_SET, ENVIRONMENTS, SCHEDULE),
+        deciders: Sequence[Decider[Any]] = (
+            TASK,
+            WORKER,
+            ORG,
+            API_KEY,
+            POLICY_SET,
+            ENVIRONMENTS,
+            SCHEDULE,
+            WORKER_CONFIG,
+            SECRETS,
+            NOTIFICATIONS,
+            NOTIFICATION,
+            QUEUES,
+        ),
         max_attempts: int = 20,
         cache_size: int = 4096,
         on_commit: Callable[[str, Any, int], None] | None = None,
@@ -248,6 +265,7 @@ class CommandHandler:
         subject = aggregate_subject(org, decider.aggregate, decider.aggregate_id(command))
         command_id = validate_token(command_id, "command id") if command_id is not None else new_id()
         async with self._lock(subject):
+            duplicate = False
             for attempt in range(self._max_attempts):
                 now = self._clock()
                 context = DecisionContext(org=org, now=now, actor=actor)
@@ -261,6 +279,11 @@ class CommandHandler:
                     if prior is not None:
                         self._wrote(actor.id, prior.seq)
                         return prior
+                    if duplicate:
+                        raise CommandIdTaken(
+                            f"command id {command_id} already names another command, not one on {subject}: "
+                            "send this one with a new Idempotency-Key"
+                        )
                     try:
                         events = decider.decide(aggregate.state, command, context)
                     except Rejected:
@@ -275,7 +298,9 @@ class CommandHandler:
                     seqs = await self._store.append(
                         subject, events, expected_last_seq=aggregate.last_seq, meta=meta, schedules=armed
                     )
-                except (WrongExpectedSequence, DuplicateAppend):
+                except (WrongExpectedSequence, DuplicateAppend) as refused:
+                    # A duplicate whose outcome the subject, read again, does not hold was another command's.
+                    duplicate = isinstance(refused, DuplicateAppend)
                     await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                     continue
                 recorded = tuple(

@@ -21,6 +21,7 @@ from core.events import (
     OrgCreated,
     PolicyBundlePushed,
     PolicyDecided,
+    SecretRead,
     SignalConsumed,
     SignalWaitStarted,
     SignalWaitTimedOut,
@@ -30,6 +31,7 @@ from core.events import (
     TaskFailed,
     TaskHeartbeat,
     TaskLeaseExpired,
+    TaskLeaseReleased,
     TaskResumed,
     TaskRetryDue,
     TaskRetryScheduled,
@@ -87,6 +89,8 @@ def summarize(event: AnyEvent) -> str:
             return f"heartbeat from {event.worker_id}, lease until {rfc3339(event.lease_expires_at)}{progress}"
         case TaskLeaseExpired():
             return f"lease {event.lease_id} expired"
+        case TaskLeaseReleased():
+            return f"lease {event.lease_id} of {event.worker_id} released: {event.reason}"
         case ApprovalRequested():
             position = "" if event.journal_index is None else f" at operation {event.journal_index}"
             return (
@@ -137,8 +141,11 @@ def summarize(event: AnyEvent) -> str:
             return f"operation {event.index}: took signal {event.name!r} (number {event.number})"
         case SignalWaitTimedOut():
             return f"operation {event.index}: no signal came in time"
+        case SecretRead():
+            return f"secret {event.name!r} version {event.version} read by {event.read_by} (worker {event.worker_id})"
         case WorkerRegistered():
-            return f"worker {event.worker_id} registered on queue {event.queue}"
+            restart = ", a new process: its leases are released" if event.restarted else ""
+            return f"worker {event.worker_id} registered on queue {event.queue}{restart}"
         case WorkerHeartbeat():
             return f"worker heartbeat: {event.status}"
         case WorkerHeartbeatMissed():

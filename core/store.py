@@ -3,7 +3,10 @@
 Append publishes a command's events (and the schedules of the timers they arm) with per-subject
 optimistic concurrency (``Nats-Expected-Last-Subject-Sequence``) and ``Nats-Msg-Id`` dedup; more than
 one message goes as one atomic batch, so a command is never half-written. Reading an aggregate uses
-batched direct get on its subject."""
+batched direct get on its subject.
+
+This is the production :class:`core.event_store.EventStore`; the record type, the append metadata and
+the refusals are defined there, storage-neutral, and importable from here as before."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,11 +29,21 @@ from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from core.embedded import require_nats_version
-from core.events import AnyEvent, Event, decode_event, encode_event
+from core.event_store import (
+    DUPLICATE_WINDOW_SECONDS,
+    TIMER_ACTOR,
+    AppendMeta,
+    DuplicateAppend,
+    EventTooLarge,
+    RecordedEvent,
+    Schedule,
+    StoreError,
+    WrongExpectedSequence,
+)
+from core.events import Event, decode_event, encode_event
 from core.subjects import STREAM_SUBJECTS
 
 STREAM_NAME = "CP_EVENTS"
-DUPLICATE_WINDOW_SECONDS = 120.0
 READ_BATCH = 512
 ACK_TIMEOUT_SECONDS = 5.0
 
@@ -45,14 +57,9 @@ H_TIME = "Cp-Time"
 H_TRACEPARENT = "traceparent"
 """The W3C trace context of the command that appended the event (set only while tracing is on): how a
 span in another process (a projection batch, a runner continuing a task) joins the command's trace."""
-TIMER_ACTOR = "system:timer"
 
 _ERR_WRONG_LAST_SEQUENCE = 10071
 _ERR_BATCH_DUPLICATE_MSG_ID = 10201
-
-
-class StoreError(Exception):
-    """The log could not be reached or refused the write for a reason other than concurrency."""
 
 
 _BATCH_HEADERS_SIZE = 200
@@ -63,48 +70,6 @@ _BATCH_HEADERS_SIZE = 200
 def _encoded_header_size(headers: dict[str, str]) -> int:
     """Bytes of the headers as nats-py sends them: ``NATS/1.0\r\n``, ``name: value\r\n`` each, ``\r\n``."""
     return 12 + sum(len(name.encode()) + len(value.encode()) + 4 for name, value in headers.items())
-
-
-class EventTooLarge(StoreError):
-    """An event, with its headers, would exceed the server's message size limit. Checked before
-    anything is published: the server answers such a message by closing the connection."""
-
-
-class WrongExpectedSequence(Exception):
-    """Someone else appended to the aggregate since it was read: reload and decide again."""
-
-
-class DuplicateAppend(Exception):
-    """These message ids were already stored: the command was applied before."""
-
-
-class RecordedEvent(msgspec.Struct, frozen=True):
-    seq: int
-    subject: str
-    event: AnyEvent
-    recorded_at: datetime
-    command_id: str | None = None
-    actor: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    traceparent: str | None = None
-
-
-class AppendMeta(msgspec.Struct, frozen=True):
-    command_id: str
-    actor: str
-    time: datetime
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    traceparent: str | None = None
-
-
-class Schedule(msgspec.Struct, frozen=True):
-    """Publish ``event`` into ``target`` at ``event.at``; the definition lives on ``subject``."""
-
-    subject: str
-    target: str
-    event: Event
 
 
 def server_urls(url: str | list[str]) -> list[str]:
@@ -307,7 +272,8 @@ class JetStreamEventStore:
         for schedule, ack_future in armed:
             try:
                 seq = await self._ack(ack_future)
-                await self._js.purge_stream(self.stream, subject=schedule.subject, seq=seq + 1)
+                # Only this definition: the command that won may have armed the same timer on the subject.
+                await self._js.delete_msg(self.stream, seq)
             except Exception:  # it will fire as a no-op
                 log.info("could not disarm %s after a refused append", schedule.subject, exc_info=True)
 

@@ -18,7 +18,9 @@ from core.commands import (
     DecideApproval,
     FailTask,
     HeartbeatTask,
+    ReadSecret,
     RecordOperation,
+    ReleaseLease,
     ReportNonDeterminism,
     RequestApproval,
     ResumeTask,
@@ -53,6 +55,7 @@ from core.events import (
     PolicyDecided,
     PolicyDecision,
     Priority,
+    SecretRead,
     SignalConsumed,
     SignalWaitStarted,
     SignalWaitTimedOut,
@@ -62,6 +65,7 @@ from core.events import (
     TaskFailed,
     TaskHeartbeat,
     TaskLeaseExpired,
+    TaskLeaseReleased,
     TaskResumed,
     TaskRetryDue,
     TaskRetryScheduled,
@@ -102,6 +106,9 @@ class Lease(msgspec.Struct, frozen=True):
     holder: str | None = None
     """The actor id of the credential that claimed: only it may use the lease (None: a lease claimed
     before leases were bound to credentials, usable with its id and worker id alone)."""
+    claimed_at: datetime | None = None
+    """When it was claimed (None in states folded before this was kept): a worker's restart releases
+    only leases taken before the new process registered."""
 
 
 class ApprovalVote(msgspec.Struct, frozen=True):
@@ -220,6 +227,8 @@ class Task(msgspec.Struct, frozen=True):
     """The environment of its queue at submit, as recorded then (None: the queue had none)."""
     excluded_workers: tuple[str, ...] = ()
     """Worker ids never offered this task; a claim by one of them is refused."""
+    secret_pins: dict[str, int] = {}
+    """The version of each secret the task read first (its later reads get that version again)."""
 
     @property
     def is_terminal(self) -> bool:
@@ -315,6 +324,18 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
             ]
         case FailTask():
             return _fail(state, command, ctx)
+        case ReleaseLease():
+            lease = _held_lease(state, command.worker_id, command.lease_id, ctx)
+            if lease.claimed_at is not None and lease.claimed_at >= command.claimed_before:
+                raise LeaseLost(
+                    f"lease {lease.id} on task {state.id} was claimed at {lease.claimed_at.isoformat()}, "
+                    f"not before {command.claimed_before.isoformat()}: it is not the old process's to release"
+                )
+            return [
+                TaskLeaseReleased(
+                    at=ctx.now, lease_id=command.lease_id, worker_id=command.worker_id, reason=command.reason
+                )
+            ]
         case CancelTask():
             _not_terminal(state, "cancel")
             return [TaskCancelled(at=ctx.now, by=ctx.actor.id, reason=command.reason)]
@@ -369,6 +390,25 @@ def decide(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence
                     actual=command.actual,
                     worker_id=command.worker_id,
                     lease_id=command.lease_id,
+                )
+            ]
+        case ReadSecret():
+            _held_lease(state, command.worker_id, command.lease_id, ctx)
+            version = state.secret_pins.get(command.name, command.newest_version)
+            if version is None:
+                scope = "" if state.environment is None else f" or environment {state.environment}"
+                raise NotFound(
+                    f"secret {command.name} is not set for this org{scope}; an admin sets it with "
+                    f"PUT /v1/secrets/{command.name}"
+                )
+            return [
+                SecretRead(
+                    at=ctx.now,
+                    name=command.name,
+                    version=version,
+                    worker_id=command.worker_id,
+                    lease_id=command.lease_id,
+                    read_by=ctx.actor.id,
                 )
             ]
         case SignalTask():
@@ -661,7 +701,12 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 assigned_worker=event.worker_id,
                 updated_at=event.at,
                 lease=Lease(
-                    event.lease_id, event.worker_id, event.lease_seconds, event.lease_expires_at, event.claimed_by
+                    event.lease_id,
+                    event.worker_id,
+                    event.lease_seconds,
+                    event.lease_expires_at,
+                    event.claimed_by,
+                    claimed_at=event.at,
                 ),
                 started_at=started,
                 deadline_at=deadline,
@@ -675,21 +720,9 @@ def evolve(state: TaskState, event: Event) -> TaskState:
                 lease=msgspec.structs.replace(task.lease, expires_at=event.lease_expires_at),
             )
         case TaskLeaseExpired():
-            if task.retries < task.max_retries:
-                return _released(
-                    task,
-                    event.at,
-                    status="pending",
-                    retries=task.retries + 1,
-                    error={"reason": "lease expired", "lease_id": event.lease_id},
-                )
-            return _released(
-                task,
-                event.at,
-                status="timed_out",
-                completed_at=event.at,
-                error={"reason": "lease expired and retries are exhausted", "lease_id": event.lease_id},
-            )
+            return _lease_lost(task, event.at, event.lease_id, "lease expired")
+        case TaskLeaseReleased() if _holds(task, event.lease_id):
+            return _lease_lost(task, event.at, event.lease_id, event.reason)
         case ApprovalRequested():
             journal = task.journal
             if event.journal_index is not None and event.journal_index == len(journal):
@@ -774,6 +807,8 @@ def evolve(state: TaskState, event: Event) -> TaskState:
         case WorkflowNonDeterministic() if _holds(task, event.lease_id):
             reason = f"non-deterministic at operation {event.index}"
             return _released(task, event.at, status="pending", parked=reason)
+        case SecretRead() if _holds(task, event.lease_id) and event.name not in task.secret_pins:
+            return msgspec.structs.replace(task, secret_pins={**task.secret_pins, event.name: event.version})
         case TaskResumed() if task.parked is not None:
             return msgspec.structs.replace(task, parked=None, updated_at=event.at)
         case TaskSignalled():
@@ -875,6 +910,22 @@ def _released(task: Task, at: datetime, **changes: Any) -> Task:
     return msgspec.structs.replace(task, lease=None, assigned_worker=None, updated_at=at, **changes)
 
 
+def _lease_lost(task: Task, at: datetime, lease_id: str, reason: str) -> Task:
+    """The holder of ``lease_id`` is gone, whether its lease ran out or its worker restarted: the attempt
+    counts, so a task that keeps killing its workers still ends (``timed_out`` once retries run out)."""
+    if task.retries < task.max_retries:
+        return _released(
+            task, at, status="pending", retries=task.retries + 1, error={"reason": reason, "lease_id": lease_id}
+        )
+    return _released(
+        task,
+        at,
+        status="timed_out",
+        completed_at=at,
+        error={"reason": f"{reason} and retries are exhausted", "lease_id": lease_id},
+    )
+
+
 def _with_approval(task: Task, approval_id: str, at: datetime, change: Any) -> Task:
     approval = task.approval(approval_id)
     if approval is None or approval.status != "pending":
@@ -946,11 +997,13 @@ TASK = Decider[TaskState](
         FailTask,
         CancelTask,
         RecordOperation,
+        ReleaseLease,
         StartSleep,
         ReportNonDeterminism,
         ResumeTask,
         SignalTask,
         WaitForSignal,
+        ReadSecret,
     ),
     initial=None,
     decide=decide,

@@ -6,7 +6,14 @@ timer re-armed by every heartbeat, so liveness needs no sweeper process.
 Circuit breaker: ``BREAKER_FAILURES`` consecutive failed attempts (non-retryable failure, lease
 expiry; the gateway records each from the task's events) open it: the worker is ``failed`` and the
 gateway offers it nothing until ``BREAKER_COOLDOWN_SECONDS`` pass (a durable timer closes it) or an
-admin resets it. A completed attempt resets the count."""
+admin resets it. A completed attempt resets the count. A queue may set other values for its workers
+(``core.queues``); the gateway then passes them with each attempt it records.
+
+Incarnations: each worker process names itself with a token of its own when it registers. A
+registration whose incarnation differs from the recorded one comes from a new process: the event says
+``restarted`` and the gateway releases the leases the old process held (``TaskLeaseReleased`` on each
+task), so its tasks go back to be claimed at once instead of when each lease runs out. A registration
+without an incarnation names no process: it releases nothing and keeps the recorded one."""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from datetime import datetime, timedelta
 import msgspec
 
 from core.commands import (
+    DEFAULT_BREAKER_COOLDOWN_SECONDS,
+    DEFAULT_BREAKER_FAILURES,
     Command,
     DeregisterWorker,
     HeartbeatWorker,
@@ -60,13 +69,15 @@ class Worker(msgspec.Struct, frozen=True):
     """Set while the circuit breaker is open: the worker is ``failed`` and offered nothing."""
     breaker_trips: int = 0
     """How many times the breaker opened: names its reset timer."""
+    incarnation: str | None = None
+    """The token of the process that last registered the worker with one (None: none ever did)."""
 
     def breaker_open(self, now: datetime) -> bool:
         return self.breaker_open_until is not None and now < self.breaker_open_until
 
 
-BREAKER_FAILURES = 3
-BREAKER_COOLDOWN_SECONDS = 60.0
+BREAKER_FAILURES = DEFAULT_BREAKER_FAILURES
+BREAKER_COOLDOWN_SECONDS = DEFAULT_BREAKER_COOLDOWN_SECONDS
 
 WorkerState = Worker | None
 
@@ -83,6 +94,8 @@ def decide(state: WorkerState, command: Command, ctx: DecisionContext) -> Sequen
                 model=command.model,
                 provider=command.provider,
                 heartbeat_timeout_seconds=command.heartbeat_timeout_seconds,
+                incarnation=command.incarnation,
+                restarted=is_restart(state, command.incarnation),
             )
         ]
     if state is None:
@@ -103,6 +116,14 @@ def decide(state: WorkerState, command: Command, ctx: DecisionContext) -> Sequen
     raise TypeError(f"worker aggregate does not handle {type(command).__name__}")
 
 
+def is_restart(state: WorkerState, incarnation: str | None) -> bool:
+    """A registration naming ``incarnation`` comes from another process than the one the worker last
+    knew: the worker exists and recorded another incarnation, or none (its earlier registrations named
+    no process, and a process names itself in every registration or in none). A same-process
+    re-registration (after a network blip, say) is not one; neither is a first registration."""
+    return state is not None and incarnation is not None and incarnation != state.incarnation
+
+
 def _attempt(state: Worker, command: RecordWorkerAttempt, ctx: DecisionContext) -> Sequence[Event]:
     if command.outcome == "succeeded":
         if state.consecutive_failures == 0:
@@ -110,9 +131,9 @@ def _attempt(state: Worker, command: RecordWorkerAttempt, ctx: DecisionContext) 
         return [WorkerAttemptSucceeded(at=ctx.now, task_id=command.task_id)]
     failed = WorkerAttemptFailed(at=ctx.now, task_id=command.task_id, reason=command.outcome)  # type: ignore[arg-type]
     failures = state.consecutive_failures + 1
-    if state.breaker_open_until is not None or failures < BREAKER_FAILURES:
+    if state.breaker_open_until is not None or failures < command.breaker_failures:
         return [failed]
-    until = ctx.now + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)
+    until = ctx.now + timedelta(seconds=command.breaker_cooldown_seconds)
     return [failed, WorkerBreakerOpened(at=ctx.now, failures=failures, until=until)]
 
 
@@ -135,6 +156,7 @@ def evolve(state: WorkerState, event: Event) -> WorkerState:
                 consecutive_failures=state.consecutive_failures if state else 0,
                 breaker_open_until=state.breaker_open_until if state else None,
                 breaker_trips=state.breaker_trips if state else 0,
+                incarnation=event.incarnation or (state.incarnation if state else None),
             )
             if state is not None and state.breaker_open_until is not None:
                 return msgspec.structs.replace(fresh, status="failed", failure_reason=state.failure_reason)

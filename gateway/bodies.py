@@ -8,23 +8,34 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from core.commands import (
+    DEFAULT_BREAKER_COOLDOWN_SECONDS,
+    DEFAULT_BREAKER_FAILURES,
     Approver,
+    BreakerCooldown,
+    BreakerFailures,
     Capabilities,
+    ChannelName,
+    ChannelUrl,
+    ClaimStrategyName,
     CronExpression,
     EnvironmentName,
     EnvironmentQueues,
     ExcludedWorkers,
+    HeartbeatInterval,
     JournalIndex,
     Labels,
     LeaseSeconds,
+    LlmConfig,
+    OneLine,
     OperationKind,
     Role,
     Seconds,
     ShortText,
     SignalName,
+    SmtpSpec,
     TimeZoneName,
 )
-from core.events import ApprovalKind, Escalation, Priority, ScheduleOverlap
+from core.events import ApprovalKind, ChannelKind, Escalation, NotificationTrigger, Priority, ScheduleOverlap
 from core.ids import Token, whole
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -76,6 +87,28 @@ class ClaimBatchBody(ClaimBody, frozen=True):
 class LeaseBody(msgspec.Struct, frozen=True):
     worker_id: Token
     lease_id: Token
+
+
+class SecretReadBody(LeaseBody, frozen=True):
+    """Read a secret for the task whose lease the caller holds."""
+
+
+MAX_SECRET_CHARS = 65_536
+SecretValue = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_SECRET_CHARS, description="the value; write-only, ≤ 64 Ki chars")
+]
+
+
+class SecretBody(msgspec.Struct, frozen=True):
+    value: SecretValue
+    environment: EnvironmentName | None = None
+    """Readable only by tasks of this environment (which then read it instead of the org-wide one)."""
+
+
+class WorkerConfigBody(msgspec.Struct, frozen=True):
+    heartbeat_interval_seconds: HeartbeatInterval | None = None
+    lease_seconds: LeaseSeconds | None = None
+    llm: LlmConfig = LlmConfig()
 
 
 class HeartbeatBody(LeaseBody, frozen=True):
@@ -164,6 +197,20 @@ class CreateApiKeyBody(msgspec.Struct, frozen=True):
 ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=whole(r"[^\x00]*\.rego"))]
 
 
+class BreakerSettings(msgspec.Struct, frozen=True):
+    failures: BreakerFailures = DEFAULT_BREAKER_FAILURES
+    """Consecutive failed attempts (non-retryable failures, lease expiries) that open a worker's breaker."""
+    cooldown_seconds: BreakerCooldown = DEFAULT_BREAKER_COOLDOWN_SECONDS
+    """How long an open breaker keeps the worker from being offered tasks."""
+
+
+class QueueSettingsBody(msgspec.Struct, frozen=True):
+    """``PUT /v1/queues/{name}``: the queue's settings, whole (what is left out takes its default)."""
+
+    strategy: ClaimStrategyName = "fifo"
+    breaker: BreakerSettings = BreakerSettings()
+
+
 class EnvironmentBody(msgspec.Struct, frozen=True):
     """``POST /v1/environments``: a new environment and the queues it holds (its first queue is where a
     submit naming the environment without a queue goes)."""
@@ -200,3 +247,32 @@ class ScheduleBody(msgspec.Struct, frozen=True):
     timezone: TimeZoneName = "UTC"
     overlap: ScheduleOverlap = "skip"
     paused: bool = False
+
+
+class NotificationChannelReplaceBody(msgspec.Struct, frozen=True):
+    """``PUT /v1/notification-channels/{name}``: the channel, replaced whole. ``slack``: ``url``;
+    ``webhook``: ``url`` and ``secret`` (its Standard Webhooks signing secret); ``email``: ``smtp`` and,
+    when the server wants a login, ``smtp.username`` with the password as ``secret``."""
+
+    kind: ChannelKind
+    url: ChannelUrl | None = None
+    smtp: SmtpSpec | None = None
+    secret: OneLine | None = None
+
+
+class NotificationChannelBody(NotificationChannelReplaceBody, frozen=True, kw_only=True):
+    """``POST /v1/notification-channels``: a new channel named ``name``."""
+
+    name: ChannelName
+
+
+class NotificationRuleBody(msgspec.Struct, frozen=True):
+    """``POST /v1/notification-rules``: send to ``channel`` when one of ``on`` happens to a task of
+    ``queue``, ``environment`` and ``workflow`` (a workflow name); each filter left out matches any."""
+
+    channel: ChannelName
+    on: Annotated[tuple[NotificationTrigger, ...], msgspec.Meta(min_length=1, max_length=5)]
+    id: Token | None = None
+    queue: Token | None = None
+    environment: Token | None = None
+    workflow: Name | None = None

@@ -21,6 +21,7 @@ from core.events import TaskCompleted, TaskFailed
 from core.handler import CommandHandler, Outcome
 from core.worker import Worker
 from gateway.http import command_id, json, path_id, principal, services
+from gateway.queues import settings_of
 from gateway.views import worker_document
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,19 @@ log = logging.getLogger(__name__)
 async def record_attempt(
     handler: CommandHandler, org: str, worker_id: str, task_id: str, outcome: str, seq: int
 ) -> None:
-    """Tell worker ``worker_id`` how its attempt at ``task_id`` ended. A worker id that names no
-    registered worker (or a success with no failures to forget) records nothing."""
-    command = RecordWorkerAttempt(worker_id=worker_id, task_id=task_id, outcome=outcome)
+    """Tell worker ``worker_id`` how its attempt at ``task_id`` ended, with its queue's breaker settings.
+    A worker id that names no registered worker (or a success with no failures to forget) records nothing."""
+    worker, _ = await handler.load(org, "worker", worker_id, max_age=BREAKER_STALENESS_SECONDS)
+    if not isinstance(worker, Worker):
+        return
+    settings = await settings_of(handler, org, worker.queue)
+    command = RecordWorkerAttempt(
+        worker_id=worker_id,
+        task_id=task_id,
+        outcome=outcome,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown_seconds=settings.breaker_cooldown_seconds,
+    )
     with contextlib.suppress(Rejected):
         await handler.handle(org, command, actor=SYSTEM, command_id=f"attempt-{task_id}-{seq}")
 

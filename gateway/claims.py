@@ -2,17 +2,26 @@
 tasks of the log folded in memory: it starts from the read model's snapshot at the tasks projection's
 checkpoint, then follows the log itself from there, and its own commands update it at once. A claim
 asks it for candidates in claim order and wins one through the log's optimistic concurrency; a stale
-candidate only costs a lost race. Waiting claimers are woken when a task on their queue opens up."""
+candidate only costs a lost race.
+
+Claimers that found nothing wait on their queue. When a task opens up, one waiter that may take it is
+woken, chosen by the queue's strategy (``core.queues``): ``fifo``, the one waiting longest;
+``least_loaded``, the one whose worker holds the fewest leases (then the longest waiting);
+``round_robin``, the next worker id after the one this queue woke last; ``random``. A claimer that
+finds a task at once takes it whatever the strategy: a strategy only picks among those waiting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from bisect import insort
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from random import Random
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -48,6 +57,44 @@ def claim_order(task: Task) -> ClaimOrder:
     return (PRIORITY_RANK[task.priority], task.created_at, task.id)
 
 
+def fits(task: Task, capabilities: frozenset[str], *, workflows_only: bool, worker_id: str | None) -> bool:
+    """Whether a worker with ``capabilities`` (``worker_id``, if known) may take ``task`` once it is due."""
+    return (
+        capabilities.issuperset(task.required_capabilities)
+        and (task.workflow is not None or not workflows_only)
+        and (worker_id is None or worker_id not in task.excluded_workers)
+    )
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A claimer that found nothing and waits on its queue."""
+
+    worker_id: str | None
+    capabilities: frozenset[str]
+    workflows_only: bool
+    arrived: int
+    """Its place in the order of arrival: the lower, the longer it has waited."""
+    woken: asyncio.Future[None]
+
+
+def choose_waiter(
+    strategy: str, eligible: Sequence[Waiter], *, load: Callable[[str], int], last_woken: str | None, rng: Random
+) -> Waiter:
+    """The waiter that gets a task that opened up, among ``eligible`` (in order of arrival, not empty).
+    ``load`` counts the leases a worker holds; ``last_woken`` is the worker this queue woke last."""
+    match strategy:
+        case "least_loaded":
+            return min(eligible, key=lambda waiter: (load(waiter.worker_id or ""), waiter.arrived))
+        case "round_robin":
+            ids = sorted({waiter.worker_id or "" for waiter in eligible})
+            chosen = next((worker for worker in ids if last_woken is None or worker > last_woken), ids[0])
+            return next(waiter for waiter in eligible if (waiter.worker_id or "") == chosen)
+        case "random":
+            return eligible[rng.randrange(len(eligible))]
+    return eligible[0]
+
+
 def _waiting_for_a_worker(task: Task) -> bool:
     """Pending, and neither parked nor waiting for a signal (its workflow would only wait again: the
     task opens up when the signal, or the wait's timeout, comes)."""
@@ -63,6 +110,8 @@ class OpenTasks:
         self._waiting: dict[tuple[str, str], list[ClaimOrder]] = {}
         self._open_in: Counter[tuple[str, str | None]] = Counter()
         """Open tasks per (org, queue), and per (org, None) for the whole org: what quotas count."""
+        self._held: Counter[tuple[str, str]] = Counter()
+        """Leases each (org, worker id) holds: what ``least_loaded`` compares."""
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -70,6 +119,13 @@ class OpenTasks:
     def in_flight(self, org: str, queue: str | None = None) -> int:
         """Tasks of ``org`` (on ``queue``, if given) pending, running or awaiting approval."""
         return self._open_in[(org, queue)]
+
+    def leases_held(self, org: str, worker_id: str) -> int:
+        return self._held[(org, worker_id)]
+
+    def task(self, org: str, task_id: str) -> Task | None:
+        known = self._tasks.get((org, task_id))
+        return None if known is None else known[0]
 
     def put(self, org: str, task: Task, seq: int) -> bool:
         """Take ``task`` as its state at ``seq`` unless a later one is known. True when the task now
@@ -80,6 +136,7 @@ class OpenTasks:
             if known[1] >= seq:
                 return False
             self._unlist(org, known[0])
+            self._hold(org, known[0], -1)
         if task.is_terminal:
             if self._tasks.pop((org, task.id), None) is not None:
                 self._count(org, task.queue, -1)
@@ -87,6 +144,7 @@ class OpenTasks:
         if known is None:
             self._count(org, task.queue, +1)
         self._tasks[(org, task.id)] = (task, seq)
+        self._hold(org, task, +1)
         if _waiting_for_a_worker(task):
             insort(self._waiting.setdefault((org, task.queue), []), claim_order(task))
             return True
@@ -106,8 +164,8 @@ class OpenTasks:
             return None
         return address.org, lease.worker_id, address.id
 
-    def fold(self, recorded: RecordedEvent) -> tuple[str, str] | None:
-        """Apply one task event; ``(org, queue)`` when its task now waits for a worker."""
+    def fold(self, recorded: RecordedEvent) -> tuple[str, Task] | None:
+        """Apply one task event; ``(org, task)`` when the task now waits for a worker."""
         address = parse_aggregate_subject(recorded.subject)
         known = self._tasks.get((address.org, address.id))
         if known is None and not isinstance(recorded.event, TaskSubmitted):
@@ -117,7 +175,7 @@ class OpenTasks:
         task = TASK.evolve(None if known is None else known[0], recorded.event)
         if task is None or not self.put(address.org, task, recorded.seq):
             return None
-        return address.org, task.queue
+        return address.org, task
 
     def candidates(
         self,
@@ -132,16 +190,12 @@ class OpenTasks:
     ) -> list[str]:
         """Up to ``limit`` ids a worker with ``capabilities`` may claim now, best first; with
         ``workflows_only``, only tasks that run a workflow; with ``worker_id``, none that excludes it."""
-        offered = set(capabilities)
+        offered = frozenset(capabilities)
         found: list[str] = []
         for _, _, task_id in self._waiting.get((org, queue), ()):
             task = self._tasks[(org, task_id)][0]
-            if (
-                (task.not_before is None or task.not_before <= now)
-                and offered.issuperset(task.required_capabilities)
-                and (task.workflow is not None or not workflows_only)
-                and (worker_id is None or worker_id not in task.excluded_workers)
-            ):
+            due = task.not_before is None or task.not_before <= now
+            if due and fits(task, offered, workflows_only=workflows_only, worker_id=worker_id):
                 found.append(task_id)
                 if len(found) == limit:
                     break
@@ -152,6 +206,14 @@ class OpenTasks:
             self._open_in[key] += change
             if not self._open_in[key]:
                 del self._open_in[key]
+
+    def _hold(self, org: str, task: Task, change: int) -> None:
+        if task.lease is None or task.is_terminal:
+            return
+        key = (org, task.lease.worker_id)
+        self._held[key] += change
+        if not self._held[key]:
+            del self._held[key]
 
     def _unlist(self, org: str, task: Task) -> None:
         if not _waiting_for_a_worker(task):
@@ -173,6 +235,7 @@ class ClaimIndex:
         stream: str = STREAM_NAME,
         observer: LogObserver | None = None,
         on_lease_expired: LeaseExpiredHook | None = None,
+        rng: Random | None = None,
     ) -> None:
         """``observer`` (the operator metrics) is seeded with the snapshot and then handed every task
         event this index follows, once each, in log order: one reading of the log serves both.
@@ -184,7 +247,12 @@ class ClaimIndex:
         self.candidates = self._open.candidates
         """What a claim may take now: :meth:`OpenTasks.candidates` of the tasks this index keeps."""
         self._position = 0
-        self._wakeups: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._waiters: dict[tuple[str, str], list[Waiter]] = {}
+        self._strategies: dict[tuple[str, str], str] = {}
+        """Each queue's strategy, as its latest waiter found it."""
+        self._last_woken: dict[tuple[str, str], str] = {}
+        self._arrivals = itertools.count()
+        self._rng = rng or Random()
         self._follower: asyncio.Task[None] | None = None
 
     @property
@@ -216,22 +284,64 @@ class ClaimIndex:
         if isinstance(state, Task) and seq > self._position:
             org = parse_aggregate_subject(subject).org
             if self._open.put(org, state, seq):
-                self._wake(org, state.queue)
+                self._wake(org, state)
 
     def in_flight(self, org: str, queue: str | None = None) -> int:
         return self._open.in_flight(org, queue)
 
-    async def wait(self, org: str, queue: str, timeout: float) -> None:  # noqa: ASYNC109 (a wake-up, not an error)
-        """Until a task on ``org``/``queue`` may have opened up, or ``timeout`` seconds."""
-        wakeup = self._wakeups.get((org, queue))
-        if wakeup is None:
-            wakeup = self._wakeups[(org, queue)] = asyncio.get_running_loop().create_future()
-        await asyncio.wait((wakeup,), timeout=timeout)
+    async def wait(
+        self,
+        org: str,
+        queue: str,
+        seconds: float,
+        *,
+        worker_id: str | None = None,
+        capabilities: Collection[str] = (),
+        workflows_only: bool = False,
+        strategy: str = "fifo",
+    ) -> None:
+        """Until a task on ``org``/``queue`` that this claimer may take opened up and the queue's
+        ``strategy`` chose it, or ``seconds``."""
+        key = (org, queue)
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(worker_id, frozenset(capabilities), workflows_only, next(self._arrivals), woken)
+        self._waiters.setdefault(key, []).append(waiter)
+        self._strategies[key] = strategy
+        try:
+            await asyncio.wait((woken,), timeout=seconds)
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiters[key]
 
-    def _wake(self, org: str, queue: str) -> None:
-        wakeup = self._wakeups.pop((org, queue), None)
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+    def waiting(self, org: str, queue: str) -> int:
+        """Claimers waiting on the queue now."""
+        return len(self._waiters.get((org, queue), ()))
+
+    def _wake(self, org: str, task: Task) -> None:
+        key = (org, task.queue)
+        eligible = [
+            waiter
+            for waiter in self._waiters.get(key, ())
+            if fits(task, waiter.capabilities, workflows_only=waiter.workflows_only, worker_id=waiter.worker_id)
+        ]
+        if not eligible:
+            return
+        chosen = choose_waiter(
+            self._strategies.get(key, "fifo"),
+            eligible,
+            load=lambda worker_id: self._open.leases_held(org, worker_id),
+            last_woken=self._last_woken.get(key),
+            rng=self._rng,
+        )
+        self._waiters[key].remove(chosen)
+        if not self._waiters[key]:
+            del self._waiters[key]
+        if chosen.worker_id is not None:
+            self._last_woken[key] = chosen.worker_id
+        chosen.woken.set_result(None)
 
     async def _follow(self) -> None:
         """Fold every task event after ``position``; after a connection problem, carry on from there."""

@@ -18,6 +18,7 @@ from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
 from gateway.policy import SubmitGate
 from gateway.scheduler import Scheduler
+from gateway.secret_box import MASTER_KEY_ENV, SecretBox
 from gateway.services import Limits, Metrics, Services
 from projections.read import ReadModel
 from projections.schema import migrate
@@ -30,6 +31,8 @@ class GatewaySettings:
     jwt: JwtSettings = field(default_factory=JwtSettings)
     limits: Limits = field(default_factory=Limits)
     scheduler: bool = True
+    secrets_key: str | None = None
+    """``CP_SECRETS_KEY``: the master key that seals secrets (base64 of 32 bytes); without it no secrets."""
     """Run the scheduler (schedules' fires) in this gateway; every gateway may: they share its consumer."""
 
     @classmethod
@@ -38,7 +41,7 @@ class GatewaySettings:
         ``CP_JWT_ISSUER`` (both required when one of the three before is set),
         ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``,
         ``CP_AUTH_FAILURES_PER_SECOND``, ``CP_AUTH_FAILURE_BURST``, ``CP_SSE_MAX_PER_CREDENTIAL``,
-        ``CP_SSE_MAX_PER_ORG``."""
+        ``CP_SSE_MAX_PER_ORG``, ``CP_SECRETS_KEY``."""
         env = os.environ
         public_key_file = env.get("CP_JWT_RS256_PUBLIC_KEY_FILE")
         limits = Limits()
@@ -62,10 +65,12 @@ class GatewaySettings:
                 sse_max_per_credential=int(env.get("CP_SSE_MAX_PER_CREDENTIAL", limits.sse_max_per_credential)),
                 sse_max_per_org=int(env.get("CP_SSE_MAX_PER_ORG", limits.sse_max_per_org)),
             ),
+            secrets_key=env.get(MASTER_KEY_ENV) or None,
         )
 
 
 async def open_services(settings: GatewaySettings) -> Services:
+    secret_box = None if settings.secrets_key is None else SecretBox.from_text(settings.secrets_key)  # bad: refuse now
     store = await JetStreamEventStore.connect(settings.nats_url)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=10)
     await migrate(pool)
@@ -98,6 +103,7 @@ async def open_services(settings: GatewaySettings) -> Services:
         sessions=await SessionStore.open(store, auth),
         limits=settings.limits,
         metrics=metrics,
+        secret_box=secret_box,
     )
     if settings.scheduler:
         services.scheduler = Scheduler(services)

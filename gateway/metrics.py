@@ -38,6 +38,7 @@ from core.events import (
     PolicyDecided,
     PolicyDecision,
     TaskLeaseExpired,
+    TaskLeaseReleased,
     TaskSubmissionDenied,
     TaskSubmitted,
     WorkflowOperationRecorded,
@@ -57,6 +58,8 @@ DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 
 APPROVAL_BUCKETS = (5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400)
 POLICY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300)
+RETRY_REASONS: dict[type, str] = {TaskLeaseExpired: "lease_expired", TaskLeaseReleased: "worker_restarted"}
+"""``reason`` of ``cp_task_retries_total`` by the event that sent the task back; a retryable failure otherwise."""
 READ_TIMEOUT_SECONDS = 3.0
 """How long a scrape waits for the queue summary before serving the rest without it."""
 
@@ -274,7 +277,7 @@ class EventMetrics:
             ended = after.completed_at or event.at
             self.duration.labels(org_label, queue_label).observe(max((ended - after.created_at).total_seconds(), 0))
         if before is not None and after.retries > before.retries:
-            reason = "lease_expired" if isinstance(event, TaskLeaseExpired) else "failed"
+            reason = RETRY_REASONS.get(type(event), "failed")
             self.retries.labels(org_label, queue_label, reason).inc(after.retries - before.retries)
         if isinstance(event, TaskLeaseExpired):
             self.lease_expiries.labels(org_label, queue_label).inc()

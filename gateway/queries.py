@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.inspect as types
 
-from core.commands import Capability
+from core.commands import Capability, EnvironmentName
 from core.events import EVENT_TYPES, Priority, TaskStatus
 from core.ids import Token, validate_token, whole
 from gateway.bodies import Name
@@ -76,6 +76,12 @@ class WorkerList(Query, frozen=True):
     queue: Token | None = None
     capability: Capability | None = None
     available: Literal["true", "false"] | None = None
+
+
+class EnvironmentScope(Query, frozen=True):
+    """``?environment=``: one environment's own setting instead of the org's."""
+
+    environment: EnvironmentName | None = None
 
 
 class ResumeAfter(Query, frozen=True):

@@ -20,6 +20,7 @@ from gateway.environment_map import EnvironmentDirectory
 from gateway.idempotency import IdempotencyRecords
 from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
 from gateway.policy import SubmitGate
+from gateway.secret_box import SecretBox
 from projections.read import ReadModel
 
 if TYPE_CHECKING:
@@ -164,6 +165,8 @@ class Services:
     """Each org's environments, read from the log at every use (a submit's environment gates it)."""
     claims_in_flight: set[str] = field(default_factory=set)
     """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
+    secret_box: SecretBox | None = None
+    """Seals and opens secret values (``CP_SECRETS_KEY``); None: the secrets endpoints answer 503."""
     scheduler: Scheduler | None = None
     """The schedules' fire runner this process runs (gateway/scheduler.py), started and stopped with it."""
 

@@ -199,6 +199,62 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
         None,
         "204",
     ),
+    ("get", "/v1/queues", "List the queues that have settings of their own: {items, seq}", "read", None, "200"),
+    ("get", "/v1/queues/{name}", "A queue's settings (the defaults when it has none)", "read", None, "200"),
+    (
+        "put",
+        "/v1/queues/{name}",
+        "Set a queue's claim strategy (fifo, least_loaded, round_robin, random) and its workers' breaker, whole",
+        "admin",
+        bodies.QueueSettingsBody,
+        "200",
+    ),
+    (
+        "delete",
+        "/v1/queues/{name}",
+        "Back to the defaults; answers the queue's settings and the seq",
+        "admin",
+        None,
+        "200",
+    ),
+    (
+        "post",
+        "/v1/notification-channels",
+        "Create a notification channel: slack (url), email (smtp, secret: the SMTP password) or webhook (url,"
+        " secret: the Standard Webhooks signing secret); 409 if the name exists",
+        "admin",
+        bodies.NotificationChannelBody,
+        "201",
+    ),
+    ("get", "/v1/notification-channels", "List the org's notification channels: {items, seq}", "admin", None, "200"),
+    ("get", "/v1/notification-channels/{name}", "Get a notification channel (no secrets)", "admin", None, "200"),
+    (
+        "put",
+        "/v1/notification-channels/{name}",
+        "Create or replace a notification channel whole",
+        "admin",
+        bodies.NotificationChannelReplaceBody,
+        "200",
+    ),
+    (
+        "delete",
+        "/v1/notification-channels/{name}",
+        "Delete a notification channel; 409 while rules send to it",
+        "admin",
+        None,
+        "204",
+    ),
+    (
+        "post",
+        "/v1/notification-rules",
+        "Create a notification rule: send to channel when one of on happens to a task of queue, environment"
+        " and workflow (each: any when absent)",
+        "admin",
+        bodies.NotificationRuleBody,
+        "201",
+    ),
+    ("get", "/v1/notification-rules", "List the org's notification rules: {items, seq}", "admin", None, "200"),
+    ("delete", "/v1/notification-rules/{rule_id}", "Delete a notification rule", "admin", None, "204"),
     (
         "post",
         "/v1/schedules",
@@ -221,6 +277,33 @@ _OPERATIONS: list[tuple[str, str, str, str, type | None, str]] = [
         None,
         "200",
     ),
+    (
+        "post",
+        "/v1/tasks/{task_id}/secrets/{name}",
+        "Read a secret for the task whose lease the caller holds (worker keys only): {name, version, value};"
+        " the task's first read pins the version; recorded as SecretRead",
+        "lease",
+        bodies.SecretReadBody,
+        "200",
+    ),
+    (
+        "put",
+        "/v1/secrets/{name}",
+        "Set a new version of a secret, org-wide or for one environment (write-only): {name, version}",
+        "admin",
+        bodies.SecretBody,
+        "200",
+    ),
+    ("get", "/v1/secrets", "List the org's secrets: names, scopes and versions, never values", "admin", None, "200"),
+    (
+        "put",
+        "/v1/worker-config",
+        "Replace the org's worker configuration, or one environment's (?environment=)",
+        "admin",
+        bodies.WorkerConfigBody,
+        "200",
+    ),
+    ("get", "/v1/worker-config", "The org's worker configuration, or one environment's", "admin", None, "200"),
     ("get", "/v1/stats", "Counts by status and projection lag", "read", None, "200"),
     (
         "get",
@@ -247,6 +330,7 @@ _QUERY = {
     "/v1/tasks/{task_id}/events": ["after"],
     "/v1/usage": ["from", "to", "group_by", "queue", "workflow", "min_seq"],
     "/v1/schedules": ["min_seq"],
+    "/v1/worker-config": ["environment"],
 }
 _ERRORS = {
     "400": "Malformed body",
@@ -277,7 +361,7 @@ def openapi_document() -> dict[str, Any]:
             ]
             + [
                 {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                for name in (_QUERY.get(path, []) if method == "get" else [])
+                for name in (_QUERY.get(path, []) if method in ("get", "put") else [])
             ]
             + [
                 {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}

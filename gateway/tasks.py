@@ -29,7 +29,15 @@ from core.commands import (
     SubmitTask,
     WaitForSignal,
 )
-from core.errors import AlreadyExists, AlreadyTerminal, CapabilityMismatch, InvalidTransition, NotFound, NotReady
+from core.errors import (
+    AlreadyExists,
+    AlreadyTerminal,
+    CapabilityMismatch,
+    CommandIdTaken,
+    InvalidTransition,
+    NotFound,
+    NotReady,
+)
 from core.events import ApprovalRequested, PolicyDecision, SignalConsumed, TaskSubmissionDenied, WorkflowRef
 from core.handler import Outcome
 from core.ids import new_id
@@ -68,6 +76,7 @@ from gateway.http import (
 )
 from gateway.problems import Problem
 from gateway.queries import TaskList, TaskRead
+from gateway.queues import settings_of
 from gateway.services import Services
 from gateway.views import approval_document, task_document
 from policies_wasm import PolicyError
@@ -291,6 +300,7 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
         new_id() if key is None else derived_id(who.org, who.credential_id, key, "claim" if i == 0 else f"claim-{i}")
         for i in range(max_tasks)
     ]
+    taken: set[str] = set()
 
     async def attempt(task_id: str, lease_id: str) -> Claimed | None:
         command = ClaimTask(
@@ -305,6 +315,11 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
         try:
             outcome = await svc.handler.handle(who.org, command, actor=who.actor, command_id=lease_id)
         except _UNCLAIMABLE:
+            return None
+        except CommandIdTaken:
+            # A retried request whose first try claimed another task with this lease id, and whose
+            # answer was lost before the claim was remembered: that lease expires unrenewed.
+            taken.add(lease_id)
             return None
         finally:
             svc.claims_in_flight.discard(task_id)
@@ -334,7 +349,8 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
         return []
     capabilities = list(spec.capabilities)
     claimed: list[Claimed] = []
-    while True:
+    unused = list(lease_ids)
+    while unused:
         if await request.is_disconnected():
             # Nobody would receive the leases: claiming now would strand the tasks until they expired.
             return []
@@ -349,17 +365,34 @@ async def _claim(request: Request, who: Principal, spec: ClaimBody, *, max_tasks
             worker_id=spec.worker_id,
         )
         # Racing another claimer of this gateway for the same task would only lose: try the others first.
-        for task_id in sorted(candidates, key=svc.claims_in_flight.__contains__):
-            if (won := await attempt(task_id, lease_ids[len(claimed)])) is not None:
-                claimed.append(won)
-                if len(claimed) == max_tasks:
-                    break
+        ordered = sorted(candidates, key=svc.claims_in_flight.__contains__)
+        while ordered and len(claimed) < max_tasks:
+            # A batch tries as many candidates at once as it still wants (each on its own task's subject),
+            # so a runner taking back many tasks pays one round of appends, not one per task.
+            tries, ordered = ordered[: max_tasks - len(claimed)], ordered[max_tasks - len(claimed) :]
+            leases = unused[: len(tries)]
+            for lease_id, won in zip(leases, await asyncio.gather(*map(attempt, tries, leases)), strict=True):
+                if won is not None:
+                    claimed.append(won)
+                if won is not None or lease_id in taken:
+                    unused.remove(lease_id)
+            if not unused:
+                break
         remaining = deadline - loop.time()
         if claimed or remaining <= 0:
             return claimed
         # Woken when a task on this queue opens up, and at least every second to notice a client that
         # went away or a backoff that ran out.
-        await svc.claim_index.wait(who.org, spec.queue, timeout=min(remaining, DISCONNECT_CHECK_SECONDS))
+        await svc.claim_index.wait(
+            who.org,
+            spec.queue,
+            min(remaining, DISCONNECT_CHECK_SECONDS),
+            worker_id=spec.worker_id,
+            capabilities=capabilities,
+            workflows_only=spec.workflows_only,
+            strategy=(await settings_of(svc.handler, who.org, spec.queue)).strategy,
+        )
+    return claimed  # every lease id this request may use named another claim
 
 
 async def heartbeat(request: Request) -> Response:

@@ -9,9 +9,11 @@ from core.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.worker import Worker
 from gateway.bodies import WorkerHeartbeatBody
 from gateway.http import body, command_id, json, path_id, principal, query, read_after, services
+from gateway.incarnations import release_if_restarted
 from gateway.problems import Problem
 from gateway.queries import WorkerList
 from gateway.views import worker_document
+from gateway.worker_config import worker_config
 
 
 async def register(request: Request) -> Response:
@@ -21,7 +23,12 @@ async def register(request: Request) -> Response:
     outcome = await svc.handler.handle(
         who.org, command, actor=who.actor, command_id=command_id(request, who, "register", command.worker_id)
     )
-    return json(worker_document(outcome.state, await _completed(request, who.org, command.worker_id), outcome.seq), 201)
+    released = await release_if_restarted(svc, who.org, who.actor, outcome)
+    document = worker_document(
+        outcome.state, await _completed(request, who.org, command.worker_id), max(outcome.seq, released.seq)
+    )
+    config = await worker_config(svc, who.org, command.queue)  # what the worker is to apply (gateway/worker_config.py)
+    return json({**document, "released_tasks": list(released.task_ids), "config": config}, 201)
 
 
 async def heartbeat(request: Request) -> Response:

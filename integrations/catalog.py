@@ -29,7 +29,12 @@ _GROUPS: tuple[tuple[str, Any, str], ...] = (
     ("API keys", events.ApiKeyCreated | events.ApiKeyRevoked, "`cp.<org>.apikey.<key id>`"),
     ("Policy bundles", events.PolicyBundlePushed, "`cp.<org>.policy.bundles`"),
     ("Environments", events.EnvironmentEvent, "`cp.<org>.environments.all`"),
+    ("Queue settings", events.QueueEvent, "`cp.<org>.queues.all`"),
     ("Schedules", events.ScheduleEvent, "`cp.<org>.schedule.<schedule id>`"),
+    ("Worker configuration", events.WorkerConfigEvent, "`cp.<org>.workerconfig.all`"),
+    ("Secrets", events.SecretEvent, "`cp.<org>.secrets.all` (`SecretRead`, the audit of a read, is on the task)"),
+    ("Notification channels and rules", events.NotificationConfigEvent, "`cp.<org>.notifications.all`"),
+    ("Notifications sent", events.NotificationEvent, "`cp.<org>.notification.<notification id>`"),
 )
 
 _SCALARS: dict[Any, str] = {

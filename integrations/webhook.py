@@ -31,8 +31,6 @@ query string, which may hold a token.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -43,6 +41,7 @@ import msgspec
 from standardwebhooks import Webhook
 
 from core.events import AnyEvent
+from core.notifications import webhook_secret
 from core.public import public_event
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 
@@ -54,7 +53,6 @@ SEQ_HEADER = "X-CP-Seq"
 DELIVERY_ID_HEADER = "X-CP-Delivery-Id"
 ATTEMPT_HEADER = "X-CP-Delivery-Attempt"
 
-SECRET_PREFIX = "whsec_"
 DEFAULT_TOLERANCE_SECONDS = 300
 """How far a delivery's timestamp may be from the receiver's clock (the Standard Webhooks default)."""
 
@@ -87,22 +85,6 @@ class ReceiverUnavailable(Exception):
 class WebhookRefused(ValueError):
     """A request is not a delivery signed with our secret, or not a fresh one: answer it with a 4xx.
     The message says which check failed."""
-
-
-def webhook_secret(text: str) -> bytes:
-    """The signing key of a configured secret: ``whsec_<base64>`` decoded, any other text as UTF-8."""
-    if text.startswith(SECRET_PREFIX):
-        encoded = text[len(SECRET_PREFIX) :]
-        try:
-            secret = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"invalid webhook secret: after {SECRET_PREFIX} comes base64") from None
-        if not secret:
-            raise ValueError(f"invalid webhook secret: {SECRET_PREFIX} with nothing after it")
-        return secret
-    if not text:
-        raise ValueError(f"the webhook secret is empty: give {SECRET_PREFIX}<base64> or any other text")
-    return text.encode()
 
 
 def sign_delivery(secret: bytes, delivery_id: str, timestamp: datetime, body: bytes) -> str:
@@ -199,7 +181,6 @@ class WebhookForwarder:
             raise ValueError("the webhook secret is empty: receivers could not tell forged requests from ours")
         self.subscription = subscription
         self.url = check_url(url)
-        self._shown_url = display_url(url)
         self._signer = Webhook(secret)
         self._client = client
         self._clock = clock
@@ -230,27 +211,40 @@ class WebhookForwarder:
                 event=public_event(recorded.event),
             )
         )
-        sent_at = self._clock()
         headers = {
-            "Content-Type": "application/json",
-            ID_HEADER: delivery_id,
-            TIMESTAMP_HEADER: str(floor(sent_at.timestamp())),
-            SIGNATURE_HEADER: self._signer.sign(delivery_id, sent_at, body),
+            **signed_headers(self._signer, delivery_id, self._clock(), body),
             EVENT_TYPE_HEADER: event_type,
             SEQ_HEADER: str(recorded.seq),
             DELIVERY_ID_HEADER: delivery_id,
             ATTEMPT_HEADER: str(delivery.delivery_count),
         }
-        url = self._shown_url
-        try:
-            response = await self._client.post(self.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise ReceiverUnavailable(f"{url} did not answer in time ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise ReceiverUnavailable(f"cannot reach {url}: {exc!r}") from exc
-        status = response.status_code
-        if 200 <= status < 300:
-            return
-        if status >= 500 or status in _RETRYABLE_CLIENT_ERRORS:
-            raise ReceiverUnavailable(f"{url} answered {status}")
-        raise DeadLetter(f"{url} refused the event with {status}: {response.text[:_MAX_ERROR_BODY]}")
+        await post(self._client, self.url, body, headers)
+
+
+def signed_headers(signer: Webhook, delivery_id: str, sent_at: datetime, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of ``body`` sent as ``delivery_id`` at ``sent_at``, with its content type."""
+    return {
+        "Content-Type": "application/json",
+        ID_HEADER: delivery_id,
+        TIMESTAMP_HEADER: str(floor(sent_at.timestamp())),
+        SIGNATURE_HEADER: signer.sign(delivery_id, sent_at, body),
+    }
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+    """POST ``body`` to ``url`` once: return on 2xx; raise ``ReceiverUnavailable`` (retry later) on 408,
+    429, 5xx, a timeout or no connection; raise ``DeadLetter`` on any other answer. Messages name the
+    URL as ``display_url`` shows it."""
+    shown = display_url(url)
+    try:
+        response = await client.post(url, content=body, headers=headers)
+    except httpx.TimeoutException as exc:
+        raise ReceiverUnavailable(f"{shown} did not answer in time ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise ReceiverUnavailable(f"cannot reach {shown}: {exc!r}") from exc
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if status >= 500 or status in _RETRYABLE_CLIENT_ERRORS:
+        raise ReceiverUnavailable(f"{shown} answered {status}")
+    raise DeadLetter(f"{shown} refused the event with {status}: {response.text[:_MAX_ERROR_BODY]}")

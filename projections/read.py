@@ -355,6 +355,17 @@ class ReadModel:
             held.setdefault(row["assigned_worker"], []).append(row["id"])
         return held
 
+    async def leases_held_by(self, org: str, worker_id: str) -> dict[str, str]:
+        """Task id -> lease id of each running task ``worker_id`` holds a lease on."""
+        rows = await self._fetch(
+            org,
+            "SELECT id, state->'lease'->>'id' AS lease_id FROM tasks"
+            " WHERE org_id = $1 AND status = 'running' AND assigned_worker = $2",
+            org,
+            worker_id,
+        )
+        return {row["id"]: row["lease_id"] for row in rows}
+
     async def _workers(self, org: str, where: _Where) -> list[tuple[Worker, int, int]]:
         rows = await self._fetch(
             org, f"SELECT state, tasks_completed, seq FROM workers WHERE {where} ORDER BY id", *where.args

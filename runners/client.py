@@ -57,8 +57,11 @@ class TaskApi:
     async def close(self) -> None:
         await self._driver.close()
 
-    async def register(self, worker_id: str, queue: str, capabilities: list[str]) -> None:
-        await self._call("POST", "/v1/workers", {"worker_id": worker_id, "queue": queue, "capabilities": capabilities})
+    async def register(self, worker_id: str, queue: str, capabilities: list[str], incarnation: str) -> dict[str, Any]:
+        """``incarnation`` names this process: registering as a new one releases the old one's leases. The
+        answer is the worker, with the ``config`` the org set for it (gateway/worker_config.py)."""
+        body = {"worker_id": worker_id, "queue": queue, "capabilities": capabilities, "incarnation": incarnation}
+        return await self._call("POST", "/v1/workers", body)
 
     async def worker_heartbeat(self, worker_id: str, status: str) -> None:
         await self._call("POST", f"/v1/workers/{worker_id}/heartbeat", {"status": status})
@@ -85,6 +88,10 @@ class TaskApi:
             return []
         _raise_for(response)
         return response.json()["items"]  # type: ignore[no-any-return]
+
+    async def secret(self, task_id: str, name: str, lease: dict[str, str]) -> dict[str, Any]:
+        """``{name, version, value}`` of the secret for the task whose lease this is; the read is audited."""
+        return await self._call("POST", f"/v1/tasks/{task_id}/secrets/{name}", lease)
 
     async def policy_bundle(self, version: int) -> dict[str, Any]:
         """Version ``version`` of the org's policy bundle, in full (``wasm`` base64 or null)."""

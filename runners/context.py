@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,7 +23,8 @@ import msgspec
 
 from controlplane import logs
 from core import telemetry
-from core.events import LlmCall, LlmUsage, PolicyDecision
+from core.commands import SECRET_NAME_PATTERN
+from core.events import LlmCall, LlmSettings, LlmUsage, PolicyDecision
 from policies_wasm import Bundle, PolicyLoadError, default_bundle, input_digest
 from policies_wasm.budget import PolicyEvaluator
 from runners.client import LeaseLost, TaskApi, Unavailable
@@ -42,6 +44,7 @@ async def load_litellm() -> ModuleType:
 
 
 TOOL_POLICY = "controlplane/tool"
+_SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
 _SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "authorization", "header")
 
 
@@ -251,9 +254,12 @@ class WorkflowContext:
         worker_id: str,
         *,
         policies: Policies | None = None,
+        llm: LlmSettings | None = None,
     ) -> None:
         self._api = api
         self._policies = policies or Policies()
+        self._llm = llm or LlmSettings()
+        """The org's LLM settings for this worker (registration's ``config.llm``): they win over the workflow's."""
         self.task_id: str = task["id"]
         workflow = task.get("workflow") or {}
         self.scope: dict[str, Any] = {"org": task["org"], "queue": task["queue"], "task_type": task["type"]}
@@ -286,20 +292,29 @@ class WorkflowContext:
     async def llm(self, name: str, *, model: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
         """A LiteLLM completion (its own retries and fallbacks apply). The request, response, token
         usage and cost are recorded; a replay returns the recording and never calls the model again.
-        The tool policy is asked first whether this model may be called (and whether a human must agree)."""
-        await self._permitted(f"model {model}", {"model": model})
+        The org's LLM settings apply first: its ``model_override`` replaces ``model``, its ``api_base`` and
+        ``fallbacks`` replace those options; the request recorded is the one made (with the workflow's
+        model as ``workflow_model`` when overridden). The tool policy is asked first whether the model
+        used may be called (and whether a human must agree)."""
+        used = self._llm.model_override or model
+        if self._llm.api_base is not None:
+            options = {**options, "api_base": self._llm.api_base}
+        if self._llm.fallbacks is not None:
+            options = {**options, "fallbacks": list(self._llm.fallbacks)}
+        await self._permitted(f"model {used}", {"model": used})
 
         async def call(index: int) -> dict[str, Any]:
             litellm = await load_litellm()
-            response = await litellm.acompletion(model=model, messages=messages, **options)
+            response = await litellm.acompletion(model=used, messages=messages, **options)
             usage = getattr(response, "usage", None)
             try:
                 cost = litellm.completion_cost(completion_response=response)
             except Exception:  # unknown pricing (a mock, a private model) is not an error
                 cost = None
-            answered_by = getattr(response, "model", None) or model
+            answered_by = getattr(response, "model", None) or used
+            request = {"model": used, "messages": messages, "options": _recordable(options)}
             recorded = LlmCall(
-                request={"model": model, "messages": messages, "options": _recordable(options)},
+                request=request if used == model else {**request, "workflow_model": model},
                 model=answered_by,
                 provider=_provider(litellm, answered_by),
                 content=response.choices[0].message.content,
@@ -351,6 +366,21 @@ class WorkflowContext:
             )
             if approval["status"] != "approved":
                 raise PolicyDenied(what, [f"the approval it required was {approval['status']}"])
+
+    async def secret(self, name: str) -> str:
+        """The value of the org's secret ``name`` for this task (its environment's own version, else the
+        org-wide one). Never journaled: the value is not written to the log, so a replay reads it again
+        (the task's first read pinned the version, so it gets the same one even after a rotation). Each
+        read is audited on the task (``SecretRead``). Keep the value out of step names, results, model
+        messages and logs: what they hold is recorded."""
+        if not _SECRET_NAME.fullmatch(name):
+            raise ValueError(f"secret name {name[:64]!r} must match {SECRET_NAME_PATTERN}")
+        try:
+            answer = await self._api.secret(self.task_id, name, self._lease)
+        except _GONE as exc:
+            raise Interrupted(exc) from exc
+        value: str = answer["value"]
+        return value
 
     async def now(self) -> datetime:
         async def read(index: int) -> str:

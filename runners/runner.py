@@ -1,6 +1,8 @@
 """The runner process: registers as a worker that hosts some workflows, claims their tasks, replays
 each task's journal and continues it. Heartbeats keep the lease while a step runs; a runner that dies
-simply stops heartbeating, the lease expires, and another runner replays and finishes the task.
+simply stops heartbeating, the lease expires, and another runner replays and finishes the task. A runner
+restarted under the same worker id does not wait for that: it registers as a new incarnation, which
+releases its predecessor's leases at once, and claims the tasks back.
 
 A gateway that is briefly unavailable (429, 503, a restart) is waited out: the client retries with
 backoff, and a call that still fails is never reported as the workflow's failure, so it costs no
@@ -14,8 +16,11 @@ import logging
 from typing import Any
 
 import httpx
+import msgspec
 
 from core import telemetry
+from core.events import LlmSettings
+from core.ids import new_id
 from runners.client import LeaseLost, TaskApi, Unavailable
 from runners.context import Interrupted, NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
 from runners.registry import Registry
@@ -46,6 +51,9 @@ class Runner:
     ) -> None:
         self._api, self._registry = api, registry
         self.worker_id, self.queue = worker_id, queue
+        self.incarnation = new_id()
+        """Names this runner (one per process) when it registers: a runner restarted under the same
+        worker id is a new incarnation, and the leases its dead predecessor held are released at once."""
         self._slots = asyncio.Semaphore(concurrency)
         self._policies = policies or Policies()
         self._owns_policies = policies is None
@@ -53,6 +61,8 @@ class Runner:
         self._lease_seconds, self._block_ms = lease_seconds, block_ms
         self._running: set[asyncio.Task[None]] = set()
         self._executing: dict[str, asyncio.Task[None]] = {}
+        self._liveness_seconds = LIVENESS_SECONDS
+        self._llm = LlmSettings()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run tasks until ``stop``; then drain: finish what runs (status ``draining``)."""
@@ -78,7 +88,8 @@ class Runner:
         """Register as a ready worker, however long the gateway takes to answer; False if stopped first."""
         while not stop.is_set():
             try:
-                await self._api.register(self.worker_id, self.queue, capabilities)
+                registered = await self._api.register(self.worker_id, self.queue, capabilities, self.incarnation)
+                self._configure(registered.get("config") or {})
                 await self._api.worker_heartbeat(self.worker_id, "ready")
                 return True
             except UNREACHABLE as exc:
@@ -87,15 +98,22 @@ class Runner:
                     await asyncio.wait_for(stop.wait(), RECONNECT_SECONDS)
         return False
 
+    def _configure(self, config: dict[str, Any]) -> None:
+        """Apply what the org set for this worker (its registration's ``config``): a setting it made
+        replaces the runner's own; one it left unset (null) keeps it."""
+        self._lease_seconds = config.get("lease_seconds") or self._lease_seconds
+        self._liveness_seconds = config.get("heartbeat_interval_seconds") or self._liveness_seconds
+        self._llm = msgspec.convert(config.get("llm") or {}, LlmSettings)
+
     async def _report_liveness(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LIVENESS_SECONDS)
+                await asyncio.wait_for(stop.wait(), self._liveness_seconds)
                 return
             try:
                 await self._api.worker_heartbeat(self.worker_id, "ready")
             except (*UNREACHABLE, httpx.HTTPError, RuntimeError) as exc:  # the next beat will do
-                log.warning("worker heartbeat failed (%r); retrying in %.0f s", exc, LIVENESS_SECONDS)
+                log.warning("worker heartbeat failed (%r); retrying in %.0f s", exc, self._liveness_seconds)
 
     async def _claim_until(self, stop: asyncio.Event, capabilities: list[str]) -> None:
         while not stop.is_set():
@@ -180,7 +198,9 @@ class Runner:
         if found is None:
             await self._api.lease_call(task["id"], "fail", {**lease, "error": f"no workflow {ref}", "retryable": False})
             return
-        context = WorkflowContext(self._api, task, lease["lease_id"], self.worker_id, policies=self._policies)
+        context = WorkflowContext(
+            self._api, task, lease["lease_id"], self.worker_id, policies=self._policies, llm=self._llm
+        )
         # One line per claim and one per outcome: the task id, org and correlation id come with the context.
         log.info("running workflow %s v%s, replaying %d operations", found.name, found.version, len(task["journal"]))
         try:

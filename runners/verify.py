@@ -34,6 +34,8 @@ from runners.client import TaskApi
 from runners.context import NonDeterminism, Suspended, WorkflowContext
 from runners.registry import Registry
 
+SECRET_STAND_IN = "[secret {name}]"
+"""What ``ctx.secret(name)`` returns during verification."""
 ACTIVE_STATUSES = frozenset({"pending", "running", "awaiting_approval"})
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
@@ -99,6 +101,12 @@ class ReplayOnlyContext(WorkflowContext):
         except NonDeterminism as exc:
             self.mismatch = self.mismatch or exc
             raise
+
+    async def secret(self, name: str) -> str:
+        """A stand-in, not the value: verification holds no worker key and writes nothing (a read is an
+        audited event), and a secret read is no journal operation, so there is nothing to compare. Code
+        that branches on a secret's value escapes verification, as it would escape any replay check."""
+        return SECRET_STAND_IN.format(name=name)
 
     def _answered(self, path: str, asked: dict[str, Any], decision: dict[str, Any]) -> None:
         super()._answered(path, asked, decision)

@@ -120,7 +120,8 @@ class AsyncWorkers:
     async def register(
         self, worker_id: str, queue: str = "default", capabilities: Iterable[str] = (), **fields: Any
     ) -> Worker:
-        """Registers (or re-registers) a worker; ``fields`` are labels, model, provider."""
+        """Registers (or re-registers) a worker; ``fields`` are labels, model, provider, incarnation (this
+        process's by default: a new process registering releases the leases its predecessor held)."""
         return await self._driver.run(self._ops.register_worker(worker_id, queue, capabilities, fields))
 
     async def deregister(self, worker_id: str) -> None:

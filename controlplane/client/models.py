@@ -81,6 +81,27 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
         return self.status in TERMINAL_STATUSES
 
 
+class LlmSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the org wants this worker's model calls made (null: the workflow's own choice)."""
+
+    api_base: str | None = None
+    model_override: str | None = None
+    fallbacks: list[str] | None = None
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What the org set for a worker, given at registration: its queue's environment's settings over
+    the org's (null: not set, keep your own), and the policy bundle version new submissions are
+    decided by (null: the shipped policies)."""
+
+    environment: str | None = None
+    heartbeat_interval_seconds: float | None = None
+    lease_seconds: float | None = None
+    llm: LlmSettings = LlmSettings()
+    policy_bundle_version: int | None = None
+    policy_bundle_digest: str | None = None
+
+
 class Worker(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     queue: str
@@ -90,6 +111,8 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
     last_heartbeat_at: datetime | None = None
     tasks_completed: int = 0
     seq: int | None = None
+    config: WorkerConfig | None = None
+    """Set in the answer to a registration (``workers.register``): what the worker is to apply."""
 
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):

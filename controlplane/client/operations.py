@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,6 +53,9 @@ WORKER_HEARTBEAT_SECONDS = 10.0
 """How often the worker loop reports its worker alive (the server marks it offline after 30 s)."""
 RECONNECT_SECONDS = 1.0
 """How long the worker loop waits after the server stayed unavailable for a whole retry budget."""
+INCARNATION = uuid.uuid4().hex
+"""Names this process in every worker registration it sends: a worker registered again from a new
+process (restarted under the same id) gets the leases its old process held released at once."""
 
 
 class EventParser:
@@ -307,7 +311,13 @@ class Operations:
     def register_worker(
         self, worker_id: str, queue: str, capabilities: Iterable[str], fields: Mapping[str, Any]
     ) -> Op[Worker]:
-        body = {"worker_id": worker_id, "queue": queue, "capabilities": list(capabilities), **fields}
+        body = {
+            "worker_id": worker_id,
+            "queue": queue,
+            "capabilities": list(capabilities),
+            "incarnation": INCARNATION,
+            **fields,
+        }
         return self._fetch(Call.of("POST", "/v1/workers", body), Worker)
 
     def deregister_worker(self, worker_id: str) -> Op[None]:

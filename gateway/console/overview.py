@@ -24,6 +24,7 @@ WORKER_LIVE_TYPES = (
     "TaskFailed",
     "TaskRetryScheduled",
     "TaskLeaseExpired",
+    "TaskLeaseReleased",
     "ApprovalRequested",
     "WorkflowSleepStarted",
     "SignalWaitStarted",

@@ -26,6 +26,7 @@ from core.ids import new_id
 from gateway.app import build_app
 from gateway.auth import JwtSettings
 from gateway.factory import GatewaySettings, close_services, open_services
+from gateway.secret_box import generate_key_text
 from gateway.services import Limits, Services
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE
@@ -47,6 +48,8 @@ class Stack:
     rsa_private_pem: bytes
     database_logins: dict[str, str]
     """The URL each least-privilege role (``cp_gateway``, ``cp_projector``) logs in with, and ``owner``'s."""
+    secrets_key: str
+    """The gateway's ``CP_SECRETS_KEY``, for the processes a test starts beside it (the notifier)."""
 
     def client(self, org: str = "acme", role: str = "admin", **headers: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -95,6 +98,7 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
             hs256_secret=HS256_SECRET, rs256_public_key=public_pem.decode(), audience=JWT_AUDIENCE, issuer=JWT_ISSUER
         ),
         limits=Limits(sse_keepalive_seconds=1.0, max_block_ms=10_000),
+        secrets_key=generate_key_text(),
     )
     # The gateway and the projector log in as their least-privilege roles, as in the dev stack: every
     # HTTP test also checks that the gateway needs no more than reading through row-level security.
@@ -115,7 +119,13 @@ async def serve_stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
         await asyncio.sleep(0.02)
     try:
         yield Stack(
-            f"http://127.0.0.1:{port}", keys, services, projector, private_pem, {**logins, "owner": database_url}
+            f"http://127.0.0.1:{port}",
+            keys,
+            services,
+            projector,
+            private_pem,
+            {**logins, "owner": database_url},
+            settings.secrets_key or "",
         )
     finally:
         server.should_exit = True

@@ -37,9 +37,12 @@ class Received:
 
     @property
     def task(self) -> tuple[str, str]:
-        """(org, task id) of the task event it carried; ("", "") for anything else."""
+        """(org, task id) of the task event (or the notification about a task) it carried; ("", "") for
+        anything else."""
         try:
             body = json.loads(self.body)
+            if "notification_id" in body:
+                return body["org"], body["task"]["id"]
             return body["org"], body["event"]["task_id"]
         except (ValueError, KeyError, TypeError):
             return "", ""

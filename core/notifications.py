@@ -1,0 +1,518 @@
+"""Notifications to people: an org's channels and rules, and what became of each notification.
+
+Two aggregates:
+
+* ``cp.<org>.notifications.all``: the org's channels (a Slack-compatible incoming webhook, e-mail over
+  SMTP, a Standard Webhooks endpoint) and its rules (which happenings, filtered by queue, environment
+  and workflow, go to which channel). One aggregate, because a rule names a channel that must exist and a
+  channel that rules use may not be deleted: a rule across both.
+* ``cp.<org>.notification.<notification id>``: one per (rule, source event), holding
+  ``NotificationSent`` or ``NotificationDeadLettered``. Its id derives from the org, the rule and the
+  source event's sequence, so the notifier (``integrations/notify.py``) can ask the log whether a
+  notification was already sent before it sends, and a second record is refused.
+
+The rest is pure: what a log event means for people (``happening``), which rules it matches
+(``matching_rules``) and what the message says (``compose``). No I/O, no clock."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from core.commands import (
+    Command,
+    DefineNotificationChannel,
+    DefineNotificationRule,
+    DeleteNotificationChannel,
+    DeleteNotificationRule,
+    RecordNotification,
+)
+from core.decider import Decider, DecisionContext, Timer
+from core.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
+from core.events import (
+    ApprovalEscalated,
+    ApprovalRequested,
+    ApprovalTimedOut,
+    ChannelKind,
+    Event,
+    NotificationChannelDefined,
+    NotificationChannelDeleted,
+    NotificationDeadLettered,
+    NotificationRuleDefined,
+    NotificationRuleDeleted,
+    NotificationSent,
+    NotificationTrigger,
+    SealedText,
+    SmtpSettings,
+    TaskFailed,
+    TaskSubmitted,
+    WorkflowNonDeterministic,
+)
+from core.task import Approval, Task, TaskState
+
+NOTIFICATIONS_AGGREGATE = "notifications"
+NOTIFICATIONS_ID = "all"
+NOTIFICATION_AGGREGATE = "notification"
+MAX_CHANNELS = 50
+MAX_RULES = 200
+"""Per org: channels and rules are one aggregate, read for every event the notifier handles."""
+
+SECRET_PREFIX = "whsec_"
+
+
+def webhook_secret(text: str) -> bytes:
+    """The signing key of a configured Standard Webhooks secret: ``whsec_<base64>`` decoded, any other
+    text as its UTF-8 bytes. Raises ``ValueError`` saying what is wrong."""
+    if text.startswith(SECRET_PREFIX):
+        encoded = text[len(SECRET_PREFIX) :]
+        try:
+            secret = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"invalid webhook secret: after {SECRET_PREFIX} comes base64") from None
+        if not secret:
+            raise ValueError(f"invalid webhook secret: {SECRET_PREFIX} with nothing after it")
+        return secret
+    if not text:
+        raise ValueError(f"the webhook secret is empty: give {SECRET_PREFIX}<base64> or any other text")
+    return text.encode()
+
+
+# --- channels and rules ---------------------------------------------------------------------------
+
+
+class Channel(msgspec.Struct, frozen=True):
+    name: str
+    kind: ChannelKind
+    url: SealedText | None
+    """Sealed: only a holder of the master key opens it (the notifier, to send)."""
+    endpoint: str | None
+    """Where the channel posts, shown instead of ``url``."""
+    smtp: SmtpSettings | None
+    secret: SealedText | None
+    created_at: datetime
+    updated_at: datetime
+    defined_by: str
+
+
+class Rule(msgspec.Struct, frozen=True):
+    id: str
+    channel: str
+    on: tuple[NotificationTrigger, ...]
+    queue: str | None
+    environment: str | None
+    workflow: str | None
+    created_at: datetime
+    defined_by: str
+
+
+class NotificationSettings(msgspec.Struct, frozen=True):
+    """The org's channels by name and rules by id."""
+
+    channels: dict[str, Channel] = {}
+    rules: dict[str, Rule] = {}
+
+    def listed_channels(self) -> list[Channel]:
+        return [self.channels[name] for name in sorted(self.channels)]
+
+    def listed_rules(self) -> list[Rule]:
+        return [self.rules[rule_id] for rule_id in sorted(self.rules)]
+
+    def rules_using(self, channel: str) -> list[str]:
+        return sorted(rule.id for rule in self.rules.values() if rule.channel == channel)
+
+
+class ChannelInUse(Rejected):
+    """Rules send to the channel: it may not go while they do."""
+
+
+class TooMany(Rejected):
+    pass
+
+
+def check_channel_url(url: str) -> str:
+    """An http(s) URL with a host; raises ``ValueError`` naming what is wrong."""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # the port is checked when read
+    except ValueError as exc:
+        raise ValueError(f"invalid channel URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError("invalid channel URL: expected http(s)://host[:port]/path")
+    return url
+
+
+def sealing_purpose(channel: str, field: str) -> str:
+    """What a channel's sealed ``url`` or ``secret`` opens for (with the org): that channel's field only."""
+    return f"notification-channel/{channel}/{field}"
+
+
+def endpoint(url: str) -> str:
+    """Where a channel posts, without what may be secret in its URL: the path (a Slack webhook's token),
+    the query and any login."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}/…"
+
+
+def _check_channel(command: DefineNotificationChannel) -> None:
+    """What each kind needs, and nothing it would silently ignore."""
+    if (command.url is None) != (command.sealed_url is None) or (command.secret is None) != (
+        command.sealed_secret is None
+    ):
+        raise InvalidCommand("a channel's url and secret reach the log only sealed: seal them with the master key")
+    if command.kind in ("slack", "webhook"):
+        if command.url is None:
+            raise InvalidCommand(f"a {command.kind} channel needs url, the receiver's http(s) URL")
+        if command.smtp is not None:
+            raise InvalidCommand(f"a {command.kind} channel takes no smtp settings; kind email does")
+        try:
+            check_channel_url(command.url)
+        except ValueError as exc:
+            raise InvalidCommand(str(exc)) from None
+    if command.kind == "slack" and command.secret is not None:
+        raise InvalidCommand("a slack channel takes no secret: its URL is its credential")
+    if command.kind == "webhook":
+        if command.secret is None:
+            raise InvalidCommand(
+                f"a webhook channel needs secret, the Standard Webhooks signing secret ({SECRET_PREFIX}<base64>, "
+                "or any other text), so receivers can tell our deliveries from forgeries"
+            )
+        try:
+            webhook_secret(command.secret)
+        except ValueError as exc:
+            raise InvalidCommand(str(exc)) from None
+    if command.kind == "email":
+        if command.smtp is None:
+            raise InvalidCommand("an email channel needs smtp: {host, port, starttls, username?, from, to: [...]}")
+        if command.url is not None:
+            raise InvalidCommand("an email channel takes no url; it sends through its smtp server")
+        if command.secret is not None and command.smtp.username is None:
+            raise InvalidCommand("the secret of an email channel is the SMTP password: give smtp.username with it")
+
+
+def _decide_settings(state: NotificationSettings, command: Command, ctx: DecisionContext) -> Sequence[Event]:
+    match command:
+        case DefineNotificationChannel():
+            existing = state.channels.get(command.name)
+            if existing is not None and not command.replace:
+                raise AlreadyExists(f"notification channel {command.name} already exists; replace it to change it")
+            if existing is None and len(state.channels) >= MAX_CHANNELS:
+                raise TooMany(f"this org has {MAX_CHANNELS} notification channels, the most it may have")
+            _check_channel(command)
+            smtp = None
+            if command.smtp is not None:
+                spec = command.smtp
+                smtp = SmtpSettings(
+                    host=spec.host,
+                    port=spec.port,
+                    starttls=spec.starttls,
+                    username=spec.username,
+                    sender=spec.sender,
+                    recipients=tuple(dict.fromkeys(spec.recipients)),
+                )
+            return [
+                NotificationChannelDefined(
+                    at=ctx.now,
+                    name=command.name,
+                    kind=command.kind,
+                    url=command.sealed_url,
+                    endpoint=None if command.url is None else endpoint(command.url),
+                    smtp=smtp,
+                    secret=command.sealed_secret,
+                    defined_by=ctx.actor.id,
+                )
+            ]
+        case DeleteNotificationChannel():
+            if command.name not in state.channels:
+                raise NotFound(f"notification channel {command.name} not found")
+            if users := state.rules_using(command.name):
+                raise ChannelInUse(
+                    f"notification channel {command.name} is used by rule(s) {', '.join(users)}; delete them first"
+                )
+            return [NotificationChannelDeleted(at=ctx.now, name=command.name, deleted_by=ctx.actor.id)]
+        case DefineNotificationRule():
+            if command.rule_id in state.rules:
+                raise AlreadyExists(f"notification rule {command.rule_id} already exists; delete it first")
+            if len(state.rules) >= MAX_RULES:
+                raise TooMany(f"this org has {MAX_RULES} notification rules, the most it may have")
+            if command.channel not in state.channels:
+                raise InvalidCommand(
+                    f"notification channel {command.channel} is not defined; create it with "
+                    "POST /v1/notification-channels first"
+                )
+            if len(set(command.on)) != len(command.on):
+                raise InvalidCommand("a trigger is listed twice in on; list each once")
+            return [
+                NotificationRuleDefined(
+                    at=ctx.now,
+                    rule_id=command.rule_id,
+                    channel=command.channel,
+                    on=command.on,
+                    queue=command.queue,
+                    environment=command.environment,
+                    workflow=command.workflow,
+                    defined_by=ctx.actor.id,
+                )
+            ]
+        case DeleteNotificationRule():
+            if command.rule_id not in state.rules:
+                raise NotFound(f"notification rule {command.rule_id} not found")
+            return [NotificationRuleDeleted(at=ctx.now, rule_id=command.rule_id, deleted_by=ctx.actor.id)]
+    raise TypeError(f"notifications aggregate does not handle {type(command).__name__}")
+
+
+def _evolve_settings(state: NotificationSettings, event: Event) -> NotificationSettings:
+    match event:
+        case NotificationChannelDefined():
+            before = state.channels.get(event.name)
+            channel = Channel(
+                name=event.name,
+                kind=event.kind,
+                url=event.url,
+                endpoint=event.endpoint,
+                smtp=event.smtp,
+                secret=event.secret,
+                created_at=event.at if before is None else before.created_at,
+                updated_at=event.at,
+                defined_by=event.defined_by,
+            )
+            return msgspec.structs.replace(state, channels={**state.channels, event.name: channel})
+        case NotificationChannelDeleted() if event.name in state.channels:
+            kept = {name: channel for name, channel in state.channels.items() if name != event.name}
+            return msgspec.structs.replace(state, channels=kept)
+        case NotificationRuleDefined():
+            rule = Rule(
+                id=event.rule_id,
+                channel=event.channel,
+                on=event.on,
+                queue=event.queue,
+                environment=event.environment,
+                workflow=event.workflow,
+                created_at=event.at,
+                defined_by=event.defined_by,
+            )
+            return msgspec.structs.replace(state, rules={**state.rules, event.rule_id: rule})
+        case NotificationRuleDeleted() if event.rule_id in state.rules:
+            kept_rules = {rule_id: rule for rule_id, rule in state.rules.items() if rule_id != event.rule_id}
+            return msgspec.structs.replace(state, rules=kept_rules)
+    return state
+
+
+def _no_timers(state: object) -> Sequence[Timer]:
+    return ()
+
+
+NOTIFICATIONS = Decider[NotificationSettings](
+    aggregate=NOTIFICATIONS_AGGREGATE,
+    commands=(DefineNotificationChannel, DeleteNotificationChannel, DefineNotificationRule, DeleteNotificationRule),
+    initial=NotificationSettings(),
+    decide=_decide_settings,
+    evolve=_evolve_settings,
+    timers=_no_timers,
+    aggregate_id=lambda command: NOTIFICATIONS_ID,
+)
+
+
+# --- one notification -------------------------------------------------------------------------------
+
+NotificationRecord = NotificationSent | NotificationDeadLettered
+
+
+class AlreadyRecorded(Rejected):
+    """The notification was sent or dead-lettered already: nothing more to record."""
+
+
+def _decide_record(state: NotificationRecord | None, command: Command, ctx: DecisionContext) -> Sequence[Event]:
+    if not isinstance(command, RecordNotification):
+        raise TypeError(f"notification aggregate does not handle {type(command).__name__}")
+    if state is not None:
+        raise AlreadyRecorded(f"notification {command.notification_id} was recorded already ({type(state).__name__})")
+    common: dict[str, Any] = {
+        "at": ctx.now,
+        "notification_id": command.notification_id,
+        "rule_id": command.rule_id,
+        "channel": command.channel,
+        "kind": command.kind,
+        "trigger": command.trigger,
+        "source_seq": command.source_seq,
+        "source_type": command.source_type,
+        "task_id": command.task_id,
+        "approval_id": command.approval_id,
+    }
+    if command.outcome == "sent":
+        return [NotificationSent(**common, message_id=command.message_id)]
+    return [NotificationDeadLettered(**common, deliveries=command.deliveries, error=command.error)]
+
+
+def _evolve_record(state: NotificationRecord | None, event: Event) -> NotificationRecord | None:
+    if state is None and isinstance(event, NotificationSent | NotificationDeadLettered):
+        return event
+    return state
+
+
+NOTIFICATION = Decider[NotificationRecord | None](
+    aggregate=NOTIFICATION_AGGREGATE,
+    commands=(RecordNotification,),
+    initial=None,
+    decide=_decide_record,
+    evolve=_evolve_record,
+    timers=_no_timers,
+    aggregate_id=lambda command: command.notification_id,  # type: ignore[attr-defined]
+)
+
+
+def notification_id(org: str, rule_id: str, source_seq: int) -> str:
+    """The id of the notification rule ``rule_id`` sends about the event at ``source_seq``: the same on
+    every attempt, so it names the log's record and the message's id at the receiver."""
+    return hashlib.sha256(f"{org}\x1f{rule_id}\x1f{source_seq}".encode()).hexdigest()[:40]
+
+
+# --- what happened, who is told, what they read ----------------------------------------------------
+
+
+class Happening(msgspec.Struct, frozen=True):
+    """What a log event means for people: a trigger on a task (and its approval)."""
+
+    trigger: NotificationTrigger
+    task: Task
+    approval: Approval | None = None
+
+
+def happening(event: Event, before: TaskState, after: TaskState) -> Happening | None:
+    """What ``event`` did, given the task just before and just after it; None when it is nothing to tell
+    anyone (another type, or a timer that changed nothing because its approval or task had moved on). A
+    submit the policy gates asks for approval in ``TaskSubmitted`` itself."""
+    if after is None:
+        return None
+    match event:
+        case TaskSubmitted() if after.approvals and before is None:
+            return Happening("approval_requested", after, after.approvals[0])  # the submit policy's gate
+        case ApprovalRequested():
+            approval = after.approval(event.approval_id)
+            if approval is not None and (before is None or before.approval(event.approval_id) is None):
+                return Happening("approval_requested", after, approval)
+        case ApprovalEscalated():
+            approval, earlier = after.approval(event.approval_id), _approval(before, event.approval_id)
+            newly = earlier is not None and not earlier.escalated
+            if approval is not None and approval.status == "pending" and approval.escalated and newly:
+                return Happening("approval_escalated", after, approval)
+        case ApprovalTimedOut():
+            approval, earlier = after.approval(event.approval_id), _approval(before, event.approval_id)
+            was_pending = earlier is not None and earlier.status == "pending"
+            if approval is not None and approval.status == "timed_out" and was_pending:
+                return Happening("approval_timed_out", after, approval)
+        case TaskFailed():
+            if after.status == "failed" and (before is None or before.status != "failed"):
+                return Happening("task_failed", after)
+        case WorkflowNonDeterministic():
+            if after.parked is not None and (before is None or before.parked is None):
+                return Happening("task_parked", after)
+    return None
+
+
+def _approval(task: TaskState, approval_id: str) -> Approval | None:
+    return None if task is None else task.approval(approval_id)
+
+
+def matching_rules(settings: NotificationSettings, what: Happening) -> list[Rule]:
+    """The rules, by id, that send ``what``: its trigger is one of the rule's, and each filter the rule
+    sets (queue, environment, workflow name) is the task's."""
+    task = what.task
+    workflow = None if task.workflow is None else task.workflow.name
+    return [
+        rule
+        for rule in settings.listed_rules()
+        if what.trigger in rule.on
+        and rule.channel in settings.channels
+        and rule.queue in (None, task.queue)
+        and rule.environment in (None, task.environment)
+        and rule.workflow in (None, workflow)
+    ]
+
+
+class Message(msgspec.Struct, frozen=True):
+    """A notification as people read it, before a channel formats it."""
+
+    title: str
+    lines: tuple[str, ...]
+    link: str
+    """The console page to act on: the approval in the inbox, or the run."""
+    task_link: str
+
+
+DETAILS_PREVIEW = 300
+_TITLES: dict[str, str] = {
+    "approval_requested": "Approval requested",
+    "approval_escalated": "Reminder: approval still waiting (escalated)",
+    "approval_timed_out": "Approval timed out",
+    "task_failed": "Task failed",
+    "task_parked": "Workflow parked",
+}
+
+
+def approval_link(console_url: str, approval_id: str) -> str:
+    """The approval in the console's inbox: its row carries ``id="approval-<id>"``."""
+    return f"{console_url.rstrip('/')}/console/approvals#approval-{approval_id}"
+
+
+def task_link(console_url: str, task_id: str) -> str:
+    return f"{console_url.rstrip('/')}/console/tasks/{task_id}"
+
+
+def compose(org: str, what: Happening, console_url: str, preview: int = DETAILS_PREVIEW) -> Message:
+    """What waits (task type, queue, environment, workflow; the approval's reason and a short view of its
+    details), for whom (the approvers), until when (the approval's expiry), and where to act."""
+    task, approval = what.task, what.approval
+    where = f"queue {task.queue}" + (f", environment {task.environment}" if task.environment else "")
+    workflow = f", workflow {task.workflow.name}" if task.workflow is not None else ""
+    lines = [f"Task {task.id} ({task.task_type}) in org {org}, {where}{workflow}."]
+    if approval is not None:
+        subject = approval.reason
+        lines.append(f"Reason: {approval.reason}")
+        if approval.details is not None:
+            lines.append(f"Details: {_preview(approval.details, preview)}")
+        lines.append(f"Waits for: {', '.join(approval.approvers)} ({approval.quorum} approval(s) needed)")
+        lines.append(f"Until: {_when(approval.expires_at)}")
+        if what.trigger == "approval_escalated" and approval.escalation is not None:
+            lines.append(f"Escalated to: {', '.join(approval.escalation.approvers)}")
+        if what.trigger == "approval_timed_out":
+            lines.append("Nobody decided in time: the approval is closed as timed out.")
+        link = approval_link(console_url, approval.id)
+    else:
+        subject = task.task_type
+        if what.trigger == "task_failed":
+            lines.append(f"Error: {_preview(task.error, preview)}")
+        else:
+            lines.append(f"Parked: {task.parked}. Fix the workflow, then resume the task.")
+        link = task_link(console_url, task.id)
+    lines.append(f"Open: {link}")
+    return Message(
+        title=f"[{org}] {_TITLES[what.trigger]}: {_one_line(subject, 120)}",
+        lines=tuple(lines),
+        link=link,
+        task_link=task_link(console_url, task.id),
+    )
+
+
+_json = msgspec.json.Encoder(order="sorted").encode
+
+
+def _preview(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else _json(value).decode()
+    return _one_line(text, limit)
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _when(moment: datetime | None) -> str:
+    return "no deadline" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")

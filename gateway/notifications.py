@@ -1,0 +1,215 @@
+"""Notification channels and rules (admin only): ``/v1/notification-channels`` and
+``/v1/notification-rules``.
+
+They are one aggregate per org on the log (``core/notifications.py``), read from the log at every
+request, so every read shows every write before it. The notifier (``controlplane notify``) follows the
+same aggregate. A channel's URL and secret reach the log sealed by the gateway's master key
+(``CP_SECRETS_KEY``; without it, defining a channel answers 503) and never come back: a channel's
+document shows only its URL's scheme and host (a Slack incoming webhook's URL is its credential) and
+whether it has a secret."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core.commands import (
+    DefineNotificationChannel,
+    DefineNotificationRule,
+    DeleteNotificationChannel,
+    DeleteNotificationRule,
+)
+from core.errors import AlreadyExists
+from core.events import SealedText
+from core.ids import InvalidToken, new_id, validate_token
+from core.notifications import (
+    NOTIFICATIONS_AGGREGATE,
+    NOTIFICATIONS_ID,
+    Channel,
+    NotificationSettings,
+    Rule,
+    sealing_purpose,
+)
+from gateway.auth import Principal
+from gateway.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
+from gateway.http import body, command_id, derived_id, idempotency_key, json, path_id, principal, services
+from gateway.problems import Problem
+from gateway.secret_box import SecretBox
+from gateway.secrets import required_box
+
+PERMISSION = "admin"
+
+
+def channel_document(channel: Channel, seq: int) -> dict[str, Any]:
+    return {
+        "name": channel.name,
+        "kind": channel.kind,
+        "endpoint": channel.endpoint,
+        "smtp": None if channel.smtp is None else msgspec.to_builtins(channel.smtp),
+        "secret_set": channel.secret is not None,
+        "created_at": channel.created_at,
+        "updated_at": channel.updated_at,
+        "defined_by": channel.defined_by,
+        "seq": seq,
+    }
+
+
+def rule_document(rule: Rule, seq: int) -> dict[str, Any]:
+    return {
+        "id": rule.id,
+        "channel": rule.channel,
+        "on": list(rule.on),
+        "queue": rule.queue,
+        "environment": rule.environment,
+        "workflow": rule.workflow,
+        "created_at": rule.created_at,
+        "defined_by": rule.defined_by,
+        "seq": seq,
+    }
+
+
+async def _settings(request: Request, who: Principal) -> tuple[NotificationSettings, int]:
+    settings, seq = await services(request).handler.load(who.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
+    return settings, seq
+
+
+def _fingerprint(box: SecretBox, spec: msgspec.Struct) -> str:
+    """Keyed: the command id in the log must reveal nothing of the URL or secret it was derived from."""
+    return box.fingerprint(msgspec.json.encode(spec).decode())
+
+
+def _define_channel(
+    box: SecretBox, org: str, name: str, spec: NotificationChannelReplaceBody, *, replace: bool
+) -> DefineNotificationChannel:
+    def sealed(field: str, value: str | None) -> SealedText | None:
+        return None if value is None else box.seal_text(org, sealing_purpose(name, field), value)
+
+    return DefineNotificationChannel(
+        name=name,
+        kind=spec.kind,
+        url=spec.url,
+        smtp=spec.smtp,
+        secret=spec.secret,
+        replace=replace,
+        sealed_url=sealed("url", spec.url),
+        sealed_secret=sealed("secret", spec.secret),
+    )
+
+
+async def create_channel(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    spec = await body(request, NotificationChannelBody)
+    box = required_box(services(request))
+    try:
+        outcome = await services(request).handler.handle(
+            who.org,
+            _define_channel(box, who.org, spec.name, spec, replace=False),
+            actor=who.actor,
+            command_id=command_id(request, who, "notification-channel", _fingerprint(box, spec)),
+        )
+    except AlreadyExists as exc:
+        raise Problem(
+            409,
+            f"notification channel {spec.name} already exists; replace it with "
+            f"PUT /v1/notification-channels/{spec.name}, or delete it first",
+        ) from exc
+    return json(channel_document(outcome.state.channels[spec.name], outcome.seq), 201)
+
+
+async def replace_channel(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    name = request.path_params["name"]
+    try:
+        validate_token(name, "notification channel name")
+    except InvalidToken as exc:
+        raise Problem(422, str(exc)) from exc
+    spec = await body(request, NotificationChannelReplaceBody)
+    box = required_box(services(request))
+    outcome = await services(request).handler.handle(
+        who.org,
+        _define_channel(box, who.org, name, spec, replace=True),
+        actor=who.actor,
+        command_id=command_id(request, who, "notification-channel", name, _fingerprint(box, spec)),
+    )
+    return json(channel_document(outcome.state.channels[name], outcome.seq))
+
+
+async def list_channels(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    settings, seq = await _settings(request, who)
+    return json({"items": [channel_document(c, seq) for c in settings.listed_channels()], "seq": seq})
+
+
+async def get_channel(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    name = path_id(request, "name", "notification channel")
+    settings, seq = await _settings(request, who)
+    channel = settings.channels.get(name)
+    if channel is None:
+        raise Problem(404, f"notification channel {name} not found")
+    return json(channel_document(channel, seq))
+
+
+async def delete_channel(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    name = path_id(request, "name", "notification channel")
+    await services(request).handler.handle(
+        who.org,
+        DeleteNotificationChannel(name=name),
+        actor=who.actor,
+        command_id=command_id(request, who, "notification-channel-delete", name),
+    )
+    return Response(status_code=204)
+
+
+async def create_rule(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    spec = await body(request, NotificationRuleBody)
+    key = idempotency_key(request)
+    rule_id = spec.id or (new_id() if key is None else derived_id(who.org, who.credential_id, key, "rule")[:32])
+    command = DefineNotificationRule(
+        rule_id=rule_id,
+        channel=spec.channel,
+        on=spec.on,
+        queue=spec.queue,
+        environment=spec.environment,
+        workflow=spec.workflow,
+    )
+    try:
+        outcome = await services(request).handler.handle(
+            who.org,
+            command,
+            actor=who.actor,
+            command_id=command_id(
+                request, who, "notification-rule", hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
+            ),
+        )
+    except AlreadyExists as exc:
+        raise Problem(
+            409,
+            f"notification rule {rule_id} already exists (or this Idempotency-Key was used with another body); "
+            f"delete it first with DELETE /v1/notification-rules/{rule_id}",
+        ) from exc
+    return json(rule_document(outcome.state.rules[rule_id], outcome.seq), 201)
+
+
+async def list_rules(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    settings, seq = await _settings(request, who)
+    return json({"items": [rule_document(rule, seq) for rule in settings.listed_rules()], "seq": seq})
+
+
+async def delete_rule(request: Request) -> Response:
+    who = await principal(request, PERMISSION)
+    rule_id = path_id(request, "rule_id", "notification rule")
+    await services(request).handler.handle(
+        who.org,
+        DeleteNotificationRule(rule_id=rule_id),
+        actor=who.actor,
+        command_id=command_id(request, who, "notification-rule-delete", rule_id),
+    )
+    return Response(status_code=204)

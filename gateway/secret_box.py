@@ -1,0 +1,126 @@
+"""Envelope encryption of secret values, with ``cryptography``'s AES-GCM.
+
+Each version of a secret gets a fresh 256-bit data key that encrypts its value (AES-256-GCM); the data
+key is itself encrypted ("wrapped") by the master key from ``CP_SECRETS_KEY`` (base64 of 32 bytes). The
+log holds only the wrapped key, the nonce, the ciphertext and the master key's id. Both encryptions
+take as associated data the org, the secret's name, its version and its environment: a ciphertext
+copied onto another secret, version, environment or org does not decrypt. The master key never leaves
+the gateway's memory; rotating it is not built yet (the key id says which key sealed a version, so a
+gateway holding another key refuses to open it and says so)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core.events import SealedText
+
+MASTER_KEY_ENV = "CP_SECRETS_KEY"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+HOW_TO_SET = (
+    f"set {MASTER_KEY_ENV} in the gateway's environment to the base64 of 32 random bytes "
+    f'(e.g. `python -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`) and keep it in a '
+    "secret store; `controlplane dev` makes one in its data dir"
+)
+
+
+class SecretsKeyInvalid(ValueError):
+    """``CP_SECRETS_KEY`` is set to something that is not a 32-byte key in base64."""
+
+
+class SecretUnreadable(Exception):
+    """A sealed version cannot be opened here: sealed by another master key, or altered."""
+
+
+class Sealed(NamedTuple):
+    key_id: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+
+def generate_key_text() -> str:
+    """A new master key, as ``CP_SECRETS_KEY`` holds it."""
+    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
+
+
+def _associated_data(org: str, name: str, version: int, environment: str | None) -> bytes:
+    # None of these can hold the separator: org and environment are tokens, names a narrower pattern.
+    return "\x1f".join(("cp-secret-v1", org, name, str(version), environment or "")).encode()
+
+
+class SecretBox:
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != KEY_BYTES:
+            raise SecretsKeyInvalid(
+                f"{MASTER_KEY_ENV} must hold {KEY_BYTES} bytes, not {len(master_key)}; {HOW_TO_SET}"
+            )
+        self._master = AESGCM(master_key)
+        self.key_id = hashlib.sha256(b"cp-secrets-key-id\x00" + master_key).hexdigest()[:16]
+        """Names the master key (a digest of it, which reveals nothing of it) in every version it seals."""
+        self._fingerprint_key = hmac.digest(master_key, b"cp-secrets-fingerprint", "sha256")
+
+    @classmethod
+    def from_text(cls, text: str) -> SecretBox:
+        try:
+            return cls(base64.b64decode(text.strip(), validate=True))
+        except (binascii.Error, ValueError) as exc:
+            if isinstance(exc, SecretsKeyInvalid):
+                raise
+            raise SecretsKeyInvalid(f"{MASTER_KEY_ENV} is not valid base64; {HOW_TO_SET}") from None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> SecretBox | None:
+        """The box of ``CP_SECRETS_KEY``, or None when it is unset (the secrets endpoints then say how)."""
+        text = env.get(MASTER_KEY_ENV)
+        return cls.from_text(text) if text else None
+
+    def seal(self, org: str, name: str, version: int, environment: str | None, value: str) -> Sealed:
+        aad = _associated_data(org, name, version, environment)
+        data_key = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(NONCE_BYTES)
+        ciphertext = AESGCM(data_key).encrypt(nonce, value.encode(), aad)
+        wrap_nonce = os.urandom(NONCE_BYTES)
+        wrapped_key = wrap_nonce + self._master.encrypt(wrap_nonce, data_key, aad)
+        return Sealed(self.key_id, wrapped_key, nonce, ciphertext)
+
+    def open(self, org: str, name: str, version: int, environment: str | None, sealed: Sealed) -> str:
+        if sealed.key_id != self.key_id:
+            raise SecretUnreadable(
+                f"version {version} of secret {name} was sealed with master key {sealed.key_id}, and this gateway "
+                f"holds {self.key_id}: give it that key in {MASTER_KEY_ENV}"
+            )
+        aad = _associated_data(org, name, version, environment)
+        try:
+            wrap_nonce, wrapped = sealed.wrapped_key[:NONCE_BYTES], sealed.wrapped_key[NONCE_BYTES:]
+            data_key = self._master.decrypt(wrap_nonce, wrapped, aad)
+            return AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad).decode()
+        except (InvalidTag, ValueError) as exc:
+            raise SecretUnreadable(
+                f"version {version} of secret {name} does not decrypt: its ciphertext was altered or moved"
+            ) from exc
+
+    def seal_text(self, org: str, purpose: str, value: str) -> SealedText:
+        """``value`` sealed for one use (``purpose``, e.g. a notification channel's URL): it opens only for
+        that org and purpose."""
+        key_id, wrapped_key, nonce, ciphertext = self.seal(org, purpose, 1, None, value)
+        return SealedText(key_id=key_id, wrapped_key=wrapped_key, nonce=nonce, ciphertext=ciphertext)
+
+    def open_text(self, org: str, purpose: str, sealed: SealedText) -> str:
+        return self.open(
+            org, purpose, 1, None, Sealed(sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext)
+        )
+
+    def fingerprint(self, *parts: str) -> str:
+        """A keyed digest of ``parts`` (a value among them) for idempotency: it tells whether a retry sent
+        the same value, and reveals nothing of it to whoever reads the command ids in the log."""
+        return hmac.new(self._fingerprint_key, "\x1f".join(parts).encode(), "sha256").hexdigest()

@@ -1,0 +1,427 @@
+"""The notifier: tells people when something waits for them, on ``integrations.consumer``.
+
+    notifier = Notifier(EventSubscription(store.nc, "acme", "notify", types=TRIGGER_EVENTS), store,
+                        CommandHandler(store), console_url="https://cp.example.com", http=client)
+    await notifier.run()  # until notifier.stop()
+
+For each event of the org that means something to people (an approval requested, by a worker or by
+the submit policy's gate, escalated or timed out, a task failed or parked:
+``core.notifications.happening``, which also drops timers that changed nothing) it reads the task from
+the log, finds the org's rules that match (trigger, queue, environment, workflow) and sends each rule's
+message to the rule's channel:
+
+* ``slack``: a POST of ``{"text", "blocks"}``, the shape of a Slack incoming webhook;
+* ``email``: one message over SMTP (``aiosmtplib``; STARTTLS and a login when the channel says so),
+  with ``Message-ID: <notification id@controlplane>``;
+* ``webhook``: a POST of a JSON ``NotificationBody`` signed the Standard Webhooks way, as the webhook
+  forwarder signs (``integrations.webhook``), with ``webhook-id`` = the notification id.
+
+Exactly once, as far as a receiver can tell. A notification's id derives from the org, the rule and
+the source event's sequence (``core.notifications.notification_id``), so it is the same on every
+attempt. Before sending, the notifier reads the notification's own subject
+(``cp.<org>.notification.<id>``): if it holds ``NotificationSent`` (or ``NotificationDeadLettered``),
+nothing is sent again. After the channel took the message it appends ``NotificationSent`` with the id
+as its command id (``Nats-Msg-Id`` ``<id>:0``; a second record is refused), and only then is the source
+event acknowledged. So a notifier killed after recording and before acknowledging sends nothing when
+the event comes back. A notifier killed after the channel took the message and before the record is
+appended sends it again when the event comes back (after the subscription's ``ack_wait``): delivery
+is at least once, with the same id, and receivers deduplicate on the ``webhook-id`` or the
+``Message-ID``. Slack does not deduplicate: a Slack channel can show such a message twice.
+
+Failures: a channel that is unavailable (a 5xx, 408 or 429, a timeout, no connection, an SMTP 4xx) is
+retried with the subscription's doubling delays; a refusal (another 4xx, an SMTP 5xx, a failed SMTP
+login) is not. Either way, once the notification cannot be sent (refused, or the subscription's
+``max_deliveries``-th attempt failed) the notifier records ``NotificationDeadLettered`` and the source
+event goes to ``cpdlq.<org>.<name>`` with the reason. Other rules of the same event are sent (or
+skipped, when recorded) independently of a failing one.
+
+The notifier reads the log by direct get and appends to it: it runs with the control plane's NATS
+login, like the projector, not as a confined integration (docs/adr/0010-notifications.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+import aiosmtplib
+import httpx
+import msgspec
+from standardwebhooks import Webhook
+
+from core.commands import Actor, RecordNotification
+from core.events import ChannelKind, NotificationTrigger, SealedText, TaskSubmitted
+from core.handler import CommandHandler
+from core.notifications import (
+    NOTIFICATION_AGGREGATE,
+    NOTIFICATIONS_AGGREGATE,
+    NOTIFICATIONS_ID,
+    AlreadyRecorded,
+    Channel,
+    Happening,
+    Message,
+    Rule,
+    compose,
+    happening,
+    matching_rules,
+    notification_id,
+    sealing_purpose,
+    webhook_secret,
+)
+from core.store import JetStreamEventStore, RecordedEvent
+from core.task import TASK, TaskState
+from gateway.secret_box import SecretBox, SecretUnreadable
+from integrations.consumer import DeadLetter, Delivery, EventSubscription
+from integrations.webhook import ReceiverUnavailable, post, signed_headers
+
+log = logging.getLogger(__name__)
+
+TRIGGER_EVENTS = frozenset(
+    {
+        "TaskSubmitted",
+        "ApprovalRequested",
+        "ApprovalEscalated",
+        "ApprovalTimedOut",
+        "TaskFailed",
+        "WorkflowNonDeterministic",
+    }
+)
+"""The event types that may mean something to people: the subscription's type filter."""
+NOTIFIER = Actor(id="system:notifier", roles=frozenset({"admin"}))
+TRIGGER_HEADER = "X-CP-Notification-Trigger"
+
+
+def message_id(notification: str) -> str:
+    """The e-mail ``Message-ID`` of a notification: the same on every attempt, so a mail system that
+    sees it twice can drop the second. The id already derives from the org; short enough that the header
+    is never folded."""
+    return f"<{notification}@controlplane>"
+
+
+# --- what each kind of channel receives -----------------------------------------------------------
+
+
+class NotificationTask(msgspec.Struct, frozen=True):
+    id: str
+    type: str
+    queue: str
+    environment: str | None
+    workflow: str | None
+    status: str
+
+
+class NotificationApproval(msgspec.Struct, frozen=True):
+    id: str
+    kind: str
+    reason: str
+    details: Any
+    approvers: tuple[str, ...]
+    quorum: int
+    expires_at: datetime | None
+    escalated: bool
+
+
+class NotificationBody(msgspec.Struct, frozen=True):
+    """What a ``webhook`` channel receives, all of it covered by the signature."""
+
+    notification_id: str
+    org: str
+    trigger: NotificationTrigger
+    rule_id: str
+    channel: str
+    source_seq: int
+    source_type: str
+    title: str
+    text: str
+    link: str
+    task_link: str
+    task: NotificationTask
+    approval: NotificationApproval | None
+
+
+def webhook_body(
+    org: str, notification: str, rule: Rule, source: RecordedEvent, what: Happening, msg: Message
+) -> bytes:
+    task, approval = what.task, what.approval
+    body = NotificationBody(
+        notification_id=notification,
+        org=org,
+        trigger=what.trigger,
+        rule_id=rule.id,
+        channel=rule.channel,
+        source_seq=source.seq,
+        source_type=str(type(source.event).__struct_config__.tag),
+        title=msg.title,
+        text="\n".join(msg.lines),
+        link=msg.link,
+        task_link=msg.task_link,
+        task=NotificationTask(
+            id=task.id,
+            type=task.task_type,
+            queue=task.queue,
+            environment=task.environment,
+            workflow=None if task.workflow is None else task.workflow.name,
+            status=task.status,
+        ),
+        approval=None
+        if approval is None
+        else NotificationApproval(
+            id=approval.id,
+            kind=approval.kind,
+            reason=approval.reason,
+            details=approval.details,
+            approvers=approval.approvers,
+            quorum=approval.quorum,
+            expires_at=approval.expires_at,
+            escalated=approval.escalated,
+        ),
+    )
+    return msgspec.json.encode(body)
+
+
+def _mrkdwn(text: str) -> str:
+    """Text as Slack shows it literally: its three control characters escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_body(msg: Message) -> bytes:
+    """A Slack incoming webhook's ``{"text", "blocks"}``: ``text`` for notifications and clients without
+    blocks, the blocks with the details and a link to act on."""
+    details = "\n".join(_mrkdwn(line) for line in msg.lines if not line.startswith("Open: "))
+    return msgspec.json.encode(
+        {
+            "text": f"{msg.title}\n{msg.link}",
+            "blocks": [
+                {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_mrkdwn(msg.title)}*"}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": details}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": f"<{msg.link}|Open in the console>"}},
+            ],
+        }
+    )
+
+
+def email_message(org: str, notification: str, channel: Channel, msg: Message, sent_at: datetime) -> EmailMessage:
+    assert channel.smtp is not None
+    email = EmailMessage()
+    email["From"] = channel.smtp.sender
+    email["To"] = ", ".join(channel.smtp.recipients)
+    email["Subject"] = msg.title
+    email["Date"] = format_datetime(sent_at)
+    email["Message-ID"] = message_id(notification)
+    email["X-CP-Notification-Id"] = notification
+    email.set_content("\n".join(msg.lines) + "\n")
+    return email
+
+
+# --- the notifier ---------------------------------------------------------------------------------
+
+
+class ChannelUnavailable(Exception):
+    """A channel did not take a message this time: retry the event later."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Notifier:
+    """Sends the org's notifications for the events of ``subscription`` (see the module docstring). The
+    caller owns ``http`` (its timeout bounds each POST) and gives ``smtp_timeout`` for each e-mail; keep
+    both below the subscription's ``ack_wait``."""
+
+    def __init__(
+        self,
+        subscription: EventSubscription,
+        store: JetStreamEventStore,
+        handler: CommandHandler,
+        *,
+        console_url: str,
+        http: httpx.AsyncClient,
+        box: SecretBox,
+        smtp_timeout: float = 10.0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """``box`` holds the gateway's master key (``CP_SECRETS_KEY``): channels' URLs and secrets are
+        sealed with it on the log, and opened here only to send."""
+        self.subscription = subscription
+        self._box = box
+        self.org = subscription.org
+        self._store = store
+        self._handler = handler
+        self._console_url = console_url
+        self._http = http
+        self._smtp_timeout = smtp_timeout
+        self._clock = clock
+
+    async def run(self) -> None:
+        await self.subscription.run(self.handle)
+
+    def stop(self) -> None:
+        self.subscription.stop()
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Send every notification ``delivery`` calls for that the log does not hold yet."""
+        what = await self._happening(delivery.recorded)
+        if what is None:
+            return
+        settings, _ = await self._handler.load(self.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
+        retry: list[str] = []
+        refused: list[str] = []
+        for rule in matching_rules(settings, what):
+            notification = notification_id(self.org, rule.id, delivery.seq)
+            recorded, _ = await self._handler.load(self.org, NOTIFICATION_AGGREGATE, notification)
+            if recorded is not None:
+                continue  # sent (or given up) by an earlier delivery of this event
+            channel = settings.channels[rule.channel]
+            try:
+                sent_as = await self._send(notification, rule, channel, delivery.recorded, what)
+            except ChannelUnavailable as exc:
+                if delivery.delivery_count < self.subscription.max_deliveries:
+                    retry.append(f"rule {rule.id}: {exc}")
+                    continue
+                error = (
+                    f"rule {rule.id}: {exc} (attempt {delivery.delivery_count} of {self.subscription.max_deliveries})"
+                )
+            except DeadLetter as exc:
+                error = f"rule {rule.id}: {exc}"
+            else:
+                await self._record(notification, rule, channel, delivery, what, message_id=sent_as)
+                continue
+            await self._record(notification, rule, channel, delivery, what, error=error)
+            refused.append(error)
+        if retry:
+            raise ChannelUnavailable("; ".join(retry))
+        if refused:
+            raise DeadLetter("; ".join(refused))
+
+    async def _happening(self, source: RecordedEvent) -> Happening | None:
+        """What the event did to its task, from the task's history up to it (event by event: a command's
+        later events must not hide what an earlier one did)."""
+        if type(source.event).__struct_config__.tag not in TRIGGER_EVENTS:
+            return None
+        before: TaskState = None
+        if isinstance(source.event, TaskSubmitted):  # the task's first event: nothing to read
+            return happening(source.event, None, TASK.evolve(None, source.event))
+        for item in await self._store.read_subject(source.subject):
+            if item.seq >= source.seq:
+                break
+            before = TASK.evolve(before, item.event)
+        return happening(source.event, before, TASK.evolve(before, source.event))
+
+    async def _send(
+        self, notification: str, rule: Rule, channel: Channel, source: RecordedEvent, what: Happening
+    ) -> str:
+        """Hand the message to the channel; returns the id the receiver knows it by."""
+        msg = compose(self.org, what, self._console_url)
+        match channel.kind:
+            case "email":
+                await self._send_email(channel, email_message(self.org, notification, channel, msg, self._clock()))
+                return message_id(notification)
+            case "slack":
+                await self._post(channel, slack_body(msg), {"Content-Type": "application/json"})
+            case "webhook":
+                secret = self._credential(channel, "secret", channel.secret)
+                assert secret is not None
+                body = webhook_body(self.org, notification, rule, source, what, msg)
+                signer = Webhook(webhook_secret(secret))
+                headers = {**signed_headers(signer, notification, self._clock(), body), TRIGGER_HEADER: what.trigger}
+                await self._post(channel, body, headers)
+        return notification
+
+    async def _post(self, channel: Channel, body: bytes, headers: dict[str, str]) -> None:
+        url = self._credential(channel, "url", channel.url)
+        assert url is not None
+        try:
+            await post(self._http, url, body, headers)
+        except ReceiverUnavailable as exc:
+            raise ChannelUnavailable(f"channel {channel.name}: {exc}") from exc
+        except DeadLetter as exc:
+            raise DeadLetter(f"channel {channel.name}: {exc}") from exc
+
+    def _credential(self, channel: Channel, field: str, sealed: SealedText | None) -> str | None:
+        """A channel's URL or secret, opened with the master key; a key that cannot open it (another
+        gateway's key, or an altered ciphertext) dead-letters the notification, saying so."""
+        if sealed is None:
+            return None
+        try:
+            return self._box.open_text(self.org, sealing_purpose(channel.name, field), sealed)
+        except SecretUnreadable as exc:
+            raise DeadLetter(f"channel {channel.name}: its {field} does not open here: {exc}") from exc
+
+    async def _send_email(self, channel: Channel, email: EmailMessage) -> None:
+        smtp = channel.smtp
+        assert smtp is not None
+        where = f"channel {channel.name}: SMTP server {smtp.host}:{smtp.port}"
+        try:
+            _, answer = await aiosmtplib.send(
+                email,
+                hostname=smtp.host,
+                port=smtp.port,
+                start_tls=smtp.starttls,
+                username=smtp.username,
+                password=self._credential(channel, "secret", channel.secret) if smtp.username is not None else None,
+                timeout=self._smtp_timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [refusal.code for refusal in exc.recipients]
+            text = f"{where} refused every recipient ({', '.join(map(str, codes))})"
+            if any(400 <= code < 500 for code in codes):
+                raise ChannelUnavailable(text) from exc
+            raise DeadLetter(text) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            text = f"{where} answered {exc.code} {exc.message}"
+            if 400 <= exc.code < 500:
+                raise ChannelUnavailable(text) from exc
+            raise DeadLetter(text) from exc
+        except aiosmtplib.SMTPNotSupported as exc:
+            raise DeadLetter(f"{where}: {exc}") from exc
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise ChannelUnavailable(f"{where}: {exc!r}") from exc
+        log.debug("%s took the message: %s", where, answer)
+
+    async def _record(
+        self,
+        notification: str,
+        rule: Rule,
+        channel: Channel,
+        delivery: Delivery,
+        what: Happening,
+        *,
+        message_id: str = "",
+        error: str = "",
+    ) -> None:
+        kind: ChannelKind = channel.kind
+        command = RecordNotification(
+            notification_id=notification,
+            outcome="dead_lettered" if error else "sent",
+            rule_id=rule.id,
+            channel=channel.name,
+            kind=kind,
+            trigger=what.trigger,
+            source_seq=delivery.seq,
+            source_type=str(type(delivery.event).__struct_config__.tag),
+            task_id=what.task.id,
+            approval_id=None if what.approval is None else what.approval.id,
+            message_id=message_id,
+            deliveries=delivery.delivery_count,
+            error=error[:1000],
+        )
+        # Another notifier may have recorded it first: the log holds one record either way.
+        with contextlib.suppress(AlreadyRecorded):
+            await self._handler.handle(self.org, command, actor=NOTIFIER, command_id=notification)
+        if error:
+            log.warning("%s: notification %s not sent: %s", self.subscription.consumer, notification, error)
+        else:
+            log.info(
+                "%s: %s sent to %s (%s) for event %d",
+                self.subscription.consumer,
+                what.trigger,
+                channel.name,
+                channel.kind,
+                delivery.seq,
+            )
