@@ -33,7 +33,8 @@ from projections.read import DATABASE_UNAVAILABLE, ReadModel
 
 SUBMIT_POLICY = "controlplane/submit"
 TOOL_POLICY = "controlplane/tool"
-TOKENS_CACHE_SECONDS = 5.0
+SPEND_CACHE_SECONDS = 5.0
+"""How old the org's recorded spend of the day (tokens, USD) a submit decision sees may be."""
 POLICY_REFRESH_SECONDS = 2.0
 # Optional facts a submitter may declare in the task's metadata, passed on to the policy as they are.
 # Not the environment: that is the queue's, from the org's environments (never the submitter's word).
@@ -64,7 +65,7 @@ def representative_inputs(bundle: Bundle, org: str) -> list[tuple[str, dict[str,
             configured = levels.get(level)
             if isinstance(configured, dict) and configured:
                 scope[name] = min(configured)
-    usage = {"org_in_flight": 1, "queue_in_flight": 1, "tokens_today": 1000}
+    usage = {"org_in_flight": 1, "queue_in_flight": 1, "tokens_today": 1000, "cost_today_usd": 1}
     declared = {"tools": ["example.tool"], "models": ["example-model"], "estimated_cost_usd": 1}
     asked: dict[str, list[dict[str, Any]]] = {
         SUBMIT_POLICY: [{**scope, "payload_bytes": 256, "usage": usage, **declared}],
@@ -96,7 +97,7 @@ class SubmitGate:
         self.evaluator = evaluator
         """Evaluates every version, off the event loop and on the budget."""
         self._handler, self._claim_index, self._read_model = handler, claim_index, read_model
-        self._tokens: dict[str, tuple[float, int]] = {}
+        self._spend: dict[str, tuple[float, tuple[int, float]]] = {}
         self._pushed: dict[str, tuple[float, int | None, Bundle]] = {}
 
     @classmethod
@@ -155,9 +156,9 @@ class SubmitGate:
             facts["environment"] = environment
         if spec.workflow is not None:
             facts["workflow"] = spec.workflow.name
-        tokens = await self._tokens_today(org)
-        if tokens is not None:  # unknown while PostgreSQL is down: a token quota then denies
-            facts["usage"]["tokens_today"] = tokens
+        spend = await self._spend_today(org)
+        if spend is not None:  # unknown while PostgreSQL is down: a token or spend quota then denies
+            facts["usage"]["tokens_today"], facts["usage"]["cost_today_usd"] = spend
         version, bundle = await self.bundle_for(org)
         try:
             decided = await self.evaluator.evaluate(bundle, SUBMIT_POLICY, facts, owner=org)
@@ -195,13 +196,15 @@ class SubmitGate:
             "(POST /v1/policy-bundles refuses one that does not), or push an earlier version again"
         )
 
-    async def _tokens_today(self, org: str) -> int | None:
-        cached = self._tokens.get(org)
-        if cached is not None and time.monotonic() - cached[0] < TOKENS_CACHE_SECONDS:
+    async def _spend_today(self, org: str) -> tuple[int, float] | None:
+        """The tokens and USD the org's recorded LLM calls used today (UTC): what the quotas count, never
+        a submitter's estimate."""
+        cached = self._spend.get(org)
+        if cached is not None and time.monotonic() - cached[0] < SPEND_CACHE_SECONDS:
             return cached[1]
         try:
-            tokens = await self._read_model.tokens_on(org, datetime.now(UTC).date())
+            spend = await self._read_model.spend_on(org, datetime.now(UTC).date())
         except DATABASE_UNAVAILABLE:
             return None
-        self._tokens[org] = (time.monotonic(), tokens)
-        return tokens
+        self._spend[org] = (time.monotonic(), spend)
+        return spend

@@ -372,16 +372,16 @@ class ReadModel:
         )
         return [(_worker_decoder.decode(row["state"]), row["tasks_completed"], row["seq"]) for row in rows]
 
-    async def tokens_on(self, org: str, day: date) -> int:
-        """Prompt and completion tokens the org's workflows used on ``day`` (UTC), from the usage table."""
+    async def spend_on(self, org: str, day: date) -> tuple[int, float]:
+        """Prompt and completion tokens, and USD, the org's recorded LLM calls used on ``day`` (UTC)."""
         rows = await self._fetch(
             org,
-            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens FROM usage"
-            " WHERE org_id = $1 AND day = $2",
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS cost"
+            " FROM usage WHERE org_id = $1 AND day = $2",
             org,
             day,
         )
-        return int(rows[0]["tokens"])
+        return int(rows[0]["tokens"]), float(rows[0]["cost"])
 
     async def usage(
         self,

@@ -5,6 +5,7 @@ Each test seeds an org of its own, so the LLM calls other tests of the session r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -18,10 +19,14 @@ from core.commands import Actor, RecordOperation
 from core.events import LlmCall, LlmUsage
 from core.handler import CommandHandler
 from core.ids import new_id
+from gateway.policy import SPEND_CACHE_SECONDS
+from policies_wasm import default_bundle
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import ROLES, Stack
 from tests.gateway.test_runner import running, until
+
+SHIPPED = default_bundle()
 
 pytestmark = pytest.mark.integration
 
@@ -328,3 +333,23 @@ async def test_edges_of_the_range_are_accepted(stack: Stack) -> None:
             r = await client.get("/v1/usage", params=params)
             assert r.status_code == 200, (params, r.text)
             assert r.json()["items"] == []
+
+
+async def test_a_spend_quota_counts_the_recorded_calls_not_a_submitters_estimate(stack: Stack, org: str) -> None:
+    q = queue()
+    shipped = SHIPPED.data["policy_config"]
+    limited = {"policy_config": {**shipped, "orgs": {org: {"settings": {"max_cost_usd_per_day": 0.5}}}}}
+    async with stack.client(org) as admin:
+        pushed = await admin.post("/v1/policy-bundles", json={"modules": dict(SHIPPED.modules), "data": limited})
+        assert pushed.status_code == 201, pushed.text
+        cheap_estimate = {"type": "chat", "queue": q, "metadata": {"estimated_cost_usd": 0}}
+        task = await Task.start(stack, org, q)
+        try:
+            seq = await task.llm("model-a", 1000, 100, 0.75)
+        finally:
+            await task.close()
+        await stack.services.read_model.wait_for("usage", seq, timeout=10)
+        await asyncio.sleep(SPEND_CACHE_SECONDS)  # the gateway's copy of today's spend is this old at most
+        refused = await admin.post("/v1/tasks", json=cheap_estimate)
+        assert refused.status_code == 403, refused.text
+        assert "USD spent today (recorded LLM calls) reached the limit of 0.5" in refused.json()["detail"]

@@ -828,7 +828,7 @@ async def test_usage_is_kept_per_queue_and_workflow_and_a_rebuild_equals_the_liv
     on_q1_wf_a = await read_model.usage(org, start=today, end=today, queue="q1", workflow="wf-a")
     assert summary(on_q1_wf_a) == [(today, "large", 1, 100, 1), (today, "small", 1, 10, 1)]
     assert await read_model.usage(org, start=today, end=today, workflow="wf-b") == []
-    assert await read_model.tokens_on(org, today) == 142 + 5  # every queue and workflow: the submit quotas
+    assert (await read_model.spend_on(org, today))[0] == 142 + 5  # every queue and workflow: the submit quotas
 
     await rebuild(pool, store.nc, ["usage"], consumer_prefix=projector.consumer_prefix)
     assert await snapshot(pool, org) == live

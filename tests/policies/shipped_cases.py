@@ -36,6 +36,7 @@ ACME = {
     },
 }
 INITECH = {"settings": {"max_payload_bytes": 1000}}
+HOOLI = {"settings": {"max_cost_usd_per_day": 2.5}}
 
 # acme sets quotas, so its callers pass these counts.
 IDLE = {"org_in_flight": 0, "queue_in_flight": 0, "tokens_today": 0}
@@ -43,7 +44,7 @@ IDLE = {"org_in_flight": 0, "queue_in_flight": 0, "tokens_today": 0}
 
 def with_test_orgs(bundle: Bundle) -> Bundle:
     data = copy.deepcopy(bundle.data)
-    data["policy_config"]["orgs"] = {"acme": ACME, "initech": INITECH}
+    data["policy_config"]["orgs"] = {"acme": ACME, "initech": INITECH, "hooli": HOOLI}
     return bundle.with_data(data)
 
 
@@ -168,6 +169,24 @@ CASES = [
         SUBMIT,
         {"org": "acme", "workflow": "agent-deploy", "usage": {**IDLE, "tokens_today": 5000}},
         allowed(),
+    ),
+    Case(
+        "an org whose recorded spend today reached its limit may not",
+        SUBMIT,
+        {"org": "hooli", "usage": {"cost_today_usd": 2.5000001}},
+        denied("USD spent today (recorded LLM calls) reached the limit of 2.5"),
+    ),
+    Case(
+        "an org under its spend limit may, whatever a submitter estimates",
+        SUBMIT,
+        {"org": "hooli", "estimated_cost_usd": 1, "usage": {"cost_today_usd": 2.4999}},
+        allowed(),
+    ),
+    Case(
+        "a spend limit without the day's spend denies",
+        SUBMIT,
+        {"org": "hooli"},
+        denied("max_cost_usd_per_day is set but input.usage.cost_today_usd is missing"),
     ),
     Case(
         "a missing count for a set quota denies",

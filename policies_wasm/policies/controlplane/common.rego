@@ -124,6 +124,7 @@ quotas := [
 	{"limit": "max_tasks_in_flight_per_org", "usage": "org_in_flight", "label": "tasks in flight for the org"},
 	{"limit": "max_tasks_in_flight_per_queue", "usage": "queue_in_flight", "label": "tasks in flight on the queue"},
 	{"limit": "max_tokens_per_day", "usage": "tokens_today", "label": "tokens used today"},
+	{"limit": "max_cost_usd_per_day", "usage": "cost_today_usd", "label": "USD spent today"},
 ]
 
 default quota_denials := set()
@@ -133,11 +134,21 @@ quota_denials := quota_problems if {
 	settings[quota.limit] != null
 }
 
+# Spend is recorded in fractions of a cent, which engines print differently: its reason quotes the limit only.
 quota_problems contains sprintf("%s: %v in use, limit %v", [quota.label, used, limit]) if {
 	some quota in quotas
+	quota.usage != "cost_today_usd"
 	limit := settings[quota.limit]
 	limit != null
 	used := input.usage[quota.usage]
+	is_number(used)
+	used >= limit
+}
+
+quota_problems contains sprintf("USD spent today (recorded LLM calls) reached the limit of %v", [limit]) if {
+	limit := settings.max_cost_usd_per_day
+	limit != null
+	used := input.usage.cost_today_usd
 	is_number(used)
 	used >= limit
 }
