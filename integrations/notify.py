@@ -266,10 +266,12 @@ class Notifier:
 
     async def handle(self, delivery: Delivery) -> None:
         """Send every notification ``delivery`` calls for that the log does not hold yet."""
+        settings, _ = await self._handler.load(self.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
+        if not settings.rules:
+            return  # an org that asked for no notification: its events need no reading of their tasks
         what = await self._happening(delivery.recorded)
         if what is None:
             return
-        settings, _ = await self._handler.load(self.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
         retry: list[str] = []
         refused: list[str] = []
         for rule in matching_rules(settings, what):
