@@ -18,9 +18,11 @@ class Puller:
     batch with a 404 status. A subscription callback collects the messages; nats-py's ``fetch`` awaits
     every message with a task and a timeout of its own, which costs more than folding it does."""
 
-    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+    def __init__(self, nc: NATS, stream: str, consumer: str, *, api_prefix: str = "$JS.API") -> None:
+        """``api_prefix``: where this connection reaches the JetStream API (a confined integration user
+        reaches it through its account's import, under another prefix)."""
         self._nc = nc
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._subscription: Subscription | None = None
         self._batch: list[Msg] = []

@@ -54,6 +54,7 @@ from nats.js.errors import APIError, NotFoundError
 from core.events import EVENT_TYPES, AnyEvent, UnknownEvent
 from core.ids import validate_token
 from core.public import public_bytes, public_event
+from core.pull import Puller
 from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
 from core.subjects import org_events_filter
 
@@ -206,8 +207,9 @@ class EventSubscription:
         self._start_from = start_from
         self._js_api_prefix = js_api_prefix
         self._ensure_dead_letter_stream = ensure_dead_letter_stream
+        self._nc = nc
         self._js = nc.jetstream(prefix=js_api_prefix)
-        self._pull: JetStreamContext.PullSubscription | None = None
+        self._pull: Puller | None = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -249,7 +251,7 @@ class EventSubscription:
                 f"needs the imports printed by `controlplane nats-config {self.org}` and the prefix "
                 f"{CONFINED_JS_API_PREFIX}; any other user needs the account that holds {STREAM_NAME}"
             ) from exc
-        self._pull = await self._js.pull_subscribe_bind(self.consumer, stream=STREAM_NAME)
+        self._pull = Puller(self._nc, STREAM_NAME, self.consumer, api_prefix=self._js_api_prefix)
 
     def stop(self) -> None:
         """Ask ``run`` to return once the event in hand is settled (within about FETCH_WAIT_SECONDS when
@@ -265,15 +267,12 @@ class EventSubscription:
             while not self._stopping.is_set():
                 # Short waits rather than a cancelled long one: a cancelled fetch would leave its pull
                 # request on the server, which would hand the next event to an inbox nobody reads.
-                try:
-                    messages = await self._pull.fetch(self._batch, timeout=FETCH_WAIT_SECONDS)
-                except TimeoutError:
-                    continue
-                await self._work_through(messages, handler)
+                messages = await self._pull.fetch(self._batch, FETCH_WAIT_SECONDS)
+                if messages:
+                    await self._work_through(messages, handler)
         finally:
             pull, self._pull = self._pull, None
-            with contextlib.suppress(nats.errors.Error):
-                await pull.unsubscribe()
+            await pull.close()
 
     async def _work_through(self, messages: list[Msg], handler: Handler) -> None:
         unsettled = list(messages)
