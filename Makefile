@@ -24,6 +24,7 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-chaos: $(STAMP)

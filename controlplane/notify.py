@@ -16,8 +16,8 @@ from controlplane.connection import gateway_url_argument, nats_url_argument, wit
 from core.handler import CommandHandler
 from core.ids import validate_token
 from core.notifications import check_channel_url
+from core.secret_box import MASTER_KEY_ENV, SecretBox
 from core.store import JetStreamEventStore
-from gateway.secret_box import MASTER_KEY_ENV, SecretBox
 from integrations.consumer import EventSubscription, SubscriptionError, consumer_name
 from integrations.notify import TRIGGER_EVENTS, Notifier
 

@@ -22,11 +22,11 @@ from controlplane.connection import without_credentials
 from controlplane.dev_nats import DevNats
 from controlplane.seed import seed_org
 from core.embedded import stored_login, write_private
+from core.secret_box import MASTER_KEY_ENV, generate_key_text
 from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.observe import ACCESS_LOG_ENV
-from gateway.secret_box import MASTER_KEY_ENV, generate_key_text
 from gateway.services import Services
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE, login_url, provision_login_roles

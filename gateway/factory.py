@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from core.handler import CommandHandler
+from core.secret_box import MASTER_KEY_ENV, SecretBox
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator, JwtSettings
 from gateway.breakers import LeaseExpiries
@@ -18,7 +19,6 @@ from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
 from gateway.policy import SubmitGate
 from gateway.scheduler import Scheduler
-from gateway.secret_box import MASTER_KEY_ENV, SecretBox
 from gateway.services import Limits, Metrics, Services
 from projections.read import ReadModel
 from projections.schema import migrate

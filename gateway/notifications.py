@@ -34,11 +34,11 @@ from core.notifications import (
     Rule,
     sealing_purpose,
 )
+from core.secret_box import SecretBox
 from gateway.auth import Principal
 from gateway.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
 from gateway.http import body, command_id, derived_id, idempotency_key, json, path_id, principal, services
 from gateway.problems import Problem
-from gateway.secret_box import SecretBox
 from gateway.secrets import required_box
 
 PERMISSION = "admin"

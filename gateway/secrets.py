@@ -4,7 +4,7 @@ task whose lease it holds (``POST /v1/tasks/{task_id}/secrets/{name}``), and eac
 the task as ``SecretRead`` (who, which secret and version, which task).
 
 The value exists in clear only in the PUT's body, in this process's memory while it is sealed or
-opened, and in the read's answer: the log holds ciphertext (``gateway/secret_box.py``), no answer but
+opened, and in the read's answer: the log holds ciphertext (``core/secret_box.py``), no answer but
 the read's holds a value, and no problem detail or log line repeats one. Without ``CP_SECRETS_KEY``
 every secrets endpoint answers 503 saying how to set it."""
 
@@ -19,12 +19,12 @@ from starlette.responses import Response
 from core.commands import SECRET_NAME_PATTERN, ReadSecret, SetSecret
 from core.events import SecretRead, SecretVersionSet
 from core.ids import whole
+from core.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
 from core.secrets import SECRETS_AGGREGATE, SECRETS_ID, Secrets, SecretScope, VersionTaken
 from core.task import Task
 from gateway.bodies import SecretBody, SecretReadBody
 from gateway.http import body, command_id, json, path_id, principal, services
 from gateway.problems import Problem
-from gateway.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
 from gateway.services import Services
 from gateway.worker_config import require_environment
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from core.handler import CommandHandler, utc_now
 from core.lru import Lru
+from core.secret_box import SecretBox
 from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
@@ -20,7 +21,6 @@ from gateway.environment_map import EnvironmentDirectory
 from gateway.idempotency import IdempotencyRecords
 from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
 from gateway.policy import SubmitGate
-from gateway.secret_box import SecretBox
 from projections.read import ReadModel
 
 if TYPE_CHECKING:

@@ -73,9 +73,9 @@ from core.notifications import (
     sealing_purpose,
     webhook_secret,
 )
+from core.secret_box import SecretBox, SecretUnreadable
 from core.store import JetStreamEventStore, RecordedEvent
 from core.task import TASK, TaskState
-from gateway.secret_box import SecretBox, SecretUnreadable
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 from integrations.webhook import ReceiverUnavailable, post, signed_headers
 

@@ -23,10 +23,10 @@ from controlplane.seed import seed_org
 from controlplane.stack import database_logins
 from core.embedded import EmbeddedNats, free_port
 from core.ids import new_id
+from core.secret_box import generate_key_text
 from gateway.app import build_app
 from gateway.auth import JwtSettings
 from gateway.factory import GatewaySettings, close_services, open_services
-from gateway.secret_box import generate_key_text
 from gateway.services import Limits, Services
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE

@@ -31,9 +31,9 @@ from core.embedded import EmbeddedNats, free_port
 from core.events import NotificationDeadLettered, NotificationSent
 from core.handler import CommandHandler
 from core.ids import new_id
+from core.secret_box import MASTER_KEY_ENV
 from core.store import STREAM_NAME, JetStreamEventStore, RecordedEvent
 from core.subjects import org_events_filter
-from gateway.secret_box import MASTER_KEY_ENV
 from integrations.consumer import Delivery, EventSubscription, dead_letter_subject
 from integrations.notify import TRIGGER_EVENTS, Notifier
 from tests.gateway.conftest import ROLES, Stack, own_database, serve_stack

@@ -56,8 +56,8 @@ from core.notifications import (
     sealing_purpose,
 )
 from core.public import REDACTED, public_event
+from core.secret_box import SecretBox, SecretUnreadable
 from core.task import TASK, Task
-from gateway.secret_box import SecretBox, SecretUnreadable
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 CHANNELS = ["ops", "mail", "hook"]

@@ -19,9 +19,9 @@ from core.decider import DecisionContext
 from core.errors import AlreadyTerminal, LeaseLost, NotFound, Rejected
 from core.events import SecretRead, SecretVersionSet, decode_event, encode_event
 from core.public import REDACTED, public_bytes, public_view
+from core.secret_box import Sealed, SecretBox, SecretsKeyInvalid, SecretUnreadable, generate_key_text
 from core.secrets import SECRETS, Secrets, VersionTaken
 from core.task import TASK, Task
-from gateway.secret_box import Sealed, SecretBox, SecretsKeyInvalid, SecretUnreadable, generate_key_text
 from runners.verify import ReplayOnlyContext
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
