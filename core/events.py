@@ -587,7 +587,7 @@ class SmtpSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SealedText(msgspec.Struct, frozen=True):
-    """A value sealed by the gateway's master key (envelope encryption, ``gateway.secret_box``): its own
+    """A value sealed by the gateway's master key (envelope encryption, ``core.secret_box``): its own
     data key wrapped by master key ``key_id``, the nonce and the AES-256-GCM ciphertext. Never the
     value itself: whoever reads the log without the master key learns nothing of it."""
 

@@ -3,7 +3,7 @@ sealed values, never a value in clear.
 
 An admin sets a secret org-wide or for one environment; each set is a new version of the name
 (numbered 1, 2, … per name, across scopes), so rotating is setting again. The value is sealed by the
-gateway before the command is issued (envelope encryption, ``gateway/secret_box.py``): the decider
+gateway before the command is issued (envelope encryption, ``core/secret_box.py``): the decider
 keeps ciphertext in order and never sees a value. A worker reads through the task it holds (the
 ``ReadSecret`` command of the task aggregate): the task's environment picks the scope (an
 environment's own version wins over the org-wide one), and the task's first read of a name pins the
