@@ -20,8 +20,8 @@ from pathlib import Path
 
 import uvloop
 
+from controlplane.embedded import EmbeddedNats
 from core.commands import SYSTEM, Actor, ClaimTask, SubmitTask
-from core.embedded import EmbeddedNats
 from core.events import encode_event
 from core.handler import CommandHandler
 from core.ids import new_id

@@ -37,7 +37,7 @@ import httpx
 import uvloop
 from lifecycle import pct, start_stack
 
-from core.embedded import free_port
+from controlplane.embedded import free_port
 from core.events import (
     TaskClaimed,
     TaskCompleted,

@@ -32,6 +32,7 @@ from typing import Any
 
 import uvloop
 
+from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, connect, export_org, fold_org_tasks, task_history
 from core.audit import verify_export
 from core.commands import (
@@ -44,7 +45,6 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.embedded import EmbeddedNats
 from core.events import decode_event
 from core.handler import CommandHandler
 from core.ids import new_id

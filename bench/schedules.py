@@ -31,9 +31,9 @@ from pathlib import Path
 
 import psutil
 
+from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
 from controlplane.seed import seed_org
 from core.commands import SYSTEM, CreateSchedule
-from core.embedded import EmbeddedNats, EmbeddedPostgres
 from core.events import TaskSubmitted
 from core.ids import new_id
 from core.schedules import run_task_id

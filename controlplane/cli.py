@@ -36,22 +36,16 @@ from controlplane.connection import (
     without_credentials,
 )
 from controlplane.dev_nats import dev_nats, provision_streams
+from controlplane.embedded import EmbeddedPostgres, database_url_from_env, nats_server_binary, nats_server_version
 from controlplane.logs import configure_logging
 from controlplane.seed import seed_org
 from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
 from controlplane.tracing import configure_tracing
 from core.commands import SYSTEM, CreateOrg, ResumeTask
-from core.embedded import (
-    EmbeddedPostgres,
-    NatsVersionTooOld,
-    database_url_from_env,
-    nats_server_binary,
-    nats_server_version,
-    require_nats_version,
-)
 from core.errors import AlreadyExists, Rejected
 from core.handler import CommandHandler
 from core.ids import InvalidToken, validate_token
+from core.nats_version import NatsVersionTooOld, require_nats_version
 from core.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
 from integrations.consumer import DEAD_LETTER_STREAM

@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 import uvloop
 
-from core.cluster import EmbeddedNatsCluster
-from core.embedded import EmbeddedNats, stored_login
+from controlplane.cluster import EmbeddedNatsCluster
+from controlplane.embedded import EmbeddedNats, stored_login
 from core.store import JetStreamEventStore
 from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from gateway.idempotency import IdempotencyRecords

@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from core.embedded import free_port
+from controlplane.embedded import free_port
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

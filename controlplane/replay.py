@@ -27,10 +27,10 @@ from nats.aio.msg import Msg
 
 from controlplane.connection import nats_url_argument
 from core.audit import AuditChain, AuditReport, verify_export
-from core.embedded import require_nats_version
 from core.events import PolicyBundlePushed, decode_event, encode_event
 from core.handler import timer_subject, utc_now
 from core.ids import new_id, validate_token
+from core.nats_version import require_nats_version
 from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
 from core.public import public_payload, redacted_fields
 from core.replay import (

@@ -20,8 +20,8 @@ import uvicorn
 
 from controlplane.connection import without_credentials
 from controlplane.dev_nats import DevNats
+from controlplane.embedded import stored_login, write_private
 from controlplane.seed import seed_org
-from core.embedded import stored_login, write_private
 from core.secret_box import MASTER_KEY_ENV, generate_key_text
 from core.store import JetStreamEventStore
 from gateway.app import build_app

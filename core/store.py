@@ -28,7 +28,6 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from core.embedded import require_nats_version
 from core.event_store import (
     DUPLICATE_WINDOW_SECONDS,
     TIMER_ACTOR,
@@ -41,6 +40,7 @@ from core.event_store import (
     WrongExpectedSequence,
 )
 from core.events import Event, decode_event, encode_event
+from core.nats_version import require_nats_version
 from core.subjects import STREAM_SUBJECTS
 
 STREAM_NAME = "CP_EVENTS"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.embedded import EmbeddedNats, EmbeddedPostgres, database_url_from_env
+from controlplane.embedded import EmbeddedNats, EmbeddedPostgres, database_url_from_env
 
 # --- Services ---------------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ import asyncpg
 import httpx
 import pytest
 
+from controlplane.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from controlplane.seed import seed_org
-from core.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from core.events import TaskSubmitted, WorkflowOperationRecorded
 from core.handler import CommandHandler
 from core.store import JetStreamEventStore

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
 from core.commands import SYSTEM, SubmitTask
-from core.embedded import EmbeddedNats, EmbeddedPostgres
 from core.handler import CommandHandler
 from core.store import JetStreamEventStore
 from tests.gateway.conftest import serve_stack

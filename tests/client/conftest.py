@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from controlplane.client import AsyncClient, Client, Event
-from core.embedded import free_port
+from controlplane.embedded import free_port
 from gateway.app import build_app
 from tests.gateway.conftest import Stack, own_stack
 

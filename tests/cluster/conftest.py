@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from core.cluster import EmbeddedNatsCluster
+from controlplane.cluster import EmbeddedNatsCluster
 from core.store import JetStreamEventStore
 
 

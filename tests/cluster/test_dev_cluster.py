@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.embedded import free_port
+from controlplane.embedded import free_port
 from core.store import STREAM_NAME, JetStreamEventStore
 from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from integrations.consumer import DEAD_LETTER_STREAM

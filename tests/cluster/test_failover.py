@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import nats.errors
 import pytest
 
-from core.cluster import EmbeddedNatsCluster
+from controlplane.cluster import EmbeddedNatsCluster
 from core.commands import (
     SYSTEM,
     Actor,

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.devstack import with_database
+from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.seed import seed_org
 from controlplane.stack import database_logins
-from core.embedded import EmbeddedNats, free_port
 from core.ids import new_id
 from core.secret_box import generate_key_text
 from gateway.app import build_app

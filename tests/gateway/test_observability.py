@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from controlplane.embedded import EmbeddedNats, free_port
 from core import telemetry
-from core.embedded import EmbeddedNats, free_port
 from core.ids import new_id
 from core.store import RecordedEvent
 from core.subjects import aggregate_subject

@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from controlplane.embedded import EmbeddedNats
 from controlplane.seed import seed_org
-from core.embedded import EmbeddedNats
 from core.events import ScheduleRunRecorded, TaskSubmitted
 from core.ids import new_id
 from core.subjects import aggregate_subject

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from controlplane.cli import main
+from controlplane.embedded import EmbeddedNats
 from controlplane.seed import seed_org
-from core.embedded import EmbeddedNats
 from core.events import SecretRead, SecretVersionSet
 from core.ids import new_id
 from core.public import REDACTED

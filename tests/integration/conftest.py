@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from nats.js.errors import NotFoundError
 
-from core.embedded import EmbeddedNats
+from controlplane.embedded import EmbeddedNats
 from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import STREAM_NAME, JetStreamEventStore

@@ -12,15 +12,8 @@ import asyncpg
 import nats
 import pytest
 
-from core.embedded import (
-    MIN_NATS_VERSION,
-    EmbeddedNats,
-    NatsVersionTooOld,
-    nats_server_binary,
-    nats_server_version,
-    parse_version,
-    require_nats_version,
-)
+from controlplane.embedded import EmbeddedNats, nats_server_binary, nats_server_version
+from core.nats_version import MIN_NATS_VERSION, NatsVersionTooOld, parse_version, require_nats_version
 
 pytestmark = pytest.mark.integration
 

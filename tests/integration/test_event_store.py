@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from controlplane.embedded import EmbeddedNats
 from core.commands import (
     SYSTEM,
     Actor,
@@ -21,7 +22,6 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.embedded import EmbeddedNats
 from core.errors import InvalidTransition, Rejected
 from core.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
 from core.handler import CommandHandler

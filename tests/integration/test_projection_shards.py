@@ -21,8 +21,8 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from controlplane.devstack import with_database
+from controlplane.embedded import EmbeddedNats
 from core.commands import RegisterWorker
-from core.embedded import EmbeddedNats
 from core.handler import CommandHandler
 from core.ids import new_id
 from core.store import STREAM_NAME, JetStreamEventStore

@@ -22,6 +22,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 
+from controlplane.embedded import EmbeddedNats
 from core.commands import (
     SYSTEM,
     Actor,
@@ -45,7 +46,6 @@ from core.commands import (
     RevokeApiKey,
     SubmitTask,
 )
-from core.embedded import EmbeddedNats
 from core.errors import Rejected
 from core.events import (
     LlmCall,

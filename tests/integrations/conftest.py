@@ -10,7 +10,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from core.embedded import EmbeddedNats
+from controlplane.embedded import EmbeddedNats
 from tests.integration.conftest import handler, org, store
 from tests.integrations.receiver import Receiver, serving_receiver
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.embedded import free_port
+from controlplane.embedded import free_port
 from integrations.webhook import WebhookRefused, verify_delivery
 
 SECRET = b"shared-webhook-secret"

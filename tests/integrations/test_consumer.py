@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
+from controlplane.embedded import EmbeddedNats
 from core.commands import SYSTEM, CancelTask
-from core.embedded import EmbeddedNats
 from core.events import TaskSubmitted, decode_event
 from core.handler import CommandHandler
 from core.ids import InvalidToken

@@ -26,8 +26,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.seed import seed_org
-from core.embedded import EmbeddedNats, free_port
 from core.events import NotificationDeadLettered, NotificationSent
 from core.handler import CommandHandler
 from core.ids import new_id

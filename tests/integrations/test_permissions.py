@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from controlplane.cli import main
-from core.embedded import EmbeddedNats, NatsLogin
+from controlplane.embedded import EmbeddedNats, NatsLogin
 from core.handler import CommandHandler
 from core.ids import TOKEN_PATTERN, new_id
 from core.store import STREAM_NAME, JetStreamEventStore

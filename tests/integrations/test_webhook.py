@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from controlplane.cli import main
-from core.embedded import EmbeddedNats, free_port
+from controlplane.embedded import EmbeddedNats, free_port
 from core.handler import CommandHandler
 from core.store import STREAM_NAME
 from integrations.consumer import H_DLQ_DELIVERIES, H_DLQ_ERROR, EventSubscription, dead_letter_subject

@@ -15,7 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from core.embedded import free_port
+from controlplane.embedded import free_port
 from gateway.auth import Authenticator, JwtSettings
 from gateway.factory import GatewaySettings
 from gateway.problems import Problem

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from controlplane.dev_nats import DevNats, dev_nats
-from core.embedded import EmbeddedNats, free_port, nats_server_binary
+from controlplane.embedded import EmbeddedNats, free_port, nats_server_binary
 from core.subjects import EVENTS_PREFIX
 from integrations.permissions import cp_exports
 

@@ -15,11 +15,11 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, export_org, opened
 from core.access import issue_key, parse_key
 from core.audit import verify_export
 from core.commands import SYSTEM, CreateApiKey
-from core.embedded import EmbeddedNats
 from core.events import EVENT_TYPES, ApiKeyCreated, TaskSubmitted, decode_event
 from core.handler import CommandHandler
 from core.public import REDACTED, public_bytes, public_event, public_payload, public_view, redacted_fields

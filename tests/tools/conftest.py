@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from controlplane.cli import main
-from core.embedded import EmbeddedNats
+from controlplane.embedded import EmbeddedNats
 from core.ids import new_id
 from tests.gateway.conftest import Stack, serve_stack
 from tests.integration.conftest import handler, org, store  # noqa: F401

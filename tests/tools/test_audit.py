@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, export_org, opened, task_history
 from core.access import issue_key
 from core.audit import GENESIS, AuditChain, verify_export
@@ -29,7 +30,6 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.embedded import EmbeddedNats
 from core.events import decode_event
 from core.handler import CommandHandler
 from core.ids import new_id

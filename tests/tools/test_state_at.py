@@ -10,6 +10,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, task_history
 from core.commands import (
     Actor,
@@ -27,7 +28,6 @@ from core.commands import (
     StartSleep,
     SubmitTask,
 )
-from core.embedded import EmbeddedNats
 from core.errors import Rejected
 from core.handler import CommandHandler
 from core.ids import new_id

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.embedded import EmbeddedNats, _Service, _tail, free_port, stored_login
+from controlplane.embedded import EmbeddedNats, _Service, _tail, free_port, stored_login
 
 _READY_TIMEOUT_SECONDS = 30.0
 # An explicit empty ProxyHandler: an http_proxy in the environment must not intercept 127.0.0.1.

