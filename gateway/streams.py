@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Callable
+from typing import NamedTuple
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from starlette.requests import Request
@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from core.events import TaskSubmitted, WorkerRegistered
 from core.public import public_view
+from core.pull import Puller
 from core.store import RecordedEvent, recorded_from_message
 from core.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
 from gateway.auth import Principal
@@ -71,29 +72,44 @@ async def _stream(
     if refused := svc.streams.open(who.org, who.credential_id):
         raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
     try:
-        subscription = await _subscribe(svc, subject, after)
+        feed = await _Feed.open(svc, subject, after)
     except BaseException:
         svc.streams.close(who.org, who.credential_id)
         raise
     return _EventStream(
-        _follow(request, subscription, types, queue),
-        subscription,
+        _follow(request, feed.puller, types, queue),
+        feed,
         release=lambda: svc.streams.close(who.org, who.credential_id),
     )
 
 
-async def _subscribe(svc: Services, subject: str, after: int) -> JetStreamContext.PullSubscription:
-    # An ephemeral pull consumer: no flow control to answer (a push consumer stalls when this loop
-    # filters events out faster than it acknowledges control messages), and the server removes it
-    # once we stop asking.
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
-        opt_start_seq=after + 1 if after else None,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
-        mem_storage=True,
-    )
-    return await svc.store.nc.jetstream().pull_subscribe(subject, stream=svc.store.stream, config=config)
+class _Feed(NamedTuple):
+    """A stream's ephemeral pull consumer and the puller reading it: no flow control to answer (a push
+    consumer stalls when the stream filters events out faster than it acknowledges control messages),
+    and the server removes the consumer once nobody asks, should ``close`` not get to."""
+
+    js: JetStreamContext
+    stream: str
+    consumer: str
+    puller: Puller
+
+    @classmethod
+    async def open(cls, svc: Services, subject: str, after: int) -> _Feed:
+        js = svc.store.nc.jetstream()
+        config = ConsumerConfig(
+            filter_subject=subject,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
+            opt_start_seq=after + 1 if after else None,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
+            mem_storage=True,
+        )
+        consumer = (await js.add_consumer(svc.store.stream, config)).name
+        return cls(js, svc.store.stream, consumer, Puller(svc.store.nc, svc.store.stream, consumer))
+
+    async def close(self) -> None:
+        await self.puller.close()
+        await self.js.delete_consumer(self.stream, self.consumer)
 
 
 class _EventStream(StreamingResponse):
@@ -103,13 +119,13 @@ class _EventStream(StreamingResponse):
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
-        subscription: JetStreamContext.PullSubscription,
+        feed: _Feed,
         release: Callable[[], None],
     ) -> None:
         super().__init__(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        self._events, self._subscription, self._release = events, subscription, release
+        self._events, self._feed, self._release = events, feed, release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -119,19 +135,20 @@ class _EventStream(StreamingResponse):
             with contextlib.suppress(Exception):
                 await self._events.aclose()
             with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
+                await self._feed.close()
 
 
 async def _follow(
-    request: Request, subscription: JetStreamContext.PullSubscription, types: set[str] | None, queue: str | None
+    request: Request, puller: Puller, types: set[str] | None, queue: str | None
 ) -> AsyncGenerator[bytes, None]:
     svc = services(request)
     queues: dict[str, str | None] = {}
     yield b": connected\n\n"
     while True:
-        try:
-            batch = await subscription.fetch(FETCH_BATCH, timeout=svc.limits.sse_keepalive_seconds)
-        except (NatsTimeoutError, TimeoutError):  # nats-py raises either when nothing came
+        # Answered as soon as an event is there (the server sends what it has at once), else after the
+        # keep-alive interval with nothing.
+        batch = await puller.fetch(FETCH_BATCH, svc.limits.sse_keepalive_seconds)
+        if not batch:
             yield b": keepalive\n\n"
             continue
         for msg in batch:
