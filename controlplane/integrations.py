@@ -114,18 +114,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"connect as a `controlplane nats-config` user: JetStream API through {CONFINED_JS_API_PREFIX}; "
         "the dead-letter stream must already exist",
     )
-    webhook.add_argument("--max-deliveries", type=int, default=8, help="attempts before dead-lettering (default: 8)")
     webhook.add_argument("--timeout", type=float, default=10.0, help="seconds per POST (default: 10)")
-    webhook.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay, doubling (default: 1)")
-    webhook.add_argument("--max-retry-delay", type=float, default=300.0, help="longest retry delay (default: 300)")
-    webhook.add_argument(
+    delivery_arguments(webhook)
+    webhook.set_defaults(run=_run_webhook)
+
+
+def delivery_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a durable org subscription retries and dead-letters, and where a new one starts: the options
+    every process delivering from ``integrations.consumer`` takes."""
+    parser.add_argument("--max-deliveries", type=int, default=8, help="attempts before dead-lettering (default: 8)")
+    parser.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay, doubling (default: 1)")
+    parser.add_argument("--max-retry-delay", type=float, default=300.0, help="longest retry delay (default: 300)")
+    parser.add_argument(
         "--from",
         dest="start_from",
         choices=("beginning", "now"),
         default="now",
         help="where a new consumer starts: the org's first event or the next one (default: now)",
     )
-    webhook.set_defaults(run=_run_webhook)
 
 
 def _run_nats_config(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import httpx
 import uvloop
 
 from controlplane.connection import gateway_url_argument, nats_url_argument, without_credentials
+from controlplane.integrations import delivery_arguments
 from core.handler import CommandHandler
 from core.ids import validate_token
 from core.notifications import check_channel_url
@@ -60,7 +61,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"where people reach the console, for the links in messages; default: ${PUBLIC_URL_ENV}, else --url",
     )
     notify.add_argument("--name", default="notify", help="integration name: the consumers are NAME@ORG")
-    notify.add_argument("--max-deliveries", type=int, default=8, help="attempts before dead-lettering (default: 8)")
     notify.add_argument("--timeout", type=float, default=10.0, help="seconds per POST or e-mail (default: 10)")
     notify.add_argument(
         "--ack-wait",
@@ -68,15 +68,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=30.0,
         help="seconds before an event a dead notifier held is delivered again (default: 30; at least 3 x --timeout)",
     )
-    notify.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay, doubling (default: 1)")
-    notify.add_argument("--max-retry-delay", type=float, default=300.0, help="longest retry delay (default: 300)")
-    notify.add_argument(
-        "--from",
-        dest="start_from",
-        choices=("beginning", "now"),
-        default="now",
-        help="where a new consumer starts: the org's first event or the next one (default: now)",
-    )
+    delivery_arguments(notify)
     notify.set_defaults(run=_run)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from controlplane.connection import gateway_request, gateway_url_argument, key_arguments
+from core.commands import DEFAULT_BREAKER_COOLDOWN_SECONDS, DEFAULT_BREAKER_FAILURES
 
 _SET_EXAMPLES = """\
 examples:
@@ -46,8 +47,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     settings.add_argument("name")
     settings.add_argument("--strategy", choices=("fifo", "least_loaded", "round_robin", "random"), default="fifo")
-    settings.add_argument("--breaker-failures", type=int, default=3, metavar="N")
-    settings.add_argument("--breaker-cooldown", type=float, default=60.0, metavar="SECONDS")
+    settings.add_argument("--breaker-failures", type=int, default=DEFAULT_BREAKER_FAILURES, metavar="N")
+    settings.add_argument("--breaker-cooldown", type=float, default=DEFAULT_BREAKER_COOLDOWN_SECONDS, metavar="SECONDS")
     _gateway_args(settings)
     settings.set_defaults(run=_set)
 

@@ -3,10 +3,10 @@
 A worker that misses heartbeats for ``heartbeat_timeout_seconds`` goes ``offline`` through a durable
 timer re-armed by every heartbeat, so liveness needs no sweeper process.
 
-Circuit breaker: ``BREAKER_FAILURES`` consecutive failed attempts (non-retryable failure, lease
-expiry; the gateway records each from the task's events) open it: the worker is ``failed`` and the
-gateway offers it nothing until ``BREAKER_COOLDOWN_SECONDS`` pass (a durable timer closes it) or an
-admin resets it. A completed attempt resets the count. A queue may set other values for its workers
+Circuit breaker: 3 consecutive failed attempts (non-retryable failure, lease expiry; the gateway
+records each from the task's events) open it: the worker is ``failed`` and the gateway offers it
+nothing until 60 s pass (a durable timer closes it) or an admin resets it (the defaults,
+``core.commands.DEFAULT_BREAKER_*``). A completed attempt resets the count. A queue may set other values for its workers
 (``core.queues``); the gateway then passes them with each attempt it records.
 
 Incarnations: each worker process names itself with a token of its own when it registers. A
@@ -23,8 +23,6 @@ from datetime import datetime, timedelta
 import msgspec
 
 from core.commands import (
-    DEFAULT_BREAKER_COOLDOWN_SECONDS,
-    DEFAULT_BREAKER_FAILURES,
     Command,
     DeregisterWorker,
     HeartbeatWorker,
@@ -75,9 +73,6 @@ class Worker(msgspec.Struct, frozen=True):
     def breaker_open(self, now: datetime) -> bool:
         return self.breaker_open_until is not None and now < self.breaker_open_until
 
-
-BREAKER_FAILURES = DEFAULT_BREAKER_FAILURES
-BREAKER_COOLDOWN_SECONDS = DEFAULT_BREAKER_COOLDOWN_SECONDS
 
 WorkerState = Worker | None
 

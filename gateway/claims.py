@@ -73,6 +73,8 @@ class Waiter:
     worker_id: str | None
     capabilities: frozenset[str]
     workflows_only: bool
+    strategy: str
+    """Its queue's strategy, as the claimer found it when it began to wait."""
     arrived: int
     """Its place in the order of arrival: the lower, the longer it has waited."""
     woken: asyncio.Future[None]
@@ -248,8 +250,6 @@ class ClaimIndex:
         """What a claim may take now: :meth:`OpenTasks.candidates` of the tasks this index keeps."""
         self._position = 0
         self._waiters: dict[tuple[str, str], list[Waiter]] = {}
-        self._strategies: dict[tuple[str, str], str] = {}
-        """Each queue's strategy, as its latest waiter found it."""
         self._last_woken: dict[tuple[str, str], str] = {}
         self._arrivals = itertools.count()
         self._rng = rng or Random()
@@ -304,9 +304,8 @@ class ClaimIndex:
         ``strategy`` chose it, or ``seconds``."""
         key = (org, queue)
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(worker_id, frozenset(capabilities), workflows_only, next(self._arrivals), woken)
+        waiter = Waiter(worker_id, frozenset(capabilities), workflows_only, strategy, next(self._arrivals), woken)
         self._waiters.setdefault(key, []).append(waiter)
-        self._strategies[key] = strategy
         try:
             await asyncio.wait((woken,), timeout=seconds)
         finally:
@@ -330,7 +329,7 @@ class ClaimIndex:
         if not eligible:
             return
         chosen = choose_waiter(
-            self._strategies.get(key, "fifo"),
+            self._waiters[key][-1].strategy,  # the newest waiter read the queue's settings last
             eligible,
             load=lambda worker_id: self._open.leases_held(org, worker_id),
             last_woken=self._last_woken.get(key),

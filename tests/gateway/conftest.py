@@ -59,6 +59,12 @@ class Stack:
         )
 
 
+async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
+    """A fresh org with a key per role: what a test sees in it is its own (other tests' timers fire in theirs)."""
+    org = f"org{new_id()[-10:]}"
+    return org, await seed_org(stack.services.handler, org, ROLES)
+
+
 @pytest.fixture(scope="session")
 async def stack(nats_server: EmbeddedNats, database_url: str) -> AsyncIterator[Stack]:
     async with own_database(database_url, "gw") as database, serve_stack(nats_server.url, database) as served:

@@ -11,18 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from controlplane.seed import seed_org
-from core.ids import new_id
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, last_seq, problem, queue, submit
 from tests.gateway.test_console_http import sign_in
 
 pytestmark = pytest.mark.integration
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"brk{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str) -> httpx.AsyncClient:

@@ -11,18 +11,12 @@ import httpx
 import pytest
 
 from controlplane.cli import main
-from controlplane.seed import seed_org
 from core.ids import new_id
 from core.subjects import org_events_filter
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, last_seq, problem, queue
 
 pytestmark = pytest.mark.integration
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"env{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str, **headers: str) -> httpx.AsyncClient:

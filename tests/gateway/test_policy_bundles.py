@@ -15,24 +15,17 @@ import httpx
 import orjson
 import pytest
 
-from controlplane.seed import seed_org
-from core.ids import new_id
 from policies_wasm import Bundle
 from policies_wasm.engine import SOURCES_DIR
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, last_seq, problem, queue, submit
 from tests.gateway.test_runner import running, until
 
 pytestmark = pytest.mark.integration
 
 SHIPPED = Bundle.from_dir(SOURCES_DIR)
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"pol{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str) -> httpx.AsyncClient:

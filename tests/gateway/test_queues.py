@@ -12,18 +12,11 @@ import httpx
 import pytest
 
 from controlplane.cli import main
-from controlplane.seed import seed_org
-from core.ids import new_id
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, last_seq, problem, queue, submit
 from tests.gateway.test_breakers import claim, client, complete, fail_one, register
 
 pytestmark = pytest.mark.integration
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"que{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 async def configure(admin: httpx.AsyncClient, q: str, **settings: Any) -> dict[str, Any]:

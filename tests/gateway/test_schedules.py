@@ -18,11 +18,9 @@ import httpx
 import pytest
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.seed import seed_org
 from core.events import ScheduleRunRecorded, TaskSubmitted
-from core.ids import new_id
 from core.subjects import aggregate_subject
-from tests.gateway.conftest import ROLES, Stack, own_database, serve_stack
+from tests.gateway.conftest import Stack, new_org, own_database, serve_stack
 from tests.gateway.test_api import appended_since, last_seq, problem, queue
 from tests.gateway.test_console_http import csrf, sign_in
 
@@ -30,11 +28,6 @@ pytestmark = pytest.mark.integration
 
 NEVER_SOON = "0 0 1 1 *"
 """New Year's midnight: a schedule that fires in no test."""
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"sch{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str, **headers: str) -> httpx.AsyncClient:

@@ -22,23 +22,17 @@ import pytest
 
 from controlplane.cli import main
 from controlplane.embedded import EmbeddedNats
-from controlplane.seed import seed_org
 from core.events import SecretRead, SecretVersionSet
 from core.ids import new_id
 from core.public import REDACTED
 from core.subjects import aggregate_subject, org_events_filter
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import _read_sse, appended_since, problem, queue
 from tests.gateway.test_runner import running, until
 
 pytestmark = pytest.mark.integration
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"sec{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str, **headers: str) -> httpx.AsyncClient:

@@ -12,24 +12,18 @@ import httpx
 import pytest
 
 from controlplane.client import AsyncClient
-from controlplane.seed import seed_org
 from core.events import TaskClaimed
 from core.ids import new_id
 from core.subjects import aggregate_subject
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, problem, queue
 from tests.gateway.test_runner import running, until
 
 pytestmark = pytest.mark.integration
 
 UNSET_LLM = {"api_base": None, "model_override": None, "fallbacks": None}
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"wcf{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str, **headers: str) -> httpx.AsyncClient:

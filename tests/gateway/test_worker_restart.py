@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from controlplane.client import AsyncClient, Conflict, operations
-from controlplane.seed import seed_org
 from core.events import (
     TaskClaimed,
     TaskCompleted,
@@ -32,7 +31,7 @@ from core.events import (
 from core.ids import new_id
 from core.store import RecordedEvent
 from core.subjects import org_events_filter
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import queue, submit
 
 pytestmark = pytest.mark.integration
@@ -40,11 +39,6 @@ pytestmark = pytest.mark.integration
 LONG_LEASE = 300
 """Longer than any test runs: a task that comes back did not wait for its lease to run out."""
 RESUMED_WITHIN_SECONDS = 0.5
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"inc{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str) -> httpx.AsyncClient:

@@ -17,12 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from controlplane.seed import seed_org
 from core.commands import Actor, PushPolicyBundle
 from core.ids import new_id
 from core.subjects import org_events_filter
 from policies_wasm import Bundle
-from tests.gateway.conftest import ROLES, Stack
+from tests.gateway.conftest import Stack, new_org
 from tests.security.test_lease_binding import security_stack  # noqa: F401 - this module's own stack, as `stack`
 
 pytestmark = pytest.mark.integration
@@ -47,11 +46,6 @@ def bundle(*, submit: str = DECIDES, tool: str = DECIDES) -> Bundle:
 
 RUNAWAY_SUBMIT = bundle(submit='{"allow": spins, "require_approval": false, "reasons": []}')
 RUNAWAY_TOOL = bundle(tool='{"allow": spins, "require_approval": false, "reasons": []}')
-
-
-async def new_org(stack: Stack) -> tuple[str, dict[str, str]]:
-    org = f"bud{new_id()[-8:]}"
-    return org, await seed_org(stack.services.handler, org, ROLES)
 
 
 def client(stack: Stack, key: str) -> httpx.AsyncClient:

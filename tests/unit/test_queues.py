@@ -105,7 +105,7 @@ def waiters(worker_ids: list[str]) -> list[Waiter]:
     loop = asyncio.new_event_loop()
     try:
         return [
-            Waiter(worker, frozenset(), False, arrived, loop.create_future())
+            Waiter(worker, frozenset(), False, "fifo", arrived, loop.create_future())
             for arrived, worker in enumerate(worker_ids)
         ]
     finally:

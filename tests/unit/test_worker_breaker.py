@@ -1,5 +1,5 @@
 """Property-based tests of the worker's circuit breaker (core/worker.py): it opens exactly after
-``BREAKER_FAILURES`` consecutive failed attempts, a success resets the count, the cool-down timer or
+``DEFAULT_BREAKER_FAILURES`` consecutive failed attempts, a success resets the count, the cool-down timer or
 an admin's reset closes it, and nothing else (heartbeats, registering again) does. Also the claim
 index's side: ``excluded_workers`` and the lease expiries it reports."""
 
@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from core.commands import (
+    DEFAULT_BREAKER_COOLDOWN_SECONDS,
+    DEFAULT_BREAKER_FAILURES,
     SYSTEM,
     Actor,
     ClaimTask,
@@ -29,7 +31,7 @@ from core.events import Event, TaskLeaseExpired, WorkerBreakerOpened, decode_eve
 from core.store import RecordedEvent
 from core.subjects import aggregate_subject
 from core.task import TASK
-from core.worker import BREAKER_COOLDOWN_SECONDS, BREAKER_FAILURES, WORKER, Worker
+from core.worker import WORKER, Worker
 from gateway.claims import OpenTasks
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -71,8 +73,8 @@ class BreakerMachine(RuleBasedStateMachine):
         events = self.attempt(outcome)
         self.failures += 1
         opened = [e for e in events if isinstance(e, WorkerBreakerOpened)]
-        if self.open_until is None and self.failures == BREAKER_FAILURES:
-            assert [e.until for e in opened] == [self.now + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)]
+        if self.open_until is None and self.failures == DEFAULT_BREAKER_FAILURES:
+            assert [e.until for e in opened] == [self.now + timedelta(seconds=DEFAULT_BREAKER_COOLDOWN_SECONDS)]
             self.open_until = opened[0].until
         else:
             assert opened == [], "the breaker opens exactly on the Nth consecutive failure, once"
@@ -157,20 +159,20 @@ def test_the_breaker_opens_exactly_when_the_last_n_attempts_failed(outcomes: lis
     run, expected = 0, None  # the first attempt that ends a run of N failures with no success between
     for i, outcome in enumerate(outcomes):
         run = 0 if outcome == "succeeded" else run + 1
-        if run == BREAKER_FAILURES and expected is None:
+        if run == DEFAULT_BREAKER_FAILURES and expected is None:
             expected = i
     assert opened_at == expected
 
 
 def test_the_cool_down_timer_closes_the_breaker_and_re_arms_liveness() -> None:
     state = WORKER.fold(decide(None, RegisterWorker(worker_id="w1", heartbeat_timeout_seconds=3600), START))
-    for i in range(BREAKER_FAILURES):
+    for i in range(DEFAULT_BREAKER_FAILURES):
         state = WORKER.fold(
             decide(state, RecordWorkerAttempt(worker_id="w1", task_id=f"t{i}", outcome="failed"), START), state
         )
     assert state is not None and state.status == "failed"
     [timer] = WORKER.timers(state)
-    assert timer.event.at == START + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)
+    assert timer.event.at == START + timedelta(seconds=DEFAULT_BREAKER_COOLDOWN_SECONDS)
     closed = WORKER.evolve(state, timer.event)
     assert closed is not None and closed.status == "ready" and closed.breaker_open_until is None
     assert [t.key for t in WORKER.timers(closed)] == [f"liveness-{closed.registrations}"]
