@@ -21,11 +21,12 @@ from pathlib import Path
 import uvloop
 
 from controlplane.embedded import EmbeddedNats
-from core.commands import SYSTEM, Actor, ClaimTask, SubmitTask
-from core.events import encode_event
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import AppendMeta, JetStreamEventStore
+from core.domain.commands import SYSTEM, Actor, ClaimTask, SubmitTask
+from core.domain.events import encode_event
+from core.domain.ids import new_id
+from core.log.event_store import AppendMeta
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 
 WORKER = Actor("bench-worker", frozenset({"worker"}))
 RAW = "raw js.publish (same body and headers)"

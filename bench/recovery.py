@@ -38,7 +38,7 @@ import uvloop
 from lifecycle import pct, start_stack
 
 from controlplane.embedded import free_port
-from core.events import (
+from core.domain.events import (
     TaskClaimed,
     TaskCompleted,
     TaskLeaseExpired,
@@ -46,7 +46,8 @@ from core.events import (
     WorkerRegistered,
     WorkflowOperationRecorded,
 )
-from core.store import JetStreamEventStore, RecordedEvent
+from core.domain.records import RecordedEvent
+from core.log.store import JetStreamEventStore
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESTART_TARGET_SECONDS = 0.5

@@ -34,8 +34,8 @@ import uvloop
 
 from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, connect, export_org, fold_org_tasks, task_history
-from core.audit import verify_export
-from core.commands import (
+from core.domain.audit import verify_export
+from core.domain.commands import (
     Actor,
     ClaimTask,
     CompleteTask,
@@ -45,12 +45,13 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.events import decode_event
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.replay import state_at
-from core.store import JetStreamEventStore, RecordedEvent
-from core.task import TASK
+from core.domain.events import decode_event
+from core.domain.history import state_at
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.task import TASK
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 
 WORKER = Actor("bench-worker", frozenset({"worker"}))
 APPROVER = Actor("bench-approver", frozenset({"approver"}))

@@ -33,11 +33,11 @@ import psutil
 
 from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
 from controlplane.seed import seed_org
-from core.commands import SYSTEM, CreateSchedule
-from core.events import TaskSubmitted
-from core.ids import new_id
-from core.schedules import run_task_id
-from core.subjects import aggregate_subject
+from core.domain.commands import SYSTEM, CreateSchedule
+from core.domain.events import TaskSubmitted
+from core.domain.ids import new_id
+from core.domain.schedules import run_task_id
+from core.domain.subjects import aggregate_subject
 from gateway.factory import GatewaySettings, close_services, open_services
 
 ORG = "bench"

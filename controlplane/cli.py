@@ -41,12 +41,12 @@ from controlplane.logs import configure_logging
 from controlplane.seed import seed_org
 from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
 from controlplane.tracing import configure_tracing
-from core.commands import SYSTEM, CreateOrg, ResumeTask
-from core.errors import AlreadyExists, Rejected
-from core.handler import CommandHandler
-from core.ids import InvalidToken, validate_token
-from core.nats_version import NatsVersionTooOld, require_nats_version
-from core.store import JetStreamEventStore
+from core.domain.commands import SYSTEM, CreateOrg, ResumeTask
+from core.domain.errors import AlreadyExists, Rejected
+from core.domain.ids import InvalidToken, validate_token
+from core.log.handler import CommandHandler
+from core.log.nats_version import NatsVersionTooOld, require_nats_version
+from core.log.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
 from integrations.consumer import DEAD_LETTER_STREAM
 from projections.projector import progress_bar, rebuild

@@ -20,7 +20,7 @@ import uvloop
 
 from controlplane.cluster import EmbeddedNatsCluster
 from controlplane.embedded import EmbeddedNats, stored_login
-from core.store import JetStreamEventStore
+from core.log.store import JetStreamEventStore
 from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from gateway.idempotency import IdempotencyRecords
 from integrations.consumer import CONFINED_JS_API_PREFIX, consumer_name, provision_dead_letter_stream

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from core.nats_version import VERSION_PATTERN, require_nats_version
+from core.log.nats_version import VERSION_PATTERN, require_nats_version
 
 log = logging.getLogger(__name__)
 

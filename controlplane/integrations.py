@@ -15,8 +15,8 @@ import nats
 import uvloop
 
 from controlplane.connection import nats_url_argument
-from core.ids import validate_token
-from core.store import server_urls
+from core.domain.ids import validate_token
+from core.log.store import server_urls
 from integrations.consumer import (
     CONFINED_JS_API_PREFIX,
     DEFAULT_JS_API_PREFIX,

@@ -14,11 +14,11 @@ import uvloop
 
 from controlplane.connection import gateway_url_argument, nats_url_argument, without_credentials
 from controlplane.integrations import delivery_arguments
-from core.handler import CommandHandler
-from core.ids import validate_token
-from core.notifications import check_channel_url
+from core.domain.ids import validate_token
+from core.domain.notifications import check_channel_url
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, SecretBox
-from core.store import JetStreamEventStore
 from integrations.consumer import EventSubscription, SubscriptionError, consumer_name
 from integrations.notify import TRIGGER_EVENTS, Notifier
 

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from controlplane.connection import gateway_request, gateway_url_argument, key_arguments
-from core.commands import DEFAULT_BREAKER_COOLDOWN_SECONDS, DEFAULT_BREAKER_FAILURES
+from core.domain.commands import DEFAULT_BREAKER_COOLDOWN_SECONDS, DEFAULT_BREAKER_FAILURES
 
 _SET_EXAMPLES = """\
 examples:

@@ -26,14 +26,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from controlplane.connection import nats_url_argument
-from core.audit import AuditChain, AuditReport, verify_export
-from core.events import PolicyBundlePushed, decode_event, encode_event
-from core.handler import timer_subject, utc_now
-from core.ids import new_id, validate_token
-from core.nats_version import require_nats_version
-from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
-from core.public import public_payload, redacted_fields
-from core.replay import (
+from core.domain.audit import AuditChain, AuditReport, verify_export
+from core.domain.events import PolicyBundlePushed, decode_event, encode_event
+from core.domain.history import (
     ForkPlan,
     ForkRefused,
     TaskDiff,
@@ -44,24 +39,24 @@ from core.replay import (
     task_timeline,
     why_absent,
 )
-from core.store import (
+from core.domain.ids import new_id, validate_token
+from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
+from core.domain.public import public_payload, redacted_fields
+from core.domain.records import RecordedEvent, rfc3339
+from core.domain.subjects import EVENTS_PREFIX, aggregate_subject
+from core.domain.task import TASK, Task, TaskState
+from core.log.event_store import AppendMeta, DuplicateAppend, Schedule, StoreError, WrongExpectedSequence
+from core.log.handler import timer_subject, utc_now
+from core.log.nats_version import require_nats_version
+from core.log.store import (
     H_ACTOR,
     H_CAUSATION,
     H_CORRELATION,
     H_TIME,
     MSG_ID,
-    AppendMeta,
-    DuplicateAppend,
     JetStreamEventStore,
-    RecordedEvent,
-    Schedule,
-    StoreError,
-    WrongExpectedSequence,
     recorded_from_message,
-    rfc3339,
 )
-from core.subjects import EVENTS_PREFIX, aggregate_subject
-from core.task import TASK, Task, TaskState
 from gateway.policy import pushed_bundle
 from gateway.views import task_document
 from policies_wasm import default_bundle
@@ -280,8 +275,8 @@ def _command_id(msg_id: str | None) -> str | None:
 async def export_org(
     reader: LogReader, org: str, out: BinaryIO, *, since: datetime | None = None, progress: Progress | None = None
 ) -> AuditChain:
-    """Write the audit export of ``org`` (see core.audit for the format) and return its chain. Secret
-    fields are redacted (``core.public``) before a line is written and hashed."""
+    """Write the audit export of ``org`` (see core.domain.audit for the format) and return its chain. Secret
+    fields are redacted (``core.domain.public``) before a line is written and hashed."""
     chain = AuditChain()
     out.write(chain.header(org, None if since is None else rfc3339(since), redacted_fields()))
     decode = msgspec.json.decode

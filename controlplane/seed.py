@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping
 
-from core.access import ApiKey, issue_key, parse_key
-from core.commands import SYSTEM, CreateApiKey, CreateOrg
-from core.errors import AlreadyExists
-from core.handler import CommandHandler
+from core.domain.access import ApiKey, issue_key, parse_key
+from core.domain.commands import SYSTEM, CreateApiKey, CreateOrg
+from core.domain.errors import AlreadyExists
+from core.log.handler import CommandHandler
 
 
 async def seed_org(

@@ -22,8 +22,8 @@ from controlplane.connection import without_credentials
 from controlplane.dev_nats import DevNats
 from controlplane.embedded import stored_login, write_private
 from controlplane.seed import seed_org
+from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, generate_key_text
-from core.store import JetStreamEventStore
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.observe import ACCESS_LOG_ENV

@@ -14,9 +14,9 @@ import msgspec
 import uvloop
 
 from controlplane.connection import database_url_argument, nats_url_argument
-from core.handler import CommandHandler
-from core.ids import validate_token
-from core.store import JetStreamEventStore
+from core.domain.ids import validate_token
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from projections.projector import Progress, progress_bar
 from projections.read import ReadModel
 

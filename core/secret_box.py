@@ -21,7 +21,7 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from core.events import SealedText
+from core.domain.events import SealedText
 
 MASTER_KEY_ENV = "CP_SECRETS_KEY"
 KEY_BYTES = 32

@@ -12,7 +12,7 @@ runner's HTTP client, the log formatter):
   OpenTelemetry: no SDK, no context switch, no span object. Trace context crosses processes as a W3C
   ``traceparent`` string (an HTTP header, an event's NATS header), so nothing here needs a carrier.
 
-The pure domain (``core/task.py``, ``core/events.py``, the deciders) never imports this module."""
+The pure domain (``core/domain/task.py``, ``core/domain/events.py``, the deciders) never imports this module."""
 
 from __future__ import annotations
 

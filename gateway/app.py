@@ -13,9 +13,9 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import Rejected
-from core.ids import InvalidToken
-from core.store import StoreError
+from core.domain.errors import Rejected
+from core.domain.ids import InvalidToken
+from core.log.event_store import StoreError
 from gateway import (
     approvals,
     breakers,

@@ -9,10 +9,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import DecideApproval
-from core.events import Vote
-from core.ids import validate_token
-from core.task import Approval, Task, task_id_of_approval
+from core.domain.commands import DecideApproval
+from core.domain.events import Vote
+from core.domain.ids import validate_token
+from core.domain.task import Approval, Task, task_id_of_approval
 from gateway.auth import Principal
 from gateway.bodies import ApproveBody, RejectBody
 from gateway.forms import check_response

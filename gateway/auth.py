@@ -14,9 +14,9 @@ from typing import Any
 
 import jwt
 
-from core.access import parse_key, secret_matches
-from core.commands import ROLES, Actor
-from core.ids import InvalidToken, validate_token
+from core.domain.access import parse_key, secret_matches
+from core.domain.commands import ROLES, Actor
+from core.domain.ids import InvalidToken, validate_token
 from core.lru import Lru
 from gateway.problems import Problem
 

@@ -1,4 +1,4 @@
-"""Request bodies of docs/api.md. Field constraints are the command types' own (core.commands), so HTTP
+"""Request bodies of docs/api.md. Field constraints are the command types' own (core.domain.commands), so HTTP
 input and commands share one schema; unknown fields are ignored so clients can evolve first."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from core.commands import (
+from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
     Approver,
@@ -35,8 +35,15 @@ from core.commands import (
     SmtpSpec,
     TimeZoneName,
 )
-from core.events import ApprovalKind, ChannelKind, Escalation, NotificationTrigger, Priority, ScheduleOverlap
-from core.ids import Token, whole
+from core.domain.events import (
+    ApprovalKind,
+    ChannelKind,
+    Escalation,
+    NotificationTrigger,
+    Priority,
+    ScheduleOverlap,
+)
+from core.domain.ids import Token, whole
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Sized and checked by gateway.forms, which a type cannot say:

@@ -15,11 +15,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import SYSTEM, RecordWorkerAttempt, ResetWorkerBreaker
-from core.errors import Rejected
-from core.events import TaskCompleted, TaskFailed
-from core.handler import CommandHandler, Outcome
-from core.worker import Worker
+from core.domain.commands import SYSTEM, RecordWorkerAttempt, ResetWorkerBreaker
+from core.domain.errors import Rejected
+from core.domain.events import TaskCompleted, TaskFailed
+from core.domain.worker import Worker
+from core.log.handler import CommandHandler, Outcome
 from gateway.http import command_id, json, path_id, principal, services
 from gateway.queues import settings_of
 from gateway.views import worker_document

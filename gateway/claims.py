@@ -5,7 +5,7 @@ asks it for candidates in claim order and wins one through the log's optimistic 
 candidate only costs a lost race.
 
 Claimers that found nothing wait on their queue. When a task opens up, one waiter that may take it is
-woken, chosen by the queue's strategy (``core.queues``): ``fifo``, the one waiting longest;
+woken, chosen by the queue's strategy (``core.domain.queues``): ``fifo``, the one waiting longest;
 ``least_loaded``, the one whose worker holds the fewest leases (then the longest waiting);
 ``round_robin``, the next worker id after the one this queue woke last; ``random``. A claimer that
 finds a task at once takes it whatever the strategy: a strategy only picks among those waiting."""
@@ -31,11 +31,12 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
-from core.events import PRIORITY_RANK, TaskLeaseExpired, TaskSubmitted, UnknownEvent
-from core.pull import Puller
-from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
-from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
-from core.task import TASK, Task
+from core.domain.events import PRIORITY_RANK, TaskLeaseExpired, TaskSubmitted, UnknownEvent
+from core.domain.records import RecordedEvent
+from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.domain.task import TASK, Task
+from core.log.pull import Puller
+from core.log.store import STREAM_NAME, recorded_from_message
 from projections.read import ReadModel
 
 if TYPE_CHECKING:

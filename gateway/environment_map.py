@@ -9,10 +9,10 @@ state it finds when its answer arrives."""
 
 from __future__ import annotations
 
-from core.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID, Environments
+from core.domain.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID, Environments
+from core.domain.subjects import aggregate_subject
+from core.log.store import JetStreamEventStore
 from core.lru import Lru
-from core.store import JetStreamEventStore
-from core.subjects import aggregate_subject
 
 ORGS_REMEMBERED = 4096
 

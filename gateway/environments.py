@@ -16,10 +16,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import DefineEnvironment, DeleteEnvironment
-from core.environments import Environment
-from core.errors import AlreadyExists
-from core.ids import InvalidToken, validate_token
+from core.domain.commands import DefineEnvironment, DeleteEnvironment
+from core.domain.environments import Environment
+from core.domain.errors import AlreadyExists
+from core.domain.ids import InvalidToken, validate_token
 from gateway.bodies import EnvironmentBody, EnvironmentReplaceBody
 from gateway.http import body, command_id, json, path_id, principal, services
 from gateway.problems import Problem

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import asyncpg
 
-from core.handler import CommandHandler
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, SecretBox
-from core.store import JetStreamEventStore
 from gateway.auth import Authenticator, JwtSettings
 from gateway.breakers import LeaseExpiries
 from gateway.claims import ClaimIndex

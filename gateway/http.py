@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core import telemetry
-from core.ids import validate_token
+from core.domain.ids import validate_token
 from gateway.auth import Principal
 from gateway.console.sessions import SESSION_COOKIE
 from gateway.problems import Problem

@@ -6,7 +6,7 @@ from __future__ import annotations
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from core.store import JetStreamEventStore
+from core.log.store import JetStreamEventStore
 
 BUCKET = "CP_IDEMPOTENCY"
 TTL_SECONDS = 24 * 3600

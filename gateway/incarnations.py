@@ -1,5 +1,5 @@
 """A restarted worker takes its own work back at once. When a worker registers as a new incarnation
-(a new process: ``WorkerRegistered.restarted``, decided in core/worker.py), every lease its old process
+(a new process: ``WorkerRegistered.restarted``, decided in core/domain/worker.py), every lease its old process
 held is released now (``TaskLeaseReleased`` on each task, caused by the registration) instead of
 running out lease by lease: the tasks are pending again, claimable by the new process or any other.
 
@@ -24,12 +24,12 @@ from datetime import datetime
 
 import msgspec
 
-from core.commands import Actor, ReleaseLease
-from core.errors import Rejected
-from core.events import TaskClaimed, WorkerRegistered
-from core.handler import Outcome
-from core.store import RecordedEvent
-from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.domain.commands import Actor, ReleaseLease
+from core.domain.errors import Rejected
+from core.domain.events import TaskClaimed, WorkerRegistered
+from core.domain.records import RecordedEvent
+from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.log.handler import Outcome
 from gateway.http import derived_id
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE

@@ -9,11 +9,11 @@ from typing import Any
 
 import nats.errors
 
-from core.access import ApiKey
-from core.handler import CommandHandler
+from core.domain.access import ApiKey
+from core.domain.subjects import parse_aggregate_subject
+from core.log.event_store import StoreError
+from core.log.handler import CommandHandler
 from core.lru import Lru
-from core.store import StoreError
-from core.subjects import parse_aggregate_subject
 from gateway.auth import KeyRecord
 from projections.read import ReadModel
 

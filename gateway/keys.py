@@ -7,8 +7,8 @@ from contextlib import suppress
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.access import issue_key
-from core.commands import CreateApiKey, RevokeApiKey
+from core.domain.access import issue_key
+from core.domain.commands import CreateApiKey, RevokeApiKey
 from gateway.bodies import CreateApiKeyBody
 from gateway.http import body, json, path_id, principal, services
 from gateway.services import Services

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.events import (
+from core.domain.events import (
     LlmCall,
     LlmUsage,
     PolicyDecided,
@@ -43,9 +43,10 @@ from core.events import (
     TaskSubmitted,
     WorkflowOperationRecorded,
 )
-from core.store import TIMER_ACTOR, RecordedEvent
-from core.subjects import parse_aggregate_subject
-from core.task import TASK, TIMER_EVENTS, Task
+from core.domain.records import RecordedEvent
+from core.domain.subjects import parse_aggregate_subject
+from core.domain.task import TASK, TIMER_EVENTS, Task
+from core.log.event_store import TIMER_ACTOR
 from projections.read import QueueSummary
 
 log = logging.getLogger(__name__)

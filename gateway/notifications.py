@@ -1,7 +1,7 @@
 """Notification channels and rules (admin only): ``/v1/notification-channels`` and
 ``/v1/notification-rules``.
 
-They are one aggregate per org on the log (``core/notifications.py``), read from the log at every
+They are one aggregate per org on the log (``core/domain/notifications.py``), read from the log at every
 request, so every read shows every write before it. The notifier (``controlplane notify``) follows the
 same aggregate. A channel's URL and secret reach the log sealed by the gateway's master key
 (``CP_SECRETS_KEY``; without it, defining a channel answers 503) and never come back: a channel's
@@ -17,16 +17,16 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import (
+from core.domain.commands import (
     DefineNotificationChannel,
     DefineNotificationRule,
     DeleteNotificationChannel,
     DeleteNotificationRule,
 )
-from core.errors import AlreadyExists
-from core.events import SealedText
-from core.ids import InvalidToken, new_id, validate_token
-from core.notifications import (
+from core.domain.errors import AlreadyExists
+from core.domain.events import SealedText
+from core.domain.ids import InvalidToken, new_id, validate_token
+from core.domain.notifications import (
     NOTIFICATIONS_AGGREGATE,
     NOTIFICATIONS_ID,
     Channel,

@@ -21,10 +21,10 @@ from typing import Any
 
 import msgspec
 
-from core.events import PolicyBundlePushed, PolicyDecision
-from core.handler import CommandHandler
-from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
-from core.subjects import parse_aggregate_subject
+from core.domain.events import PolicyBundlePushed, PolicyDecision
+from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
+from core.domain.subjects import parse_aggregate_subject
+from core.log.handler import CommandHandler
 from gateway.bodies import SubmitTaskBody
 from gateway.claims import ClaimIndex
 from policies_wasm import Bundle, PolicyError, PolicyTimeout, default_bundle

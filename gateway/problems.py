@@ -10,9 +10,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.errors import ConcurrencyExhausted, Rejected
-from core.ids import InvalidToken
-from core.store import EventTooLarge, StoreError
+from core.domain.errors import ConcurrencyExhausted, Rejected
+from core.domain.ids import InvalidToken
+from core.log.event_store import EventTooLarge, StoreError
 from projections.read import DATABASE_UNAVAILABLE
 
 PROBLEM_JSON = "application/problem+json"

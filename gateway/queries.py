@@ -1,5 +1,5 @@
 """Query strings of docs/api.md, one struct per route, read by ``gateway.http.query`` with the typed
-validation bodies get (msgspec, the bounds of core.commands): a number is ASCII digits and bounded, an id
+validation bodies get (msgspec, the bounds of core.domain.commands): a number is ASCII digits and bounded, an id
 is a token, a value from a list is one of the list, and whatever reaches PostgreSQL or NATS has been checked first. A
 value of the wrong type, out of bounds, holding NUL or given twice is a 422; an empty value is the same
 as none (what an HTML form sends for a blank field); unknown parameters are ignored, as body fields are."""
@@ -13,9 +13,9 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.inspect as types
 
-from core.commands import Capability, EnvironmentName
-from core.events import EVENT_TYPES, Priority, TaskStatus
-from core.ids import Token, validate_token, whole
+from core.domain.commands import Capability, EnvironmentName
+from core.domain.events import EVENT_TYPES, Priority, TaskStatus
+from core.domain.ids import Token, validate_token, whole
 from gateway.bodies import Name
 from projections.read import MAX_PAGE, decode_cursor
 

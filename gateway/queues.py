@@ -15,9 +15,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import ConfigureQueue, RemoveQueueSettings
-from core.handler import CommandHandler
-from core.queues import QUEUES_AGGREGATE, QUEUES_ID, Queues, QueueSettings
+from core.domain.commands import ConfigureQueue, RemoveQueueSettings
+from core.domain.queues import QUEUES_AGGREGATE, QUEUES_ID, Queues, QueueSettings
+from core.log.handler import CommandHandler
 from gateway.bodies import QueueSettingsBody
 from gateway.http import body, command_id, json, path_id, principal, services
 

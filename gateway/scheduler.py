@@ -24,11 +24,11 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from core.events import ScheduleFired, UnknownEvent
-from core.pull import Puller
-from core.schedules import SCHEDULE_AGGREGATE, run_task_id
-from core.store import recorded_from_message
-from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.domain.events import ScheduleFired, UnknownEvent
+from core.domain.schedules import SCHEDULE_AGGREGATE, run_task_id
+from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.log.pull import Puller
+from core.log.store import recorded_from_message
 from gateway.schedules import Transient, run_fire
 from gateway.services import Services
 

@@ -18,7 +18,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     CreateSchedule,
@@ -27,11 +27,10 @@ from core.commands import (
     RecordScheduleRun,
     ResumeSchedule,
 )
-from core.errors import AlreadyExists, AlreadyTerminal, ConcurrencyExhausted, Rejected
-from core.events import ScheduleRunOutcome
-from core.handler import Outcome
-from core.ids import new_id
-from core.schedules import (
+from core.domain.errors import AlreadyExists, AlreadyTerminal, ConcurrencyExhausted, Rejected
+from core.domain.events import ScheduleRunOutcome
+from core.domain.ids import new_id
+from core.domain.schedules import (
     SCHEDULE_AGGREGATE,
     InvalidSchedule,
     Schedule,
@@ -39,6 +38,7 @@ from core.schedules import (
     overlap_action,
     run_task_id,
 )
+from core.log.handler import Outcome
 from gateway.auth import Principal
 from gateway.bodies import ScheduleBody, SubmitTaskBody
 from gateway.http import body, command_id, derived_id, idempotency_key, json, path_id, principal, read_after, services

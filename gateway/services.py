@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from core.handler import CommandHandler, utc_now
+from core.log.handler import CommandHandler, utc_now
+from core.log.store import JetStreamEventStore
 from core.lru import Lru
 from core.secret_box import SecretBox
-from core.store import JetStreamEventStore
 from gateway.auth import Authenticator
 from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore

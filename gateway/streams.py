@@ -16,11 +16,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from core.events import TaskSubmitted, WorkerRegistered
-from core.public import public_view
-from core.pull import Puller
-from core.store import RecordedEvent, recorded_from_message
-from core.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
+from core.domain.events import TaskSubmitted, WorkerRegistered
+from core.domain.public import public_view
+from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
+from core.log.pull import Puller
+from core.log.store import recorded_from_message
 from gateway.auth import Principal
 from gateway.http import path_id, principal, query, services, typed_text
 from gateway.problems import Problem

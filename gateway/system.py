@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from core.commands import RegisterWorker
+from core.domain.commands import RegisterWorker
 from gateway import bodies
 from gateway.http import json, principal, services
 from gateway.problems import problem_response

@@ -13,7 +13,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     ClaimTask,
@@ -29,7 +29,7 @@ from core.commands import (
     SubmitTask,
     WaitForSignal,
 )
-from core.errors import (
+from core.domain.errors import (
     AlreadyExists,
     AlreadyTerminal,
     CapabilityMismatch,
@@ -38,11 +38,23 @@ from core.errors import (
     NotFound,
     NotReady,
 )
-from core.events import ApprovalRequested, PolicyDecision, SignalConsumed, TaskSubmissionDenied, WorkflowRef
-from core.handler import Outcome
-from core.ids import new_id
-from core.subjects import aggregate_subject
-from core.task import SIGNAL_ROLES, Task, hosted_workflow_versions, next_approval_id, workflow_capability
+from core.domain.events import (
+    ApprovalRequested,
+    PolicyDecision,
+    SignalConsumed,
+    TaskSubmissionDenied,
+    WorkflowRef,
+)
+from core.domain.ids import new_id
+from core.domain.subjects import aggregate_subject
+from core.domain.task import (
+    SIGNAL_ROLES,
+    Task,
+    hosted_workflow_versions,
+    next_approval_id,
+    workflow_capability,
+)
+from core.log.handler import Outcome
 from gateway.auth import Principal
 from gateway.bodies import (
     ApprovalRequestBody,

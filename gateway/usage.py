@@ -25,7 +25,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.ids import InvalidToken, validate_token
+from core.domain.ids import InvalidToken, validate_token
 from gateway.http import json, principal, read_after, services
 from gateway.problems import Problem
 from projections.read import USAGE_GROUPS, check_usage_query

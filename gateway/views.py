@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.task import Approval, Lease, Task
-from core.worker import Worker
+from core.domain.task import Approval, Lease, Task
+from core.domain.worker import Worker
 
 
 def approval_document(approval: Approval) -> dict[str, Any]:

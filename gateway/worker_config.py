@@ -13,8 +13,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import SetWorkerConfig
-from core.worker_config import WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID, WorkerConfigs
+from core.domain.commands import SetWorkerConfig
+from core.domain.worker_config import WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID, WorkerConfigs
 from gateway.bodies import WorkerConfigBody
 from gateway.http import body, command_id, json, principal, query, services
 from gateway.problems import Problem

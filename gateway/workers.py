@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
-from core.worker import Worker
+from core.domain.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
+from core.domain.worker import Worker
 from gateway.bodies import WorkerHeartbeatBody
 from gateway.http import body, command_id, json, path_id, principal, query, read_after, services
 from gateway.incarnations import release_if_restarted

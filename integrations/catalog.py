@@ -1,5 +1,5 @@
 """The event catalog: every event type, its version and its fields, rendered as markdown from the msgspec
-types in ``core.events``. ``python -m integrations.catalog > docs/events.md``; a test fails when the
+types in ``core.domain.events``. ``python -m integrations.catalog > docs/events.md``; a test fails when the
 committed file differs from what this renders."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from core import events
-from core.events import EVENT_TYPES, UPCASTERS, Event
-from core.public import REDACTED
+from core.domain import events
+from core.domain.events import EVENT_TYPES, UPCASTERS, Event
+from core.domain.public import REDACTED
 
 COMMAND = "python -m integrations.catalog > docs/events.md"
 
@@ -51,7 +51,7 @@ _SCALARS: dict[Any, str] = {
 _PREAMBLE = f"""\
 # Event catalog
 
-Generated from `core/events.py` by `{COMMAND}`; do not edit by hand.
+Generated from `core/domain/events.py` by `{COMMAND}`; do not edit by hand.
 
 Every event is one JSON object stored on the subject of its aggregate, `cp.<org>.<aggregate>.<id>`, in
 the JetStream stream `CP_EVENTS`. Integrations read them through `integrations.consumer.EventSubscription`
@@ -71,7 +71,7 @@ appended by a command. Events marked *timer* are fired by durable timers into th
 folding one whose guarded thing has moved on changes nothing.
 
 Versions: old events are never rewritten. When a type's schema changes its version goes up, and readers
-upcast older payloads on the fly (`core.events.UPCASTERS`), so a consumer built on this code always sees
+upcast older payloads on the fly (`core.domain.events.UPCASTERS`), so a consumer built on this code always sees
 the version listed here. A payload newer than the reader's code is refused, never guessed.
 """
 

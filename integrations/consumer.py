@@ -24,7 +24,7 @@ came from and why; only then is the original terminated, so the subscription mov
 publish fails, the event is retried later instead: nothing is dropped. This is also why the
 server-side ``max_deliver`` is unlimited and the limit is counted here.
 
-Secrets: handlers get every event in its public form (``core.public``): the fields its type declares
+Secrets: handlers get every event in its public form (``core.domain.public``): the fields its type declares
 secret, such as an API key's hash, read ``"[redacted]"``. A dead letter's payload is redacted the same
 way; any other payload is kept byte for byte. The redaction is this class's: a NATS user that fetches
 from the consumer by other means reads the payloads as stored.
@@ -51,12 +51,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from core.events import EVENT_TYPES, AnyEvent, UnknownEvent
-from core.ids import validate_token
-from core.public import public_bytes, public_event
-from core.pull import Puller
-from core.store import STREAM_NAME, RecordedEvent, recorded_from_message
-from core.subjects import org_events_filter
+from core.domain.events import EVENT_TYPES, AnyEvent, UnknownEvent
+from core.domain.ids import validate_token
+from core.domain.public import public_bytes, public_event
+from core.domain.records import RecordedEvent
+from core.domain.subjects import org_events_filter
+from core.log.pull import Puller
+from core.log.store import STREAM_NAME, recorded_from_message
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 For each event of the org that means something to people (an approval requested, by a worker or by
 the submit policy's gate, escalated or timed out, a task failed or parked:
-``core.notifications.happening``, which also drops timers that changed nothing) it reads the task from
+``core.domain.notifications.happening``, which also drops timers that changed nothing) it reads the task from
 the log, finds the org's rules that match (trigger, queue, environment, workflow) and sends each rule's
 message to the rule's channel:
 
@@ -17,7 +17,7 @@ message to the rule's channel:
   forwarder signs (``integrations.webhook``), with ``webhook-id`` = the notification id.
 
 Exactly once, as far as a receiver can tell. A notification's id derives from the org, the rule and
-the source event's sequence (``core.notifications.notification_id``), so it is the same on every
+the source event's sequence (``core.domain.notifications.notification_id``), so it is the same on every
 attempt. Before sending, the notifier reads the notification's own subject
 (``cp.<org>.notification.<id>``): if it holds ``NotificationSent`` (or ``NotificationDeadLettered``),
 nothing is sent again. After the channel took the message it appends ``NotificationSent`` with the id
@@ -54,10 +54,9 @@ import httpx
 import msgspec
 from standardwebhooks import Webhook
 
-from core.commands import Actor, RecordNotification
-from core.events import ChannelKind, NotificationTrigger, SealedText, TaskSubmitted
-from core.handler import CommandHandler
-from core.notifications import (
+from core.domain.commands import Actor, RecordNotification
+from core.domain.events import ChannelKind, NotificationTrigger, SealedText, TaskSubmitted
+from core.domain.notifications import (
     NOTIFICATION_AGGREGATE,
     NOTIFICATIONS_AGGREGATE,
     NOTIFICATIONS_ID,
@@ -73,9 +72,11 @@ from core.notifications import (
     sealing_purpose,
     webhook_secret,
 )
+from core.domain.records import RecordedEvent
+from core.domain.task import TASK, TaskState
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from core.secret_box import SecretBox, SecretUnreadable
-from core.store import JetStreamEventStore, RecordedEvent
-from core.task import TASK, TaskState
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 from integrations.webhook import ReceiverUnavailable, post, signed_headers
 

@@ -35,9 +35,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from core.ids import validate_token
-from core.store import STREAM_NAME
-from core.subjects import EVENTS_PREFIX, SCHEDULES_PREFIX, org_events_filter
+from core.domain.ids import validate_token
+from core.domain.subjects import EVENTS_PREFIX, SCHEDULES_PREFIX, org_events_filter
+from core.log.store import STREAM_NAME
 from integrations.consumer import (
     CONFINED_JS_API_PREFIX,
     DEAD_LETTER_PREFIX,

@@ -20,7 +20,7 @@ The secret is ``whsec_<base64>`` as Standard Webhooks libraries take it (``echo 
 -base64 32)``), or any other text, used as its UTF-8 bytes (secrets configured before this scheme keep
 working: receivers then hold ``whsec_`` + the base64 of those bytes, or pass the bytes themselves).
 
-The body carries the event in its public form (``core.public``): secret fields read ``"[redacted]"``.
+The body carries the event in its public form (``core.domain.public``): secret fields read ``"[redacted]"``.
 
 A 2xx answer delivers the event. 408, 429, 5xx, timeouts and connection errors are retried with doubling
 delays, and the subscription's ``max_deliveries``-th failure dead-letters the event. Any other answer
@@ -40,9 +40,9 @@ import httpx
 import msgspec
 from standardwebhooks import Webhook
 
-from core.events import AnyEvent
-from core.notifications import webhook_secret
-from core.public import public_event
+from core.domain.events import AnyEvent
+from core.domain.notifications import webhook_secret
+from core.domain.public import public_event
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 
 ID_HEADER = "webhook-id"

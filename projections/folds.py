@@ -21,10 +21,10 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 import msgspec
 
-from core.access import API_KEY, ORG, ApiKey, Org
-from core.decider import Decider
-from core.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, Environment, Environments
-from core.events import (
+from core.domain.access import API_KEY, ORG, ApiKey, Org
+from core.domain.decider import Decider
+from core.domain.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, Environment, Environments
+from core.domain.events import (
     PRIORITY_RANK,
     Event,
     LlmCall,
@@ -33,10 +33,10 @@ from core.events import (
     TaskSubmitted,
     WorkflowOperationRecorded,
 )
-from core.schedules import SCHEDULE, SCHEDULE_AGGREGATE, ScheduleState
-from core.store import RecordedEvent
-from core.task import TASK, TaskState
-from core.worker import WORKER, WorkerState
+from core.domain.records import RecordedEvent
+from core.domain.schedules import SCHEDULE, SCHEDULE_AGGREGATE, ScheduleState
+from core.domain.task import TASK, TaskState
+from core.domain.worker import WORKER, WorkerState
 
 log = logging.getLogger(__name__)
 

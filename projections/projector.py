@@ -65,10 +65,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from core import telemetry
-from core.ids import new_id
-from core.pull import Puller
-from core.store import H_TRACEPARENT, STREAM_NAME, RecordedEvent, recorded_from_message
-from core.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
+from core.log.pull import Puller
+from core.log.store import H_TRACEPARENT, STREAM_NAME, recorded_from_message
 from projections.folds import PROJECTIONS, Projection, select
 from projections.schema import (
     NOTIFY_CHANNEL,

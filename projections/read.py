@@ -19,11 +19,11 @@ from typing import Any, TypeVar, get_args
 import asyncpg
 import msgspec
 
-from core.environments import Environment
-from core.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
-from core.schedules import Schedule
-from core.task import Approval, Task
-from core.worker import Worker
+from core.domain.environments import Environment
+from core.domain.events import TERMINAL_STATUSES, Priority, TaskStatus, WorkerStatus
+from core.domain.schedules import Schedule
+from core.domain.task import Approval, Task
+from core.domain.worker import Worker
 from projections.folds import environment_from_row
 from projections.schema import (
     NOTIFY_CHANNEL,

@@ -23,8 +23,8 @@ import msgspec
 
 from controlplane import logs
 from core import telemetry
-from core.commands import SECRET_NAME_PATTERN
-from core.events import LlmCall, LlmSettings, LlmUsage, PolicyDecision
+from core.domain.commands import SECRET_NAME_PATTERN
+from core.domain.events import LlmCall, LlmSettings, LlmUsage, PolicyDecision
 from policies_wasm import Bundle, PolicyLoadError, default_bundle, input_digest
 from policies_wasm.budget import PolicyEvaluator
 from runners.client import LeaseLost, TaskApi, Unavailable

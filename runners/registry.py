@@ -9,7 +9,7 @@ from typing import Any
 
 from eventsourcing.utils import TopicError, resolve_topic
 
-from core.task import workflow_capability as capability
+from core.domain.task import workflow_capability as capability
 
 WorkflowFn = Callable[[Any, Any], Awaitable[Any]]
 

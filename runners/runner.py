@@ -19,8 +19,8 @@ import httpx
 import msgspec
 
 from core import telemetry
-from core.events import LlmSettings
-from core.ids import new_id
+from core.domain.events import LlmSettings
+from core.domain.ids import new_id
 from runners.client import LeaseLost, TaskApi, Unavailable
 from runners.context import Interrupted, NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
 from runners.registry import Registry

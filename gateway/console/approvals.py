@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.task import Approval, Task, task_id_of_approval, why_cannot_vote
+from core.domain.task import Approval, Task, task_id_of_approval, why_cannot_vote
 from gateway import approvals as approvals_api
 from gateway.console.forms import FormField, form_fields, posted_response
 from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, relative, render

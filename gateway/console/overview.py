@@ -7,7 +7,7 @@ from datetime import UTC
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
+from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
 from gateway.console.web import SignedIn, console_page, render
 from gateway.http import services
 from gateway.policy_bundles import bundle_summary

@@ -15,8 +15,8 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from core.commands import Actor
-from core.store import JetStreamEventStore
+from core.domain.commands import Actor
+from core.log.store import JetStreamEventStore
 from gateway.auth import Authenticator, Principal
 
 BUCKET = "CP_CONSOLE_SESSIONS"

@@ -12,10 +12,10 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.commands import CancelTask, ResumeTask
-from core.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
-from core.replay import TimelineEntry, state_at, task_timeline, why_absent
-from core.task import Task
+from core.domain.commands import CancelTask, ResumeTask
+from core.domain.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
+from core.domain.history import TimelineEntry, state_at, task_timeline, why_absent
+from core.domain.task import Task
 from gateway.console.approvals import approval_view
 from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, render
 from gateway.http import path_id, query, services

@@ -45,9 +45,10 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 
 from controlplane.seed import seed_org
-from core.events import TaskSubmissionDenied
-from core.ids import new_id
-from core.store import TIMER_ACTOR, RecordedEvent
+from core.domain.events import TaskSubmissionDenied
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.log.event_store import TIMER_ACTOR
 from gateway.app import build_app
 from gateway.services import RateLimiter
 from tests.gateway.conftest import ROLES, Stack, own_stack

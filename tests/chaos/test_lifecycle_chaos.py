@@ -25,9 +25,9 @@ import pytest
 
 from controlplane.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from controlplane.seed import seed_org
-from core.events import TaskSubmitted, WorkflowOperationRecorded
-from core.handler import CommandHandler
-from core.store import JetStreamEventStore
+from core.domain.events import TaskSubmitted, WorkflowOperationRecorded
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from projections.projector import rebuild
 from projections.schema import migrate
 from tests.integration.test_projections import snapshot

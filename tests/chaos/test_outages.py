@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
-from core.commands import SYSTEM, SubmitTask
-from core.handler import CommandHandler
-from core.store import JetStreamEventStore
+from core.domain.commands import SYSTEM, SubmitTask
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from tests.gateway.conftest import serve_stack
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from controlplane.client import Conflict, NotFound, Task
-from core.ids import new_id
+from core.domain.ids import new_id
 from tests.client.conftest import Connect
 from tests.gateway.conftest import Stack
 from tests.gateway.test_api import queue, submit

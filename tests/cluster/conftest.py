@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from controlplane.cluster import EmbeddedNatsCluster
-from core.store import JetStreamEventStore
+from core.log.store import JetStreamEventStore
 
 
 @pytest.fixture(scope="module")

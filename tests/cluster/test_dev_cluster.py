@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from controlplane.embedded import free_port
-from core.store import STREAM_NAME, JetStreamEventStore
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from integrations.consumer import DEAD_LETTER_STREAM
 

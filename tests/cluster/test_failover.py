@@ -18,7 +18,7 @@ import nats.errors
 import pytest
 
 from controlplane.cluster import EmbeddedNatsCluster
-from core.commands import (
+from core.domain.commands import (
     SYSTEM,
     Actor,
     ClaimTask,
@@ -28,12 +28,20 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.errors import ConcurrencyExhausted
-from core.events import ApprovalDecided, ApprovalRequested, ApprovalVoteCast, TaskClaimed, TaskCompleted, TaskSubmitted
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import STREAM_NAME, JetStreamEventStore, StoreError
-from core.subjects import aggregate_subject
+from core.domain.errors import ConcurrencyExhausted
+from core.domain.events import (
+    ApprovalDecided,
+    ApprovalRequested,
+    ApprovalVoteCast,
+    TaskClaimed,
+    TaskCompleted,
+    TaskSubmitted,
+)
+from core.domain.ids import new_id
+from core.domain.subjects import aggregate_subject
+from core.log.event_store import StoreError
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

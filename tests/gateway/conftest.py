@@ -22,7 +22,7 @@ from controlplane.devstack import with_database
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.seed import seed_org
 from controlplane.stack import database_logins
-from core.ids import new_id
+from core.domain.ids import new_id
 from core.secret_box import generate_key_text
 from gateway.app import build_app
 from gateway.auth import JwtSettings

@@ -10,9 +10,9 @@ import httpx
 import jwt
 import pytest
 
-from core.ids import new_id
-from core.store import RecordedEvent
-from core.subjects import org_events_filter
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.subjects import org_events_filter
 from gateway.services import RateLimiter
 from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack
 

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.commands import Actor
-from core.ids import new_id
+from core.domain.commands import Actor
+from core.domain.ids import new_id
 from gateway.approvals import decide
 from gateway.auth import Principal
 from gateway.forms import MAX_DETAILS_BYTES

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from runners.context import QUESTION_FORM, QuestionDeclined, WorkflowContext
 from runners.examples import EXAMPLES, QUESTION_MARKER
 from runners.registry import Registry, workflow

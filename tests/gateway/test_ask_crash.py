@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from tests.gateway.conftest import Stack
 from tests.gateway.test_runner import until
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from controlplane.cli import main
-from core.ids import new_id
-from core.subjects import org_events_filter
+from core.domain.ids import new_id
+from core.domain.subjects import org_events_filter
 from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import appended_since, last_seq, problem, queue
 

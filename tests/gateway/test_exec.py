@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from controlplane.seed import seed_org
-from core.ids import new_id
+from core.domain.ids import new_id
 from tests.gateway.conftest import ROLES, Stack
 
 pytestmark = pytest.mark.integration

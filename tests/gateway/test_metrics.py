@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.seed import seed_org
-from core.ids import new_id
+from core.domain.ids import new_id
 from gateway.metrics import OTHER, EventMetrics, LabelBudget, QueueGauges
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow

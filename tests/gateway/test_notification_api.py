@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.public import REDACTED
-from core.subjects import org_events_filter
+from core.domain.public import REDACTED
+from core.domain.subjects import org_events_filter
 from tests.gateway.conftest import Stack
 from tests.gateway.test_api import _read_sse, last_seq, problem
 from tests.gateway.test_environments import client, new_org

@@ -42,9 +42,9 @@ from starlette.routing import Route
 
 from controlplane.embedded import EmbeddedNats, free_port
 from core import telemetry
-from core.ids import new_id
-from core.store import RecordedEvent
-from core.subjects import aggregate_subject
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject
 from projections.roles import GATEWAY_ROLE
 from tests.gateway.conftest import Stack, own_stack
 

@@ -17,7 +17,7 @@ import litellm
 import orjson
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from policies_wasm import default_bundle
 from runners.client import TaskApi
 from runners.context import Policies, PolicyDenied, WorkflowContext

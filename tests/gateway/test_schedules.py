@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from controlplane.embedded import EmbeddedNats
-from core.events import ScheduleRunRecorded, TaskSubmitted
-from core.subjects import aggregate_subject
+from core.domain.events import ScheduleRunRecorded, TaskSubmitted
+from core.domain.subjects import aggregate_subject
 from tests.gateway.conftest import Stack, new_org, own_database, serve_stack
 from tests.gateway.test_api import appended_since, last_seq, problem, queue
 from tests.gateway.test_console_http import csrf, sign_in

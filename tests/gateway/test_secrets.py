@@ -22,10 +22,10 @@ import pytest
 
 from controlplane.cli import main
 from controlplane.embedded import EmbeddedNats
-from core.events import SecretRead, SecretVersionSet
-from core.ids import new_id
-from core.public import REDACTED
-from core.subjects import aggregate_subject, org_events_filter
+from core.domain.events import SecretRead, SecretVersionSet
+from core.domain.ids import new_id
+from core.domain.public import REDACTED
+from core.domain.subjects import aggregate_subject, org_events_filter
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack, new_org

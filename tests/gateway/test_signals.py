@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from gateway.forms import MAX_SIGNAL_PAYLOAD_BYTES
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow

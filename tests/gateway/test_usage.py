@@ -15,10 +15,10 @@ import msgspec
 import pytest
 
 from controlplane.seed import seed_org
-from core.commands import Actor, RecordOperation
-from core.events import LlmCall, LlmUsage
-from core.handler import CommandHandler
-from core.ids import new_id
+from core.domain.commands import Actor, RecordOperation
+from core.domain.events import LlmCall, LlmUsage
+from core.domain.ids import new_id
+from core.log.handler import CommandHandler
 from gateway.policy import SPEND_CACHE_SECONDS
 from policies_wasm import default_bundle
 from runners.context import WorkflowContext

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from controlplane.client import AsyncClient
-from core.events import TaskClaimed
-from core.ids import new_id
-from core.subjects import aggregate_subject
+from core.domain.events import TaskClaimed
+from core.domain.ids import new_id
+from core.domain.subjects import aggregate_subject
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack, new_org

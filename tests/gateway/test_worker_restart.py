@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from controlplane.client import AsyncClient, Conflict, operations
-from core.events import (
+from core.domain.events import (
     TaskClaimed,
     TaskCompleted,
     TaskLeaseExpired,
@@ -28,9 +28,9 @@ from core.events import (
     WorkerRegistered,
     WorkflowOperationRecorded,
 )
-from core.ids import new_id
-from core.store import RecordedEvent
-from core.subjects import org_events_filter
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.subjects import org_events_filter
 from tests.gateway.conftest import Stack, new_org
 from tests.gateway.test_api import queue, submit
 

@@ -10,9 +10,9 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from controlplane.embedded import EmbeddedNats
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import STREAM_NAME, JetStreamEventStore
+from core.domain.ids import new_id
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from projections.projector import Projector
 from projections.read import ReadModel
 from projections.schema import migrate

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from core.commands import DecideApproval, RequestApproval
-from core.handler import CommandHandler
-from core.store import JetStreamEventStore
+from core.domain.commands import DecideApproval, RequestApproval
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from projections.projector import Projector, rebuild
 from projections.read import ReadModel
 from tests.integration.test_projections import (

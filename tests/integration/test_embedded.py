@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from controlplane.embedded import EmbeddedNats, nats_server_binary, nats_server_version
-from core.nats_version import MIN_NATS_VERSION, NatsVersionTooOld, parse_version, require_nats_version
+from core.log.nats_version import MIN_NATS_VERSION, NatsVersionTooOld, parse_version, require_nats_version
 
 pytestmark = pytest.mark.integration
 

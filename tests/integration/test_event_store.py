@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from controlplane.embedded import EmbeddedNats
-from core.commands import (
+from core.domain.commands import (
     SYSTEM,
     Actor,
     CancelTask,
@@ -22,12 +22,13 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.errors import InvalidTransition, Rejected
-from core.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
-from core.handler import CommandHandler
-from core.ids import InvalidToken
-from core.store import AppendMeta, DuplicateAppend, EventTooLarge, JetStreamEventStore, WrongExpectedSequence
-from core.subjects import aggregate_subject
+from core.domain.errors import InvalidTransition, Rejected
+from core.domain.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
+from core.domain.ids import InvalidToken
+from core.domain.subjects import aggregate_subject
+from core.log.event_store import AppendMeta, DuplicateAppend, EventTooLarge, WrongExpectedSequence
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ from nats.js.errors import NotFoundError
 
 from controlplane.devstack import with_database
 from controlplane.embedded import EmbeddedNats
-from core.commands import RegisterWorker
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import STREAM_NAME, JetStreamEventStore
+from core.domain.commands import RegisterWorker
+from core.domain.ids import new_id
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from projections.folds import PROJECTIONS
 from projections.projector import ProjectionBusy, Projector, ShardLayoutConflict, last_event_seq, rebuild
 from projections.read import ReadModel

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 
 from controlplane.embedded import EmbeddedNats
-from core.commands import (
+from core.domain.commands import (
     SYSTEM,
     Actor,
     CancelTask,
@@ -46,8 +46,8 @@ from core.commands import (
     RevokeApiKey,
     SubmitTask,
 )
-from core.errors import Rejected
-from core.events import (
+from core.domain.errors import Rejected
+from core.domain.events import (
     LlmCall,
     LlmUsage,
     TaskClaimed,
@@ -58,11 +58,12 @@ from core.events import (
     WorkflowRef,
     encode_event,
 )
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore, rfc3339
-from core.task import workflow_capability
-from core.worker import Worker
+from core.domain.ids import new_id
+from core.domain.records import rfc3339
+from core.domain.task import workflow_capability
+from core.domain.worker import Worker
+from core.log.handler import CommandHandler
+from core.log.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore
 from gateway.claims import ClaimIndex
 from projections import schema
 from projections.folds import PROJECTIONS

@@ -9,12 +9,13 @@ import asyncpg
 import pytest
 
 from controlplane.timers import RECONCILER_ACTOR, reconcile
-from core.commands import SYSTEM, Actor, ClaimTask, RegisterWorker, SubmitTask
-from core.handler import CommandHandler, timer_subject
-from core.store import TIMER_ACTOR, JetStreamEventStore
-from core.subjects import aggregate_subject
-from core.task import TASK
-from core.worker import WORKER
+from core.domain.commands import SYSTEM, Actor, ClaimTask, RegisterWorker, SubmitTask
+from core.domain.subjects import aggregate_subject
+from core.domain.task import TASK
+from core.domain.worker import WORKER
+from core.log.event_store import TIMER_ACTOR
+from core.log.handler import CommandHandler, timer_subject
+from core.log.store import JetStreamEventStore
 from projections.projector import Projector
 from projections.read import ReadModel
 from tests.integration.test_projections import caught_up, running

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from core.commands import SYSTEM, SubmitTask
-from core.handler import CommandHandler
+from core.domain.commands import SYSTEM, SubmitTask
+from core.log.handler import CommandHandler
 from integrations.consumer import DEAD_LETTER_STREAM
 
 

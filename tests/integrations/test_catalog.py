@@ -1,4 +1,4 @@
-"""docs/events.md is the catalog rendered from core.events, and it names every type, version and field."""
+"""docs/events.md is the catalog rendered from core.domain.events, and it names every type, version and field."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import msgspec
 
-from core.events import EVENT_TYPES
+from core.domain.events import EVENT_TYPES
 from integrations.catalog import COMMAND, render_catalog
 
 CATALOG = Path(__file__).resolve().parents[2] / "docs" / "events.md"

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from controlplane.embedded import EmbeddedNats
-from core.commands import SYSTEM, CancelTask
-from core.events import TaskSubmitted, decode_event
-from core.handler import CommandHandler
-from core.ids import InvalidToken
-from core.store import STREAM_NAME, JetStreamEventStore
-from core.subjects import aggregate_subject, parse_aggregate_subject
+from core.domain.commands import SYSTEM, CancelTask
+from core.domain.events import TaskSubmitted, decode_event
+from core.domain.ids import InvalidToken
+from core.domain.subjects import aggregate_subject, parse_aggregate_subject
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from integrations.consumer import (
     H_DLQ_CONSUMER,
     H_DLQ_DELIVERIES,

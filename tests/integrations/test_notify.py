@@ -28,12 +28,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.seed import seed_org
-from core.events import NotificationDeadLettered, NotificationSent
-from core.handler import CommandHandler
-from core.ids import new_id
+from core.domain.events import NotificationDeadLettered, NotificationSent
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.subjects import org_events_filter
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV
-from core.store import STREAM_NAME, JetStreamEventStore, RecordedEvent
-from core.subjects import org_events_filter
 from integrations.consumer import Delivery, EventSubscription, dead_letter_subject
 from integrations.notify import TRIGGER_EVENTS, Notifier
 from tests.gateway.conftest import ROLES, Stack, own_database, serve_stack

@@ -24,10 +24,10 @@ from nats.js.api import ConsumerConfig
 
 from controlplane.cli import main
 from controlplane.embedded import EmbeddedNats, NatsLogin
-from core.handler import CommandHandler
-from core.ids import TOKEN_PATTERN, new_id
-from core.store import STREAM_NAME, JetStreamEventStore
-from core.subjects import aggregate_subject, schedule_subject
+from core.domain.ids import TOKEN_PATTERN, new_id
+from core.domain.subjects import aggregate_subject, schedule_subject
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME, JetStreamEventStore
 from integrations.consumer import (
     CONFINED_JS_API_PREFIX,
     H_DLQ_SUBJECT,

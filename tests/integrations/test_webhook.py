@@ -15,8 +15,8 @@ from nats.aio.client import Client as NATS
 
 from controlplane.cli import main
 from controlplane.embedded import EmbeddedNats, free_port
-from core.handler import CommandHandler
-from core.store import STREAM_NAME
+from core.log.handler import CommandHandler
+from core.log.store import STREAM_NAME
 from integrations.consumer import H_DLQ_DELIVERIES, H_DLQ_ERROR, EventSubscription, dead_letter_subject
 from integrations.webhook import WebhookForwarder, display_url
 from tests.integrations.helpers import dead_lettered, dead_letters, submit, wait_for

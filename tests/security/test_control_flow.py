@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from runners.context import ControlFlow, Interrupted, NonDeterminism, Suspended, WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from gateway.auth import Authenticator, KeyRecord
 from gateway.keyring import KeyRing
 from gateway.problems import Problem

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from core.handler import CommandHandler
-from core.store import JetStreamEventStore
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from gateway.http import json_depth
 from tests.gateway.conftest import Stack, own_stack
 

@@ -1,6 +1,6 @@
 """Issue 14, finding 7: an id or a role followed by a newline (``"q\\n"``, ``"admin\\n"``) is refused like
 any other value that is not one: msgspec checks patterns with search semantics, where ``$`` matches
-before a final newline, so every pattern is now anchored at the very end (core.ids.whole). The
+before a final newline, so every pattern is now anchored at the very end (core.domain.ids.whole). The
 property tests of the patterns themselves are in tests/unit/test_ids.py."""
 
 from __future__ import annotations

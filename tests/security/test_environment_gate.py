@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.ids import new_id
+from core.domain.ids import new_id
 from tests.gateway.conftest import Stack
 from tests.security.test_lease_binding import security_stack  # noqa: F401  (fixture `stack`)
 

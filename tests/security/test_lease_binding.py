@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.commands import (
+from core.domain.commands import (
     ROLES,
     Actor,
     ClaimTask,
@@ -32,11 +32,11 @@ from core.commands import (
     StartSleep,
     SubmitTask,
 )
-from core.decider import DecisionContext
-from core.errors import LeaseLost
-from core.events import TaskClaimed, decode_event, encode_event
-from core.ids import new_id
-from core.task import TASK, Task
+from core.domain.decider import DecisionContext
+from core.domain.errors import LeaseLost
+from core.domain.events import TaskClaimed, decode_event, encode_event
+from core.domain.ids import new_id
+from core.domain.task import TASK, Task
 from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack, own_stack
 
 START = datetime(2026, 3, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ import yaml
 
 from controlplane.dev_nats import DevNats, dev_nats
 from controlplane.embedded import EmbeddedNats, free_port, nats_server_binary
-from core.subjects import EVENTS_PREFIX
+from core.domain.subjects import EVENTS_PREFIX
 from integrations.permissions import cp_exports
 
 pytestmark = pytest.mark.integration

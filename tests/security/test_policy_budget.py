@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from core.commands import Actor, PushPolicyBundle
-from core.ids import new_id
-from core.subjects import org_events_filter
+from core.domain.commands import Actor, PushPolicyBundle
+from core.domain.ids import new_id
+from core.domain.subjects import org_events_filter
 from policies_wasm import Bundle
 from tests.gateway.conftest import Stack, new_org
 from tests.security.test_lease_binding import security_stack  # noqa: F401 - this module's own stack, as `stack`

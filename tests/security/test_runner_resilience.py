@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from controlplane.embedded import free_port
-from core.ids import new_id
+from core.domain.ids import new_id
 from runners.client import MAX_RETRY_AFTER_SECONDS, TaskApi, Unavailable, backoff_delay, retry_after_seconds
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow

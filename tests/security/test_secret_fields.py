@@ -17,12 +17,19 @@ from nats.aio.client import Client as NATS
 
 from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, export_org, opened
-from core.access import issue_key, parse_key
-from core.audit import verify_export
-from core.commands import SYSTEM, CreateApiKey
-from core.events import EVENT_TYPES, ApiKeyCreated, TaskSubmitted, decode_event
-from core.handler import CommandHandler
-from core.public import REDACTED, public_bytes, public_event, public_payload, public_view, redacted_fields
+from core.domain.access import issue_key, parse_key
+from core.domain.audit import verify_export
+from core.domain.commands import SYSTEM, CreateApiKey
+from core.domain.events import EVENT_TYPES, ApiKeyCreated, TaskSubmitted, decode_event
+from core.domain.public import (
+    REDACTED,
+    public_bytes,
+    public_event,
+    public_payload,
+    public_view,
+    redacted_fields,
+)
+from core.log.handler import CommandHandler
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 from integrations.webhook import WebhookForwarder
 from tests.gateway.conftest import Stack

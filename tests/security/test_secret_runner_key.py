@@ -14,7 +14,7 @@ import pytest
 
 from controlplane.cli import main
 from controlplane.devstack import fresh_database, running_dev_stack, started_by
-from core.access import parse_key
+from core.domain.access import parse_key
 
 KEY = "cp_0193testkeyid_not-a-real-secret-but-shaped-like-one"
 NO_WORKFLOWS = "tests.security.no_such_module:NOTHING"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from core.handler import CommandHandler
+from core.log.handler import CommandHandler
 from integrations.consumer import EventSubscription
 from integrations.webhook import (
     DEFAULT_TOLERANCE_SECONDS,

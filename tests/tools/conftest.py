@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.cli import main
 from controlplane.embedded import EmbeddedNats
-from core.ids import new_id
+from core.domain.ids import new_id
 from tests.gateway.conftest import Stack, serve_stack
 from tests.integration.conftest import handler, org, store  # noqa: F401
 

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, export_org, opened, task_history
-from core.access import issue_key
-from core.audit import GENESIS, AuditChain, verify_export
-from core.commands import (
+from core.domain.access import issue_key
+from core.domain.audit import GENESIS, AuditChain, verify_export
+from core.domain.commands import (
     SYSTEM,
     Actor,
     ClaimTask,
@@ -30,11 +30,11 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.events import decode_event
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.public import redacted_fields
-from core.store import JetStreamEventStore
+from core.domain.events import decode_event
+from core.domain.ids import new_id
+from core.domain.public import redacted_fields
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from tests.tools.conftest import Cli
 
 pytestmark = pytest.mark.integration

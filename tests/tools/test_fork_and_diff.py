@@ -8,7 +8,7 @@ import json
 import pytest
 
 from controlplane.replay import FORK_BATCH, LogReader, task_history
-from core.commands import (
+from core.domain.commands import (
     Actor,
     ClaimTask,
     CompleteTask,
@@ -18,12 +18,13 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.events import ApprovalTimedOut
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.replay import plan_fork
-from core.store import AppendMeta, JetStreamEventStore
-from core.subjects import aggregate_subject
+from core.domain.events import ApprovalTimedOut
+from core.domain.history import plan_fork
+from core.domain.ids import new_id
+from core.domain.subjects import aggregate_subject
+from core.log.event_store import AppendMeta
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from tests.tools.conftest import Cli
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,13 @@ import pytest
 
 from controlplane.cli import main
 from controlplane.replay import parse_header_lines
-from core.commands import Actor, ClaimTask, HeartbeatTask, RecordOperation, SubmitTask
-from core.events import PolicyDecision, TaskLeaseExpired
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.store import AppendMeta, JetStreamEventStore
-from core.subjects import aggregate_subject
+from core.domain.commands import Actor, ClaimTask, HeartbeatTask, RecordOperation, SubmitTask
+from core.domain.events import PolicyDecision, TaskLeaseExpired
+from core.domain.ids import new_id
+from core.domain.subjects import aggregate_subject
+from core.log.event_store import AppendMeta
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from tests.tools.conftest import Cli
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from controlplane.embedded import EmbeddedNats
 from controlplane.replay import LogReader, task_history
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     ClaimTask,
@@ -28,12 +28,13 @@ from core.commands import (
     StartSleep,
     SubmitTask,
 )
-from core.errors import Rejected
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.replay import plan_fork, state_at
-from core.store import JetStreamEventStore, RecordedEvent
-from core.task import Task, next_approval_id
+from core.domain.errors import Rejected
+from core.domain.history import plan_fork, state_at
+from core.domain.ids import new_id
+from core.domain.records import RecordedEvent
+from core.domain.task import Task, next_approval_id
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 
 TASKS = ("alpha-task", "bravo-task")
 FORK = "fork-task"

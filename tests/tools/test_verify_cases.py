@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from controlplane.replay import LogReader, runner_view, task_history
-from core.commands import Actor, ClaimTask, CompleteTask, FailTask, RecordOperation, SubmitTask
-from core.events import WorkflowRef
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.replay import state_at
-from core.store import JetStreamEventStore
+from core.domain.commands import Actor, ClaimTask, CompleteTask, FailTask, RecordOperation, SubmitTask
+from core.domain.events import WorkflowRef
+from core.domain.history import state_at
+from core.domain.ids import new_id
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from runners.verify import verify_task

@@ -10,12 +10,12 @@ import msgspec
 import pytest
 
 from controlplane.replay import LogReader, runner_view, task_history
-from core.commands import Actor, ClaimTask, CompleteTask, RecordOperation, SubmitTask
-from core.events import WorkflowRef
-from core.handler import CommandHandler
-from core.ids import new_id
-from core.replay import state_at
-from core.store import JetStreamEventStore
+from core.domain.commands import Actor, ClaimTask, CompleteTask, RecordOperation, SubmitTask
+from core.domain.events import WorkflowRef
+from core.domain.history import state_at
+from core.domain.ids import new_id
+from core.log.handler import CommandHandler
+from core.log.store import JetStreamEventStore
 from policies_wasm import Bundle
 from policies_wasm.engine import SOURCES_DIR
 from runners.context import Policies, WorkflowContext

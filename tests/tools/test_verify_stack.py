@@ -12,7 +12,7 @@ import litellm
 import pytest
 
 from controlplane.seed import seed_org
-from core.ids import new_id
+from core.domain.ids import new_id
 from runners.registry import Registry
 from tests.gateway.conftest import ROLES
 from tests.gateway.test_runner import running, until

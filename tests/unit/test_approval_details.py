@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import Actor, ClaimTask, DecideApproval, RequestApproval, SubmitTask
-from core.decider import DecisionContext
-from core.events import ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
-from core.task import TASK, Approval, Task
+from core.domain.commands import Actor, ClaimTask, DecideApproval, RequestApproval, SubmitTask
+from core.domain.decider import DecisionContext
+from core.domain.events import ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
+from core.domain.task import TASK, Approval, Task
 from gateway.forms import MAX_DETAILS_BYTES, MAX_FORM_BYTES, check_details, check_form, check_response
 from gateway.problems import Problem
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     ClaimTask,
@@ -29,14 +29,15 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.decider import DecisionContext
-from core.errors import AlreadyExists, CommandIdTaken, ConcurrencyExhausted, Rejected
-from core.event_store import RecordedEvent, StoreError
-from core.events import Escalation, TaskHeartbeat, TaskSubmitted
-from core.handler import CommandHandler, Outcome, timer_subject
-from core.memory_store import InMemoryEventStore
-from core.subjects import aggregate_subject
-from core.task import TASK, Task
+from core.domain.decider import DecisionContext
+from core.domain.errors import AlreadyExists, CommandIdTaken, ConcurrencyExhausted, Rejected
+from core.domain.events import Escalation, TaskHeartbeat, TaskSubmitted
+from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject
+from core.domain.task import TASK, Task
+from core.log.event_store import StoreError
+from core.log.handler import CommandHandler, Outcome, timer_subject
+from core.log.memory_store import InMemoryEventStore
 
 T = TypeVar("T")
 

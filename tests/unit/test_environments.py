@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import SYSTEM, Actor, DefineEnvironment, DeleteEnvironment, SubmitTask
-from core.decider import DecisionContext
-from core.environments import ENVIRONMENTS, MAX_ENVIRONMENTS, Environments, QueueTaken
-from core.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
-from core.events import EnvironmentDefined, Event, TaskSubmitted, decode_event, encode_event
-from core.task import TASK
+from core.domain.commands import SYSTEM, Actor, DefineEnvironment, DeleteEnvironment, SubmitTask
+from core.domain.decider import DecisionContext
+from core.domain.environments import ENVIRONMENTS, MAX_ENVIRONMENTS, Environments, QueueTaken
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
+from core.domain.events import EnvironmentDefined, Event, TaskSubmitted, decode_event, encode_event
+from core.domain.task import TASK
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 NAMES = ["prod", "staging", "dev"]

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core import events
-from core.events import TaskCancelled, UnknownEvent, decode_event, encode_event
+from core.domain import events
+from core.domain.events import TaskCancelled, UnknownEvent, decode_event, encode_event
 
 
 def test_an_old_version_is_read_through_its_upcaster(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core import commands, events
-from core.commands import Role
-from core.ids import Token, new_id, validate_token, whole
+from core.domain import commands, events
+from core.domain.commands import Role
+from core.domain.ids import Token, new_id, validate_token, whole
 from gateway import bodies, queries
 
 TOKENS = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")

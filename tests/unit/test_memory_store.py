@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.event_store import (
+from core.domain.events import TaskCancelled, TaskLeaseExpired
+from core.log.event_store import (
     TIMER_ACTOR,
     AppendMeta,
     DuplicateAppend,
@@ -20,9 +21,8 @@ from core.event_store import (
     StoreError,
     WrongExpectedSequence,
 )
-from core.events import TaskCancelled, TaskLeaseExpired
-from core.memory_store import InMemoryEventStore, subject_matches
-from core.store import JetStreamEventStore
+from core.log.memory_store import InMemoryEventStore, subject_matches
+from core.log.store import JetStreamEventStore
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 SUBJECT = "cp.acme.task.t1"

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import (
+from core.domain.commands import (
     SYSTEM,
     ClaimTask,
     DefineNotificationChannel,
@@ -26,9 +26,9 @@ from core.commands import (
     SmtpSpec,
     SubmitTask,
 )
-from core.decider import DecisionContext
-from core.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
-from core.events import (
+from core.domain.decider import DecisionContext
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
+from core.domain.events import (
     ApprovalEscalated,
     ApprovalTimedOut,
     Escalation,
@@ -40,8 +40,8 @@ from core.events import (
     decode_event,
     encode_event,
 )
-from core.ids import validate_token
-from core.notifications import (
+from core.domain.ids import validate_token
+from core.domain.notifications import (
     NOTIFICATION,
     NOTIFICATIONS,
     AlreadyRecorded,
@@ -55,9 +55,9 @@ from core.notifications import (
     notification_id,
     sealing_purpose,
 )
-from core.public import REDACTED, public_event
+from core.domain.public import REDACTED, public_event
+from core.domain.task import TASK, Task
 from core.secret_box import SecretBox, SecretUnreadable
-from core.task import TASK, Task
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 CHANNELS = ["ops", "mail", "hook"]

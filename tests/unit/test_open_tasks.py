@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.events import PRIORITY_RANK, TaskStatus, WorkflowRef
-from core.task import SignalWait, Task
+from core.domain.events import PRIORITY_RANK, TaskStatus, WorkflowRef
+from core.domain.task import SignalWait, Task
 from gateway.claims import OpenTasks, claim_order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

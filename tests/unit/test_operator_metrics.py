@@ -8,9 +8,17 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
-from core.events import Event, TaskCancelled, TaskClaimed, TaskHeartbeat, TaskLeaseExpired, TaskSubmitted
-from core.store import TIMER_ACTOR, RecordedEvent
-from core.task import TASK
+from core.domain.events import (
+    Event,
+    TaskCancelled,
+    TaskClaimed,
+    TaskHeartbeat,
+    TaskLeaseExpired,
+    TaskSubmitted,
+)
+from core.domain.records import RecordedEvent
+from core.domain.task import TASK
+from core.log.event_store import TIMER_ACTOR
 from gateway.metrics import OTHER, EventMetrics, LabelBudget
 
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)

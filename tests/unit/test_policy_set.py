@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import SYSTEM, PushPolicyBundle
-from core.decider import DecisionContext
-from core.events import decode_event, encode_event
-from core.policy_set import POLICY_SET, PolicySet, Unchanged
+from core.domain.commands import SYSTEM, PushPolicyBundle
+from core.domain.decider import DecisionContext
+from core.domain.events import decode_event, encode_event
+from core.domain.policy_set import POLICY_SET, PolicySet, Unchanged
 
 CONTEXT = DecisionContext(org="acme", now=datetime(2026, 1, 1, tzinfo=UTC), actor=SYSTEM)
 DIGESTS = [f"sha256:{str(n) * 64}" for n in range(4)]

@@ -1,4 +1,4 @@
-"""The schedule aggregate (core/schedules.py): next fires strictly increase and follow the cron, a
+"""The schedule aggregate (core/domain/schedules.py): next fires strictly increase and follow the cron, a
 downtime of any length is caught up by one run, the overlap policies, pause stops fires, stale fires
 fold as nothing, and the state is always the fold of the recorded events."""
 
@@ -12,7 +12,7 @@ from cronsim import CronSim
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import (
+from core.domain.commands import (
     SYSTEM,
     CreateSchedule,
     DeleteSchedule,
@@ -20,10 +20,10 @@ from core.commands import (
     RecordScheduleRun,
     ResumeSchedule,
 )
-from core.decider import DecisionContext
-from core.errors import AlreadyExists, InvalidCommand, NotFound
-from core.events import Event, ScheduleFired, decode_event, encode_event
-from core.schedules import (
+from core.domain.decider import DecisionContext
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound
+from core.domain.events import Event, ScheduleFired, decode_event, encode_event
+from core.domain.schedules import (
     SCHEDULE,
     InvalidSchedule,
     Schedule,

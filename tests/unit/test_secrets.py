@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import SYSTEM, Actor, ClaimTask, CompleteTask, ReadSecret, SetSecret, SubmitTask
-from core.decider import DecisionContext
-from core.errors import AlreadyTerminal, LeaseLost, NotFound, Rejected
-from core.events import SecretRead, SecretVersionSet, decode_event, encode_event
-from core.public import REDACTED, public_bytes, public_view
+from core.domain.commands import SYSTEM, Actor, ClaimTask, CompleteTask, ReadSecret, SetSecret, SubmitTask
+from core.domain.decider import DecisionContext
+from core.domain.errors import AlreadyTerminal, LeaseLost, NotFound, Rejected
+from core.domain.events import SecretRead, SecretVersionSet, decode_event, encode_event
+from core.domain.public import REDACTED, public_bytes, public_view
+from core.domain.secrets import SECRETS, Secrets, VersionTaken
+from core.domain.task import TASK, Task
 from core.secret_box import Sealed, SecretBox, SecretsKeyInvalid, SecretUnreadable, generate_key_text
-from core.secrets import SECRETS, Secrets, VersionTaken
-from core.task import TASK, Task
 from runners.verify import ReplayOnlyContext
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -12,11 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.commands import Actor, CancelTask, ClaimTask, Command, SignalTask, SubmitTask, WaitForSignal
-from core.decider import DecisionContext, Timer
-from core.errors import AlreadyTerminal, InvalidCommand, InvalidTransition, LeaseLost, NotPermitted, NotReady
-from core.events import Event, SignalConsumed, SignalWaitTimedOut, decode_event, encode_event
-from core.task import MAX_PENDING_SIGNALS, TASK, Task
+from core.domain.commands import Actor, CancelTask, ClaimTask, Command, SignalTask, SubmitTask, WaitForSignal
+from core.domain.decider import DecisionContext, Timer
+from core.domain.errors import (
+    AlreadyTerminal,
+    InvalidCommand,
+    InvalidTransition,
+    LeaseLost,
+    NotPermitted,
+    NotReady,
+)
+from core.domain.events import Event, SignalConsumed, SignalWaitTimedOut, decode_event, encode_event
+from core.domain.task import MAX_PENDING_SIGNALS, TASK, Task
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 SUBMITTER = Actor("key:submitter", frozenset({"submitter"}))

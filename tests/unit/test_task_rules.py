@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     ClaimTask,
     Command,
@@ -16,10 +16,17 @@ from core.commands import (
     RequestApproval,
     SubmitTask,
 )
-from core.decider import DecisionContext
-from core.errors import AlreadyDecided, CapabilityMismatch, InvalidCommand, LeaseLost, NotPermitted, NotReady
-from core.events import Escalation, Event, WorkflowRef
-from core.task import TASK, Task, hosted_workflow_versions, retry_delay
+from core.domain.decider import DecisionContext
+from core.domain.errors import (
+    AlreadyDecided,
+    CapabilityMismatch,
+    InvalidCommand,
+    LeaseLost,
+    NotPermitted,
+    NotReady,
+)
+from core.domain.events import Escalation, Event, WorkflowRef
+from core.domain.task import TASK, Task, hosted_workflow_versions, retry_delay
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SUBMITTER = Actor("sub", frozenset({"submitter"}))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     ClaimTask,
@@ -29,9 +29,9 @@ from core.commands import (
     SubmitTask,
     WaitForSignal,
 )
-from core.decider import DecisionContext, Timer
-from core.errors import Rejected
-from core.events import (
+from core.domain.decider import DecisionContext, Timer
+from core.domain.errors import Rejected
+from core.domain.events import (
     TERMINAL_STATUSES,
     Escalation,
     Event,
@@ -40,7 +40,7 @@ from core.events import (
     decode_event,
     encode_event,
 )
-from core.task import TASK, Task
+from core.domain.task import TASK, Task
 
 TASK_ID = "t1"
 WORKERS = ("w1", "w2", "w3")

@@ -1,4 +1,4 @@
-"""Property-based tests of the worker's circuit breaker (core/worker.py): it opens exactly after
+"""Property-based tests of the worker's circuit breaker (core/domain/worker.py): it opens exactly after
 ``DEFAULT_BREAKER_FAILURES`` consecutive failed attempts, a success resets the count, the cool-down timer or
 an admin's reset closes it, and nothing else (heartbeats, registering again) does. Also the claim
 index's side: ``excluded_workers`` and the lease expiries it reports."""
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from core.commands import (
+from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
     SYSTEM,
@@ -25,13 +25,13 @@ from core.commands import (
     ResetWorkerBreaker,
     SubmitTask,
 )
-from core.decider import DecisionContext, Timer
-from core.errors import CapabilityMismatch, InvalidTransition, Rejected
-from core.events import Event, TaskLeaseExpired, WorkerBreakerOpened, decode_event, encode_event
-from core.store import RecordedEvent
-from core.subjects import aggregate_subject
-from core.task import TASK
-from core.worker import WORKER, Worker
+from core.domain.decider import DecisionContext, Timer
+from core.domain.errors import CapabilityMismatch, InvalidTransition, Rejected
+from core.domain.events import Event, TaskLeaseExpired, WorkerBreakerOpened, decode_event, encode_event
+from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject
+from core.domain.task import TASK
+from core.domain.worker import WORKER, Worker
 from gateway.claims import OpenTasks
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -10,10 +10,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.commands import SYSTEM, LlmConfig, SetWorkerConfig
-from core.decider import DecisionContext
-from core.events import Event, WorkerConfigSet, decode_event, encode_event
-from core.worker_config import WORKER_CONFIG, WorkerConfig
+from core.domain.commands import SYSTEM, LlmConfig, SetWorkerConfig
+from core.domain.decider import DecisionContext
+from core.domain.events import Event, WorkerConfigSet, decode_event, encode_event
+from core.domain.worker_config import WORKER_CONFIG, WorkerConfig
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 ENVIRONMENTS = [None, "prod", "staging"]

@@ -1,4 +1,4 @@
-"""Property-based tests of a worker's restart (core/worker.py incarnations, core/task.py
+"""Property-based tests of a worker's restart (core/domain/worker.py incarnations, core/domain/task.py
 ``ReleaseLease``, gateway/incarnations.py ``held_leases``): a registration from a new process, and only
 that, is a restart; the leases it finds are every lease the worker holds; releasing them never loses a
 task, never touches a lease of another worker or of another credential, counts the attempt as an
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     ClaimTask,
     Command,
@@ -22,13 +22,20 @@ from core.commands import (
     ReleaseLease,
     SubmitTask,
 )
-from core.decider import DecisionContext
-from core.errors import AlreadyTerminal, LeaseLost, Rejected
-from core.events import Event, TaskLeaseExpired, TaskLeaseReleased, WorkerRegistered, decode_event, encode_event
-from core.store import RecordedEvent
-from core.subjects import aggregate_subject
-from core.task import TASK, Task
-from core.worker import WORKER, Worker, is_restart
+from core.domain.decider import DecisionContext
+from core.domain.errors import AlreadyTerminal, LeaseLost, Rejected
+from core.domain.events import (
+    Event,
+    TaskLeaseExpired,
+    TaskLeaseReleased,
+    WorkerRegistered,
+    decode_event,
+    encode_event,
+)
+from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject
+from core.domain.task import TASK, Task
+from core.domain.worker import WORKER, Worker, is_restart
 from gateway.claims import OpenTasks
 from gateway.incarnations import RESTART_REASON, held_leases
 

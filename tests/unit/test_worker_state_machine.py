@@ -8,11 +8,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from core.commands import SYSTEM, Command, DeregisterWorker, HeartbeatWorker, RegisterWorker, ReportWorkerFailure
-from core.decider import DecisionContext, Timer
-from core.errors import NotFound, Rejected
-from core.events import Event, decode_event, encode_event
-from core.worker import WORKER, Worker
+from core.domain.commands import (
+    SYSTEM,
+    Command,
+    DeregisterWorker,
+    HeartbeatWorker,
+    RegisterWorker,
+    ReportWorkerFailure,
+)
+from core.domain.decider import DecisionContext, Timer
+from core.domain.errors import NotFound, Rejected
+from core.domain.events import Event, decode_event, encode_event
+from core.domain.worker import WORKER, Worker
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -1,6 +1,6 @@
 """What of an event may leave the control plane. The log keeps every field (the keys read model is
 rebuilt from it); every reader outside it (the SSE feed, webhooks, integration consumers, audit
-exports) gets the public view, where each field its type names in ``SECRET_FIELDS`` (core/events.py)
+exports) gets the public view, where each field its type names in ``SECRET_FIELDS`` (core/domain/events.py)
 holds :data:`REDACTED` instead. The event keeps its shape: the field is there, with a string in it.
 
 Stored payloads are redacted by their ``type`` tag before any upcasting, with today's declaration: a
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from core.events import EVENT_TYPES, Event
+from core.domain.events import EVENT_TYPES, Event
 
 REDACTED = "[redacted]"
 

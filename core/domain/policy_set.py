@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from core.commands import Command, PushPolicyBundle
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import AlreadyExists
-from core.events import Event, PolicyBundlePushed
+from core.domain.commands import Command, PushPolicyBundle
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists
+from core.domain.events import Event, PolicyBundlePushed
 
 POLICY_AGGREGATE = "policy"
 POLICY_SET_ID = "bundles"

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from cronsim import CronSim, CronSimError
 
-from core.commands import (
+from core.domain.commands import (
     Command,
     CreateSchedule,
     DeleteSchedule,
@@ -28,9 +28,9 @@ from core.commands import (
     RecordScheduleRun,
     ResumeSchedule,
 )
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import AlreadyExists, InvalidCommand, NotFound
-from core.events import (
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound
+from core.domain.events import (
     Event,
     ScheduleCreated,
     ScheduleDeleted,

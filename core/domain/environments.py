@@ -12,10 +12,10 @@ from datetime import datetime
 
 import msgspec
 
-from core.commands import Command, DefineEnvironment, DeleteEnvironment
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
-from core.events import EnvironmentDefined, EnvironmentDeleted, Event
+from core.domain.commands import Command, DefineEnvironment, DeleteEnvironment
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
+from core.domain.events import EnvironmentDefined, EnvironmentDeleted, Event
 
 ENVIRONMENTS_AGGREGATE = "environments"
 ENVIRONMENTS_ID = "all"

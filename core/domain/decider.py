@@ -13,8 +13,8 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from core.commands import Actor, Command
-from core.events import Event
+from core.domain.commands import Actor, Command
+from core.domain.events import Event
 
 S = TypeVar("S")
 

@@ -1,12 +1,12 @@
 """An ``EventStore`` in memory, for fast tests of the command handler's rules without a nats-server.
 
-It keeps the contract of ``core.store.JetStreamEventStore`` as nats-server enforces it: one global
+It keeps the contract of ``core.log.store.JetStreamEventStore`` as nats-server enforces it: one global
 sequence across subjects (timer definitions take one too), per-subject optimistic concurrency, message
 id deduplication within the duplicate window (a single event is checked for concurrency first, a batch
 for duplicates first), NATS subject filters, purges, and timers that fire into their target as
 ``system:timer``. It does no I/O and reads no clock: time comes from ``AppendMeta.time`` and from the
 ``now`` a test passes to :meth:`InMemoryEventStore.fire_due`. What it leaves out: the server's message
-size limit (no :class:`~core.event_store.EventTooLarge`) and the timing of real timers.
+size limit (no :class:`~core.log.event_store.EventTooLarge`) and the timing of real timers.
 
 Tests can also make the log misbehave: :meth:`~InMemoryEventStore.fail_next_append` refuses an append
 (or loses its acknowledgement after storing it), :meth:`~InMemoryEventStore.before_next_append` lets a
@@ -21,18 +21,18 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from core.event_store import (
+from core.domain.events import Event, decode_event, encode_event
+from core.domain.records import RecordedEvent
+from core.domain.subjects import STREAM_SUBJECTS
+from core.log.event_store import (
     DUPLICATE_WINDOW_SECONDS,
     TIMER_ACTOR,
     AppendMeta,
     DuplicateAppend,
-    RecordedEvent,
     Schedule,
     StoreError,
     WrongExpectedSequence,
 )
-from core.events import Event, decode_event, encode_event
-from core.subjects import STREAM_SUBJECTS
 
 AppendHook = Callable[[str], Awaitable[None]]
 """Called with the subject of the append it runs before."""
@@ -71,7 +71,7 @@ class _Fault:
 
 
 class InMemoryEventStore:
-    """Implements :class:`core.event_store.EventStore`. Not shared across processes, so every race it
+    """Implements :class:`core.log.event_store.EventStore`. Not shared across processes, so every race it
     sees is one a test stages: two handlers on one store, or a hook of :meth:`before_next_append`."""
 
     def __init__(self, *, duplicate_window: timedelta = timedelta(seconds=DUPLICATE_WINDOW_SECONDS)) -> None:

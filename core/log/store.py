@@ -5,8 +5,8 @@ optimistic concurrency (``Nats-Expected-Last-Subject-Sequence``) and ``Nats-Msg-
 one message goes as one atomic batch, so a command is never half-written. Reading an aggregate uses
 batched direct get on its subject.
 
-This is the production :class:`core.event_store.EventStore`; the record type, the append metadata and
-the refusals are defined there, storage-neutral, and importable from here as before."""
+This is the production :class:`core.log.event_store.EventStore`; the append metadata and the refusals
+are defined there, the record type in :mod:`core.domain.records`, both storage-neutral."""
 
 from __future__ import annotations
 
@@ -28,20 +28,20 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from core.event_store import (
+from core.domain.events import Event, decode_event, encode_event
+from core.domain.records import RecordedEvent, rfc3339
+from core.domain.subjects import STREAM_SUBJECTS
+from core.log.event_store import (
     DUPLICATE_WINDOW_SECONDS,
     TIMER_ACTOR,
     AppendMeta,
     DuplicateAppend,
     EventTooLarge,
-    RecordedEvent,
     Schedule,
     StoreError,
     WrongExpectedSequence,
 )
-from core.events import Event, decode_event, encode_event
-from core.nats_version import require_nats_version
-from core.subjects import STREAM_SUBJECTS
+from core.log.nats_version import require_nats_version
 
 STREAM_NAME = "CP_EVENTS"
 READ_BATCH = 512
@@ -79,10 +79,6 @@ def server_urls(url: str | list[str]) -> list[str]:
     if not servers:
         raise ValueError(f"no NATS server URL in {url!r}")
     return servers
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JetStreamEventStore:

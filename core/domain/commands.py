@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from core.events import (
+from core.domain.events import (
     ApprovalKind,
     ChannelKind,
     Escalation,
@@ -22,7 +22,7 @@ from core.events import (
     Vote,
     WorkflowRef,
 )
-from core.ids import TOKEN_PATTERN, Token, whole
+from core.domain.ids import TOKEN_PATTERN, Token, whole
 
 Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]

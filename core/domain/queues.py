@@ -16,16 +16,16 @@ from datetime import datetime
 
 import msgspec
 
-from core.commands import (
+from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
     Command,
     ConfigureQueue,
     RemoveQueueSettings,
 )
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import NotFound, Rejected
-from core.events import ClaimStrategy, Event, QueueConfigured, QueueSettingsRemoved
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import NotFound, Rejected
+from core.domain.events import ClaimStrategy, Event, QueueConfigured, QueueSettingsRemoved
 
 QUEUES_AGGREGATE = "queues"
 QUEUES_ID = "all"

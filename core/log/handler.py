@@ -22,31 +22,25 @@ from typing import Any
 import msgspec
 
 from core import telemetry
-from core.access import API_KEY, ORG
-from core.commands import Actor, ClaimTask, Command
-from core.decider import Decider, DecisionContext, Timer
-from core.environments import ENVIRONMENTS
-from core.errors import CommandIdTaken, ConcurrencyExhausted, Rejected
-from core.event_store import (
-    AppendMeta,
-    DuplicateAppend,
-    EventStore,
-    RecordedEvent,
-    Schedule,
-    WrongExpectedSequence,
-)
-from core.events import Event, encode_event
-from core.ids import new_id, validate_token
+from core.domain.access import API_KEY, ORG
+from core.domain.commands import Actor, ClaimTask, Command
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.environments import ENVIRONMENTS
+from core.domain.errors import CommandIdTaken, ConcurrencyExhausted, Rejected
+from core.domain.events import Event, encode_event
+from core.domain.ids import new_id, validate_token
+from core.domain.notifications import NOTIFICATION, NOTIFICATIONS
+from core.domain.policy_set import POLICY_SET
+from core.domain.queues import QUEUES
+from core.domain.records import RecordedEvent
+from core.domain.schedules import SCHEDULE
+from core.domain.secrets import SECRETS
+from core.domain.subjects import aggregate_subject, schedule_subject
+from core.domain.task import TASK
+from core.domain.worker import WORKER
+from core.domain.worker_config import WORKER_CONFIG
+from core.log.event_store import AppendMeta, DuplicateAppend, EventStore, Schedule, WrongExpectedSequence
 from core.lru import Lru
-from core.notifications import NOTIFICATION, NOTIFICATIONS
-from core.policy_set import POLICY_SET
-from core.queues import QUEUES
-from core.schedules import SCHEDULE
-from core.secrets import SECRETS
-from core.subjects import aggregate_subject, schedule_subject
-from core.task import TASK
-from core.worker import WORKER
-from core.worker_config import WORKER_CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import msgspec
 
-from core.commands import Command, LlmConfig, SetWorkerConfig
-from core.decider import Decider, DecisionContext, Timer
-from core.events import Event, LlmSettings, WorkerConfigSet
+from core.domain.commands import Command, LlmConfig, SetWorkerConfig
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.events import Event, LlmSettings, WorkerConfigSet
 
 WORKER_CONFIG_AGGREGATE = "workerconfig"
 WORKER_CONFIG_ID = "all"

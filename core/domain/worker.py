@@ -6,8 +6,8 @@ timer re-armed by every heartbeat, so liveness needs no sweeper process.
 Circuit breaker: 3 consecutive failed attempts (non-retryable failure, lease expiry; the gateway
 records each from the task's events) open it: the worker is ``failed`` and the gateway offers it
 nothing until 60 s pass (a durable timer closes it) or an admin resets it (the defaults,
-``core.commands.DEFAULT_BREAKER_*``). A completed attempt resets the count. A queue may set other values for its workers
-(``core.queues``); the gateway then passes them with each attempt it records.
+``core.domain.commands.DEFAULT_BREAKER_*``). A completed attempt resets the count. A queue may set
+other values for its workers (``core.domain.queues``); the gateway then passes them with each attempt it records.
 
 Incarnations: each worker process names itself with a token of its own when it registers. A
 registration whose incarnation differs from the recorded one comes from a new process: the event says
@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from core.commands import (
+from core.domain.commands import (
     Command,
     DeregisterWorker,
     HeartbeatWorker,
@@ -31,9 +31,9 @@ from core.commands import (
     ReportWorkerFailure,
     ResetWorkerBreaker,
 )
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import InvalidTransition, NotFound
-from core.events import (
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import InvalidTransition, NotFound
+from core.domain.events import (
     Event,
     WorkerAttemptFailed,
     WorkerAttemptSucceeded,

@@ -30,7 +30,7 @@ class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     VERSION: ClassVar[int] = 1
     SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset()
     """Fields that never leave the log: the SSE feed, webhooks, integration consumers and audit exports
-    show them redacted, in the same shape (``core.public``)."""
+    show them redacted, in the same shape (``core.domain.public``)."""
     v: int = 1
     at: datetime
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from core.ids import validate_token
+from core.domain.ids import validate_token
 
 EVENTS_PREFIX = "cp"
 SCHEDULES_PREFIX = "cpsched"

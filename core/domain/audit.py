@@ -20,7 +20,7 @@ Event lines carry ``seq``, ``subject``, ``time`` (the appending command's time, 
 for an event without one), ``stored_at`` (when the log stored it, as the server wrote it), ``actor``,
 ``command_id``, ``correlation_id`` and ``causation_id`` (each only when present) and ``event``: the
 stored JSON as it is in the log, not upcast, so the export shows exactly what was recorded, except
-secret fields (``core.public``: an API key's hash), which read ``"[redacted]"``. The header lists them
+secret fields (``core.domain.public``: an API key's hash), which read ``"[redacted]"``. The header lists them
 as ``Type.field`` in ``redacted``. The chain is computed over the lines as written, redacted, since that
 is what the auditor holds and can check; the secrets never leave the log, not even as hash input.
 

@@ -1,7 +1,8 @@
-"""What the command handler needs of a log, independent of NATS: the ``EventStore`` protocol, the record
-type it reads back, and the ways an append can be refused.
+"""What the command handler needs of a log, independent of NATS: the ``EventStore`` protocol, the append
+metadata, and the ways an append can be refused. The record type it reads back is
+:class:`core.domain.records.RecordedEvent`: history folding, in the domain, reads it too.
 
-``core.store.JetStreamEventStore`` is the production adapter; ``core.memory_store.InMemoryEventStore``
+``core.log.store.JetStreamEventStore`` is the production adapter; ``core.log.memory_store.InMemoryEventStore``
 implements the same contract without I/O, for fast tests of the handler's rules."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Protocol
 
 import msgspec
 
-from core.events import AnyEvent, Event
+from core.domain.events import Event
+from core.domain.records import RecordedEvent
 
 DUPLICATE_WINDOW_SECONDS = 120.0
 """How long a stored message id makes a re-append of it a duplicate."""
@@ -36,18 +38,6 @@ class WrongExpectedSequence(Exception):
 
 class DuplicateAppend(Exception):
     """These message ids were already stored: the command was applied before."""
-
-
-class RecordedEvent(msgspec.Struct, frozen=True):
-    seq: int
-    subject: str
-    event: AnyEvent
-    recorded_at: datetime
-    command_id: str | None = None
-    actor: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    traceparent: str | None = None
 
 
 class AppendMeta(msgspec.Struct, frozen=True):

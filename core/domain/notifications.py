@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from core.commands import (
+from core.domain.commands import (
     Command,
     DefineNotificationChannel,
     DefineNotificationRule,
@@ -34,9 +34,9 @@ from core.commands import (
     DeleteNotificationRule,
     RecordNotification,
 )
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
-from core.events import (
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
+from core.domain.events import (
     ApprovalEscalated,
     ApprovalRequested,
     ApprovalTimedOut,
@@ -55,7 +55,7 @@ from core.events import (
     TaskSubmitted,
     WorkflowNonDeterministic,
 )
-from core.task import Approval, Task, TaskState
+from core.domain.task import Approval, Task, TaskState
 
 NOTIFICATIONS_AGGREGATE = "notifications"
 NOTIFICATIONS_ID = "all"

@@ -16,10 +16,10 @@ from datetime import datetime
 
 import msgspec
 
-from core.commands import Command, SetSecret
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import Rejected
-from core.events import Event, SecretVersionSet
+from core.domain.commands import Command, SetSecret
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import Rejected
+from core.domain.events import Event, SecretVersionSet
 
 SECRETS_AGGREGATE = "secrets"
 SECRETS_ID = "all"

@@ -14,11 +14,11 @@ from datetime import datetime
 
 import msgspec
 
-from core.commands import Command, CreateApiKey, CreateOrg, RevokeApiKey
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import AlreadyExists, NotFound
-from core.events import ApiKeyCreated, ApiKeyRevoked, Event, OrgCreated
-from core.ids import new_id
+from core.domain.commands import Command, CreateApiKey, CreateOrg, RevokeApiKey
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists, NotFound
+from core.domain.events import ApiKeyCreated, ApiKeyRevoked, Event, OrgCreated
+from core.domain.ids import new_id
 
 KEY_PREFIX = "cp_"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from core.commands import (
+from core.domain.commands import (
     Actor,
     CancelTask,
     ClaimTask,
@@ -30,8 +30,8 @@ from core.commands import (
     TaskCommand,
     WaitForSignal,
 )
-from core.decider import Decider, DecisionContext, Timer
-from core.errors import (
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import (
     AlreadyDecided,
     AlreadyExists,
     AlreadyTerminal,
@@ -43,7 +43,7 @@ from core.errors import (
     NotPermitted,
     NotReady,
 )
-from core.events import (
+from core.domain.events import (
     TERMINAL_STATUSES,
     ApprovalDecided,
     ApprovalEscalated,

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from core.events import (
+from core.domain.events import (
     AnyEvent,
     ApiKeyCreated,
     ApiKeyRevoked,
@@ -48,9 +48,9 @@ from core.events import (
     WorkflowOperationRecorded,
     WorkflowSleepStarted,
 )
-from core.ids import validate_token
-from core.store import RecordedEvent, rfc3339
-from core.task import TASK, Task, TaskState, task_id_of_approval
+from core.domain.ids import validate_token
+from core.domain.records import RecordedEvent, rfc3339
+from core.domain.task import TASK, Task, TaskState, task_id_of_approval
 
 SHORT = 80
 
