@@ -16,6 +16,12 @@ Either way an overrun is `PolicyTimeout`. Two rules keep one owner (an org) from
 - after an overrun, that owner's evaluations of that bundle are refused with `PolicyTimeout`, without
   running, for `quarantine_seconds` (`CP_POLICY_QUARANTINE_SECONDS`, default 5): a runaway policy
   costs the pool one budget per quarantine, however often its requests come.
+
+A decision is a function of the bundle and the input, unless the bundle's rules read the clock, draw
+random numbers or reach the network: the evaluator remembers the last `DECISION_MEMORY` decisions of
+bundles whose sources call none of `IMPURE_BUILTINS`, keyed by the bundle's digest, the entrypoint and
+the input's canonical JSON, and answers a repeated question without a worker. A remembered decision
+is recorded as any other (its digests are the same); its `duration_ms` is 0, the time it took.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +37,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from policies_wasm.engine import Bundle, Decision, PolicyTimeout, canonical_json
 from policies_wasm.processes import RegoProcesses
@@ -46,6 +55,18 @@ DEFAULT_WORKERS = 2
 DEFAULT_QUARANTINE_SECONDS = 5.0
 WASM_THREADS = 4
 MAX_WASM_ENGINES = 32
+DECISION_MEMORY = 4096
+IMPURE_BUILTINS = re.compile(
+    r"\b(?:time\.now_ns|rand\.intn|http\.send|uuid\.rfc4122|opa\.runtime|net\.lookup_ip_addr"
+    r"|crypto\.x509\.parse_and_verify_certificates|io\.jwt\.decode_verify)\b"
+)
+
+
+def answers_from_input_alone(bundle: Bundle) -> bool:
+    """Whether the same input always gets the same decision from ``bundle``: its sources call no builtin
+    that reads the clock, draws a random number or reaches the network. A bundle shipped without its
+    sources (wasm only) cannot be read, so it is not trusted to be pure."""
+    return bool(bundle.modules) and not any(IMPURE_BUILTINS.search(source) for source in bundle.modules.values())
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,10 @@ class PolicyEvaluator:
         self._wasm_lock = threading.Lock()
         self._quarantine: dict[tuple[str, str], float] = {}
         self._owners = _PerOwner(max(1, self.budget.workers - 1))
+        self._decisions: OrderedDict[tuple[str, str, bytes], Decision] = OrderedDict()
+        self._pure: dict[str, bool] = {}  # bundle digest -> answers_from_input_alone
+        self.remembered = 0
+        """Decisions answered from memory since the start: what the memory saved the workers."""
 
     async def prepare(self, bundle: Bundle) -> str:
         """Compile `bundle` where it will be evaluated (in every worker process, started if need be):
@@ -107,6 +132,28 @@ class PolicyEvaluator:
 
         admit()  # refused at once, without queueing
         raw_input = canonical_json(input)  # a PolicyInputError is raised here, not in a worker
+        question = (bundle.digest, entrypoint, raw_input) if self._is_pure(bundle) else None
+        if question is not None and (known := self._decisions.get(question)) is not None:
+            self._decisions.move_to_end(question)
+            self.remembered += 1
+            return msgspec.structs.replace(known, duration_ms=0.0)
+        decision = await self._evaluate(bundle, entrypoint, input, raw_input, key, admit)
+        if question is not None:
+            self._decisions[question] = decision
+            if len(self._decisions) > DECISION_MEMORY:
+                self._decisions.popitem(last=False)
+        return decision
+
+    async def _evaluate(
+        self,
+        bundle: Bundle,
+        entrypoint: str,
+        input: Any,
+        raw_input: bytes,
+        key: tuple[str, str] | None,
+        admit: Callable[[], None],
+    ) -> Decision:
+        owner = None if key is None else key[0]
         timeout = self.budget.ms / 1000
         async with self._owners.turn(owner):
             admit()  # the owner's request before this one may have overrun
@@ -120,6 +167,14 @@ class PolicyEvaluator:
                 if key is not None and not self._quarantined(key):
                     self._quarantine_now(key)
                 raise
+
+    def _is_pure(self, bundle: Bundle) -> bool:
+        pure = self._pure.get(bundle.digest)
+        if pure is None:
+            if len(self._pure) >= DECISION_MEMORY:
+                self._pure.clear()
+            pure = self._pure[bundle.digest] = answers_from_input_alone(bundle)
+        return pure
 
     def close(self) -> None:
         self._processes.close()

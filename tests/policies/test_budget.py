@@ -238,13 +238,14 @@ async def test_a_worker_starved_of_cpu_is_waited_for_rather_than_killed_at_the_b
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)  # as an overloaded machine would: no CPU for them for a while
         try:
-            deciding = asyncio.ensure_future(evaluator.evaluate(RUNAWAY, "t/fine", {"n": 1}))
+            # another input than the first: that one's decision is remembered and needs no worker
+            deciding = asyncio.ensure_future(evaluator.evaluate(RUNAWAY, "t/fine", {"n": 2}))
             await asyncio.sleep(0.3)
             assert not deciding.done()
         finally:
             for pid in paused:
                 os.kill(pid, signal.SIGCONT)
-        assert (await deciding).value == 2, "three budgets late, but it used no CPU: not a runaway"
+        assert (await deciding).value == 3, "three budgets late, but it used no CPU: not a runaway"
         assert sorted(set(workers()) - others) == paused, "no worker was killed"
     finally:
         evaluator.close()
