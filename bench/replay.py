@@ -10,8 +10,7 @@ NATS_URL):
 
 For each it reports events/s, the median of ``--rounds`` rounds: the fold alone (events already
 decoded in memory) and end to end (read from JetStream by batched direct get, decode, fold or write
-the hash-chained export). End-to-end reads are also timed on nats-py's stock client, whose header
-parser is what the replay tools' client replaces.
+the hash-chained export).
 
     .venv/bin/python bench/replay.py [--events 10000] [--org-tasks 2000] [--rounds 5]
 """
@@ -33,7 +32,8 @@ from typing import Any
 import uvloop
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.replay import LogReader, connect, export_org, fold_org_tasks, task_history
+from controlplane.export import export_org
+from controlplane.task_log import connect, fold_org_tasks, task_history
 from core.domain.audit import verify_export
 from core.domain.commands import (
     Actor,
@@ -159,37 +159,35 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> list[tuple[str,
     print(f"wrote the histories in {time.perf_counter() - started:.1f} s")
 
     ours = await connect(url)
-    stock = writer  # nats-py's own client, as the rest of the system uses it
     results: list[tuple[str, Measured]] = []
 
-    async def one_task(store: JetStreamEventStore) -> int:
-        history = await task_history(LogReader(store), org, long_id)
+    async def one_task() -> int:
+        history = await task_history(ours, org, long_id)
         state_at(history)
         return len(history)
 
-    history: list[RecordedEvent] = await task_history(LogReader(ours), org, long_id)
+    history: list[RecordedEvent] = await task_history(ours, org, long_id)
 
     async def fold_one() -> int:
         state_at(history)
         return len(history)
 
     results.append(("one task: fold only", await rate(rounds, fold_one)))
-    results.append(("one task: read + decode + fold (state --at)", await rate(rounds, lambda: one_task(ours))))
-    results.append(("one task: same, nats-py's stock client", await rate(rounds, lambda: one_task(stock))))
+    results.append(("one task: read + decode + fold (state --at)", await rate(rounds, one_task)))
 
-    async def read_org(store: JetStreamEventStore) -> int:
-        folded = await fold_org_tasks(LogReader(store), org)
+    async def read_org() -> int:
+        folded = await fold_org_tasks(ours.reader, org)
         return sum(task.events for task in folded.values())
 
     exported = io.BytesIO()
 
-    async def export(store: JetStreamEventStore) -> int:
+    async def export() -> int:
         nonlocal exported
         exported = io.BytesIO()
-        return (await export_org(LogReader(store), org, exported)).events
+        return (await export_org(ours.reader, org, exported)).events
 
     task_events: dict[str, list[Any]] = {}
-    async for batch in LogReader(ours).batches(f"cp.{org}.task.>"):
+    async for batch in ours.reader.batches(f"cp.{org}.task.>"):
         for msg in batch:
             task_events.setdefault(msg.headers["Nats-Subject"], []).append(decode_event(msg.data))  # type: ignore[index]
     histories = list(task_events.values())
@@ -198,9 +196,8 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> list[tuple[str,
         return fold_all(histories)
 
     results.append(("org: fold only", await rate(rounds, fold_org_only)))
-    results.append(("org: read + decode + fold every task (verify's read)", await rate(rounds, lambda: read_org(ours))))
-    results.append(("org: same, nats-py's stock client", await rate(rounds, lambda: read_org(stock))))
-    results.append(("org: export (read + hash chain + write)", await rate(rounds, lambda: export(ours))))
+    results.append(("org: read + decode + fold every task (verify's read)", await rate(rounds, read_org)))
+    results.append(("org: export (read + hash chain + write)", await rate(rounds, export)))
     lines = exported.getvalue().splitlines(keepends=True)
 
     async def audit_verify() -> int:

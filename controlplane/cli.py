@@ -38,6 +38,7 @@ from controlplane.connection import (
 from controlplane.dev_nats import dev_nats, provision_streams
 from controlplane.embedded import EmbeddedPostgres, database_url_from_env, nats_server_binary, nats_server_version
 from controlplane.logs import configure_logging
+from controlplane.progress import progress_bar
 from controlplane.seed import seed_org
 from controlplane.stack import DEV_ORGS, WORKER_KEY_ENV, run_gateway, run_projector, run_runner
 from controlplane.tracing import configure_tracing
@@ -49,7 +50,7 @@ from core.log.nats_version import NatsVersionTooOld, require_nats_version
 from core.log.store import JetStreamEventStore
 from gateway.factory import GatewaySettings, close_services, open_services
 from integrations.consumer import DEAD_LETTER_STREAM
-from projections.projector import progress_bar, rebuild
+from projections.rebuild import rebuild
 from projections.roles import DB_PASSWORD_ENV, GATEWAY_ROLE, PROJECTOR_ROLE, provision_login_roles
 from projections.schema import Shard, migrate, parse_shard
 

@@ -18,11 +18,11 @@ from typing import Any
 import msgspec
 import uvloop
 
+from application.idempotency import BUCKET as IDEMPOTENCY_BUCKET
+from application.idempotency import IdempotencyRecords
 from controlplane.cluster import EmbeddedNatsCluster
 from controlplane.embedded import EmbeddedNats, stored_login
 from core.log.store import JetStreamEventStore
-from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
-from gateway.idempotency import IdempotencyRecords
 from integrations.consumer import CONFINED_JS_API_PREFIX, consumer_name, provision_dead_letter_stream
 from integrations.permissions import (
     DEFAULT_INTEGRATION_NAMES,

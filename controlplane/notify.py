@@ -20,7 +20,7 @@ from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, SecretBox
 from integrations.consumer import EventSubscription, SubscriptionError, consumer_name
-from integrations.notify import TRIGGER_EVENTS, Notifier
+from integrations.notify import TRIGGER_AGGREGATE, TRIGGER_EVENTS, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ async def _notify(args: argparse.Namespace, orgs: list[str], box: SecretBox) -> 
                         org,
                         args.name,
                         types=TRIGGER_EVENTS,
+                        aggregate=TRIGGER_AGGREGATE,
                         max_deliveries=args.max_deliveries,
                         ack_wait=args.ack_wait,
                         retry_delay=args.retry_delay,

@@ -1,350 +1,59 @@
 """CLI commands for history, state, verify, export, audit, fork, diff: replay and audit of the log.
 
-Each only reads the log, except ``fork``, which writes a new task (never onto an existing one). Reads
-go straight to JetStream by batched direct get (no consumer is created on the server), on a
-connection that fails fast when the server cannot be reached."""
+Each only reads the log, except ``fork``, which writes a new task (never onto an existing one) through
+the command handler (``application.fork``). What they read, and the connection they read it on (one
+that fails fast when the server cannot be reached), is ``controlplane.task_log``'s; the audit export
+is ``controlplane.export``'s."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import itertools
-import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import aclosing, asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import msgspec
 import uvloop
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
+from application.fork import fork_command_id, fork_task
+from application.policy import pushed_bundle
 from controlplane.connection import nats_url_argument
-from core.domain.audit import AuditChain, AuditReport, verify_export
-from core.domain.events import PolicyBundlePushed, decode_event, encode_event
-from core.domain.history import (
-    ForkPlan,
-    ForkRefused,
-    TaskDiff,
-    diff_tasks,
-    plan_fork,
-    short,
-    state_at,
-    task_timeline,
-    why_absent,
+from controlplane.export import export_org
+from controlplane.progress import progress_bar
+from controlplane.task_log import (
+    FoldedTask,
+    TaskNotFound,
+    current_task,
+    fold_org_tasks,
+    opened,
+    runner_view,
+    task_history,
 )
+from core.domain.audit import AuditChain, AuditReport, verify_export
+from core.domain.errors import AlreadyExists
+from core.domain.events import PolicyBundlePushed
+from core.domain.history import ForkRefused, TaskDiff, diff_tasks, plan_fork, short, state_at, task_timeline, why_absent
 from core.domain.ids import new_id, validate_token
 from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
-from core.domain.public import public_payload, redacted_fields
-from core.domain.records import RecordedEvent, rfc3339
-from core.domain.subjects import EVENTS_PREFIX, aggregate_subject
-from core.domain.task import TASK, Task, TaskState
-from core.log.event_store import AppendMeta, DuplicateAppend, Schedule, StoreError, WrongExpectedSequence
-from core.log.handler import timer_subject, utc_now
-from core.log.nats_version import require_nats_version
-from core.log.store import (
-    H_ACTOR,
-    H_CAUSATION,
-    H_CORRELATION,
-    H_TIME,
-    MSG_ID,
-    JetStreamEventStore,
-    recorded_from_message,
-)
-from gateway.policy import pushed_bundle
+from core.domain.records import rfc3339
+from core.domain.subjects import aggregate_subject
+from core.domain.task import Task
+from core.log.event_store import StoreError
+from core.log.handler import CommandHandler
+from core.log.reader import Progress
+from core.log.store import JetStreamEventStore
 from gateway.views import task_document
 from policies_wasm import default_bundle
-from projections.projector import Progress, progress_bar
 from runners.registry import Registry
 from runners.verify import DEFAULT_TIMEOUT_SECONDS, SameBundles, Verification, verify_task
 
-log = logging.getLogger(__name__)
-
-READ_BATCH = 2000
-"""Events per direct-get request; the next request goes out while a batch is being processed."""
-READ_TIMEOUT_SECONDS = 10.0
-FORK_BATCH = 500
-"""Events per atomic append of a fork (the server refuses batches of more than 1,000 messages)."""
-FORK_ACTOR = "system:fork"
 DEFAULT_WORKFLOWS = "runners.examples:EXAMPLES"
 
 _document = msgspec.json.Encoder()
-
-
-class TaskNotFound(ValueError):
-    """The org has no such task (or it did not exist yet at the sequence asked for)."""
-
-
-# --- reading the log ------------------------------------------------------------------------------
-
-
-def parse_header_lines(raw: bytes) -> dict[str, str]:
-    """The same headers nats-py's parser returns (names without whitespace or non-ASCII, values
-    stripped and decoded leniently), from one decode and a split instead of a generator per character
-    of every name: a direct-get reply carries ten headers, and parsing them dominated a bulk read."""
-    headers = {}
-    for line in raw.decode("utf-8", "replace").split("\r\n"):
-        name, colon, value = line.partition(":")
-        if colon:
-            name = name.strip()
-            if name.isascii() and len(name.split()) == 1:
-                headers[name] = value.strip()
-    return headers
-
-
-class _ReplayClient(NATS):
-    # nats-py's own hook for parsing headers; should a release rename it, its parser runs instead:
-    # slower, same result.
-    _parse_header_lines = staticmethod(parse_header_lines)
-
-
-async def _quiet(error: Exception) -> None:
-    log.debug("nats: %r", error)
-
-
-async def connect(url: str) -> JetStreamEventStore:
-    """A store on a connection made for one command: it gives up after one failed reconnect instead
-    of retrying forever, so an unreachable server is an error, not a hang. Nothing is provisioned."""
-    nc = _ReplayClient()
-    await nc.connect(
-        url,
-        name="controlplane-replay",
-        connect_timeout=3,
-        max_reconnect_attempts=1,
-        reconnect_time_wait=0.5,
-        error_cb=_quiet,
-    )
-    version = nc.connected_server_version
-    require_nats_version(f"{version.major}.{version.minor}.{version.patch}")
-    return JetStreamEventStore(nc)
-
-
-@asynccontextmanager
-async def opened(url: str) -> AsyncIterator[JetStreamEventStore]:
-    store = await connect(url)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@dataclass
-class _Pending:
-    messages: list[Msg] = field(default_factory=list)
-    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-class LogReader:
-    """Reads every event under a subject filter in stream order, by batched direct get: one
-    request per batch, the next requested while the current one is processed."""
-
-    def __init__(self, store: JetStreamEventStore, *, batch: int = READ_BATCH) -> None:
-        self._nc = store.nc
-        self._stream = store.stream
-        self._batch = batch
-
-    async def batches(
-        self,
-        subject_filter: str,
-        *,
-        start_seq: int = 1,
-        start_time: datetime | None = None,
-        progress: Progress | None = None,
-    ) -> AsyncIterator[list[Msg]]:
-        inbox = self._nc.new_inbox()
-        pending: dict[str, _Pending] = {}
-        counter = itertools.count()
-
-        async def receive(msg: Msg) -> None:
-            request = pending.get(msg.subject.rpartition(".")[2])
-            if request is None or request.done.done():
-                return
-            headers = msg.headers or {}
-            status = headers.get("Status")
-            if status is None:
-                request.messages.append(msg)
-            elif status == "204":  # end of this batch; the number of matching events after it
-                request.done.set_result(int(headers.get("Nats-Num-Pending", "0")))
-            elif status == "404":
-                request.done.set_result(0)
-            elif status == "503":
-                request.done.set_exception(
-                    StoreError(f"no stream {self._stream} answers: nothing was recorded there (check --nats-url)")
-                )
-            else:
-                request.done.set_exception(
-                    StoreError(f"reading {subject_filter} failed: {status} {headers.get('Description', '')}")
-                )
-
-        async def ask(where: dict[str, Any]) -> _Pending:
-            token = str(next(counter))
-            request = pending[token] = _Pending()
-            body = {**where, "next_by_subj": subject_filter, "batch": self._batch}
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{self._stream}", msgspec.json.encode(body), f"{inbox}.{token}")
-            return request
-
-        subscription = await self._nc.subscribe(f"{inbox}.*", cb=receive)
-        try:
-            first = {"start_time": rfc3339(start_time)} if start_time is not None else {"seq": start_seq}
-            ahead: _Pending | None = await ask(first)
-            read = 0
-            while ahead is not None:
-                try:
-                    async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                        remaining = await ahead.done
-                except TimeoutError:
-                    raise StoreError(f"reading {subject_filter} from the log timed out") from None
-                messages = ahead.messages
-                pending.clear()
-                ahead = None
-                if messages and remaining > 0:
-                    ahead = await ask({"seq": int(messages[-1].headers["Nats-Sequence"]) + 1})  # type: ignore[index]
-                read += len(messages)
-                if progress is not None:
-                    progress(read, read + remaining)
-                if messages:
-                    yield messages
-        finally:
-            with suppress(Exception):
-                await subscription.unsubscribe()
-
-    async def history(self, subject: str) -> list[RecordedEvent]:
-        events = []
-        async with aclosing(self.batches(subject)) as batches:
-            async for batch in batches:
-                events.extend(recorded_from_message(msg) for msg in batch)
-        return events
-
-
-async def task_history(reader: LogReader, org: str, task_id: str) -> list[RecordedEvent]:
-    history = await reader.history(aggregate_subject(org, "task", task_id))
-    if not history:
-        raise TaskNotFound(f"no task {task_id} in org {org}")
-    return history
-
-
-def runner_view(task: Task, seq: int) -> dict[str, Any]:
-    """The task object exactly as a runner receives it from the gateway (JSON, times as strings)."""
-    return msgspec.json.decode(_document.encode(task_document(task, seq)))  # type: ignore[no-any-return]
-
-
-class FoldedTask(msgspec.Struct):
-    state: TaskState
-    seq: int
-    events: int
-
-
-async def fold_org_tasks(reader: LogReader, org: str, progress: Progress | None = None) -> dict[str, FoldedTask]:
-    """Every task of ``org`` folded to its current state, in one pass over the org's task events."""
-    tasks: dict[str, FoldedTask] = {}
-    evolve = TASK.evolve
-    validate_token(org, "org")
-    async with aclosing(reader.batches(f"{EVENTS_PREFIX}.{org}.task.>", progress=progress)) as batches:
-        async for batch in batches:
-            for msg in batch:
-                headers: dict[str, str] = msg.headers  # type: ignore[assignment]
-                seq = int(headers["Nats-Sequence"])
-                task_id = headers["Nats-Subject"].rpartition(".")[2]
-                try:
-                    event = decode_event(msg.data)
-                except ValueError as exc:  # an unknown type or version, or a payload that no longer validates
-                    raise ValueError(
-                        f"seq {seq} ({headers['Nats-Subject']}) cannot be read by this code: {exc}"
-                    ) from exc
-                folded = tasks.get(task_id)
-                if folded is None:
-                    tasks[task_id] = FoldedTask(evolve(None, event), seq, 1)
-                else:
-                    folded.state = evolve(folded.state, event)
-                    folded.seq = seq
-                    folded.events += 1
-    return tasks
-
-
-def _command_id(msg_id: str | None) -> str | None:
-    # Appended events carry "Nats-Msg-Id: <command id>:<index>"; fired timers carry none.
-    return msg_id.rpartition(":")[0] or None if msg_id else None
-
-
-async def export_org(
-    reader: LogReader, org: str, out: BinaryIO, *, since: datetime | None = None, progress: Progress | None = None
-) -> AuditChain:
-    """Write the audit export of ``org`` (see core.domain.audit for the format) and return its chain. Secret
-    fields are redacted (``core.domain.public``) before a line is written and hashed."""
-    chain = AuditChain()
-    out.write(chain.header(org, None if since is None else rfc3339(since), redacted_fields()))
-    decode = msgspec.json.decode
-    batches = reader.batches(f"{EVENTS_PREFIX}.{validate_token(org, 'org')}.>", start_time=since, progress=progress)
-    async with aclosing(batches) as reading:
-        async for batch in reading:
-            lines = []
-            for msg in batch:
-                headers: dict[str, str] = msg.headers  # type: ignore[assignment]
-                try:
-                    event: Any = public_payload(decode(msg.data))
-                except msgspec.DecodeError:  # not JSON: exported as stored, never dropped
-                    event = {"base64": base64.b64encode(msg.data).decode()}
-                stored_at = headers["Nats-Time-Stamp"]
-                lines.append(
-                    chain.event(
-                        seq=int(headers["Nats-Sequence"]),
-                        subject=headers["Nats-Subject"],
-                        event=event,
-                        time=headers.get(H_TIME, stored_at),
-                        stored_at=stored_at,
-                        actor=headers.get(H_ACTOR),
-                        command_id=_command_id(headers.get(MSG_ID)),
-                        correlation_id=headers.get(H_CORRELATION),
-                        causation_id=headers.get(H_CAUSATION),
-                    )
-                )
-            out.write(b"".join(lines))
-    out.write(chain.end())
-    return chain
-
-
-async def write_fork(store: JetStreamEventStore, reader: LogReader, org: str, plan: ForkPlan) -> tuple[int, int]:
-    """Append ``plan``'s events to the fork's subject; returns (last seq, events appended now).
-
-    The first append expects the subject to be empty, so a fork never lands on an existing task. A
-    fork of more than FORK_BATCH events takes several atomic appends; if one fails, running the same
-    fork again finds the copy it started (same source, same cut) and appends the rest. The timers the
-    forked state needs (approval timeouts, deadline, retry wake-up) are armed with the last append,
-    as for any command; one already due fires at once."""
-    subject = aggregate_subject(org, "task", plan.task_id)
-    existing = await reader.history(subject)
-    if [encode_event(item.event) for item in existing] != [encode_event(e) for e in plan.events[: len(existing)]]:
-        raise ForkRefused(f"task {plan.task_id} already exists in org {org}; choose another id with --as")
-    last_seq = existing[-1].seq if existing else 0
-    schedules = [
-        Schedule(subject=timer_subject(subject, timer), target=subject, event=timer.event)
-        for timer in TASK.timers(plan.state)
-    ]
-    start = len(existing)
-    for offset in range(start, len(plan.events), FORK_BATCH):
-        chunk = plan.events[offset : offset + FORK_BATCH]
-        final = offset + len(chunk) == len(plan.events)
-        meta = AppendMeta(command_id=f"fork-{plan.task_id}-{offset}", actor=FORK_ACTOR, time=utc_now())
-        try:
-            seqs = await store.append(
-                subject, chunk, expected_last_seq=last_seq, meta=meta, schedules=schedules if final else ()
-            )
-        except (WrongExpectedSequence, DuplicateAppend) as exc:
-            raise ForkRefused(
-                f"task {plan.task_id} changed while the fork was written ({exc}); "
-                f"run the same fork again to finish it, or fork under another id"
-            ) from exc
-        last_seq = seqs[-1]
-    return last_seq, len(plan.events) - start
-
-
-# --- commands -------------------------------------------------------------------------------------
 
 
 def _progress(args: argparse.Namespace, label: str) -> Progress | None:
@@ -355,7 +64,7 @@ def _progress(args: argparse.Namespace, label: str) -> Progress | None:
 async def _history(args: argparse.Namespace) -> int:
     org, task_id = validate_token(args.org, "org"), validate_token(args.task, "task id")
     async with opened(args.nats_url) as store:
-        history = await task_history(LogReader(store), org, task_id)
+        history = await task_history(store, org, task_id)
     entries = task_timeline(history)
     if args.json:
         print(msgspec.json.format(_document.encode(entries)).decode())
@@ -371,7 +80,7 @@ async def _history(args: argparse.Namespace) -> int:
 async def _state(args: argparse.Namespace) -> int:
     org, task_id = validate_token(args.org, "org"), validate_token(args.task, "task id")
     async with opened(args.nats_url) as store:
-        history = await task_history(LogReader(store), org, task_id)
+        history = await task_history(store, org, task_id)
     task, seq = state_at(history, args.at)
     if task is None:
         raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, args.at)}")
@@ -423,17 +132,13 @@ async def _verify(args: argparse.Namespace) -> int:
     org = validate_token(args.org, "org")
     registry = Registry.load(args.workflows or [DEFAULT_WORKFLOWS])
     async with opened(args.nats_url) as store:
-        reader = LogReader(store)
         if args.task is not None:
             task_id = validate_token(args.task, "task id")
-            history = await task_history(reader, org, task_id)
-            state, seq = state_at(history)
-            if state is None:
-                raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, None)}")
-            tasks = {task_id: FoldedTask(state, seq, len(history))}
+            state, seq, events = await current_task(store, org, task_id)
+            tasks = {task_id: FoldedTask(state, seq, events)}
         else:
-            tasks = await fold_org_tasks(reader, org, _progress(args, "read"))
-        bundles = None if args.skip_policies else await _policy_bundles(reader, org)
+            tasks = await fold_org_tasks(store.reader, org, _progress(args, "read"))
+        bundles = None if args.skip_policies else await _policy_bundles(store, org)
     chosen = [
         folded
         for folded in tasks.values()
@@ -461,9 +166,9 @@ async def _verify(args: argparse.Namespace) -> int:
     return 1 if diverged else 0
 
 
-async def _policy_bundles(reader: LogReader, org: str) -> SameBundles:
+async def _policy_bundles(store: JetStreamEventStore, org: str) -> SameBundles:
     """Every bundle the org's decisions can name: its pushed versions and the shipped bundle."""
-    pushed = await reader.history(aggregate_subject(org, POLICY_AGGREGATE, POLICY_SET_ID))
+    pushed = await store.read_subject(aggregate_subject(org, POLICY_AGGREGATE, POLICY_SET_ID))
     versions = [pushed_bundle(item.event) for item in pushed if isinstance(item.event, PolicyBundlePushed)]
     return SameBundles([*versions, await asyncio.to_thread(default_bundle)])
 
@@ -505,7 +210,7 @@ async def _export_to(
     store: JetStreamEventStore, org: str, out: BinaryIO, since: datetime | None, args: argparse.Namespace
 ) -> AuditChain:
     try:
-        chain = await export_org(LogReader(store), org, out, since=since, progress=_progress(args, "export"))
+        chain = await export_org(store.reader, org, out, since=since, progress=_progress(args, "export"))
         out.flush()
     except BrokenPipeError:
         # The reader went away (export | head): say so once; stop Python flushing into the closed pipe.
@@ -541,9 +246,15 @@ async def _fork(args: argparse.Namespace) -> int:
     task_id = validate_token(args.new_id, "new task id") if args.new_id else new_id()
     queue = validate_token(args.queue, "queue") if args.queue else None
     async with opened(args.nats_url) as store:
-        reader = LogReader(store)
-        plan = plan_fork(await task_history(reader, org, source), task_id=task_id, at_seq=args.at, queue=queue)
-        last_seq, appended = await write_fork(store, reader, org, plan)
+        plan = plan_fork(await task_history(store, org, source), task_id=task_id, at_seq=args.at, queue=queue)
+        handler = CommandHandler(store)
+        try:
+            forked = await fork_task(handler, org, plan, command_id=fork_command_id(plan.task_id))
+        except AlreadyExists as refused:
+            raise ForkRefused(f"{refused.detail}; choose another id with --as") from refused
+        finally:
+            await handler.close()
+    last_seq, appended = forked.last_seq, forked.appended
     summary = {
         "task": plan.task_id,
         "source": plan.source,
@@ -576,23 +287,14 @@ async def _diff(args: argparse.Namespace) -> int:
         validate_token(args.task_b, "task id"),
     )
     async with opened(args.nats_url) as store:
-        reader = LogReader(store)
-        a = await _current(reader, org, first)
-        b = await _current(reader, org, second)
+        a, _, _ = await current_task(store, org, first)
+        b, _, _ = await current_task(store, org, second)
     diff = diff_tasks(a, b)
     if args.json:
         print(msgspec.json.format(_document.encode(diff)).decode())
     else:
         _print_diff(diff)
     return 0
-
-
-async def _current(reader: LogReader, org: str, task_id: str) -> Task:
-    history = await task_history(reader, org, task_id)
-    task, _ = state_at(history)
-    if task is None:
-        raise TaskNotFound(f"task {task_id} in org {org}: {why_absent(history, None)}")
-    return task
 
 
 def _print_diff(diff: TaskDiff, width: int = 48) -> None:

@@ -14,10 +14,11 @@ import msgspec
 import uvloop
 
 from controlplane.connection import database_url_argument, nats_url_argument
+from controlplane.progress import progress_bar
 from core.domain.ids import validate_token
 from core.log.handler import CommandHandler
+from core.log.reader import Progress
 from core.log.store import JetStreamEventStore
-from projections.projector import Progress, progress_bar
 from projections.read import ReadModel
 
 log = logging.getLogger(__name__)

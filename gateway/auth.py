@@ -2,7 +2,8 @@
 secret, RS256 with a public key, or RS256/ES256 with keys from the issuer's JWKS URL, so the issuer can
 rotate them). A JWT must name this gateway's audience and the trusted issuer: without both, any token
 signed by the key would do, including one the issuer made for another service. The org always comes
-from the credential, never from a body."""
+from the credential, never from a body. What a principal's roles permit is the application layer's
+(``application/principal.py``)."""
 
 from __future__ import annotations
 
@@ -14,34 +15,12 @@ from typing import Any
 
 import jwt
 
+from application.principal import Principal
 from core.domain.access import parse_key, secret_matches
 from core.domain.commands import ROLES, Actor
 from core.domain.ids import InvalidToken, validate_token
 from core.lru import Lru
 from gateway.problems import Problem
-
-# What each role may do; admin may do everything.
-PERMISSIONS: dict[str, frozenset[str]] = {
-    "submitter": frozenset({"read", "submit", "cancel", "schedule"}),
-    "worker": frozenset({"read", "claim", "lease", "workers"}),
-    "approver": frozenset({"read", "decide"}),
-    "viewer": frozenset({"read"}),
-}
-
-
-@dataclass(frozen=True)
-class Principal:
-    org: str
-    actor: Actor
-    credential_id: str
-
-    def may(self, permission: str) -> bool:
-        roles = self.actor.roles
-        return "admin" in roles or any(permission in PERMISSIONS.get(role, ()) for role in roles)
-
-    def require(self, permission: str) -> None:
-        if not self.may(permission):
-            raise Problem(403, f"this credential (roles {sorted(self.actor.roles)}) may not {permission}")
 
 
 @dataclass(frozen=True)

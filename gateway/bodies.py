@@ -1,16 +1,18 @@
-"""Request bodies of docs/api.md. Field constraints are the command types' own (core.domain.commands), so HTTP
-input and commands share one schema; unknown fields are ignored so clients can evolve first."""
+"""Request bodies of docs/api.md. A field a body shares with the command it becomes has the command's
+own type (core.domain.commands), so HTTP input and commands share one schema per field
+(tests/unit/test_schemas_agree.py holds each pair to it); only what HTTP alone takes is declared here.
+Unknown fields are ignored so clients can evolve first."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
 from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
-    Approver,
+    Approvers,
     BreakerCooldown,
     BreakerFailures,
     Capabilities,
@@ -18,39 +20,40 @@ from core.domain.commands import (
     ChannelUrl,
     ClaimStrategyName,
     CronExpression,
+    Details,
     EnvironmentName,
     EnvironmentQueues,
     ExcludedWorkers,
+    Form,
     HeartbeatInterval,
     JournalIndex,
     Labels,
     LeaseSeconds,
     LlmConfig,
+    MaxRetries,
+    Metadata,
+    Name,
     OneLine,
     OperationKind,
-    Role,
+    PolicyModules,
+    Quorum,
+    Reason,
+    ReportedWorkerStatus,
+    Response,
+    RetryBackoff,
+    Revision,
+    Roles,
     Seconds,
     ShortText,
     SignalName,
+    SignalPayload,
     SmtpSpec,
     TimeZoneName,
+    Triggers,
+    WaitSeconds,
 )
-from core.domain.events import (
-    ApprovalKind,
-    ChannelKind,
-    Escalation,
-    NotificationTrigger,
-    Priority,
-    ScheduleOverlap,
-)
-from core.domain.ids import Token, whole
-
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-# Sized and checked by gateway.forms, which a type cannot say:
-Details = Annotated[Any, msgspec.Meta(description="What is being approved (a plan, a diff, a tool call); ≤ 64 KiB")]
-Form = Annotated[dict[str, Any], msgspec.Meta(description="A JSON Schema (2020-12) each response must fit; ≤ 16 KiB")]
-Response = Annotated[Any, msgspec.Meta(description="A structured answer that fits the approval's form; ≤ 64 KiB")]
-SignalPayload = Annotated[Any, msgspec.Meta(description="Any JSON handed to the waiting workflow; ≤ 64 KiB")]
+from core.domain.events import ApprovalKind, ChannelKind, Escalation, Priority, ScheduleOverlap
+from core.domain.ids import Token
 
 
 class WorkflowBody(msgspec.Struct, frozen=True):
@@ -67,10 +70,10 @@ class SubmitTaskBody(msgspec.Struct, frozen=True):
     """Route to this environment's first queue; with ``queue`` too, the queue must be the environment's."""
     required_capabilities: Capabilities = ()
     priority: Priority = "normal"
-    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    max_retries: MaxRetries = 3
     timeout_seconds: Seconds | None = None
-    retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
-    metadata: Annotated[dict[str, Any], msgspec.Meta(max_length=64)] = {}
+    retry_backoff_seconds: RetryBackoff = 1.0
+    metadata: Metadata = {}
     workflow: WorkflowBody | None = None
     excluded_workers: ExcludedWorkers = ()
     """Worker ids never offered this task (at most 64)."""
@@ -124,9 +127,9 @@ class HeartbeatBody(LeaseBody, frozen=True):
 
 
 class ApprovalRequestBody(LeaseBody, frozen=True):
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, description="what the human is approving")]
-    approvers: Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)] = ("role:approver",)
-    quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    reason: Annotated[Reason, msgspec.Meta(description="what the human is approving")]
+    approvers: Approvers = ("role:approver",)
+    quorum: Quorum = 1
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
     journal_index: JournalIndex | None = None
@@ -145,13 +148,13 @@ class OperationBody(LeaseBody, frozen=True):
 
 class SleepBody(LeaseBody, frozen=True):
     index: JournalIndex
-    seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+    seconds: WaitSeconds
 
 
 class SignalWaitBody(LeaseBody, frozen=True):
     index: JournalIndex
     name: SignalName
-    timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)] | None = None
+    timeout_seconds: WaitSeconds | None = None
 
 
 class SignalBody(msgspec.Struct, frozen=True):
@@ -188,20 +191,17 @@ class ApproveBody(msgspec.Struct, frozen=True):
 
 
 class RejectBody(msgspec.Struct, frozen=True):
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    reason: Reason
     response: Response = None
 
 
 class WorkerHeartbeatBody(msgspec.Struct, frozen=True):
-    status: Literal["ready", "busy", "draining"] = "ready"
+    status: ReportedWorkerStatus = "ready"
 
 
 class CreateApiKeyBody(msgspec.Struct, frozen=True):
     name: Name
-    roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
-
-
-ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=whole(r"[^\x00]*\.rego"))]
+    roles: Roles
 
 
 class BreakerSettings(msgspec.Struct, frozen=True):
@@ -238,10 +238,10 @@ class PolicyBundleBody(msgspec.Struct, frozen=True):
     """A policy bundle as ``controlplane policies push`` sends it: Rego modules by path, the data
     document, and the compiled ``policy.wasm`` (base64) when the bundle was built with ``opa build -t wasm``."""
 
-    modules: Annotated[dict[ModulePath, str], msgspec.Meta(min_length=1, max_length=256)]
+    modules: PolicyModules
     data: dict[str, Any] = {}
     wasm: bytes | None = None
-    revision: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    revision: Revision = ""
 
 
 class ScheduleBody(msgspec.Struct, frozen=True):
@@ -278,7 +278,7 @@ class NotificationRuleBody(msgspec.Struct, frozen=True):
     ``queue``, ``environment`` and ``workflow`` (a workflow name); each filter left out matches any."""
 
     channel: ChannelName
-    on: Annotated[tuple[NotificationTrigger, ...], msgspec.Meta(min_length=1, max_length=5)]
+    on: Triggers
     id: Token | None = None
     queue: Token | None = None
     environment: Token | None = None

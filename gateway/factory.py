@@ -8,16 +8,16 @@ from pathlib import Path
 
 import asyncpg
 
+from application.breakers import LeaseExpiries
+from application.claim_index import ClaimIndex
+from application.idempotency import IdempotencyRecords
+from application.policy import SubmitGate
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, SecretBox
 from gateway.auth import Authenticator, JwtSettings
-from gateway.breakers import LeaseExpiries
-from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
-from gateway.idempotency import IdempotencyRecords
 from gateway.keyring import KeyRing
-from gateway.policy import SubmitGate
 from gateway.scheduler import Scheduler
 from gateway.services import Limits, Metrics, Services
 from projections.read import ReadModel

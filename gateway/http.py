@@ -4,7 +4,6 @@ retries, and JSON out."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from collections.abc import Iterable
 from itertools import accumulate
@@ -15,9 +14,11 @@ import nats.errors
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.forms import holds_nul
+from application.idempotency import derived_id
+from application.principal import Principal
 from core import telemetry
 from core.domain.ids import validate_token
-from gateway.auth import Principal
 from gateway.console.sessions import SESSION_COOKIE
 from gateway.problems import Problem
 from gateway.queries import MAX_SEQ, Query, ReadAfter, expected, whole_numbers
@@ -131,17 +132,6 @@ def json_depth(raw: bytes) -> int:
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
 
-def holds_nul(value: Any) -> bool:
-    """PostgreSQL cannot store NUL in text or JSON, so no string anywhere in a body may hold one."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(holds_nul(v) for v in value)
-    return False
-
-
 def path_id(request: Request, name: str, what: str) -> str:
     """A path id that is not a valid token names nothing: 404, and it never reaches a subject."""
     value = request.path_params[name]
@@ -163,12 +153,6 @@ def idempotency_key(request: Request) -> str | None:
 
 def valid_idempotency_key(key: str) -> bool:
     return 1 <= len(key) <= 255
-
-
-def derived_id(*parts: str) -> str:
-    """A stable token from the parts (org, credential, key, ...), so a retried request maps to the same
-    command and aggregate ids and returns the original outcome."""
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def command_id(request: Request, who: Principal, *scope: str) -> str | None:

@@ -47,7 +47,7 @@ from core.domain.records import RecordedEvent
 from core.domain.subjects import parse_aggregate_subject
 from core.domain.task import TASK, TIMER_EVENTS, Task
 from core.log.event_store import TIMER_ACTOR
-from projections.read import QueueSummary
+from projections.read.summary import QueueSummary
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,6 @@ class LabelBudget:
 
 
 # --- from the log ---------------------------------------------------------------------------------
-
-
-class LogObserver(Protocol):
-    """What the claim index hands the task events it follows (``gateway.claims.ClaimIndex``)."""
-
-    def seed(self, org: str, task: Task, seq: int) -> None: ...
-
-    def fold(self, recorded: RecordedEvent) -> None: ...
 
 
 def _slim(before: Task | None, after: Task) -> Task:

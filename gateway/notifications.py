@@ -17,6 +17,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.idempotency import derived_id
+from application.principal import Principal
 from core.domain.commands import (
     DefineNotificationChannel,
     DefineNotificationRule,
@@ -35,9 +37,8 @@ from core.domain.notifications import (
     sealing_purpose,
 )
 from core.secret_box import SecretBox
-from gateway.auth import Principal
 from gateway.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
-from gateway.http import body, command_id, derived_id, idempotency_key, json, path_id, principal, services
+from gateway.http import body, command_id, idempotency_key, json, path_id, principal, services
 from gateway.problems import Problem
 from gateway.secrets import required_box
 

@@ -29,7 +29,7 @@ _TITLES = {
     429: "Too many requests",
     503: "Service unavailable",
 }
-_REJECTION_STATUS = {"not_found": 404, "conflict": 409, "forbidden": 403, "invalid": 422}
+_REJECTION_STATUS = {"not_found": 404, "conflict": 409, "forbidden": 403, "invalid": 422, "unavailable": 503}
 
 
 class Problem(Exception):

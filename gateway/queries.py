@@ -13,11 +13,10 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.inspect as types
 
-from core.domain.commands import Capability, EnvironmentName
+from core.domain.commands import Capability, EnvironmentName, Name
 from core.domain.events import EVENT_TYPES, Priority, TaskStatus
 from core.domain.ids import Token, validate_token, whole
-from gateway.bodies import Name
-from projections.read import MAX_PAGE, decode_cursor
+from projections.read.paging import MAX_PAGE, decode_cursor
 
 MAX_SEQ = 2**63 - 1
 """The largest stream sequence a client may name (JetStream's own are unsigned 64-bit)."""

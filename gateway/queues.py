@@ -4,7 +4,9 @@ strategy) and when a worker's circuit breaker opens. A queue without settings ha
 
 ``PUT /v1/queues/{name}`` sets a queue's settings whole, ``DELETE`` brings back the defaults,
 ``GET /v1/queues`` lists the queues that have settings and ``GET /v1/queues/{name}`` shows any queue's.
-Reads come from the log (one small aggregate per org), so every read shows every write before it."""
+The list comes from the ``queues`` read model once it holds the caller's own writes (``?min_seq=`` for
+anyone else's); a single queue is read from the log (one small aggregate per org), and so are the
+settings claims and attempt records act on (``application.queues.settings_of``)."""
 
 from __future__ import annotations
 
@@ -16,21 +18,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.domain.commands import ConfigureQueue, RemoveQueueSettings
-from core.domain.queues import QUEUES_AGGREGATE, QUEUES_ID, Queues, QueueSettings
-from core.log.handler import CommandHandler
+from core.domain.queues import QUEUES_AGGREGATE, QUEUES_ID, QueueSettings
 from gateway.bodies import QueueSettingsBody
-from gateway.http import body, command_id, json, path_id, principal, services
-
-SETTINGS_STALENESS_SECONDS = 1.0
-"""How old a copy of the settings claims and attempt records may use: a change made on another
-gateway applies here within this time, instead of a read of the log on every claim."""
-
-
-async def settings_of(handler: CommandHandler, org: str, queue: str) -> QueueSettings:
-    """The queue's settings for the hot paths (claims, attempt records): at most a second old."""
-    queues, _ = await handler.load(org, QUEUES_AGGREGATE, QUEUES_ID, max_age=SETTINGS_STALENESS_SECONDS)
-    assert isinstance(queues, Queues)
-    return queues.of(queue)
+from gateway.http import body, command_id, json, path_id, principal, read_after, services
 
 
 def queue_document(settings: QueueSettings, seq: int) -> dict[str, Any]:
@@ -76,8 +66,9 @@ async def remove(request: Request) -> Response:
 
 async def list_queues(request: Request) -> Response:
     who = await principal(request, "read")
-    queues, seq = await services(request).handler.load(who.org, QUEUES_AGGREGATE, QUEUES_ID)
-    return json({"items": [queue_document(settings, seq) for settings in queues.listed()], "seq": seq})
+    await read_after(request, "queues", who)
+    configured, seq = await services(request).read_model.configured_queues(who.org)
+    return json({"items": [queue_document(settings, seq) for settings in configured], "seq": seq})
 
 
 async def get_queue(request: Request) -> Response:

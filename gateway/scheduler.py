@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 from core.domain.events import ScheduleFired, UnknownEvent
 from core.domain.schedules import SCHEDULE_AGGREGATE, run_task_id
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
-from core.log.pull import Puller
+from core.log.reader import Puller
 from core.log.store import recorded_from_message
 from gateway.schedules import Transient, run_fire
 from gateway.services import Services

@@ -1,7 +1,7 @@
 """Schedules (cron): ``POST /v1/schedules`` and the rest, and ``run_fire``, the one place a fire (the
 scheduler's, or a trigger's) becomes a task.
 
-A fire submits its schedule's task through the API's own submit path (``gateway.tasks.submit_task``:
+A fire submits its schedule's task through the API's own submit path (``application.submit.submit_task``:
 environments, the submit policy, workflow pinning) as the actor ``schedule:<id>``, with
 ``metadata.schedule_id`` and ``metadata.schedule_fire_at``. Every id it uses derives from the
 schedule, its generation and the fire time: run again after a crash, a fire finds its own task and
@@ -18,6 +18,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.errors import PolicyUnavailable
+from application.idempotency import derived_id
+from application.principal import Principal
+from application.submit import denial_reasons, route, submit_task
 from core.domain.commands import (
     Actor,
     CancelTask,
@@ -39,12 +43,10 @@ from core.domain.schedules import (
     run_task_id,
 )
 from core.log.handler import Outcome
-from gateway.auth import Principal
 from gateway.bodies import ScheduleBody, SubmitTaskBody
-from gateway.http import body, command_id, derived_id, idempotency_key, json, path_id, principal, read_after, services
+from gateway.http import body, command_id, idempotency_key, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services
-from gateway.tasks import _route, denial_reasons, submit_task
 
 PERMISSION = "schedule"
 SCHEDULER_ACTOR = Actor(id="system:scheduler", roles=frozenset({"admin"}))
@@ -96,7 +98,8 @@ async def create(request: Request) -> Response:
             422,
             f"task.metadata has {len(spec.task.metadata)} keys; a scheduled task's holds at most {MAX_TASK_METADATA}",
         )
-    await _route(svc, who.org, spec.task)  # a task that could never be routed is refused now, not at each fire
+    # A task that could never be routed is refused now, not at each fire.
+    await route(svc.environments, who.org, spec.task)
     key = idempotency_key(request)
     schedule_id = spec.id or (new_id() if key is None else derived_id(who.org, who.credential_id, key, "schedule"))
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
@@ -276,18 +279,17 @@ async def _submit_run(
         metadata = {**spec.metadata, "schedule_id": schedule.id, "schedule_fire_at": fire_at.isoformat()}
         spec = msgspec.structs.replace(spec, metadata=metadata)
         submitted = await submit_task(
-            svc,
+            svc.handler,
+            svc.submit_gate,
+            svc.environments,
+            svc.read_model,
             org,
             spec,
             task_id=task_id,
             actor=schedule_actor(schedule.id),
             command_id=derived_id(task_id, "schedule-submit"),
         )
-    except Problem as exc:
-        if exc.status >= 500:
-            raise Transient(exc.detail) from exc
-        return "failed", exc.detail, None
-    except ConcurrencyExhausted as exc:
+    except (PolicyUnavailable, ConcurrencyExhausted) as exc:
         raise Transient(exc.detail) from exc
     except (Rejected, msgspec.ValidationError) as exc:
         return "failed", str(exc), None

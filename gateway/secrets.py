@@ -6,7 +6,11 @@ the task as ``SecretRead`` (who, which secret and version, which task).
 The value exists in clear only in the PUT's body, in this process's memory while it is sealed or
 opened, and in the read's answer: the log holds ciphertext (``core/secret_box.py``), no answer but
 the read's holds a value, and no problem detail or log line repeats one. Without ``CP_SECRETS_KEY``
-every secrets endpoint answers 503 saying how to set it."""
+every secrets endpoint answers 503 saying how to set it.
+
+The listing reads the ``secrets`` read model (names, scopes, versions: PostgreSQL never holds a value,
+sealed or not); a set (the next version to seal for) and a task's read (the version and ciphertext to
+open) read the log, always fresh."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from core.domain.secrets import SECRETS_AGGREGATE, SECRETS_ID, Secrets, SecretSc
 from core.domain.task import Task
 from core.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
 from gateway.bodies import SecretBody, SecretReadBody
-from gateway.http import body, command_id, json, path_id, principal, services
+from gateway.http import body, command_id, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services
 from gateway.worker_config import require_environment
@@ -91,10 +95,12 @@ async def put_secret(request: Request) -> Response:
 
 
 async def list_secrets(request: Request) -> Response:
-    """Every secret's names, scopes and versions; never a value."""
+    """Every secret's names, scopes and versions, from the ``secrets`` read model (which holds no value,
+    sealed or not) once it holds the caller's own writes."""
     who = await principal(request, "admin")
-    secrets, seq = await services(request).handler.load(who.org, SECRETS_AGGREGATE, SECRETS_ID)
-    return json({"items": [scope_document(scope) for scope in secrets.listed()], "seq": seq})
+    await read_after(request, "secrets", who)
+    scopes, seq = await services(request).read_model.secret_scopes(who.org)
+    return json({"items": [scope_document(scope) for scope in scopes], "seq": seq})
 
 
 async def read_secret(request: Request) -> Response:

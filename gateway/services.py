@@ -1,4 +1,6 @@
-"""Everything a request handler needs, built once per process and wired explicitly."""
+"""Everything a request handler needs, built once per process and wired explicitly: the application
+layer's parts (command handler, claim index, submit gate, environments, idempotency records) and the
+gateway's own (credentials, sessions, limits, metrics)."""
 
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from application.claim_index import ClaimIndex
+from application.environments import EnvironmentDirectory
+from application.idempotency import IdempotencyRecords
+from application.policy import SubmitGate
 from core.log.handler import CommandHandler, utc_now
 from core.log.store import JetStreamEventStore
 from core.lru import Lru
 from core.secret_box import SecretBox
 from gateway.auth import Authenticator
-from gateway.claims import ClaimIndex
 from gateway.console.sessions import SessionStore
-from gateway.environment_map import EnvironmentDirectory
-from gateway.idempotency import IdempotencyRecords
 from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
-from gateway.policy import SubmitGate
 from projections.read import ReadModel
 
 if TYPE_CHECKING:
@@ -163,8 +165,6 @@ class Services:
     streams: StreamSlots = field(init=False)
     environments: EnvironmentDirectory = field(init=False)
     """Each org's environments, read from the log at every use (a submit's environment gates it)."""
-    claims_in_flight: set[str] = field(default_factory=set)
-    """Tasks a claim request of this gateway is trying right now: concurrent claimers try others first."""
     secret_box: SecretBox | None = None
     """Seals and opens secret values (``CP_SECRETS_KEY``); None: the secrets endpoints answer 503."""
     scheduler: Scheduler | None = None

@@ -1,32 +1,29 @@
-"""Server-sent events straight from the log: an ordered JetStream consumer starting after
-``Last-Event-ID`` (or ``?after=``), following live, with a comment line every 15 s to keep proxies
-from closing the connection. Each stream holds a consumer, so a credential and an org may have only so
-many open at once (``Limits.sse_max_per_credential``, ``sse_max_per_org``): one more is a 429."""
+"""Server-sent events straight from the log: a pull consumer of the stream's own
+(``core.log.reader.Puller.ephemeral``) starting after ``Last-Event-ID`` (or ``?after=``), following
+live, with a comment line every 15 s to keep proxies from closing the connection. Each stream holds a
+consumer, so a credential and an org may have only so many open at once
+(``Limits.sse_max_per_credential``, ``sse_max_per_org``): one more is a 429."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Callable
-from typing import NamedTuple
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from application.principal import Principal
 from core.domain.events import TaskSubmitted, WorkerRegistered
 from core.domain.public import public_view
 from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
-from core.log.pull import Puller
+from core.log.reader import Puller
 from core.log.store import recorded_from_message
-from gateway.auth import Principal
 from gateway.http import path_id, principal, query, services, typed_text
 from gateway.problems import Problem
 from gateway.queries import MAX_SEQ, OrgEvents, ResumeAfter
-from gateway.services import Services
 
 _encoder = msgspec.json.Encoder()
 FETCH_BATCH = 256
@@ -73,54 +70,34 @@ async def _stream(
     if refused := svc.streams.open(who.org, who.credential_id):
         raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
     try:
-        feed = await _Feed.open(svc, subject, after)
+        # A consumer of the stream's own, pulled: no flow control to answer (a push consumer stalls when
+        # the stream filters events out faster than it acknowledges control messages), and the server
+        # removes it once nobody asks, should the response not get to.
+        feed = await Puller.ephemeral(
+            svc.store.nc,
+            svc.store.stream,
+            subject,
+            start_seq=after + 1,
+            inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
+        )
     except BaseException:
         svc.streams.close(who.org, who.credential_id)
         raise
     return _EventStream(
-        _follow(request, feed.puller, types, queue),
+        _follow(request, feed, types, queue),
         feed,
         release=lambda: svc.streams.close(who.org, who.credential_id),
     )
 
 
-class _Feed(NamedTuple):
-    """A stream's ephemeral pull consumer and the puller reading it: no flow control to answer (a push
-    consumer stalls when the stream filters events out faster than it acknowledges control messages),
-    and the server removes the consumer once nobody asks, should ``close`` not get to."""
-
-    js: JetStreamContext
-    stream: str
-    consumer: str
-    puller: Puller
-
-    @classmethod
-    async def open(cls, svc: Services, subject: str, after: int) -> _Feed:
-        js = svc.store.nc.jetstream()
-        config = ConsumerConfig(
-            filter_subject=subject,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
-            opt_start_seq=after + 1 if after else None,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
-            mem_storage=True,
-        )
-        consumer = (await js.add_consumer(svc.store.stream, config)).name
-        return cls(js, svc.store.stream, consumer, Puller(svc.store.nc, svc.store.stream, consumer))
-
-    async def close(self) -> None:
-        await self.puller.close()
-        await self.js.delete_consumer(self.stream, self.consumer)
-
-
 class _EventStream(StreamingResponse):
     """The SSE response: however it ends (the stream fails, the client goes away, the server stops), its
-    slot is given back and its consumer removed."""
+    slot is given back and its consumer removed (closing the puller deletes it)."""
 
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
-        feed: _Feed,
+        feed: Puller,
         release: Callable[[], None],
     ) -> None:
         super().__init__(

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from core.domain.ids import InvalidToken, validate_token
 from gateway.http import json, principal, read_after, services
 from gateway.problems import Problem
-from projections.read import USAGE_GROUPS, check_usage_query
+from projections.read.usage import USAGE_GROUPS, check_usage_query
 
 DEFAULT_DAYS = 30
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")

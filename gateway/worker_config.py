@@ -1,8 +1,10 @@
 """Worker configuration endpoints: an admin sets the org's (``PUT /v1/worker-config``) or one
 environment's (``?environment=``), replaced whole, and reads it back; a worker gets what applies to it
 in the answer to its registration (``config``): the org's, overridden field by field by its queue's
-environment's, with the policy bundle version new submissions are decided by. Read from the log (one
-small aggregate per org), so a registration right after a change gets the change, on any gateway."""
+environment's, with the policy bundle version new submissions are decided by. A registration reads
+the log (one small aggregate per org), so one right after a change gets the change, on any gateway;
+``GET`` reads the ``worker_config`` read model once it holds the caller's own writes (``?min_seq=``
+for anyone else's)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from starlette.responses import Response
 from core.domain.commands import SetWorkerConfig
 from core.domain.worker_config import WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID, WorkerConfigs
 from gateway.bodies import WorkerConfigBody
-from gateway.http import body, command_id, json, principal, query, services
+from gateway.http import body, command_id, json, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import EnvironmentScope
 from gateway.services import Services
@@ -62,13 +64,15 @@ async def put_config(request: Request) -> Response:
 async def get_config(request: Request) -> Response:
     who = await principal(request, "admin")
     environment = query(request, EnvironmentScope).environment
-    configs, seq = await services(request).handler.load(who.org, WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID)
+    await read_after(request, "worker_config", who)
+    configs, seq = await services(request).read_model.worker_configs(who.org)
     return json(config_document(configs, environment, seq))
 
 
 async def worker_config(svc: Services, org: str, queue: str) -> dict[str, Any]:
     """What a worker on ``queue`` is told at registration: the configuration of its queue's environment
-    over the org's, and the policy bundle version that decides new submissions (null: the shipped one)."""
+    over the org's, and the policy bundle version that decides new submissions (null: the shipped one).
+    Read from the log, not the read model: a worker registering right after a change gets the change."""
     environments, _ = await svc.environments.current(org)
     holder = environments.of_queue(queue)
     environment = None if holder is None else holder.name

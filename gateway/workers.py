@@ -5,11 +5,11 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.incarnations import release_if_restarted
 from core.domain.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.domain.worker import Worker
 from gateway.bodies import WorkerHeartbeatBody
 from gateway.http import body, command_id, json, path_id, principal, query, read_after, services
-from gateway.incarnations import release_if_restarted
 from gateway.problems import Problem
 from gateway.queries import WorkerList
 from gateway.views import worker_document
@@ -23,7 +23,7 @@ async def register(request: Request) -> Response:
     outcome = await svc.handler.handle(
         who.org, command, actor=who.actor, command_id=command_id(request, who, "register", command.worker_id)
     )
-    released = await release_if_restarted(svc, who.org, who.actor, outcome)
+    released = await release_if_restarted(svc.handler, svc.store, svc.read_model, who.org, who.actor, outcome)
     document = worker_document(
         outcome.state, await _completed(request, who.org, command.worker_id), max(outcome.seq, released.seq)
     )

@@ -7,8 +7,10 @@
     await running
 
 Each subscription is a durable JetStream pull consumer ``<name>@<org>`` on ``CP_EVENTS``, filtered on
-``cp.<org>.>``: timer definitions (``cpsched.``) are never delivered, the events they fire are. A restart
-resumes after the last acknowledged event.
+``cp.<org>.>`` (or, with ``aggregate``, on one aggregate type's subjects, ``cp.<org>.task.*``: the server
+then never sends the rest): timer definitions (``cpsched.``) are never delivered, the events they fire
+are. A restart resumes after the last acknowledged event; one with another filter within the org (a
+subscription narrowed or widened by an upgrade) changes the consumer's filter in place and resumes too.
 
 What the handler does decides what happens to the event:
 
@@ -55,8 +57,8 @@ from core.domain.events import EVENT_TYPES, AnyEvent, UnknownEvent
 from core.domain.ids import validate_token
 from core.domain.public import public_bytes, public_event
 from core.domain.records import RecordedEvent
-from core.domain.subjects import org_events_filter
-from core.log.pull import Puller
+from core.domain.subjects import EVENTS_PREFIX, org_events_filter
+from core.log.reader import Puller
 from core.log.store import STREAM_NAME, recorded_from_message
 
 log = logging.getLogger(__name__)
@@ -180,10 +182,12 @@ class EventSubscription:
         max_retry_delay: float = 300.0,
         batch: int = 32,
         start_from: Literal["beginning", "now"] = "beginning",
+        aggregate: str | None = None,
         js_api_prefix: str = DEFAULT_JS_API_PREFIX,
         ensure_dead_letter_stream: bool = True,
     ) -> None:
-        """``start_from`` applies only when the consumer is created. ``js_api_prefix`` is
+        """``start_from`` applies only when the consumer is created. ``aggregate`` keeps to the events of
+        one aggregate type (e.g. ``"task"``); events of other types are not even delivered. ``js_api_prefix`` is
         ``CONFINED_JS_API_PREFIX`` for a user of a ``controlplane nats-config`` account, which may not
         create streams: there the operator provisions the dead-letter stream and
         ``ensure_dead_letter_stream`` must be False."""
@@ -192,6 +196,7 @@ class EventSubscription:
         self.consumer = consumer_name(org, name)
         self.dead_letter_subject = dead_letter_subject(org, name)
         self.types = None if types is None else check_event_types(types)
+        self.filter_subject = org_events_filter(self.org, aggregate)
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, not {max_deliveries}")
         if ack_wait <= 0 or retry_delay < 0 or max_retry_delay < retry_delay:
@@ -215,7 +220,7 @@ class EventSubscription:
 
     async def start(self) -> None:
         """Create the durable consumer (or update a live one's settings) and bind to it."""
-        filter_subject = org_events_filter(self.org)
+        filter_subject = self.filter_subject
         try:
             if self._ensure_dead_letter_stream:
                 await provision_dead_letter_stream(self._js)
@@ -225,10 +230,10 @@ class EventSubscription:
                 existing = None
             deliver_policy = DeliverPolicy.ALL if self._start_from == "beginning" else DeliverPolicy.NEW
             if existing is not None:
-                if existing.config.filter_subject != filter_subject:
+                if not (existing.config.filter_subject or "").startswith(f"{EVENTS_PREFIX}.{self.org}."):
                     raise SubscriptionError(
-                        f"consumer {self.consumer} exists with filter {existing.config.filter_subject!r}, not "
-                        f"{filter_subject!r}; delete it or choose another integration name"
+                        f"consumer {self.consumer} exists with filter {existing.config.filter_subject!r}, outside "
+                        f"{org_events_filter(self.org)}; delete it or choose another integration name"
                     )
                 # Fixed at creation: a restart resumes where the consumer stopped.
                 deliver_policy = existing.config.deliver_policy or deliver_policy

@@ -1,6 +1,7 @@
 """The notifier: tells people when something waits for them, on ``integrations.consumer``.
 
-    notifier = Notifier(EventSubscription(store.nc, "acme", "notify", types=TRIGGER_EVENTS), store,
+    subscription = EventSubscription(store.nc, "acme", "notify", types=TRIGGER_EVENTS, aggregate=TRIGGER_AGGREGATE)
+    notifier = Notifier(subscription, store,
                         CommandHandler(store), console_url="https://cp.example.com", http=client)
     await notifier.run()  # until notifier.stop()
 
@@ -93,6 +94,8 @@ TRIGGER_EVENTS = frozenset(
     }
 )
 """The event types that may mean something to people: the subscription's type filter."""
+TRIGGER_AGGREGATE = "task"
+"""Every trigger is an event of a task: the subscription's subject filter, so nothing else is even sent."""
 NOTIFIER = Actor(id="system:notifier", roles=frozenset({"admin"}))
 TRIGGER_HEADER = "X-CP-Notification-Trigger"
 

@@ -1,21 +1,21 @@
-"""The policy port: bundles, decisions, errors, and the choice of engine.
+"""The policy port: bundles, decisions, errors, and the interface every engine implements.
 
 A bundle is what `opa build` consumes or produces: Rego modules, a data document, and optionally the
 `policy.wasm` that `opa build -t wasm` compiled from them. An engine loads a bundle once and then
 answers `evaluate(entrypoint, input)` synchronously with a `Decision` that names the engine, the
-bundle and the input by digest, so a recorded decision says exactly what produced it.
+bundle and the input by digest, so a recorded decision says exactly what produced it. The engines
+(`policies_wasm.opa_wasm`, `policies_wasm.rego`) import this module; which one a bundle gets is
+`policies_wasm.engines`' choice, so this module imports none of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
 import tarfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -287,7 +287,7 @@ def default_bundle() -> Bundle:
     return compiled
 
 
-# --- Engines ----------------------------------------------------------------------------------------
+# --- The engine interface ----------------------------------------------------------------------------------------
 
 
 class PolicyEngine(Protocol):
@@ -300,53 +300,9 @@ class PolicyEngine(Protocol):
         """Evaluate `entrypoint` (e.g. "controlplane/submit") for `input`. Raises a PolicyError."""
 
 
-def open_engine(bundle: Bundle) -> PolicyEngine:
-    """The OPA-wasm engine when the bundle holds a compiled `policy.wasm`, else regopy."""
-    engine: PolicyEngine
-    if bundle.wasm is not None:
-        from policies_wasm.opa_wasm import OpaWasmEngine
-
-        engine = OpaWasmEngine()
-    else:
-        from policies_wasm.rego import RegoEngine
-
-        engine = RegoEngine()
-    engine.load(bundle)
-    return engine
-
-
-class EngineCache:
-    """Engines by bundle digest, each opened once and reused; opening compiles, so it runs in a thread.
-    A bundle that fails to open raises each time it is asked for and is never cached."""
-
-    def __init__(self, max_engines: int = 32) -> None:
-        self._engines: OrderedDict[str, PolicyEngine] = OrderedDict()
-        self._max_engines = max_engines
-        self._opening = asyncio.Lock()
-
-    def get(self, bundle: Bundle) -> PolicyEngine | None:
-        engine = self._engines.get(bundle.digest)
-        if engine is not None:
-            self._engines.move_to_end(bundle.digest)
-        return engine
-
-    async def engine(self, bundle: Bundle) -> PolicyEngine:
-        engine = self.get(bundle)
-        if engine is not None:
-            return engine
-        async with self._opening:  # one compile at a time; a second asker of the same bundle finds it cached
-            engine = self.get(bundle)
-            if engine is None:
-                engine = self._engines[bundle.digest] = await asyncio.to_thread(open_engine, bundle)
-                while len(self._engines) > self._max_engines:
-                    self._engines.popitem(last=False)
-            return engine
-
-
 __all__ = [
     "Bundle",
     "Decision",
-    "EngineCache",
     "PolicyEngine",
     "PolicyError",
     "PolicyEvaluationError",
@@ -359,5 +315,4 @@ __all__ = [
     "canonical_json",
     "default_bundle",
     "input_digest",
-    "open_engine",
 ]

@@ -25,7 +25,8 @@ from typing import Any
 
 import msgspec
 
-from policies_wasm.engine import Bundle, Decision, PolicyEngine, PolicyError, open_engine
+from policies_wasm.engine import Bundle, Decision, PolicyEngine, PolicyError
+from policies_wasm.engines import open_engine
 
 MAX_ENGINES = 64
 

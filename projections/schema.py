@@ -41,7 +41,15 @@ NOTIFY_CHANNEL = "cp_checkpoint"
 """``pg_notify`` channel; the payload is ``<projection>:<checkpoint seq>``."""
 
 _FIRST_ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
-ORG_SCOPED_TABLES = (*_FIRST_ORG_SCOPED_TABLES, "usage_tasks", "environments", "schedules")
+ORG_SCOPED_TABLES = (
+    *_FIRST_ORG_SCOPED_TABLES,
+    "usage_tasks",
+    "environments",
+    "schedules",
+    "queue_settings",
+    "worker_config",
+    "secrets",
+)
 MIGRATION_LOCK = 0x63705F6D6967  # "cp_mig": one advisory lock id for every migrating process
 
 
@@ -251,6 +259,48 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX schedules_listing ON schedules (org_id, created_at, id) WHERE NOT deleted;
         """
         + _row_level_security(("schedules",)),
+    ),
+    # A row for the whole org has '' (projections.folds.tables.ORG_WIDE) as its environment or queue,
+    # not NULL: those columns are part of the keys.
+    Migration(
+        7,
+        "queue_settings, worker_config, secrets: each org's queue settings, worker configuration and secrets"
+        " (never a secret's value, sealed or not)",
+        """
+        CREATE TABLE queue_settings (
+            org_id text NOT NULL,
+            queue text NOT NULL,
+            strategy text NOT NULL,
+            breaker_failures int NOT NULL,
+            breaker_cooldown_seconds float8 NOT NULL,
+            configured boolean NOT NULL,  -- false on the org's row (queue ''): the defaults of the others
+            updated_at timestamptz,
+            configured_by text,
+            seq bigint NOT NULL,  -- of the org's queue settings' last event folded
+            PRIMARY KEY (org_id, queue)
+        );
+
+        CREATE TABLE worker_config (
+            org_id text NOT NULL,
+            environment text NOT NULL,  -- '' for the org's own configuration
+            settings jsonb NOT NULL,  -- as set for this scope alone (null: not set), without inheritance
+            seq bigint NOT NULL,  -- of the org's worker configuration's last event folded
+            PRIMARY KEY (org_id, environment)
+        );
+
+        -- A row per version: who set it when, and for which scope. No value, ciphertext or key.
+        CREATE TABLE secrets (
+            org_id text NOT NULL,
+            name text NOT NULL,
+            version int NOT NULL,
+            environment text NOT NULL,  -- '' for an org-wide version
+            set_at timestamptz NOT NULL,
+            set_by text NOT NULL,
+            seq bigint NOT NULL,  -- of the org's secrets' last event folded
+            PRIMARY KEY (org_id, name, version)
+        );
+        """
+        + _row_level_security(("queue_settings", "worker_config", "secrets")),
     ),
 )
 

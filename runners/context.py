@@ -214,7 +214,7 @@ class Policies:
         else:
             bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
         decided = await self._evaluator.evaluate(bundle, entrypoint, input, owner=org)
-        return PolicyDecision(**msgspec.structs.asdict(decided))
+        return PolicyDecision.from_engine(decided)
 
     def close(self) -> None:
         """Stops the evaluator's worker processes (also done when this object is collected)."""

@@ -1,11 +1,12 @@
-"""Commands: what a client asks for. Field constraints live on the types, so the same definitions
-validate HTTP input and runner/NATS requests. Ids of new things (task, lease, approval) are chosen by
-the caller and passed in, which keeps the deciders pure."""
+"""Commands: what a client asks for. Field constraints live on the types declared here, and the HTTP
+request bodies (``gateway.bodies``) use the same ones, so a body field and the command field it becomes
+accept the same values (tests/unit/test_schemas_agree.py checks each pair). Ids of new things (task,
+lease, approval) are chosen by the caller and passed in, which keeps the deciders pure."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -13,6 +14,7 @@ from core.domain.events import (
     ApprovalKind,
     ChannelKind,
     Escalation,
+    Event,
     NotificationTrigger,
     PolicyDecision,
     Priority,
@@ -29,8 +31,22 @@ Capabilities = Annotated[tuple[Capability, ...], msgspec.Meta(max_length=64)]
 ExcludedWorkers = Annotated[tuple[Token, ...], msgspec.Meta(max_length=64)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=366 * 24 * 3600)]
 LeaseSeconds = Annotated[float, msgspec.Meta(ge=1, le=24 * 3600)]
+WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+MaxRetries = Annotated[int, msgspec.Meta(ge=0, le=100)]
+RetryBackoff = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
 Approver = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Approvers = Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)]
+Quorum = Annotated[int, msgspec.Meta(ge=1, le=64)]
+JournalIndex = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+# Sizes (and that a form is a JSON Schema) are checked before the command is made; a type cannot say them:
+Details = Annotated[Any, msgspec.Meta(description="What is being approved (a plan, a diff, a tool call); ≤ 64 KiB")]
+Form = Annotated[dict[str, Any], msgspec.Meta(description="A JSON Schema (2020-12) each response must fit; ≤ 16 KiB")]
+Response = Annotated[Any, msgspec.Meta(description="A structured answer that fits the approval's form; ≤ 64 KiB")]
+SignalPayload = Annotated[Any, msgspec.Meta(description="Any JSON handed to the waiting workflow; ≤ 64 KiB")]
 
 
 class Actor(msgspec.Struct, frozen=True):
@@ -52,15 +68,15 @@ class TaskCommand(Command, frozen=True, kw_only=True):
 
 
 class SubmitTask(TaskCommand, frozen=True, kw_only=True):
-    task_type: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    task_type: Name
     payload: Any = None
     queue: Token = "default"
     priority: Priority = "normal"
     required_capabilities: Capabilities = ()
-    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    max_retries: MaxRetries = 3
     timeout_seconds: Seconds | None = None
-    retry_backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
-    metadata: dict[str, Any] = {}
+    retry_backoff_seconds: RetryBackoff = 1.0
+    metadata: Metadata = {}
     workflow: WorkflowRef | None = None
     policy: PolicyDecision | None = None
     """What the submit policy decided about this task (the gateway asks it): a denial is recorded
@@ -96,15 +112,15 @@ class RequestApproval(TaskCommand, frozen=True, kw_only=True):
     worker_id: Token
     lease_id: Token
     approval_id: Token
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-    approvers: Annotated[tuple[Approver, ...], msgspec.Meta(min_length=1, max_length=64)] = ("role:approver",)
-    quorum: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    reason: Annotated[Reason, msgspec.Meta(description="what the human is approving")]
+    approvers: Approvers = ("role:approver",)
+    quorum: Quorum = 1
     timeout_seconds: Seconds | None = None
     escalation: Escalation | None = None
-    journal_index: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
-    details: Any = None
+    journal_index: JournalIndex | None = None
+    details: Details = None
     """What is being approved (any JSON); the gateway bounds its size."""
-    form: dict[str, Any] | None = None
+    form: Form | None = None
     """A JSON Schema the decisions' responses must satisfy; the gateway checks it is one."""
     kind: ApprovalKind = "approval"
     """``question``: a workflow asks a human something and takes the response as the answer."""
@@ -114,7 +130,7 @@ class DecideApproval(TaskCommand, frozen=True, kw_only=True):
     approval_id: Token
     decision: Vote
     comment: ShortText | None = None
-    response: Any = None
+    response: Response = None
     """The structured answer; the gateway has checked it against the approval's form."""
 
 
@@ -135,7 +151,6 @@ class CancelTask(TaskCommand, frozen=True, kw_only=True):
     reason: ShortText | None = None
 
 
-JournalIndex = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 OperationKind = Annotated[str, msgspec.Meta(pattern=whole("step|llm|policy|now|uuid"))]
 
 
@@ -144,7 +159,7 @@ class RecordOperation(TaskCommand, frozen=True, kw_only=True):
     lease_id: Token
     index: JournalIndex
     kind: OperationKind
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: Name
     result: Any = None
 
 
@@ -152,7 +167,7 @@ class StartSleep(TaskCommand, frozen=True, kw_only=True):
     worker_id: Token
     lease_id: Token
     index: JournalIndex
-    seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+    seconds: WaitSeconds
 
 
 class ReportNonDeterminism(TaskCommand, frozen=True, kw_only=True):
@@ -177,7 +192,7 @@ class SignalTask(TaskCommand, frozen=True, kw_only=True):
     the order sent, to the first wait for that name."""
 
     name: SignalName
-    payload: Any = {}
+    payload: SignalPayload = {}
 
 
 class ReleaseLease(TaskCommand, frozen=True, kw_only=True):
@@ -202,7 +217,7 @@ class WaitForSignal(TaskCommand, frozen=True, kw_only=True):
     lease_id: Token
     index: JournalIndex
     name: SignalName
-    timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)] | None = None
+    timeout_seconds: WaitSeconds | None = None
 
 
 class WorkerCommand(Command, frozen=True, kw_only=True):
@@ -223,8 +238,12 @@ class RegisterWorker(WorkerCommand, frozen=True, kw_only=True):
     nothing is released, the recorded incarnation stays."""
 
 
+ReportedWorkerStatus = Literal["ready", "busy", "draining"]
+"""The statuses a worker reports itself; the others (starting, offline, failed) the log decides."""
+
+
 class HeartbeatWorker(WorkerCommand, frozen=True, kw_only=True):
-    status: Annotated[str, msgspec.Meta(pattern=whole("ready|busy|draining"))] = "ready"
+    status: ReportedWorkerStatus = "ready"
 
 
 class ReportWorkerFailure(WorkerCommand, frozen=True, kw_only=True):
@@ -258,17 +277,18 @@ class ResetWorkerBreaker(WorkerCommand, frozen=True, kw_only=True):
 
 ROLES = frozenset({"admin", "submitter", "worker", "approver", "viewer"})
 Role = Annotated[str, msgspec.Meta(pattern=whole("|".join(sorted(ROLES))))]
+Roles = Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
 
 
 class CreateOrg(Command, frozen=True, kw_only=True):
     org: Token
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: Name
 
 
 class CreateApiKey(Command, frozen=True, kw_only=True):
     key_id: Token
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    roles: Annotated[tuple[Role, ...], msgspec.Meta(min_length=1, max_length=5)]
+    name: Name
+    roles: Roles
     secret_sha256: Annotated[str, msgspec.Meta(pattern=whole("[0-9a-f]{64}"))]
 
 
@@ -276,15 +296,20 @@ class RevokeApiKey(Command, frozen=True, kw_only=True):
     key_id: Token
 
 
+ModulePath = Annotated[str, msgspec.Meta(min_length=6, max_length=256, pattern=whole(r"[^\x00]*\.rego"))]
+PolicyModules = Annotated[dict[ModulePath, str], msgspec.Meta(min_length=1, max_length=256)]
+Revision = Annotated[str, msgspec.Meta(max_length=256)]
+
+
 class PushPolicyBundle(Command, frozen=True, kw_only=True):
     """Record a new version of the org's policy bundle. The caller has loaded (compiled) it and
     computed its digest: the decider only keeps versions in order."""
 
     digest: Annotated[str, msgspec.Meta(pattern=whole("sha256:[0-9a-f]{64}"))]
-    modules: dict[str, str]
+    modules: PolicyModules
     data: dict[str, Any] = {}
     wasm: bytes | None = None
-    revision: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    revision: Revision = ""
     entrypoints: tuple[str, ...] = ()
 
 
@@ -447,6 +472,7 @@ HostName = Annotated[
 ]
 MAX_RECIPIENTS = 50
 MAX_TRIGGERS = 5
+Triggers = Annotated[tuple[NotificationTrigger, ...], msgspec.Meta(min_length=1, max_length=MAX_TRIGGERS)]
 
 
 # One line, as a header takes it: no control characters nor Unicode line separators, and no space at
@@ -497,10 +523,10 @@ class DefineNotificationRule(Command, frozen=True, kw_only=True):
 
     rule_id: Token
     channel: ChannelName
-    on: Annotated[tuple[NotificationTrigger, ...], msgspec.Meta(min_length=1, max_length=MAX_TRIGGERS)]
+    on: Triggers
     queue: Token | None = None
     environment: Token | None = None
-    workflow: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    workflow: Name | None = None
 
 
 class DeleteNotificationRule(Command, frozen=True, kw_only=True):
@@ -542,3 +568,17 @@ class ConfigureQueue(Command, frozen=True, kw_only=True):
 
 class RemoveQueueSettings(Command, frozen=True, kw_only=True):
     queue: Token
+
+
+# --- forks ----------------------------------------------------------------------------------------
+
+
+class ForkTask(TaskCommand, frozen=True, kw_only=True):
+    """Write one part of a fork (``core.domain.history.plan_fork``): ``events``, the source's with the
+    fork's ids, onto task ``task_id`` as the parts before left it. A fork longer than one atomic
+    append is written in several parts, each a command of its own (``application.fork``)."""
+
+    events: tuple[Event, ...]
+    before: Any = None
+    """The fork's state (a ``core.domain.task.Task``) before these events; None for the first part,
+    which creates the task."""

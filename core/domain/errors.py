@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-RejectionKind = Literal["not_found", "conflict", "forbidden", "invalid"]
+RejectionKind = Literal["not_found", "conflict", "forbidden", "invalid", "unavailable"]
+"""``unavailable``: something the operation needs could not answer (the application layer's, never a
+decider's); the same request may succeed later."""
 
 
 class Rejected(Exception):
-    """The command is not valid against the current state; nothing was appended."""
+    """The command is not valid against the current state, or could not be decided now (``kind``
+    says which); nothing was appended."""
 
     kind: ClassVar[RejectionKind] = "conflict"
 

@@ -46,7 +46,11 @@ class Escalation(msgspec.Struct, frozen=True):
 
 
 class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
-    """What a policy engine answered; the ``result`` of a journal operation of kind ``policy``."""
+    """What a policy engine answered, as the log records it; the ``result`` of a journal operation of
+    kind ``policy``. The engines' own result (``policies_wasm.engine.Decision``) has these fields: the
+    domain may not import the engines nor they the domain, so :meth:`from_engine` is the one place an
+    engine's answer becomes this record, and tests/policies/test_decision_record.py holds the two
+    declarations to the same fields."""
 
     entrypoint: str
     value: Any
@@ -54,6 +58,11 @@ class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
     bundle_digest: str
     input_digest: str
     duration_ms: float
+
+    @classmethod
+    def from_engine(cls, decided: object) -> PolicyDecision:
+        """The record of an engine's decision (any object with these fields as attributes)."""
+        return msgspec.convert(decided, cls, from_attributes=True)
 
     @property
     def allows(self) -> bool:

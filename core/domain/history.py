@@ -1,5 +1,6 @@
-"""Replay of a task's history, the pure part: timelines, the state at any stream sequence, forks and
-diffs. No I/O: callers read :class:`RecordedEvent` lists from the log and hand them in."""
+"""Replay of a task's history, the pure part: timelines, the state at any stream sequence, forks (what
+to copy, and the rule that writes a copy) and diffs. No I/O: callers read :class:`RecordedEvent` lists
+from the log and hand them in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 
 import msgspec
 
+from core.domain.commands import Command, ForkTask
+from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.errors import AlreadyExists
 from core.domain.events import (
     AnyEvent,
     ApiKeyCreated,
@@ -333,6 +337,39 @@ def _renamed(event: Event, source: str, task_id: str, *, cut_seq: int, queue: st
             renamed = validate_token(task_id + event.approval_id[len(source) :], "approval id of the fork")
             return msgspec.structs.replace(event, approval_id=renamed)
     return event
+
+
+def decide_fork(state: TaskState, command: Command, ctx: DecisionContext) -> Sequence[Event]:
+    """A part of a fork lands only on the fork exactly as the parts before it left it (the first part
+    on no task at all): never on another task, nor on a fork that changed while it was written (a
+    worker may claim it between two parts)."""
+    assert isinstance(command, ForkTask)
+    if state != command.before:
+        if command.before is None:
+            raise AlreadyExists(f"task {command.task_id} already exists in org {ctx.org}")
+        raise AlreadyExists(
+            f"task {command.task_id} in org {ctx.org} is not the fork its earlier parts wrote: "
+            "it changed while the fork was written"
+        )
+    return command.events
+
+
+def _no_timers(state: TaskState) -> Sequence[Timer]:
+    return ()
+
+
+FORK = Decider[TaskState](
+    aggregate=TASK.aggregate,
+    commands=(ForkTask,),
+    initial=None,
+    decide=decide_fork,
+    evolve=TASK.evolve,
+    # A part arms no timer: one already due would fire between two parts and change the task under the
+    # next. The whole fork written, the timers its state wants are armed (CommandHandler.rearm).
+    timers=_no_timers,
+    aggregate_id=lambda command: command.task_id,  # type: ignore[attr-defined]
+)
+"""Writes forks onto the task aggregate: the task's own evolve, the rule above, no timers."""
 
 
 # --- diff -----------------------------------------------------------------------------------------

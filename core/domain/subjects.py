@@ -27,11 +27,15 @@ def aggregate_subject(org: str, aggregate: str, aggregate_id: str) -> str:
     return f"{EVENTS_PREFIX}.{org}.{aggregate}.{aggregate_id}"
 
 
-def org_events_filter(org: str) -> str:
-    return f"{EVENTS_PREFIX}.{validate_token(org, 'org')}.>"
+def org_events_filter(org: str, aggregate: str | None = None) -> str:
+    """Every event of ``org``, or only those of its aggregates of one type."""
+    everything = f"{EVENTS_PREFIX}.{validate_token(org, 'org')}.>"
+    return everything if aggregate is None else f"{EVENTS_PREFIX}.{org}.{validate_token(aggregate, 'aggregate type')}.*"
 
 
 def parse_aggregate_subject(subject: str) -> AggregateAddress:
+    """``(org, aggregate, id)`` of an event subject ``cp.<org>.<aggregate>.<id>``; ValueError for any
+    other subject. The one place a subject is taken apart."""
     parts = subject.split(".")
     if len(parts) != 4 or parts[0] != EVENTS_PREFIX:
         raise ValueError(f"not an aggregate subject: {subject!r}")

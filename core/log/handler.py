@@ -28,6 +28,7 @@ from core.domain.decider import Decider, DecisionContext, Timer
 from core.domain.environments import ENVIRONMENTS
 from core.domain.errors import CommandIdTaken, ConcurrencyExhausted, Rejected
 from core.domain.events import Event, encode_event
+from core.domain.history import FORK
 from core.domain.ids import new_id, validate_token
 from core.domain.notifications import NOTIFICATION, NOTIFICATIONS
 from core.domain.policy_set import POLICY_SET
@@ -125,6 +126,7 @@ class CommandHandler:
             NOTIFICATIONS,
             NOTIFICATION,
             QUEUES,
+            FORK,  # after TASK: an aggregate named alone (load, rearm) is TASK's, with its timers
         ),
         max_attempts: int = 20,
         cache_size: int = 4096,

@@ -3,7 +3,7 @@
 Append publishes a command's events (and the schedules of the timers they arm) with per-subject
 optimistic concurrency (``Nats-Expected-Last-Subject-Sequence``) and ``Nats-Msg-Id`` dedup; more than
 one message goes as one atomic batch, so a command is never half-written. Reading an aggregate uses
-batched direct get on its subject.
+batched direct get on its subject, through :class:`core.log.reader.LogReader`.
 
 This is the production :class:`core.log.event_store.EventStore`; the append metadata and the refusals
 are defined there, the record type in :mod:`core.domain.records`, both storage-neutral."""
@@ -42,9 +42,9 @@ from core.log.event_store import (
     WrongExpectedSequence,
 )
 from core.log.nats_version import require_nats_version
+from core.log.reader import LogReader
 
 STREAM_NAME = "CP_EVENTS"
-READ_BATCH = 512
 ACK_TIMEOUT_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,12 @@ class JetStreamEventStore:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
-        self._direct_get_subject = f"$JS.API.DIRECT.GET.{stream}"
         self._ack_prefix = nc.new_inbox()
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ack_counter = itertools.count()
         self._ack_subscription: Subscription | None = None
-        self._read_prefix = nc.new_inbox()
-        self._reads: dict[str, asyncio.Queue[Msg]] = {}
-        self._read_counter = itertools.count()
-        self._read_subscription: Subscription | None = None
+        self.reader = LogReader(nc, stream)
+        """How this store reads: by batched direct get on its connection (``core.log.reader``)."""
 
     @classmethod
     async def connect(
@@ -341,18 +338,7 @@ class JetStreamEventStore:
 
     async def holds(self, subject: str) -> bool:
         """Whether the stream holds a message on ``subject`` (for a timer: armed and not yet fired)."""
-        try:
-            reply = await self._nc.request(
-                self._direct_get_subject, json.dumps({"last_by_subj": subject}).encode(), timeout=ACK_TIMEOUT_SECONDS
-            )
-        except NatsTimeoutError as exc:
-            raise StoreError(f"looking up {subject} in the log timed out") from exc
-        status = (reply.headers or {}).get("Status")
-        if status == "404":
-            return False
-        if status:
-            raise StoreError(f"direct get of {subject} failed: {status} {(reply.headers or {}).get('Description')}")
-        return True
+        return await self.reader.last(subject) is not None
 
     async def arm(self, schedules: Sequence[Schedule], meta: AppendMeta) -> None:
         """Store timer definitions outside a command: how the reconciler re-arms lost timers."""
@@ -368,49 +354,7 @@ class JetStreamEventStore:
 
     async def read_subject(self, subject: str, *, after_seq: int = 0) -> list[RecordedEvent]:
         """Every event on ``subject`` after ``after_seq``, in order."""
-        recorded: list[RecordedEvent] = []
-        next_seq = after_seq + 1
-        while True:
-            batch, remaining = await self._direct_batch(subject, next_seq)
-            recorded.extend(batch)
-            if not batch or remaining == 0:
-                return recorded
-            next_seq = batch[-1].seq + 1
-
-    async def _direct_batch(self, subject: str, start_seq: int) -> tuple[list[RecordedEvent], int]:
-        # Replies come to one long-lived subscription, told apart by the last token of their inbox: a
-        # subscription of its own per read would cost a subscribe and an unsubscribe on every read.
-        if self._read_subscription is None:
-            self._read_subscription = await self._nc.subscribe(f"{self._read_prefix}.*", cb=self._on_read_reply)
-        token = str(next(self._read_counter))
-        replies: asyncio.Queue[Msg] = asyncio.Queue()
-        self._reads[token] = replies
-        try:
-            request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": READ_BATCH}).encode()
-            await self._nc.publish(self._direct_get_subject, request, reply=f"{self._read_prefix}.{token}")
-            batch: list[RecordedEvent] = []
-            while True:
-                try:
-                    async with asyncio.timeout(5):
-                        msg = await replies.get()
-                except TimeoutError as exc:
-                    raise StoreError(f"reading {subject} from the log timed out") from exc
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status == "404":
-                    return batch, 0
-                if status == "204":
-                    return batch, int(headers.get("Nats-Num-Pending", "0"))
-                if status:
-                    raise StoreError(f"direct get on {subject} failed: {status} {headers.get('Description')}")
-                batch.append(recorded_from_message(msg))
-        finally:
-            del self._reads[token]
-
-    async def _on_read_reply(self, msg: Msg) -> None:
-        replies = self._reads.get(msg.subject.rsplit(".", 1)[1])
-        if replies is not None:  # else the read gave up (timed out or was cancelled) meanwhile
-            replies.put_nowait(msg)
+        return [recorded_from_message(msg) for msg in await self.reader.read(subject, after_seq=after_seq)]
 
 
 def recorded_from_message(msg: Msg) -> RecordedEvent:
@@ -432,7 +376,7 @@ def _recorded(
         subject=subject,
         event=decode_event(data),
         recorded_at=recorded_at,
-        command_id=_command_id(headers),
+        command_id=command_id_of(headers.get(MSG_ID)),
         actor=headers.get(H_ACTOR),
         correlation_id=headers.get(H_CORRELATION),
         causation_id=headers.get(H_CAUSATION),
@@ -440,10 +384,10 @@ def _recorded(
     )
 
 
-def _command_id(headers: dict[str, str]) -> str | None:
-    """Events appended by a command carry ``Nats-Msg-Id: <command id>:<index>``; fired timers carry
-    none (their schedule had none), so they never count as part of the command that armed them."""
-    msg_id = headers.get(MSG_ID)
+def command_id_of(msg_id: str | None) -> str | None:
+    """The command that appended an event, from its ``Nats-Msg-Id`` header (``<command id>:<index>``).
+    Fired timers carry no message id (their schedule had none), so they never count as part of the
+    command that armed them."""
     return msg_id.rpartition(":")[0] or None if msg_id else None
 
 

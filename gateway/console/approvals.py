@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.domain.task import Approval, Task, task_id_of_approval, why_cannot_vote
-from gateway import approvals as approvals_api
+from application.approvals import decide, find_approval
+from core.domain.events import Vote
+from core.domain.task import Approval, Task, why_cannot_vote
 from gateway.console.forms import FormField, form_fields, posted_response
 from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, relative, render
 from gateway.http import path_id, services
@@ -120,18 +121,18 @@ async def reject(request: Request, user: SignedIn) -> Response:
     return await _decide(request, user, "reject")
 
 
-async def _decide(request: Request, user: SignedIn, decision: str) -> Response:
+async def _decide(request: Request, user: SignedIn, decision: Vote) -> Response:
     _, approval = await _pending(request, user)
     form = await form_of(request)
     comment = form.get("comment")
     comment = comment.strip() if isinstance(comment, str) and comment.strip() else None
     if decision == "reject" and comment is None:
         raise Problem(422, "a rejection needs a reason: say why in the comment")
-    decided, seq = await approvals_api.decide(
-        services(request),
+    decided, seq = await decide(
+        services(request).handler,
         user.who,
         approval.id,
-        decision,  # type: ignore[arg-type]
+        decision,
         comment=comment,
         response=posted_response(approval.form, form, max_depth=services(request).limits.max_json_depth),
         command_id=form_command_id(user, form, decision, approval.id),
@@ -145,9 +146,5 @@ async def _decide(request: Request, user: SignedIn, decision: str) -> Response:
 
 async def _pending(request: Request, user: SignedIn) -> tuple[Task, Approval]:
     approval_id = path_id(request, "approval_id", "approval")
-    task_id = task_id_of_approval(approval_id)
-    task, _ = await services(request).handler.load(user.who.org, "task", task_id) if task_id else (None, 0)
-    approval = task.approval(approval_id) if task is not None else None
-    if task is None or approval is None:
-        raise Problem(404, f"approval {approval_id!r} not found")
+    task, approval, _ = await find_approval(services(request).handler, user.who.org, approval_id)
     return task, approval

@@ -15,9 +15,10 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from application.principal import Principal
 from core.domain.commands import Actor
 from core.log.store import JetStreamEventStore
-from gateway.auth import Authenticator, Principal
+from gateway.auth import Authenticator
 
 BUCKET = "CP_CONSOLE_SESSIONS"
 SESSION_COOKIE = "cp_session"

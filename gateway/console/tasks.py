@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.tasks import load_task
 from core.domain.commands import CancelTask, ResumeTask
 from core.domain.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
 from core.domain.history import TimelineEntry, state_at, task_timeline, why_absent
@@ -194,8 +195,4 @@ async def _command(
 
 
 async def _task(request: Request, user: SignedIn) -> tuple[Task, int]:
-    task_id = path_id(request, "task_id", "task")
-    task, seq = await services(request).handler.load(user.who.org, "task", task_id)
-    if task is None:
-        raise Problem(404, f"task {task_id} not found")
-    return task, seq
+    return await load_task(services(request).handler, user.who.org, path_id(request, "task_id", "task"))

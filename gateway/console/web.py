@@ -16,7 +16,7 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from gateway.auth import Principal
+from application.principal import Principal
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSession
 from gateway.http import client_address, keyed_command_id, services, valid_idempotency_key
 from gateway.http import json as json_response

@@ -28,7 +28,7 @@ from controlplane.seed import seed_org
 from core.domain.events import TaskSubmitted, WorkflowOperationRecorded
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
-from projections.projector import rebuild
+from projections.rebuild import rebuild
 from projections.schema import migrate
 from tests.integration.test_projections import snapshot
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from application.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from controlplane.embedded import free_port
 from core.log.store import STREAM_NAME, JetStreamEventStore
-from gateway.idempotency import BUCKET as IDEMPOTENCY_BUCKET
 from integrations.consumer import DEAD_LETTER_STREAM
 
 pytestmark = pytest.mark.integration

@@ -508,6 +508,9 @@ async def test_health_readiness_metrics_stats_and_docs(stack: Stack) -> None:
             "usage",
             "environments",
             "schedules",
+            "queues",
+            "worker_config",
+            "secrets",
         }
         stats = (await c.get("/v1/stats")).json()
         assert "by_status" in stats["tasks"]

@@ -10,12 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
+from application.approvals import decide
+from application.forms import MAX_DETAILS_BYTES
+from application.principal import Principal
 from core.domain.commands import Actor
+from core.domain.errors import Rejected
 from core.domain.ids import new_id
-from gateway.approvals import decide
-from gateway.auth import Principal
-from gateway.forms import MAX_DETAILS_BYTES
-from gateway.problems import Problem
+from gateway.problems import describe
 from runners.context import WorkflowContext
 from runners.examples import EXAMPLES
 from runners.registry import Registry, workflow
@@ -179,18 +180,18 @@ async def test_the_routes_and_the_console_decide_through_one_function(stack: Sta
     async with stack.client() as admin:
         approval = await asked(admin, details={"change": "rotate keys"}, form=ROLLOUT)
         before = await last_seq(stack)
-        with pytest.raises(Problem) as refused:
-            await decide(
-                stack.services, who, approval["id"], "approve", comment=None, response={"x": 1}, command_id=None
-            )
-        assert refused.value.status == 422
-        assert "'rollout_percent' is a required property" in refused.value.detail
-        with pytest.raises(Problem) as missing:
-            await decide(stack.services, who, "nope-1", "approve", comment=None, response=None, command_id=None)
-        assert missing.value.status == 404
+        handler = stack.services.handler
+        with pytest.raises(Rejected) as refused:
+            await decide(handler, who, approval["id"], "approve", comment=None, response={"x": 1}, command_id=None)
+        status, detail, _ = describe(refused.value) or (None, "", {})
+        assert status == 422
+        assert "'rollout_percent' is a required property" in detail
+        with pytest.raises(Rejected) as missing:
+            await decide(handler, who, "nope-1", "approve", comment=None, response=None, command_id=None)
+        assert (describe(missing.value) or (None,))[0] == 404
         assert await appended_since(stack, before) == []
         decided, seq = await decide(
-            stack.services,
+            handler,
             who,
             approval["id"],
             "approve",

@@ -42,12 +42,12 @@ async def test_an_admin_sets_reads_and_removes_a_queues_settings(stack: Stack) -
             True,
         )
         assert made["seq"] > 0
-        listed = (await viewer.get("/v1/queues")).json()["items"]
+        listed = (await viewer.get("/v1/queues", params={"min_seq": made["seq"]})).json()["items"]
         assert [(item["name"], item["strategy"]) for item in listed] == [(q, "round_robin")]
         removed = await admin.delete(f"/v1/queues/{q}")
         assert removed.status_code == 200 and removed.json()["configured"] is False
         assert removed.json()["seq"] > made["seq"], "a removal answers with its seq, for min_seq readers"
-        assert (await viewer.get("/v1/queues")).json()["items"] == []
+        assert (await viewer.get("/v1/queues", params={"min_seq": removed.json()["seq"]})).json()["items"] == []
         problem(await admin.delete(f"/v1/queues/{q}"), 404)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from application.forms import MAX_SIGNAL_PAYLOAD_BYTES
 from core.domain.ids import new_id
-from gateway.forms import MAX_SIGNAL_PAYLOAD_BYTES
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack

@@ -14,12 +14,12 @@ import httpx
 import msgspec
 import pytest
 
+from application.policy import SPEND_CACHE_SECONDS
 from controlplane.seed import seed_org
 from core.domain.commands import Actor, RecordOperation
 from core.domain.events import LlmCall, LlmUsage
 from core.domain.ids import new_id
 from core.log.handler import CommandHandler
-from gateway.policy import SPEND_CACHE_SECONDS
 from policies_wasm import default_bundle
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow

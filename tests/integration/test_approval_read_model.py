@@ -9,8 +9,9 @@ import pytest
 from core.domain.commands import DecideApproval, RequestApproval
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
-from projections.projector import Projector, rebuild
+from projections.projector import Projector
 from projections.read import ReadModel
+from projections.rebuild import rebuild
 from tests.integration.test_projections import (
     APPROVERS,
     WORKER,

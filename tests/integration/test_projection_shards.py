@@ -27,8 +27,10 @@ from core.domain.ids import new_id
 from core.log.handler import CommandHandler
 from core.log.store import STREAM_NAME, JetStreamEventStore
 from projections.folds import PROJECTIONS
-from projections.projector import ProjectionBusy, Projector, ShardLayoutConflict, last_event_seq, rebuild
+from projections.leadership import ProjectionBusy, ShardLayoutConflict
+from projections.projector import Projector
 from projections.read import ReadModel
+from projections.rebuild import last_event_seq, rebuild
 from projections.schema import Shard, effective_checkpoints, fetch_checkpoints, migrate, parse_shard
 from tests.integration.test_projections import (
     ORG_TABLES,

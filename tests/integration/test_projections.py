@@ -22,7 +22,9 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 
+from application.claim_index import ClaimIndex
 from controlplane.embedded import EmbeddedNats
+from controlplane.progress import progress_bar
 from core.domain.commands import (
     SYSTEM,
     Actor,
@@ -63,12 +65,15 @@ from core.domain.records import rfc3339
 from core.domain.task import workflow_capability
 from core.domain.worker import Worker
 from core.log.handler import CommandHandler
+from core.log.reader import Puller
 from core.log.store import H_TIME, MSG_ID, STREAM_NAME, JetStreamEventStore
-from gateway.claims import ClaimIndex
 from projections import schema
+from projections.commit import commit_batch
 from projections.folds import PROJECTIONS
-from projections.projector import ProjectionBusy, Projector, Puller, commit_batch, progress_bar, rebuild
+from projections.leadership import ProjectionBusy
+from projections.projector import Projector
 from projections.read import ReadModel
+from projections.rebuild import rebuild
 from projections.schema import MIGRATIONS, ORG_SCOPED_TABLES, fetch_checkpoints, migrate
 
 pytestmark = pytest.mark.integration
@@ -676,7 +681,8 @@ async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with fresh_database(database_url) as fresh:
-        later_tables = ("usage_tasks", "environments", "schedules")  # made by migrations 2, 4 and 6
+        # made by migrations 2, 4, 6 and 7
+        later_tables = ("usage_tasks", "environments", "schedules", "queue_settings", "worker_config", "secrets")
         monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])  # the release before usage_tasks
         monkeypatch.setattr(schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in later_tables))
         assert await migrate(fresh) == [1]
@@ -686,7 +692,7 @@ async def test_migrating_usage_to_queues_and_workflows_leaves_it_to_be_refolded(
             await conn.execute("INSERT INTO checkpoints VALUES ('usage', 9), ('usage@1/2', 9), ('tasks', 9)")
         monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:2])
         monkeypatch.setattr(
-            schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in ("environments", "schedules"))
+            schema, "ORG_SCOPED_TABLES", tuple(t for t in ORG_SCOPED_TABLES if t not in later_tables[1:])
         )
         assert await migrate(fresh) == [2]
         monkeypatch.undo()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from controlplane.embedded import EmbeddedNats
-from core.domain.commands import SYSTEM, CancelTask
+from core.domain.commands import SYSTEM, CancelTask, RegisterWorker
 from core.domain.events import TaskSubmitted, decode_event
 from core.domain.ids import InvalidToken
 from core.domain.subjects import aggregate_subject, parse_aggregate_subject
@@ -30,6 +30,7 @@ from integrations.consumer import (
     DeadLetter,
     Delivery,
     EventSubscription,
+    SubscriptionError,
     provision_dead_letter_stream,
     retry_delay,
 )
@@ -262,3 +263,46 @@ def test_retry_delays_double_up_to_the_cap(count: int, first: float, cap: float)
     delay = retry_delay(count, first, cap)
     assert 0 <= delay <= cap
     assert retry_delay(count + 1, first, cap) == min(cap, delay * 2) or delay == cap
+
+
+async def test_a_subscription_to_one_aggregate_type_is_sent_nothing_else_and_narrows_a_live_consumer_in_place(
+    nc: NATS, handler: CommandHandler, org: str, running: list[tuple[EventSubscription, asyncio.Task[None]]]
+) -> None:
+    everything = Recorder()
+    wide = EventSubscription(nc, org, "sync", **FAST_RETRIES)
+    await start(running, wide, everything)
+    await submit(handler, org, "before")
+    await handler.handle(org, RegisterWorker(worker_id="w1"), actor=SYSTEM)
+    await wait_for(lambda: {("before", "TaskSubmitted"), ("w1", "WorkerRegistered")} <= set(everything.handled))
+    wide.stop()
+    async with asyncio.timeout(10):
+        await running.pop()[1]
+
+    # The same integration, upgraded to follow tasks only: the consumer keeps its place.
+    await handler.handle(org, RegisterWorker(worker_id="w2"), actor=SYSTEM)
+    await submit(handler, org, "after")
+    tasks_only = Recorder()
+    narrow = EventSubscription(nc, org, "sync", aggregate="task", **FAST_RETRIES)
+    await start(running, narrow, tasks_only)
+    await handler.handle(org, RegisterWorker(worker_id="w3"), actor=SYSTEM)
+    await submit(handler, org, "later")
+    await wait_for(lambda: ("later", "TaskSubmitted") in tasks_only.handled)
+
+    assert tasks_only.handled == [("after", "TaskSubmitted"), ("later", "TaskSubmitted")]
+    js = nc.jetstream()
+    assert (await js.consumer_info(STREAM_NAME, narrow.consumer)).config.filter_subject == f"cp.{org}.task.*"
+
+    async def settled() -> bool:  # the last acknowledgement is on its way
+        info = await js.consumer_info(STREAM_NAME, narrow.consumer)
+        return (info.num_pending, info.num_ack_pending) == (0, 0)
+
+    await wait_for(settled)
+
+
+async def test_a_consumer_outside_the_org_is_not_taken_over(nc: NATS, org: str) -> None:
+    subscription = EventSubscription(nc, org, "sync")
+    await nc.jetstream().add_consumer(
+        STREAM_NAME, name=subscription.consumer, durable_name=subscription.consumer, filter_subject="cp.>"
+    )
+    with pytest.raises(SubscriptionError, match=r"exists with filter 'cp.>', outside cp\..*\.>"):
+        await subscription.start()

@@ -36,7 +36,7 @@ from core.log.handler import CommandHandler
 from core.log.store import STREAM_NAME, JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV
 from integrations.consumer import Delivery, EventSubscription, dead_letter_subject
-from integrations.notify import TRIGGER_EVENTS, Notifier
+from integrations.notify import TRIGGER_AGGREGATE, TRIGGER_EVENTS, Notifier
 from tests.gateway.conftest import ROLES, Stack, own_database, serve_stack
 from tests.gateway.test_api import queue, submit
 from tests.gateway.test_console_http import sign_in
@@ -178,7 +178,14 @@ async def notifying(served: Served, org: Org, **options: Any) -> AsyncIterator[N
     store = await JetStreamEventStore.connect(served.nats_url)
     handler = CommandHandler(store)
     subscription = EventSubscription(
-        store.nc, org.name, "notify", types=TRIGGER_EVENTS, retry_delay=0.05, max_retry_delay=0.2, **options
+        store.nc,
+        org.name,
+        "notify",
+        types=TRIGGER_EVENTS,
+        aggregate=TRIGGER_AGGREGATE,
+        retry_delay=0.05,
+        max_retry_delay=0.2,
+        **options,
     )
     await subscription.start()
     async with httpx.AsyncClient(timeout=5, trust_env=False) as http:

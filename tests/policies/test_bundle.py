@@ -20,8 +20,8 @@ from policies_wasm.engine import (
     annotated_entrypoints,
     canonical_json,
     default_bundle,
-    open_engine,
 )
+from policies_wasm.engines import open_engine
 from tests.policies.wat_modules import module_bytes
 
 SHIPPED_ENTRYPOINTS = ("controlplane/settings", "controlplane/submit", "controlplane/tool")

@@ -27,6 +27,9 @@ async def _submitted(stack: Stack) -> None:
         async with stack.client(org, "submitter") as client:
             response = await client.post("/v1/tasks", json={"type": "roles-check", "payload": {}})
             assert response.status_code == 201, response.text
+            # the read model has it once a list (which reads the submitter's own writes) shows it
+            listed = await client.get("/v1/tasks", params={"min_seq": response.json()["seq"]})
+            assert response.json()["id"] in [task["id"] for task in listed.json()["items"]]
 
 
 async def test_the_gateway_login_sees_nothing_without_an_org_and_one_org_with_it(stack: Stack) -> None:

@@ -16,7 +16,7 @@ from gateway.auth import Authenticator, KeyRecord
 from gateway.keyring import KeyRing
 from gateway.problems import Problem
 from gateway.services import RATE_LIMITER_BUCKETS, RateLimiter
-from projections.read import ApiKeyRow
+from projections.read.keys import ApiKeyRow
 from tests.gateway.conftest import Stack, own_stack
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.replay import LogReader, export_org, opened
+from controlplane.export import export_org
+from controlplane.task_log import opened
 from core.domain.access import issue_key, parse_key
 from core.domain.audit import verify_export
 from core.domain.commands import SYSTEM, CreateApiKey
@@ -214,7 +215,7 @@ async def test_an_audit_export_holds_no_key_hash_and_still_verifies(
     path = tmp_path / "audit.jsonl"
     async with opened(nats_server.url) as reading:
         with path.open("wb") as out:
-            chain = await export_org(LogReader(reading), org, out)
+            chain = await export_org(reading.reader, org, out)
     exported = path.read_bytes()
     assert secret_sha256.encode() not in exported
     header, *events, end = (json.loads(line) for line in exported.splitlines())

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.replay import LogReader, export_org, opened, task_history
+from controlplane.export import export_org
+from controlplane.task_log import opened, task_history
 from core.domain.access import issue_key
 from core.domain.audit import GENESIS, AuditChain, verify_export
 from core.domain.commands import (
@@ -104,7 +105,7 @@ async def test_an_export_holds_every_event_as_stored_and_verifies(
     submit = next(e for e in events if e["event"]["type"] == "TaskSubmitted")
     assert (submit["actor"], submit["correlation_id"]) == ("alice", "corr-0")
     assert submit["event"]["payload"] == {"n": 0, "note": "é ✓"}
-    history = await task_history(LogReader(store), org, submit["event"]["task_id"])
+    history = await task_history(store, org, submit["event"]["task_id"])
     from_log = {item.seq: item.event for item in history}
     for line in events:
         if line["seq"] in from_log:
@@ -249,7 +250,7 @@ def exported_once(nats_server: EmbeddedNats) -> list[bytes]:
             await some_work(handler, org, tasks=2)
             await handler.close()
             out = io.BytesIO()
-            await export_org(LogReader(store), org, out)
+            await export_org(store.reader, org, out)
         return out.getvalue().splitlines(keepends=True)
 
     return asyncio.run(produce())

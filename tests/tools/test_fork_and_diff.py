@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from controlplane.replay import FORK_BATCH, LogReader, task_history
+from application.fork import FORK_BATCH
+from controlplane.task_log import task_history
 from core.domain.commands import (
     Actor,
     ClaimTask,
@@ -82,7 +83,7 @@ async def test_a_fork_folds_to_the_source_at_the_sequence_and_runs_another_way(
     handler: CommandHandler, store: JetStreamEventStore, org: str, cli: Cli
 ) -> None:
     source, seq = await source_run(handler, org)
-    source_events = len(await task_history(LogReader(store), org, source))
+    source_events = len(await task_history(store, org, source))
     fork = f"whatif-{new_id()[-8:]}"
 
     # At the vote, the decision it caused is cut off with it: the fork stops where the human was asked.
@@ -106,7 +107,7 @@ async def test_a_fork_folds_to_the_source_at_the_sequence_and_runs_another_way(
     # The fork is claimable: its approval is its own, and the what-if run ships something else.
     await handler.handle(org, DecideApproval(task_id=fork, approval_id=f"{fork}-1", decision="approve"), actor=APPROVER)
     await released(handler, org, fork, "v2", lease="l9", queue="whatif")
-    assert len(await task_history(LogReader(store), org, source)) == source_events, "the source is untouched"
+    assert len(await task_history(store, org, source)) == source_events, "the source is untouched"
 
     diff = await cli("diff", org, source, fork, "--json")
     assert diff.code == 0
@@ -136,7 +137,7 @@ async def test_a_fork_never_holds_a_lease_nobody_runs(
     ran = await cli("fork", org, source, "--at", str(seq["plan"]), "--json")
     made = json.loads(ran.out)
     assert (made["seq"], made["status"], made["events"]) == (seq["submit"], "pending", 1)
-    history = await task_history(LogReader(store), org, made["task"])
+    history = await task_history(store, org, made["task"])
     assert [type(item.event).__name__ for item in history] == ["TaskSubmitted"]
     claimed = await handler.handle(
         org, ClaimTask(task_id=made["task"], worker_id="w2", lease_id="x1"), actor=Actor("w2")
@@ -149,10 +150,10 @@ async def test_a_fork_refuses_to_land_on_an_existing_task_or_before_the_source_e
 ) -> None:
     source, seq = await source_run(handler, org)
     other, _ = await source_run(handler, org)
-    before = len(await task_history(LogReader(store), org, other))
+    before = len(await task_history(store, org, other))
     taken = await cli("fork", org, source, "--at", str(seq["ask"]), "--as", other)
     assert taken.code == 2 and f"task {other} already exists in org {org}" in taken.err
-    assert len(await task_history(LogReader(store), org, other)) == before
+    assert len(await task_history(store, org, other)) == before
     too_early = await cli("fork", org, source, "--at", str(seq["submit"] - 1))
     assert too_early.code == 2 and "did not exist yet" in too_early.err
     bad_id = await cli("fork", org, source, "--at", str(seq["ask"]), "--as", "No.Good")
@@ -172,7 +173,7 @@ async def test_a_long_fork_is_written_in_batches_resumes_after_a_failure_and_arm
     at = (await handler.handle(org, asked, actor=WORKER)).seq
 
     fork = f"long-{new_id()[-8:]}"
-    plan = plan_fork(await task_history(LogReader(store), org, task_id), task_id=fork, at_seq=at)
+    plan = plan_fork(await task_history(store, org, task_id), task_id=fork, at_seq=at)
     assert len(plan.events) == FORK_BATCH * 2 + 53
     # A first attempt that wrote only its first batch, then died:
     subject = aggregate_subject(org, "task", fork)
@@ -182,7 +183,7 @@ async def test_a_long_fork_is_written_in_batches_resumes_after_a_failure_and_arm
     ran = await cli("fork", org, task_id, "--at", str(at), "--as", fork, "--json")
     assert ran.code == 0, ran.err
     assert json.loads(ran.out)["appended"] == len(plan.events) - FORK_BATCH
-    copied = await task_history(LogReader(store), org, fork)
+    copied = await task_history(store, org, fork)
     assert [item.event for item in copied] == list(plan.events)
     assert len({item.command_id for item in copied}) == 3, "three atomic appends"
     forked = json.loads((await cli("state", org, fork, "--json")).out)
@@ -191,7 +192,7 @@ async def test_a_long_fork_is_written_in_batches_resumes_after_a_failure_and_arm
         FORK_BATCH * 2 + 49,
         f"{fork}-1",
     )
-    timers = await LogReader(store).history(f"cpsched.{org}.task.{fork}.>")
+    timers = await store.read_subject(f"cpsched.{org}.task.{fork}.>")
     assert [item.event for item in timers] == [
         ApprovalTimedOut(at=plan.state.approvals[0].expires_at, approval_id=f"{fork}-1")
     ]

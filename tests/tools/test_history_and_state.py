@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 
 from controlplane.cli import main
-from controlplane.replay import parse_header_lines
 from core.domain.commands import Actor, ClaimTask, HeartbeatTask, RecordOperation, SubmitTask
 from core.domain.events import PolicyDecision, TaskLeaseExpired
 from core.domain.ids import new_id
@@ -117,19 +116,6 @@ def test_every_command_has_help_with_examples(command: list[str], capsys: pytest
         main([*command, "--help"])
     assert exited.value.code == 0
     assert "examples:\n  controlplane " in capsys.readouterr().out
-
-
-def test_the_fast_header_parser_reads_what_nats_py_reads() -> None:
-    from nats.aio.client import Client
-
-    samples = [
-        b"Nats-Msg-Id: c1:0\r\nCp-Actor: alice\r\nCp-Time: 2026-11-22T01:47:23.191Z\r\n\r\n",
-        b"Nats-Sequence:42\r\nX-Weird:\tvalue with : colons \r\nbad name: dropped\r\n\xc3\xa9t\xc3\xa9: x\r\n",
-        b"Cp-Actor: \xc3\xa9l\xc3\xa8ve \xff\r\nno colon here\r\n\r\n",
-        b"",
-    ]
-    for raw in samples:
-        assert parse_header_lines(raw) == Client._parse_header_lines(raw), raw
 
 
 async def test_a_denied_submission_has_a_history_but_never_a_state(handler: CommandHandler, org: str, cli: Cli) -> None:

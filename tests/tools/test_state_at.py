@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.replay import LogReader, task_history
+from controlplane.task_log import task_history
 from core.domain.commands import (
     Actor,
     CancelTask,
@@ -142,11 +142,10 @@ async def scenario(url: str, data: st.DataObject) -> None:
                 continue
             live[task_id].append((outcome.seq, outcome.state))
 
-        reader = LogReader(store)
         first = min(states[0][0] for states in live.values())
         last = max(states[-1][0] for states in live.values())
         for task_id, states in live.items():
-            history = await task_history(reader, org, task_id)
+            history = await task_history(store, org, task_id)
             for seq in range(first - 1, last + 2):  # from before the task existed to past its end
                 then = [state for appended, state in states if appended <= seq]
                 expected = then[-1] if then else None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.replay import LogReader, runner_view, task_history
+from controlplane.task_log import runner_view, task_history
 from core.domain.commands import Actor, ClaimTask, CompleteTask, FailTask, RecordOperation, SubmitTask
 from core.domain.events import WorkflowRef
 from core.domain.history import state_at
@@ -73,7 +73,7 @@ async def record(
 
 
 async def verify(store: JetStreamEventStore, org: str, task_id: str, *workflows: Any, limit: float = 2) -> Any:
-    state, seq = state_at(await task_history(LogReader(store), org, task_id))
+    state, seq = state_at(await task_history(store, org, task_id))
     assert state is not None
     return await verify_task(runner_view(state, seq), Registry(workflows), time_limit=limit)
 

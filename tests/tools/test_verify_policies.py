@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from controlplane.replay import LogReader, runner_view, task_history
+from controlplane.task_log import runner_view, task_history
 from core.domain.commands import Actor, ClaimTask, CompleteTask, RecordOperation, SubmitTask
 from core.domain.events import WorkflowRef
 from core.domain.history import state_at
@@ -64,7 +64,7 @@ async def decision_for(org: str, tool: str) -> dict[str, Any]:
 
 
 async def verify(store: JetStreamEventStore, org: str, task_id: str, code: Any, bundles: SameBundles) -> Any:
-    state, seq = state_at(await task_history(LogReader(store), org, task_id))
+    state, seq = state_at(await task_history(store, org, task_id))
     assert state is not None
     return await verify_task(runner_view(state, seq), Registry([code]), bundles=bundles)
 

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application.forms import MAX_DETAILS_BYTES, MAX_FORM_BYTES, check_details, check_form, check_response
 from core.domain.commands import Actor, ClaimTask, DecideApproval, RequestApproval, SubmitTask
 from core.domain.decider import DecisionContext
+from core.domain.errors import InvalidCommand
 from core.domain.events import ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
 from core.domain.task import TASK, Approval, Task
-from gateway.forms import MAX_DETAILS_BYTES, MAX_FORM_BYTES, check_details, check_form, check_response
-from gateway.problems import Problem
+from gateway.problems import describe
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 WORKER = Actor("wkey", frozenset({"worker"}))
@@ -120,10 +121,12 @@ ANSWER = {
 
 
 def refused(check: Any, *args: Any, **kwargs: Any) -> str:
-    with pytest.raises(Problem) as caught:
+    """The refusal's detail; the refusal answers HTTP with 422."""
+    with pytest.raises(InvalidCommand) as caught:
         check(*args, **kwargs)
-    assert caught.value.status == 422
-    return caught.value.detail
+    status, detail, _ = describe(caught.value) or (None, "", {})
+    assert status == 422
+    return detail
 
 
 def test_a_form_must_be_a_json_schema_whose_references_stay_inside_it() -> None:

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application.claim_index import OpenTasks, claim_order
 from core.domain.events import PRIORITY_RANK, TaskStatus, WorkflowRef
 from core.domain.task import SignalWait, Task
-from gateway.claims import OpenTasks, claim_order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATUSES: tuple[TaskStatus, ...] = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")

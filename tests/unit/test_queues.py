@@ -1,4 +1,4 @@
-"""Queue settings (``core.domain.queues``) and the claim strategies (``gateway.claims.choose_waiter``): the
+"""Queue settings (``core.domain.queues``) and the claim strategies (``application.claim_index.choose_waiter``): the
 decider keeps exactly the settings last given per queue, a queue without settings has the defaults,
 and each strategy picks the waiter it promises."""
 
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application.claim_index import Waiter, choose_waiter
 from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
@@ -27,7 +28,6 @@ from core.domain.errors import NotFound
 from core.domain.events import WorkerBreakerOpened
 from core.domain.queues import QUEUES, Queues
 from core.domain.worker import WORKER
-from gateway.claims import Waiter, choose_waiter
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 ADMIN = DecisionContext(org="acme", now=NOW, actor=Actor(id="key:admin", roles=frozenset({"admin"})))

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from application.claim_index import OpenTasks
 from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
@@ -32,7 +33,6 @@ from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject
 from core.domain.task import TASK
 from core.domain.worker import WORKER, Worker
-from gateway.claims import OpenTasks
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 ADMIN = Actor(id="key:admin", roles=frozenset({"admin"}))

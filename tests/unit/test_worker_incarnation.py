@@ -1,5 +1,5 @@
 """Property-based tests of a worker's restart (core/domain/worker.py incarnations, core/domain/task.py
-``ReleaseLease``, gateway/incarnations.py ``held_leases``): a registration from a new process, and only
+``ReleaseLease``, application/incarnations.py ``held_leases``): a registration from a new process, and only
 that, is a restart; the leases it finds are every lease the worker holds; releasing them never loses a
 task, never touches a lease of another worker or of another credential, counts the attempt as an
 expiry does, and the released lease's timer firing later changes nothing."""
@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from application.claim_index import OpenTasks
+from application.incarnations import RESTART_REASON, held_leases
 from core.domain.commands import (
     Actor,
     ClaimTask,
@@ -36,8 +38,6 @@ from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject
 from core.domain.task import TASK, Task
 from core.domain.worker import WORKER, Worker, is_restart
-from gateway.claims import OpenTasks
-from gateway.incarnations import RESTART_REASON, held_leases
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 RESTARTED = "w"

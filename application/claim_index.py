@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from random import Random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -35,12 +35,9 @@ from core.domain.events import PRIORITY_RANK, TaskLeaseExpired, TaskSubmitted, U
 from core.domain.records import RecordedEvent
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.domain.task import TASK, Task
-from core.log.pull import Puller
+from core.log.reader import Puller
 from core.log.store import STREAM_NAME, recorded_from_message
 from projections.read import ReadModel
-
-if TYPE_CHECKING:
-    from gateway.metrics import LogObserver
 
 log = logging.getLogger(__name__)
 TASK_EVENTS = f"{EVENTS_PREFIX}.*.task.*"
@@ -49,6 +46,16 @@ RESUBSCRIBE_SECONDS = 1.0
 
 LeaseExpiredHook = Callable[[str, str, str, int], None]
 """``(org, worker id, task id, seq)``: a lease the worker held expired (the event at ``seq``)."""
+
+
+class LogObserver(Protocol):
+    """What the claim index hands the task events it follows, besides folding them itself (the
+    gateway's operator metrics)."""
+
+    def seed(self, org: str, task: Task, seq: int) -> None: ...
+
+    def fold(self, recorded: RecordedEvent) -> None: ...
+
 
 ClaimOrder = tuple[int, datetime, str]
 """Highest priority first, then oldest, then by id so the order is total."""
@@ -255,6 +262,8 @@ class ClaimIndex:
         self._arrivals = itertools.count()
         self._rng = rng or Random()
         self._follower: asyncio.Task[None] | None = None
+        self.claims_in_flight: set[str] = set()
+        """Tasks a claim of this process is trying right now: concurrent claimers try others first."""
 
     @property
     def position(self) -> int:

@@ -1,7 +1,10 @@
-"""Idempotency for requests that do not name their aggregate up front (a claim picks a task): the
-outcome's aggregate id is kept in a JetStream key-value bucket for a day, keyed by the derived id."""
+"""Idempotency beyond the command handler's: ids derived from a caller's idempotency key, and the
+records of requests that do not name their aggregate up front (a claim picks a task), whose outcome's
+aggregate id is kept in a JetStream key-value bucket for a day, keyed by the derived id."""
 
 from __future__ import annotations
+
+import hashlib
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -10,6 +13,12 @@ from core.log.store import JetStreamEventStore
 
 BUCKET = "CP_IDEMPOTENCY"
 TTL_SECONDS = 24 * 3600
+
+
+def derived_id(*parts: str) -> str:
+    """A stable token from the parts (org, credential, key, ...), so a retried request maps to the same
+    command and aggregate ids and returns the original outcome."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 class IdempotencyRecords:

@@ -1,16 +1,17 @@
-"""The submit policy: every submission is decided by ``controlplane/submit`` before anything is
-appended. The decision travels in the command, so the log records it either way: a denial as
-``TaskSubmissionDenied`` (and a 403), an approval requirement as a task that starts out waiting for a
-human.
+"""The submit gate: every submission is decided by the submit policy (``controlplane/submit``) before
+anything is appended. The decision travels in the command, so the log records it either way: a denial
+as ``TaskSubmissionDenied`` (over HTTP, a 403), an approval requirement as a task that starts out
+waiting for a human.
 
 Which rules decide: the newest bundle the org pushed (``POST /v1/policy-bundles``), else the shipped
 one. The org's current version is read from the log and kept for ``POLICY_REFRESH_SECONDS``; a push
-through this gateway takes effect here at once, on other gateways within that time. The version
+through this process takes effect here at once, in other processes within that time. The version
 that decided is recorded with the task, whose workflow is then decided by that version only.
 
 Decisions are evaluated off the event loop on a time budget (``policies_wasm.budget``): a version
-that overruns it answers that org's submit with 503 naming the version, and never slows other orgs.
-A push is refused (422) when an entrypoint overruns it on inputs like the ones it will be asked."""
+that overruns it fails that org's submit (``PolicyUnavailable``, naming the version) and never slows
+other orgs. A push is refused when an entrypoint overruns it on inputs like the ones it will be asked
+(``SubmitGate.check_budget``)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from typing import Any
 
 import msgspec
 
+from application.claim_index import ClaimIndex
 from core.domain.events import PolicyBundlePushed, PolicyDecision
 from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet
 from core.domain.subjects import parse_aggregate_subject
 from core.log.handler import CommandHandler
-from gateway.bodies import SubmitTaskBody
-from gateway.claims import ClaimIndex
 from policies_wasm import Bundle, PolicyError, PolicyTimeout, default_bundle
 from policies_wasm.budget import PolicyEvaluator
 from projections.read import DATABASE_UNAVAILABLE, ReadModel
@@ -125,7 +125,7 @@ class SubmitGate:
         return self._remember(org, policy_set.current)
 
     def observe(self, subject: str, state: Any, seq: int) -> None:
-        """A push through this gateway decides the next submit here."""
+        """A push through this process decides the next submit here."""
         if isinstance(state, PolicySet):
             self._remember(parse_aggregate_subject(subject).org, state.current)
 
@@ -135,27 +135,35 @@ class SubmitGate:
         return version, bundle
 
     async def decide(
-        self, org: str, spec: SubmitTaskBody, *, queue: str, environment: str | None
+        self,
+        org: str,
+        *,
+        task_type: str,
+        payload: Any,
+        metadata: dict[str, Any],
+        workflow: str | None,
+        queue: str,
+        environment: str | None,
     ) -> tuple[PolicyDecision, int | None]:
-        """The decision and the org's bundle version that made it, for a task on ``queue``, which is in
-        ``environment`` (the server's answer, or None: the policy input then has no environment).
-        Raises a ``PolicyError`` when the policy cannot decide (the caller refuses the submit):
-        ``PolicyTimeout``, naming the version, when it overran the budget."""
+        """The decision and the org's bundle version that made it, for a task of ``task_type`` running
+        ``workflow`` (if any) on ``queue``, which is in ``environment`` (the server's answer, or None: the
+        policy input then has no environment). Raises a ``PolicyError`` when the policy cannot decide
+        (the caller refuses the submit): ``PolicyTimeout``, naming the version, when it overran the budget."""
         facts: dict[str, Any] = {
             "org": org,
             "queue": queue,
-            "task_type": spec.type,
-            "payload_bytes": len(msgspec.json.encode(spec.payload)),
+            "task_type": task_type,
+            "payload_bytes": len(msgspec.json.encode(payload)),
             "usage": {
                 "org_in_flight": self._claim_index.in_flight(org),
                 "queue_in_flight": self._claim_index.in_flight(org, queue),
             },
         }
-        facts.update({name: spec.metadata[name] for name in DECLARED if name in spec.metadata})
+        facts.update({name: metadata[name] for name in DECLARED if name in metadata})
         if environment is not None:
             facts["environment"] = environment
-        if spec.workflow is not None:
-            facts["workflow"] = spec.workflow.name
+        if workflow is not None:
+            facts["workflow"] = workflow
         spend = await self._spend_today(org)
         if spend is not None:  # unknown while PostgreSQL is down: a token or spend quota then denies
             facts["usage"]["tokens_today"], facts["usage"]["cost_today_usd"] = spend
@@ -164,7 +172,7 @@ class SubmitGate:
             decided = await self.evaluator.evaluate(bundle, SUBMIT_POLICY, facts, owner=org)
         except PolicyTimeout as exc:
             raise PolicyTimeout(self._overrun(org, version, exc)) from exc
-        return PolicyDecision(**msgspec.structs.asdict(decided)), version
+        return PolicyDecision.from_engine(decided), version
 
     async def check_budget(self, bundle: Bundle, org: str) -> None:
         """Raises ``PolicyTimeout`` naming the entrypoint when one of the bundle's entrypoints overruns

@@ -24,15 +24,15 @@ from datetime import datetime
 
 import msgspec
 
+from application.idempotency import derived_id
 from core.domain.commands import Actor, ReleaseLease
 from core.domain.errors import Rejected
 from core.domain.events import TaskClaimed, WorkerRegistered
 from core.domain.records import RecordedEvent
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
-from core.log.handler import Outcome
-from gateway.http import derived_id
-from gateway.services import Services
-from projections.read import DATABASE_UNAVAILABLE
+from core.log.event_store import EventStore
+from core.log.handler import CommandHandler, Outcome
+from projections.read import DATABASE_UNAVAILABLE, ReadModel
 
 log = logging.getLogger(__name__)
 
@@ -61,35 +61,47 @@ def held_leases(snapshot: Mapping[str, str], later: Iterable[RecordedEvent], wor
     return leases
 
 
-async def release_if_restarted(svc: Services, org: str, actor: Actor, registered: Outcome) -> Released:
+async def release_if_restarted(
+    handler: CommandHandler, store: EventStore, read_model: ReadModel, org: str, actor: Actor, registered: Outcome
+) -> Released:
     """After a registration (``registered``; a retried one too: releasing is idempotent, so a retry
     finishes what a crash interrupted): if it was a restart, release the leases the worker holds."""
     for recorded in registered.events:
         event = recorded.event
         if isinstance(event, WorkerRegistered) and event.restarted:
-            return await _release_held(svc, org, actor, event.worker_id, since=event.at, cause=recorded.command_id)
+            return await _release_held(
+                handler, store, read_model, org, actor, event.worker_id, since=event.at, cause=recorded.command_id
+            )
     return Released()
 
 
 async def _release_held(
-    svc: Services, org: str, actor: Actor, worker_id: str, *, since: datetime, cause: str | None
+    handler: CommandHandler,
+    store: EventStore,
+    read_model: ReadModel,
+    org: str,
+    actor: Actor,
+    worker_id: str,
+    *,
+    since: datetime,
+    cause: str | None,
 ) -> Released:
     """Release the leases ``worker_id`` took before its registration at ``since``. Without the read
     model nothing is released, and the leases run out as they always did."""
     try:
-        checkpoint = await svc.read_model.checkpoint("tasks")
-        snapshot = await svc.read_model.leases_held_by(org, worker_id)
+        checkpoint = await read_model.checkpoint("tasks")
+        snapshot = await read_model.leases_held_by(org, worker_id)
     except DATABASE_UNAVAILABLE:
         log.warning("worker %s restarted, but the read model is unreachable: its leases will run out", worker_id)
         return Released()
-    later = await svc.store.read_subject(f"{EVENTS_PREFIX}.{org}.task.*", after_seq=checkpoint)
+    later = await store.read_subject(f"{EVENTS_PREFIX}.{org}.task.*", after_seq=checkpoint)
 
     async def release(task_id: str, lease_id: str) -> Outcome | None:
         command = ReleaseLease(
             task_id=task_id, worker_id=worker_id, lease_id=lease_id, reason=RESTART_REASON, claimed_before=since
         )
         try:
-            return await svc.handler.handle(
+            return await handler.handle(
                 org, command, actor=actor, command_id=derived_id(lease_id, "released"), causation_id=cause
             )
         except Rejected:  # not held (any more) under this credential: nothing of this worker's to release

@@ -1,4 +1,4 @@
-"""The org's environments as the gateway reads them: from the log, at every use.
+"""The org's environments as submits read them: from the log, at every use.
 
 A submit's environment decides whether it needs approval, so it must never come from a stale copy:
 an admin who puts a queue into ``prod`` on one gateway must gate the next submit on every gateway.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from core.domain.environments import ENVIRONMENTS, ENVIRONMENTS_AGGREGATE, ENVIRONMENTS_ID, Environments
 from core.domain.subjects import aggregate_subject
-from core.log.store import JetStreamEventStore
+from core.log.event_store import EventStore
 from core.lru import Lru
 
 ORGS_REMEMBERED = 4096
 
 
 class EnvironmentDirectory:
-    def __init__(self, store: JetStreamEventStore, size: int = ORGS_REMEMBERED) -> None:
+    def __init__(self, store: EventStore, size: int = ORGS_REMEMBERED) -> None:
         self._store = store
         self._folded: Lru[str, tuple[Environments, int]] = Lru(size)
 

@@ -1,6 +1,7 @@
-"""What an approval carries, checked at the edge: the size of its ``details``, that its ``form`` is a
-JSON Schema (draft 2020-12), and that a decision's ``response`` fits that form. The domain records
-what passed here; jsonschema stays out of ``core``."""
+"""What an approval carries, checked before its command, whoever sends it: the size of its ``details``,
+that its ``form`` is a JSON Schema (draft 2020-12), and that a decision's ``response`` fits that form; a
+signal's payload is bounded alike. The domain records what passed here; jsonschema stays out of ``core``.
+Every refusal is an ``InvalidCommand``."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
-from gateway.http import holds_nul
-from gateway.problems import Problem
+from core.domain.errors import InvalidCommand
 
 MAX_DETAILS_BYTES = 64 * 1024
 MAX_FORM_BYTES = 16 * 1024
@@ -59,6 +59,17 @@ FormValidator = validators.extend(Draft202012Validator, {"pattern": _pattern, "p
 """Draft 2020-12 with every pattern matched within :data:`PATTERN_SECONDS`."""
 
 
+def holds_nul(value: Any) -> bool:
+    """PostgreSQL cannot store NUL in text or JSON, so no string anywhere in a body may hold one."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(v) for v in value)
+    return False
+
+
 def check_details(details: Any) -> None:
     _bounded(details, MAX_DETAILS_BYTES, "details")
 
@@ -69,7 +80,8 @@ def check_signal_payload(payload: Any) -> None:
 
 
 def check_form(form: dict[str, Any] | None) -> None:
-    """422 unless ``form`` is absent or a JSON Schema whose references all point inside it."""
+    """Refuses (``InvalidCommand``) unless ``form`` is absent or a JSON Schema whose references all
+    point inside it."""
     if form is None:
         return
     _bounded(form, MAX_FORM_BYTES, "form")
@@ -77,47 +89,48 @@ def check_form(form: dict[str, Any] | None) -> None:
         Draft202012Validator.check_schema(form)
         remote = _remote_reference(form)
     except SchemaError as exc:
-        raise Problem(
-            422, f"form is not a valid JSON Schema (draft 2020-12): {exc.message} (at {exc.json_path})"
+        raise InvalidCommand(
+            f"form is not a valid JSON Schema (draft 2020-12): {exc.message} (at {exc.json_path})"
         ) from None
     except RecursionError:
-        raise Problem(422, "form nests schemas too deeply; flatten it") from None
+        raise InvalidCommand("form nests schemas too deeply; flatten it") from None
     if remote is not None:
-        raise Problem(422, f"form refers to {remote!r}: a form's $ref may only point inside it ('#/...')")
+        raise InvalidCommand(f"form refers to {remote!r}: a form's $ref may only point inside it ('#/...')")
 
 
 def check_response(form: dict[str, Any] | None, response: Any, *, required: bool) -> None:
-    """422 unless ``response`` is small enough and fits ``form``. An absent (null) response is checked
-    too when ``required`` (an approval): a form that does not accept null asks for an answer."""
+    """Refuses (``InvalidCommand``) unless ``response`` is small enough and fits ``form``. An absent
+    (null) response is checked too when ``required`` (an approval): a form that does not accept null
+    asks for an answer."""
     _bounded(response, MAX_RESPONSE_BYTES, "response")
     if holds_nul(response):
-        raise Problem(422, "response: strings may not contain the NUL character (\\u0000)")
+        raise InvalidCommand("response: strings may not contain the NUL character (\\u0000)")
     if form is None or (response is None and not required):
         return
     try:
         error = best_match(FormValidator(form, registry=_LOCAL_ONLY).iter_errors(response))
     except (Unresolvable, RecursionError) as exc:
-        raise Problem(422, f"the approval's form cannot be evaluated ({exc}); reject it instead") from None
+        raise InvalidCommand(f"the approval's form cannot be evaluated ({exc}); reject it instead") from None
     except PatternTooSlow as exc:
-        raise Problem(
-            422, f"the approval's form has a pattern too slow to match this response ({exc}); reject it instead"
+        raise InvalidCommand(
+            f"the approval's form has a pattern too slow to match this response ({exc}); reject it instead"
         ) from None
     if error is None:
         return
     if response is None:
-        raise Problem(422, f"this approval's form asks for a response: {error.message}")
-    raise Problem(422, f"the response does not fit the approval's form: {error.message} (at {error.json_path})")
+        raise InvalidCommand(f"this approval's form asks for a response: {error.message}")
+    raise InvalidCommand(f"the response does not fit the approval's form: {error.message} (at {error.json_path})")
 
 
 def _bounded(value: Any, limit: int, what: str) -> None:
     try:
         size = len(msgspec.json.encode(value))
     except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:  # a lone surrogate is no JSON text
-        raise Problem(422, f"{what} is not JSON: {exc}") from None
+        raise InvalidCommand(f"{what} is not JSON: {exc}") from None
     except RecursionError:
-        raise Problem(422, f"{what} nests arrays or objects too deeply; flatten it") from None
+        raise InvalidCommand(f"{what} nests arrays or objects too deeply; flatten it") from None
     if size > limit:
-        raise Problem(422, f"{what} is {size} bytes of JSON; the limit is {limit}: attach less, or a link to it")
+        raise InvalidCommand(f"{what} is {size} bytes of JSON; the limit is {limit}: attach less, or a link to it")
 
 
 def _remote_reference(schema: Any) -> str | None:

@@ -1,0 +1,183 @@
+"""Submitting a task, the one path for the API, the console and schedules: route it by the org's
+environments (the server's answer, never the submitter's word), ask the submit policy, pin its
+workflow to the newest version a live runner hosts, append. A denial is recorded too: its outcome holds
+no task."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from application.environments import EnvironmentDirectory
+from application.errors import PolicyUnavailable
+from application.policy import SubmitGate
+from application.principal import require
+from core.domain.commands import Actor, SubmitTask
+from core.domain.errors import InvalidCommand
+from core.domain.events import PolicyDecision, Priority, TaskSubmissionDenied, WorkflowRef
+from core.domain.task import hosted_workflow_versions, workflow_capability
+from core.log.handler import CommandHandler, Outcome
+from policies_wasm import PolicyError
+from projections.read import DATABASE_UNAVAILABLE, ReadModel
+
+DEFAULT_QUEUE = "default"
+
+
+class WorkflowSpec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int | None: ...
+
+
+class SubmissionSpec(Protocol):
+    """What a submission asks for (``POST /v1/tasks``' body, a schedule's task): what the server
+    decides (the queue when only an environment is named, the environment, the workflow's version, the
+    policy's decision) is not in it."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def payload(self) -> Any: ...
+
+    @property
+    def queue(self) -> str | None: ...
+
+    @property
+    def environment(self) -> str | None: ...
+
+    @property
+    def required_capabilities(self) -> tuple[str, ...]: ...
+
+    @property
+    def priority(self) -> Priority: ...
+
+    @property
+    def max_retries(self) -> int: ...
+
+    @property
+    def timeout_seconds(self) -> float | None: ...
+
+    @property
+    def retry_backoff_seconds(self) -> float: ...
+
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+
+    @property
+    def workflow(self) -> WorkflowSpec | None: ...
+
+    @property
+    def excluded_workers(self) -> tuple[str, ...]: ...
+
+
+async def submit_task(
+    handler: CommandHandler,
+    gate: SubmitGate,
+    environments: EnvironmentDirectory,
+    read_model: ReadModel,
+    org: str,
+    spec: SubmissionSpec,
+    *,
+    task_id: str,
+    actor: Actor,
+    command_id: str | None,
+) -> Outcome:
+    """Submit ``spec`` as task ``task_id`` for ``actor`` (who must be allowed to submit). Raises
+    ``InvalidCommand`` when it cannot be routed, ``PolicyUnavailable`` when the policy cannot decide,
+    and the handler's ``Rejected`` (``AlreadyExists``: the task id is taken by another submission); a
+    denial is an outcome whose state is None (:func:`denial_reasons` says why)."""
+    require(actor, "submit")
+    queue, environment = await route(environments, org, spec)
+    decision, policy_version = await _decide(gate, org, spec, queue, environment)
+    command = SubmitTask(
+        task_id=task_id,
+        task_type=spec.type,
+        payload=spec.payload,
+        queue=queue,
+        priority=spec.priority,
+        required_capabilities=spec.required_capabilities,
+        max_retries=spec.max_retries,
+        timeout_seconds=spec.timeout_seconds,
+        retry_backoff_seconds=spec.retry_backoff_seconds,
+        metadata=spec.metadata,
+        workflow=None if spec.workflow is None else await _pinned_workflow(read_model, org, spec.workflow, queue),
+        policy=decision,
+        policy_version=policy_version,
+        environment=environment,
+        excluded_workers=spec.excluded_workers,
+    )
+    return await handler.handle(org, command, actor=actor, command_id=command_id)
+
+
+def denial_reasons(outcome: Outcome) -> list[str]:
+    """Why the submit policy denied a submission whose outcome holds no task."""
+    denied = outcome.events[0].event
+    return denied.decision.reasons if isinstance(denied, TaskSubmissionDenied) else []
+
+
+async def route(environments: EnvironmentDirectory, org: str, spec: SubmissionSpec) -> tuple[str, str | None]:
+    """The task's queue and that queue's environment, from the org's environments as the log holds them
+    now. A submit naming an environment and no queue goes to the environment's first queue; naming
+    both, the queue must be one of the environment's. The submitter's metadata plays no part. Raises
+    ``InvalidCommand`` for a submission that cannot be routed."""
+    defined, _ = await environments.current(org)
+    if spec.environment is None:
+        queue = spec.queue or DEFAULT_QUEUE
+        holder = defined.of_queue(queue)
+        return queue, None if holder is None else holder.name
+    named = defined.get(spec.environment)
+    if named is None:
+        raise InvalidCommand(
+            f"environment {spec.environment} is not defined in this org; GET /v1/environments lists them, "
+            "or name a queue instead"
+        )
+    if spec.queue is None:
+        if not named.queues:
+            raise InvalidCommand(
+                f"environment {named.name} holds no queue to submit to; name a queue, or give the environment one "
+                f"(PUT /v1/environments/{named.name})"
+            )
+        return named.queues[0], named.name
+    if spec.queue not in named.queues:
+        raise InvalidCommand(
+            f"queue {spec.queue} is not in environment {named.name} (its queues: "
+            f"{', '.join(named.queues) or 'none'}); name one of those, or leave queue out"
+        )
+    return spec.queue, named.name
+
+
+async def _decide(
+    gate: SubmitGate, org: str, spec: SubmissionSpec, queue: str, environment: str | None
+) -> tuple[PolicyDecision, int | None]:
+    try:
+        return await gate.decide(
+            org,
+            task_type=spec.type,
+            payload=spec.payload,
+            metadata=spec.metadata,
+            workflow=None if spec.workflow is None else spec.workflow.name,
+            queue=queue,
+            environment=environment,
+        )
+    except PolicyError as exc:
+        raise PolicyUnavailable(f"the submit policy could not decide ({exc}); nothing was submitted") from exc
+
+
+async def _pinned_workflow(read_model: ReadModel, org: str, workflow: WorkflowSpec, queue: str) -> WorkflowRef:
+    """A workflow named without a version is pinned to the newest version a live runner on the task's
+    queue hosts. Without one (or without the read model) the first claim pins it instead."""
+    name, version = workflow.name, workflow.version
+    if version is None:
+        try:
+            runners = await read_model.list_workers(org, queue=queue, capability=workflow_capability(name, None))
+        except DATABASE_UNAVAILABLE:  # submitting needs only the log
+            runners = []
+        hosted = [
+            hosted_workflow_versions(worker.capabilities).get(name, set())
+            for worker, _, _ in runners
+            if worker.status not in ("offline", "failed")
+        ]
+        version = max(set().union(*hosted), default=None)
+    return WorkflowRef(name, version)

@@ -1,0 +1,173 @@
+"""The batch commit: one batch of the log folded into projections, in one PostgreSQL transaction
+together with their checkpoints.
+
+Exactly once. A batch, its rows and the checkpoints (stream sequence of its last message) commit
+together, and messages at or below a projection's checkpoint are skipped, so applying a batch twice
+(redelivered after a crash between commit and ack) changes nothing.
+
+Bad data never stops a projection: a message that is no readable event is logged and skipped
+(:func:`decode`), and an event whose data PostgreSQL refuses is found by bisecting the batch and
+skipped alone (:func:`_apply_bisecting`). A projection whose code fails on an event (a bug) stops, with
+the batch rolled back, until it is fixed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from nats.aio.msg import Msg
+
+from core.domain.records import RecordedEvent
+from core.domain.subjects import parse_aggregate_subject
+from core.log.store import recorded_from_message
+from projections.folds.projection import Projection
+from projections.schema import NOTIFY_CHANNEL, Shard, checkpoint_key
+
+log = logging.getLogger(__name__)
+
+POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+"""Errors an event's own data causes (a value out of a column's range, …): retrying cannot help."""
+
+_SAVE_CHECKPOINTS = f"""
+WITH saved AS (
+    INSERT INTO checkpoints (projection, seq, updated_at) SELECT unnest($1::text[]), $2, now()
+    ON CONFLICT (projection) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+    RETURNING projection, seq
+)
+SELECT pg_notify('{NOTIFY_CHANNEL}', projection || ':' || seq) FROM saved
+"""
+
+
+async def save_checkpoints(conn: asyncpg.Connection, keys: Sequence[str], seq: int) -> None:
+    """Set the checkpoint rows ``keys`` to ``seq`` and tell the readers waiting for them."""
+    await conn.execute(_SAVE_CHECKPOINTS, list(keys), seq)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    last_seq: int
+    """Stream sequence of the batch's last message: the new checkpoint of every projection applied."""
+    applied: tuple[str, ...]
+    """The projections whose checkpoint was below ``last_seq``; the others had seen the whole batch."""
+    undecodable: int
+    """Messages of the batch that could not be read as events."""
+    refused: dict[str, int]
+    """Per applied projection, the events it could not fold or store."""
+
+    @property
+    def skipped(self) -> int:
+        """Undecodable messages plus, summed over the applied projections, events a projection refused."""
+        return self.undecodable + sum(self.refused.values())
+
+
+def decode(msgs: Sequence[Msg]) -> tuple[list[RecordedEvent], int]:
+    """The batch's events and how many messages could not be read. An undecodable message is logged
+    with its sequence and subject and skipped: one bad event must not stop a projection forever."""
+    recorded: list[RecordedEvent] = []
+    failures = 0
+    for msg in msgs:
+        try:
+            item = recorded_from_message(msg)
+            parse_aggregate_subject(item.subject)
+        except Exception as exc:
+            failures += 1
+            seq = msg.metadata.sequence.stream
+            log.error("skipping undecodable event seq=%d subject=%s: %s", seq, msg.subject, exc)
+            continue
+        recorded.append(item)
+    return recorded, failures
+
+
+def owned_by(shard: Shard, msgs: Sequence[Msg]) -> list[Msg]:
+    """The messages of ``shard``'s orgs, found from the subject alone (decoding the others would be
+    wasted). A subject that is no event subject is kept, for :func:`decode` to report."""
+    owned: list[Msg] = []
+    for msg in msgs:
+        try:
+            org = parse_aggregate_subject(msg.subject).org
+        except ValueError:
+            owned.append(msg)
+            continue
+        if shard.owns(org):
+            owned.append(msg)
+    return owned
+
+
+async def commit_batch(
+    conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg], shard: Shard | None = None
+) -> BatchResult:
+    """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
+    all in one transaction. Messages at or below a projection's checkpoint were committed before (a
+    crash between commit and ack) and are skipped, so applying a batch twice changes nothing. If
+    PostgreSQL refuses some data, the transaction is rolled back and the batch applied again with each
+    projection in a savepoint, see :func:`_apply_bisecting`.
+    With a ``shard``, only its orgs' events are folded, and the checkpoints moved are the shard's rows."""
+    recorded, undecodable = decode(msgs if shard is None else owned_by(shard, msgs))
+    last_seq = msgs[-1].metadata.sequence.stream
+    keys = {projection.name: checkpoint_key(projection.name, shard) for projection in projections}
+    try:
+        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_all)
+    except POISON:  # rolled back: again, each projection in a savepoint, to find and skip what is refused
+        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_bisecting)
+    return BatchResult(last_seq, tuple(refused), undecodable, refused)
+
+
+Apply = Callable[[asyncpg.Connection, Projection, list[RecordedEvent]], Awaitable[int]]
+
+
+async def _commit(
+    conn: asyncpg.Connection,
+    projections: Sequence[Projection],
+    keys: dict[str, str],
+    recorded: list[RecordedEvent],
+    last_seq: int,
+    apply: Apply,
+) -> dict[str, int]:
+    """One transaction: the events newer than each projection's checkpoint applied with ``apply``, and
+    the checkpoints moved to ``last_seq``; returns what each projection that applied refused."""
+    refused: dict[str, int] = {}
+    async with conn.transaction():
+        # Asynchronous commit: a server crash may lose the last batches, rows and checkpoint together,
+        # and they are folded again from the log. Not waiting for the WAL flush is most of a small batch's cost.
+        await conn.execute("SET LOCAL cp.projector = 'on'; SET LOCAL synchronous_commit = off")
+        rows = await conn.fetch(
+            "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE",
+            list(keys.values()),
+        )
+        checkpoints = {row["projection"]: row["seq"] for row in rows}
+        for projection in projections:
+            checkpoint = checkpoints.get(keys[projection.name], 0)
+            if last_seq <= checkpoint:
+                continue
+            newer = [item for item in recorded if item.seq > checkpoint]
+            refused[projection.name] = await apply(conn, projection, newer)
+        if refused:
+            await save_checkpoints(conn, [keys[name] for name in refused], last_seq)
+    return refused
+
+
+async def _apply_all(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+    """The common case: PostgreSQL takes every row, and no savepoint per projection is paid for."""
+    return await projection.apply(conn, events)
+
+
+async def _apply_bisecting(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+    """Apply ``events`` in a savepoint; if PostgreSQL refuses their data, apply each half on its own,
+    down to the single events it refuses, which are logged and skipped (like undecodable ones) so
+    that one event cannot wedge a projection. Applying in pieces folds the same as applying at once
+    (each piece loads what the previous one wrote), so live and rebuilt tables still agree."""
+    try:
+        async with conn.transaction():
+            return await projection.apply(conn, events)
+    except POISON as exc:
+        if len(events) == 1:
+            item = events[0]
+            kind = type(item.event).__name__
+            log.error("%s skips %s seq=%d subject=%s: %s", projection.name, kind, item.seq, item.subject, exc)
+            return 1
+    middle = len(events) // 2
+    return await _apply_bisecting(conn, projection, events[:middle]) + await _apply_bisecting(
+        conn, projection, events[middle:]
+    )

@@ -1,0 +1,193 @@
+"""The application layer without HTTP, on a real stack: a task submitted (policy gate, routing),
+claimed from the claim index (at once, waiting, idempotently), asked about, decided and completed by
+calling the operations on the gateway's own parts; what they wrote is what the API then shows. And a
+refusal: the typed error an operation raises is what the API answers, as problem+json, status and
+detail alike."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from application.approvals import decide
+from application.claim import Claim, claim_tasks
+from application.principal import Principal
+from application.submit import submit_task
+from application.tasks import end_attempt, request_approval
+from core.domain.commands import Actor, CompleteTask
+from core.domain.errors import Rejected
+from core.domain.events import Escalation
+from core.domain.ids import new_id
+from core.log.handler import Outcome
+from gateway.bodies import SubmitTaskBody
+from gateway.problems import describe
+from tests.gateway.conftest import Stack, new_org
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a worker asks of a claim, as a non-HTTP caller holds it."""
+
+    worker_id: str
+    queue: str
+    capabilities: tuple[str, ...] = ()
+    lease_seconds: float = 30
+    workflows_only: bool = False
+
+
+@dataclass(frozen=True)
+class Ask:
+    worker_id: str
+    lease_id: str
+    reason: str = "ship it?"
+    approvers: tuple[str, ...] = ("role:approver",)
+    quorum: int = 1
+    timeout_seconds: float | None = None
+    escalation: Escalation | None = None
+    journal_index: int | None = None
+    details: Any = None
+    form: dict[str, Any] | None = None
+    kind: Any = "approval"
+
+
+def principal(org: str, role: str) -> Principal:
+    return Principal(org, Actor(f"app:{role}", frozenset({role})), f"app-{role}")
+
+
+async def submitted(stack: Stack, org: str, queue: str, **fields: Any) -> Outcome:
+    svc = stack.services
+    spec = msgspec.convert({"type": "deploy", "queue": queue, **fields}, SubmitTaskBody)
+    who = principal(org, "submitter")
+    return await submit_task(
+        svc.handler,
+        svc.submit_gate,
+        svc.environments,
+        svc.read_model,
+        org,
+        spec,
+        task_id=new_id(),
+        actor=who.actor,
+        command_id=None,
+    )
+
+
+async def claimed(
+    stack: Stack, org: str, queue: str, *, key: str | None = None, block_seconds: float = 0.0, max_tasks: int = 1
+) -> list[Claim]:
+    svc = stack.services
+    return await claim_tasks(
+        svc.handler,
+        svc.claim_index,
+        svc.idempotency,
+        principal(org, "worker"),
+        Wanted("w1", queue),
+        max_tasks=max_tasks,
+        block_seconds=block_seconds,
+        key=key,
+        clock=svc.clock,
+    )
+
+
+def client(stack: Stack, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=20)
+
+
+async def test_submit_claim_ask_decide_and_complete_without_http(stack: Stack) -> None:
+    org, keys = await new_org(stack)
+    svc, worker = stack.services, principal(org, "worker")
+    task = (await submitted(stack, org, "ops", payload={"service": "web"})).state
+    assert task is not None and (task.status, task.queue) == ("pending", "ops")
+
+    [first] = await claimed(stack, org, "ops")
+    assert (first.task.id, first.task.status, first.task.lease.id) == (task.id, "running", first.lease_id)
+    approval, _ = await request_approval(
+        svc.handler, worker, task.id, Ask("w1", first.lease_id, details={"plan": "v2"}), command_id=None
+    )
+    decided, _ = await decide(
+        svc.handler, principal(org, "approver"), approval.id, "approve", comment="fine", response=None, command_id=None
+    )
+    assert decided.status == "approved"
+
+    [second] = await claimed(stack, org, "ops")  # an approved task is pending again, in the index at once
+    done = await end_attempt(
+        svc.handler,
+        worker,
+        CompleteTask(task_id=task.id, worker_id="w1", lease_id=second.lease_id, result={"shipped": True}),
+        command_id=None,
+    )
+    assert done.state.status == "completed"
+    async with client(stack, keys["viewer"]) as viewer:
+        shown = (await viewer.get(f"/v1/tasks/{task.id}")).json()
+    assert (shown["status"], shown["result"]) == ("completed", {"shipped": True})
+    assert [a["status"] for a in shown["approvals"]] == ["approved"]
+
+
+async def test_a_claim_waits_for_a_task_and_a_retried_claim_returns_the_original(stack: Stack) -> None:
+    org, _ = await new_org(stack)
+    waiting = asyncio.create_task(claimed(stack, org, "later", key="claim-1", block_seconds=5.0))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    task = (await submitted(stack, org, "later")).state
+    [won] = await asyncio.wait_for(waiting, 5.0)
+    assert won.task.id == task.id
+    [again] = await claimed(stack, org, "later", key="claim-1")
+    assert (again.task.id, again.lease_id, again.seq) == (won.task.id, won.lease_id, won.seq)
+    assert await claimed(stack, org, "later") == []  # nothing else to claim: empty at once, not an error
+
+
+@pytest.mark.parametrize(
+    ("name", "http", "operation"),
+    [
+        (
+            "an undefined environment",
+            ("POST", "/v1/tasks", "submitter", {"type": "deploy", "environment": "nowhere"}),
+            lambda stack, org: submitted(stack, org, "ops", environment="nowhere"),
+        ),
+        (
+            "a role that may not submit",
+            ("POST", "/v1/tasks", "viewer", {"type": "deploy"}),
+            lambda stack, org: submit_task(
+                stack.services.handler,
+                stack.services.submit_gate,
+                stack.services.environments,
+                stack.services.read_model,
+                org,
+                msgspec.convert({"type": "deploy"}, SubmitTaskBody),
+                task_id=new_id(),
+                actor=principal(org, "viewer").actor,
+                command_id=None,
+            ),
+        ),
+        (
+            "an unknown approval",
+            ("POST", "/v1/approvals/nope-1/approve", "approver", {}),
+            lambda stack, org: decide(
+                stack.services.handler,
+                principal(org, "approver"),
+                "nope-1",
+                "approve",
+                comment=None,
+                response=None,
+                command_id=None,
+            ),
+        ),
+    ],
+)
+async def test_an_operations_typed_error_is_the_problem_the_api_answers(
+    stack: Stack, name: str, http: tuple[str, str, str, dict[str, Any]], operation: Any
+) -> None:
+    org, keys = await new_org(stack)
+    with pytest.raises(Rejected) as refused:
+        await operation(stack, org)
+    described = describe(refused.value)
+    assert described is not None, name
+    method, path, role, body = http
+    async with client(stack, keys[role]) as caller:
+        answered = await caller.request(method, path, json=body)
+    assert answered.headers["content-type"] == "application/problem+json"
+    assert (answered.status_code, answered.json()["detail"]) == described[:2], name
