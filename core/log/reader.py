@@ -11,23 +11,25 @@ Both hand out nats-py messages; ``core.log.store.recorded_from_message`` makes r
 
 What the server answers. A batched direct get sends the matching messages, each with the stream's
 ``Nats-Sequence``, ``Nats-Subject`` and ``Nats-Time-Stamp`` among its headers, then ``204 EOB``, whose
-``Nats-Num-Pending`` counts the matching messages after the batch (the next request continues after
-the last one received); ``404`` when nothing matches from the start on; ``408`` when it cannot read
-the request. A pull request ends with ``404`` (nothing more now) or ``408`` (its ``expires`` passed);
-``100`` is a heartbeat; ``409`` (consumer deleted, leadership changed, …) and anything else fail it.
-Either way, a request to a stream or consumer nobody serves is answered ``503`` by nats-server (no
-responders).
+``Nats-Num-Pending`` counts the matching messages after the batch (the next request continues after the
+last one received); ``404`` when nothing matches from the start on; ``408`` when it cannot read the
+request. A standing pull request ends when its batch is delivered, or with ``408`` (its ``expires``
+passed; ``404`` ends a ``no_wait`` one); ``100`` is a heartbeat; ``409`` (consumer deleted, leadership
+changed, …) and anything else fail it. Either way, a request to a stream or consumer nobody serves is
+answered ``503`` by nats-server (no responders).
 
-Headers are parsed by nats-py's own parser: byte-level since 2.16, so non-ASCII values arrive decoded
-and nothing is lost. A hand-written one is about three times faster on a direct-get reply's ten
-headers (~3 µs instead of ~10 µs), but it can only be swapped in by overriding a private method of
-nats-py's client, which this module does not do."""
+Headers are parsed by nats-py's own parser: byte-level
+since 2.16, so non-ASCII values arrive decoded and nothing is lost. A hand-written one is about three
+times faster on a direct-get reply's ten headers (~3 µs instead of ~10 µs), but it can only be swapped
+in by overriding a private method of nats-py's client, which this module does not do."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from datetime import datetime
@@ -47,6 +49,10 @@ READ_BATCH = 512
 """Messages per direct-get request, unless a read asks for another number."""
 READ_TIMEOUT_SECONDS = 5.0
 """How long a direct get may go without a reply (messages of a batch reset it)."""
+PULL_REQUEST_SECONDS = 30.0
+"""How long a standing pull request lasts (the server then ends it with a 408 and the next fetch asks again)."""
+PULL_REQUEST_GRACE_SECONDS = 5.0
+"""How long after its expiry a request whose end never came (a reconnect lost it) is still counted on."""
 FEED_INACTIVE_SECONDS = 60.0
 """How long the server keeps a consumer of :meth:`Puller.ephemeral` that nobody asks for."""
 
@@ -69,6 +75,16 @@ def _failure(msg: Msg, what: str) -> str:
         return f"{what}: nothing answers there (no such stream or consumer)"
     description = (msg.headers or {}).get(DESCRIPTION, "")
     return f"{what} failed: {status} {description}".rstrip()
+
+
+class _PullRequest:
+    """A standing pull request: how many messages it may still deliver, and when to stop counting on it."""
+
+    __slots__ = ("forgotten_at", "remaining")
+
+    def __init__(self, remaining: int, forgotten_at: float) -> None:
+        self.remaining = remaining
+        self.forgotten_at = forgotten_at
 
 
 class _Request:
@@ -206,10 +222,20 @@ class LogReader:
 
 
 class Puller:
-    """Fetches batches from a pull consumer, one request per batch: ``no_wait`` with ``expires`` makes
-    the server send what is there at once (or wait up to ``expires`` for the first message) and end the
-    batch with a 404 status. A subscription callback collects the messages; nats-py's ``fetch`` awaits
-    every message with a task and a timeout of its own, which costs more than folding it does."""
+    """Reads a pull consumer through standing requests: a request without ``no_wait`` asks the server
+    to push up to ``batch`` messages as they are stored, for up to :data:`PULL_REQUEST_SECONDS`, into
+    this puller's inbox. :meth:`fetch` hands out what has arrived and asks for more once fewer than a
+    batch are still asked for, so a steady follower costs one request per half batch of messages, not a
+    request and an end-of-batch status per fetch (with events coming one or two at a time, that was two
+    of every three messages the server exchanged with a follower). A subscription callback collects the
+    messages; nats-py's ``fetch`` awaits every message with a task and a timeout of its own, which costs
+    more than folding it does.
+
+    Messages are delivered (for an acknowledging consumer, their ``ack_wait`` runs) when they reach the
+    buffer, at most two batches ahead of the caller. The server serves a consumer's requests in the
+    order they came, so each delivery counts against the oldest open request; a request ends when its
+    batch is delivered, with a ``408`` when it expires, and is forgotten here a little after it should
+    have expired, should that status never come (a reconnect)."""
 
     def __init__(
         self, nc: NATS, stream: str, consumer: str, *, api_prefix: str = "$JS.API", owns_consumer: bool = False
@@ -224,9 +250,10 @@ class Puller:
         self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._subscription: Subscription | None = None
-        self._batch: list[Msg] = []
-        self._wanted = 0
-        self._done: asyncio.Future[list[Msg]] | None = None
+        self._buffer: deque[Msg] = deque()
+        self._open: deque[_PullRequest] = deque()
+        self._arrived = asyncio.Event()
+        self._failure: str | None = None
         self.pending = 0
         """Messages the consumer had to deliver when :meth:`ephemeral` made it."""
 
@@ -259,34 +286,65 @@ class Puller:
         return puller
 
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
-        """Up to ``batch`` messages; [] if none came within ``wait`` seconds."""
+        """Up to ``batch`` messages, as soon as at least one has arrived; [] if none came within ``wait``
+        seconds. Raises ``RuntimeError`` when the server ended a request with a failure (the consumer
+        was deleted, its leader changed, …)."""
         if self._subscription is None:
             self._subscription = await self._nc.subscribe(self._inbox, cb=self._receive)
-        self._batch, self._wanted = [], batch
-        self._done = done = asyncio.get_running_loop().create_future()
-        request = {"batch": batch, "no_wait": True, "expires": int(wait * 1e9)}
-        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
-        async with asyncio.timeout(wait + 5.0):  # the server always answers unless the connection broke
-            return await done
+        self._raise_failure()
+        now = time.monotonic()
+        while self._open and self._open[0].forgotten_at <= now:
+            self._open.popleft()
+        if sum(request.remaining for request in self._open) < batch:
+            self._open.append(_PullRequest(batch, now + PULL_REQUEST_SECONDS + PULL_REQUEST_GRACE_SECONDS))
+            request = {"batch": batch, "expires": int(PULL_REQUEST_SECONDS * 1e9)}
+            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+        if not self._buffer:
+            self._arrived.clear()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+                await asyncio.sleep(0)  # messages of the same read are handed to the callback one by one
+            self._raise_failure()
+        return [self._buffer.popleft() for _ in range(min(batch, len(self._buffer)))]
 
     async def close(self) -> None:
+        """Stop reading. The server drops a standing request whose inbox nobody reads once it knows, so
+        the unsubscription is flushed before this returns: an event stored after ``close`` is left for
+        the next reader of the consumer, not sent here. Messages that arrived but were never handed out
+        are given back to the consumer (a ``nak``) instead of waiting out their ``ack_wait``."""
         if self._subscription is not None:
             with suppress(Exception):
                 await self._subscription.unsubscribe()
+                await self._nc.flush()
+        unread, self._buffer = list(self._buffer), deque()
         if self._owns_consumer:  # else the server removes it once it has been idle long enough
             with suppress(Exception):
                 await self._nc.jetstream().delete_consumer(self.stream, self.consumer)
+            return
+        for msg in unread:
+            with suppress(Exception):
+                await msg.nak()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise RuntimeError(failure)
 
     async def _receive(self, msg: Msg) -> None:
-        done = self._done
-        if done is None or done.done():
-            return  # left over from an abandoned request; the consumer is recreated before the next run
         status = status_of(msg)
         if status is None:
-            self._batch.append(msg)
-            if len(self._batch) >= self._wanted:
-                done.set_result(self._batch)
-        elif status in ("404", "408"):  # nothing (more) to deliver / the request expired
-            done.set_result(self._batch)
-        elif status != "100":  # 100 is a heartbeat
-            done.set_exception(RuntimeError(_failure(msg, f"pull from {self._next}")))
+            self._buffer.append(msg)
+            if self._open:
+                self._open[0].remaining -= 1
+                if self._open[0].remaining <= 0:
+                    self._open.popleft()
+            self._arrived.set()
+            return
+        if status == "100":  # a heartbeat
+            return
+        if self._open:  # the server ended the oldest request: expired (408), or failed
+            self._open.popleft()
+        if status not in ("404", "408"):
+            self._failure = _failure(msg, f"pull from {self._next}")
+            self._arrived.set()
