@@ -9,11 +9,12 @@ import msgspec
 
 from application.forms import check_response
 from application.principal import Principal
+from core.domain.approvals import Approval
 from core.domain.commands import DecideApproval
 from core.domain.errors import InvalidCommand, NotFound
 from core.domain.events import Vote
 from core.domain.ids import InvalidToken, validate_token
-from core.domain.task import Approval, Task, task_id_of_approval
+from core.domain.task import Task, task_id_of_approval
 from core.log.handler import CommandHandler
 
 

@@ -10,10 +10,12 @@ from typing import Any, Protocol
 from application.breakers import record_task_outcome
 from application.forms import check_details, check_form, check_signal_payload
 from application.principal import Principal
+from core.domain.approvals import Approval
 from core.domain.commands import Actor, CompleteTask, FailTask, RequestApproval, SignalTask
 from core.domain.errors import NotFound, NotPermitted
 from core.domain.events import ApprovalKind, ApprovalRequested, Escalation
-from core.domain.task import SIGNAL_ROLES, Approval, Task, next_approval_id
+from core.domain.signals import SIGNAL_ROLES
+from core.domain.task import Task, next_approval_id
 from core.log.handler import CommandHandler, Outcome
 
 

@@ -37,7 +37,7 @@ from lifecycle import pct
 
 from controlplane.client import AsyncClient, Client
 from controlplane.devstack import fresh_database, running_dev_stack
-from controlplane.embedded import database_url_from_env
+from controlplane.embedded_postgres import database_url_from_env
 
 QUEUE = "bench-client"
 WORKER = "bench-client-worker"

@@ -49,7 +49,7 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from controlplane.devstack import CHROMIUM_ARGS, chromium_path, fresh_database, running_dev_stack
-from controlplane.embedded import database_url_from_env
+from controlplane.embedded_postgres import database_url_from_env
 
 QUEUE = "bench-console"
 WORKER = "bench-console-worker"

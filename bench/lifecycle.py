@@ -59,7 +59,8 @@ from baseline_queue import DATABASE_URL_ENV, KEYS_ENV
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from controlplane.devstack import Proc, fresh_database, started_by, stop
-from controlplane.embedded import database_url_from_env, free_port
+from controlplane.embedded import free_port
+from controlplane.embedded_postgres import database_url_from_env
 
 BASELINE_SERVICE = Path(__file__).with_name("baseline_queue.py")
 BASELINE_ROLES = ("submitter", "worker", "approver", "viewer")

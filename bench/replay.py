@@ -49,7 +49,7 @@ from core.domain.events import decode_event
 from core.domain.history import state_at
 from core.domain.ids import new_id
 from core.domain.records import RecordedEvent
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 

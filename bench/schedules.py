@@ -31,7 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
+from controlplane.embedded import EmbeddedNats
+from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.seed import seed_org
 from core.domain.commands import SYSTEM, CreateSchedule
 from core.domain.events import TaskSubmitted

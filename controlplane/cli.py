@@ -36,7 +36,8 @@ from controlplane.connection import (
     without_credentials,
 )
 from controlplane.dev_nats import dev_nats, provision_streams
-from controlplane.embedded import EmbeddedPostgres, database_url_from_env, nats_server_binary, nats_server_version
+from controlplane.embedded import nats_server_binary, nats_server_version
+from controlplane.embedded_postgres import EmbeddedPostgres, database_url_from_env
 from controlplane.logs import configure_logging
 from controlplane.progress import progress_bar
 from controlplane.seed import seed_org
@@ -52,7 +53,8 @@ from gateway.factory import GatewaySettings, close_services, open_services
 from integrations.consumer import DEAD_LETTER_STREAM
 from projections.rebuild import rebuild
 from projections.roles import DB_PASSWORD_ENV, GATEWAY_ROLE, PROJECTOR_ROLE, provision_login_roles
-from projections.schema import Shard, migrate, parse_shard
+from projections.schema import migrate
+from projections.shards import Shard, parse_shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:

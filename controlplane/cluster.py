@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from controlplane.embedded import EmbeddedNats, _Service, _tail, free_port, stored_login
+from controlplane.embedded import EmbeddedNats, EmbeddedService, free_port, log_tail, stored_login
 
 _READY_TIMEOUT_SECONDS = 30.0
 # An explicit empty ProxyHandler: an http_proxy in the environment must not intercept 127.0.0.1.
 _monitor = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class EmbeddedNatsCluster(_Service):
+class EmbeddedNatsCluster(EmbeddedService):
     """``size`` nats-servers routed to each other in one JetStream cluster. ``with`` starts every node
     and returns once all are current; leaving the block stops every node by PID."""
 
@@ -141,7 +141,7 @@ class EmbeddedNatsCluster(_Service):
             return
         report = "\n".join(
             f"node {index} ({self.names[index]}): {reason}\nlast lines of {self.nodes[index].log_path}:\n"
-            f"{_tail(self.nodes[index].log_path)}"
+            f"{log_tail(self.nodes[index].log_path)}"
             for index, reason in waiting.items()
         )
         raise RuntimeError(

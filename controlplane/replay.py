@@ -36,12 +36,13 @@ from controlplane.task_log import (
 from core.domain.audit import AuditChain, AuditReport, verify_export
 from core.domain.errors import AlreadyExists
 from core.domain.events import PolicyBundlePushed
-from core.domain.history import ForkRefused, TaskDiff, diff_tasks, plan_fork, short, state_at, task_timeline, why_absent
+from core.domain.history import ForkRefused, TaskDiff, diff_tasks, plan_fork, state_at, why_absent
 from core.domain.ids import new_id, validate_token
 from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID
 from core.domain.records import rfc3339
 from core.domain.subjects import aggregate_subject
 from core.domain.task import Task
+from core.domain.timeline import short, task_timeline
 from core.log.event_store import StoreError
 from core.log.handler import CommandHandler
 from core.log.reader import Progress

@@ -30,7 +30,8 @@ from gateway.observe import ACCESS_LOG_ENV
 from gateway.services import Services
 from projections.projector import Projector
 from projections.roles import GATEWAY_ROLE, LOGIN_ROLES, PROJECTOR_ROLE, login_url, provision_login_roles
-from projections.schema import Shard, migrate
+from projections.schema import migrate
+from projections.shards import Shard
 from runners.client import TaskApi
 from runners.registry import Registry
 from runners.runner import Runner

@@ -16,7 +16,8 @@ from core.domain.history import state_at, why_absent
 from core.domain.ids import validate_token
 from core.domain.records import RecordedEvent
 from core.domain.subjects import EVENTS_PREFIX, aggregate_subject
-from core.domain.task import TASK, Task, TaskState
+from core.domain.task import Task, TaskState
+from core.domain.task_decider import TASK
 from core.log.reader import LogReader, Progress
 from core.log.store import JetStreamEventStore
 from gateway.views import task_document

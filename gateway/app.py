@@ -1,9 +1,6 @@
-"""The gateway's wiring, in one place: routes, middleware, error handlers."""
+"""The gateway's wiring, in one place: the route table, the middleware, the error handlers."""
 
 from __future__ import annotations
-
-import logging
-import time
 
 import msgspec
 import nats.errors
@@ -11,7 +8,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.domain.commands import RegisterWorker
 from core.domain.errors import Rejected
@@ -37,14 +33,11 @@ from gateway import (
     workers,
 )
 from gateway.console import routes as console_routes
-from gateway.observe import RequestTelemetry
+from gateway.observe import ObserveRequests, RequestTelemetry
 from gateway.openapi import PUBLIC, ApiRoute, openapi_document
-from gateway.problems import Problem, handle_problem, problem_response
+from gateway.problems import Problem, handle_problem
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE
-
-log = logging.getLogger(__name__)
-
 
 ROUTES: list[BaseRoute] = [
     ApiRoute(
@@ -537,41 +530,3 @@ def build_app(svc: Services) -> Starlette:
     app.state.services = svc
     app.state.openapi = openapi_document(app.routes)
     return app
-
-
-class ObserveRequests:
-    """Counts and times every request by route template, and turns anything unexpected into a 503
-    problem+json (logged) instead of a bare 500."""
-
-    def __init__(self, app: ASGIApp, services: Services) -> None:
-        self.app = app
-        self.metrics = services.metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-
-        async def observe(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status, response_started = message["status"], True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observe)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if response_started:
-                raise
-            status = 503
-            await problem_response(
-                503, "the service could not complete the request; retry later", {"Retry-After": "1"}
-            )(scope, receive, send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.domain.commands import ResetWorkerBreaker
-from gateway.http import command_id, json, path_id, principal, services
+from gateway.http import handled, json, path_id, principal, services
 from gateway.views import worker_document
 
 
@@ -17,11 +17,7 @@ async def reset(request: Request) -> Response:
     who = await principal(request, "admin")
     worker_id = path_id(request, "worker_id", "worker")
     svc = services(request)
-    outcome = await svc.handler.handle(  # a breaker that is not open: 409 (InvalidTransition)
-        who.org,
-        ResetWorkerBreaker(worker_id=worker_id),
-        actor=who.actor,
-        command_id=command_id(request, who, "reset", worker_id),
-    )
+    # A breaker that is not open: 409 (InvalidTransition).
+    outcome = await handled(request, who, ResetWorkerBreaker(worker_id=worker_id), "reset", worker_id)
     row = await svc.read_model.get_worker(who.org, worker_id)
     return json(worker_document(outcome.state, 0 if row is None else row[1], outcome.seq))

@@ -21,7 +21,7 @@ from core.domain.environments import Environment
 from core.domain.errors import AlreadyExists
 from core.domain.ids import InvalidToken, validate_token
 from gateway.bodies import EnvironmentBody, EnvironmentReplaceBody
-from gateway.http import body, command_id, json, path_id, principal, services
+from gateway.http import body, handled, json, path_id, principal, services
 from gateway.problems import Problem
 
 
@@ -45,9 +45,7 @@ async def create(request: Request) -> Response:
     command = DefineEnvironment(name=spec.name, queues=spec.queues, labels=spec.labels)
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
     try:
-        outcome = await services(request).handler.handle(
-            who.org, command, actor=who.actor, command_id=command_id(request, who, "environment", fingerprint)
-        )
+        outcome = await handled(request, who, command, "environment", fingerprint)
     except AlreadyExists as exc:
         raise Problem(
             409,
@@ -67,9 +65,7 @@ async def replace(request: Request) -> Response:
     spec = await body(request, EnvironmentReplaceBody)
     command = DefineEnvironment(name=name, queues=spec.queues, labels=spec.labels, replace=True)
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-    outcome = await services(request).handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, "environment", name, fingerprint)
-    )
+    outcome = await handled(request, who, command, "environment", name, fingerprint)
     return json(environment_document(outcome.state.get(name), outcome.seq))
 
 
@@ -92,10 +88,5 @@ async def get_environment(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     who = await principal(request, "admin")
     name = path_id(request, "name", "environment")
-    await services(request).handler.handle(
-        who.org,
-        DeleteEnvironment(name=name),
-        actor=who.actor,
-        command_id=command_id(request, who, "environment-delete", name),
-    )
+    await handled(request, who, DeleteEnvironment(name=name), "environment-delete", name)
     return Response(status_code=204)

@@ -18,7 +18,9 @@ from application.forms import holds_nul
 from application.idempotency import derived_id
 from application.principal import Principal
 from core import telemetry
+from core.domain.commands import Command
 from core.domain.ids import validate_token
+from core.log.handler import Outcome
 from gateway.console.sessions import SESSION_COOKIE
 from gateway.problems import Problem
 from gateway.queries import MAX_SEQ, Query, ReadAfter, expected, whole_numbers
@@ -157,6 +159,14 @@ def valid_idempotency_key(key: str) -> bool:
 
 def command_id(request: Request, who: Principal, *scope: str) -> str | None:
     return keyed_command_id(who, idempotency_key(request), *scope)
+
+
+async def handled(request: Request, who: Principal, command: Command, *scope: str) -> Outcome:
+    """``command`` handled for ``who``, as the command its request's ``Idempotency-Key`` stands for in
+    ``scope``: the request sent again records nothing new and answers the same outcome."""
+    return await services(request).handler.handle(
+        who.org, command, actor=who.actor, command_id=command_id(request, who, *scope)
+    )
 
 
 def keyed_command_id(who: Principal, key: str | None, *scope: str) -> str | None:

@@ -3,9 +3,9 @@
 Two sources, each where it is exact and cheap:
 
 - **Gauges** (queue depth, oldest claimable task, approvals pending and the oldest of them, parked
-  tasks) are read from the read model at scrape time by :class:`QueueGauges`: one bounded system
-  query (``ReadModel.queue_summary``), its answer cached for a few seconds and shared by concurrent
-  scrapes, so scraping cannot load PostgreSQL.
+  tasks) are read from the read model at scrape time by ``gateway.queue_gauges.QueueGauges``: one
+  bounded system query (``ReadModel.queue_summary``), its answer cached for a few seconds and shared by
+  concurrent scrapes, so scraping cannot load PostgreSQL.
 - **Counters and histograms** (submissions, outcomes and durations, retries, lease expiries, approval
   waits, LLM tokens and cost, policy decisions, timer lateness) are folded from the log by
   :class:`EventMetrics`, which the gateway's claim index hands every task event it follows, once, in
@@ -18,19 +18,11 @@ so it never collides with a real one)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from core.domain.events import (
     LlmCall,
@@ -45,11 +37,9 @@ from core.domain.events import (
 )
 from core.domain.records import RecordedEvent
 from core.domain.subjects import parse_aggregate_subject
-from core.domain.task import TASK, TIMER_EVENTS, Task
+from core.domain.task import TIMER_EVENTS, Task
+from core.domain.task_decider import TASK
 from core.log.event_store import TIMER_ACTOR
-from projections.read.summary import QueueSummary
-
-log = logging.getLogger(__name__)
 
 OTHER = "_other"
 """The label value of everything past the budget."""
@@ -61,8 +51,6 @@ POLICY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300)
 RETRY_REASONS: dict[type, str] = {TaskLeaseExpired: "lease_expired", TaskLeaseReleased: "worker_restarted"}
 """``reason`` of ``cp_task_retries_total`` by the event that sent the task back; a retryable failure otherwise."""
-READ_TIMEOUT_SECONDS = 3.0
-"""How long a scrape waits for the queue summary before serving the rest without it."""
 
 
 # --- label budget ---------------------------------------------------------------------------------
@@ -304,132 +292,3 @@ class EventMetrics:
         entrypoint = self._labels.value("entrypoint", decision.entrypoint)
         self.policy_decisions.labels(org_label, queue_label, entrypoint, _policy_outcome(decision)).inc()
         self.policy_latency.labels(org_label, entrypoint).observe(max(decision.duration_ms, 0.0) / 1000)
-
-
-# --- from the read model, at scrape time ----------------------------------------------------------
-
-
-class ReadsQueues(Protocol):
-    async def queue_summary(self, limit: int) -> list[QueueSummary]: ...
-
-
-@dataclass
-class _Row:
-    pending: int = 0
-    running: int = 0
-    awaiting_approval: int = 0
-    parked: int = 0
-    approvals_pending: int = 0
-    oldest_waiting_since: datetime | None = None
-    oldest_approval_since: datetime | None = None
-
-    def add(self, row: QueueSummary) -> None:
-        self.pending += row.pending
-        self.running += row.running
-        self.awaiting_approval += row.awaiting_approval
-        self.parked += row.parked
-        self.approvals_pending += row.approvals_pending
-        self.oldest_waiting_since = _earliest(self.oldest_waiting_since, row.oldest_waiting_since)
-        self.oldest_approval_since = _earliest(self.oldest_approval_since, row.oldest_approval_since)
-
-
-def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
-    return b if a is None else a if b is None else min(a, b)
-
-
-class QueueGauges(Collector):
-    """The gauges read from the read model, registered as a collector: ``refresh`` (async, before a
-    scrape renders) reads at most once per ``ttl`` seconds, whatever the number of scrapes and
-    gateways' scrapers; rendering is then synchronous, from the cached answer. Ages are computed at
-    rendering, so a cached answer still shows them growing. A label pair this process has shown
-    before stays, at 0, when its queue empties: a graph drops to zero instead of ending."""
-
-    def __init__(self, registry: CollectorRegistry, labels: LabelBudget, ttl: float) -> None:
-        self._labels, self._ttl = labels, ttl
-        self._rows: dict[tuple[str, str], _Row] | None = None
-        self._shown: set[tuple[str, str]] = set()
-        self._read_at: float | None = None
-        self._lock = asyncio.Lock()
-        self.queries = Counter(
-            "cp_metrics_read_model_queries",
-            "Queries the metrics endpoint made to the read model, by result",
-            ["result"],
-            registry=registry,
-        )
-        registry.register(self)
-
-    async def refresh(self, read_model: ReadsQueues) -> None:
-        """Read the summary again unless the last read (or failed read) is younger than ``ttl``."""
-        if self._fresh():
-            return
-        async with self._lock:
-            if self._fresh():  # a concurrent scrape read it while this one waited
-                return
-            try:
-                # Bounded beyond the statement timeout: acquiring a connection to a dead server may hang.
-                async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                    summary = await read_model.queue_summary(self._labels.max_pairs)
-            except Exception as exc:  # the gauges go missing, the rest of /metrics stays served
-                log.warning("metrics: reading the queue summary failed: %r", exc)
-                self.queries.labels("error").inc()
-                self._rows = None
-            else:
-                self.queries.labels("ok").inc()
-                self._rows = self._label(summary)
-            self._read_at = time.monotonic()
-
-    def _fresh(self) -> bool:
-        return self._read_at is not None and time.monotonic() - self._read_at < self._ttl
-
-    def _label(self, summary: Iterable[QueueSummary]) -> dict[tuple[str, str], _Row]:
-        rows: dict[tuple[str, str], _Row] = {}
-        # Busiest first: when the budget is fresh, the queues that matter most get their names.
-        for row in sorted(summary, key=lambda r: -(r.pending + r.running + r.awaiting_approval)):
-            labels = (OTHER, OTHER) if row.org is None or row.queue is None else self._labels.pair(row.org, row.queue)
-            rows.setdefault(labels, _Row()).add(row)
-        self._shown.update(rows)
-        return rows
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(self._families({}))
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        if self._rows is None:
-            return iter(())
-        rows = {labels: self._rows.get(labels, _Row()) for labels in self._shown}
-        return iter(self._families(rows))
-
-    @staticmethod
-    def _families(rows: dict[tuple[str, str], _Row]) -> list[GaugeMetricFamily]:
-        now = datetime.now(UTC)
-        pair = ["org", "queue"]
-        depth = GaugeMetricFamily("cp_queue_tasks", "Open tasks by status", labels=[*pair, "status"])
-        oldest = GaugeMetricFamily(
-            "cp_queue_oldest_pending_seconds",
-            "How long the longest-waiting claimable task has waited for a worker (0: none waits)",
-            labels=pair,
-        )
-        parked = GaugeMetricFamily(
-            "cp_queue_tasks_parked", "Pending tasks parked after a non-deterministic replay", labels=pair
-        )
-        approvals = GaugeMetricFamily("cp_approvals_pending", "Approvals waiting for a human", labels=pair)
-        oldest_approval = GaugeMetricFamily(
-            "cp_approvals_oldest_pending_seconds", "Age of the oldest approval still waiting (0: none)", labels=pair
-        )
-        for (org, queue), row in sorted(rows.items()):
-            for status in ("pending", "running", "awaiting_approval"):
-                depth.add_metric([org, queue, status], getattr(row, status))
-            oldest.add_metric([org, queue], _age(now, row.oldest_waiting_since))
-            parked.add_metric([org, queue], row.parked)
-            approvals.add_metric([org, queue], row.approvals_pending)
-            oldest_approval.add_metric([org, queue], _age(now, row.oldest_approval_since))
-        return [depth, oldest, parked, approvals, oldest_approval]
-
-
-def _age(now: datetime, since: datetime | None) -> float:
-    return 0.0 if since is None else max((now - since).total_seconds(), 0.0)
-
-
-def cache_seconds() -> float:
-    """``CP_METRICS_CACHE_SECONDS``: how long one read of the queue summary serves scrapes (5 s)."""
-    return float(os.environ.get("CP_METRICS_CACHE_SECONDS", "5"))

@@ -38,7 +38,7 @@ from core.domain.notifications import (
 )
 from core.secret_box import SecretBox
 from gateway.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
-from gateway.http import body, command_id, idempotency_key, json, path_id, principal, services
+from gateway.http import body, handled, idempotency_key, json, path_id, principal, services
 from gateway.problems import Problem
 from gateway.secrets import required_box
 
@@ -106,12 +106,8 @@ async def create_channel(request: Request) -> Response:
     spec = await body(request, NotificationChannelBody)
     box = required_box(services(request))
     try:
-        outcome = await services(request).handler.handle(
-            who.org,
-            _define_channel(box, who.org, spec.name, spec, replace=False),
-            actor=who.actor,
-            command_id=command_id(request, who, "notification-channel", _fingerprint(box, spec)),
-        )
+        command = _define_channel(box, who.org, spec.name, spec, replace=False)
+        outcome = await handled(request, who, command, "notification-channel", _fingerprint(box, spec))
     except AlreadyExists as exc:
         raise Problem(
             409,
@@ -130,12 +126,8 @@ async def replace_channel(request: Request) -> Response:
         raise Problem(422, str(exc)) from exc
     spec = await body(request, NotificationChannelReplaceBody)
     box = required_box(services(request))
-    outcome = await services(request).handler.handle(
-        who.org,
-        _define_channel(box, who.org, name, spec, replace=True),
-        actor=who.actor,
-        command_id=command_id(request, who, "notification-channel", name, _fingerprint(box, spec)),
-    )
+    command = _define_channel(box, who.org, name, spec, replace=True)
+    outcome = await handled(request, who, command, "notification-channel", name, _fingerprint(box, spec))
     return json(channel_document(outcome.state.channels[name], outcome.seq))
 
 
@@ -158,12 +150,7 @@ async def get_channel(request: Request) -> Response:
 async def delete_channel(request: Request) -> Response:
     who = await principal(request, PERMISSION)
     name = path_id(request, "name", "notification channel")
-    await services(request).handler.handle(
-        who.org,
-        DeleteNotificationChannel(name=name),
-        actor=who.actor,
-        command_id=command_id(request, who, "notification-channel-delete", name),
-    )
+    await handled(request, who, DeleteNotificationChannel(name=name), "notification-channel-delete", name)
     return Response(status_code=204)
 
 
@@ -181,14 +168,8 @@ async def create_rule(request: Request) -> Response:
         workflow=spec.workflow,
     )
     try:
-        outcome = await services(request).handler.handle(
-            who.org,
-            command,
-            actor=who.actor,
-            command_id=command_id(
-                request, who, "notification-rule", hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-            ),
-        )
+        fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
+        outcome = await handled(request, who, command, "notification-rule", fingerprint)
     except AlreadyExists as exc:
         raise Problem(
             409,
@@ -207,10 +188,5 @@ async def list_rules(request: Request) -> Response:
 async def delete_rule(request: Request) -> Response:
     who = await principal(request, PERMISSION)
     rule_id = path_id(request, "rule_id", "notification rule")
-    await services(request).handler.handle(
-        who.org,
-        DeleteNotificationRule(rule_id=rule_id),
-        actor=who.actor,
-        command_id=command_id(request, who, "notification-rule-delete", rule_id),
-    )
+    await handled(request, who, DeleteNotificationRule(rule_id=rule_id), "notification-rule-delete", rule_id)
     return Response(status_code=204)

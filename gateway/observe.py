@@ -1,5 +1,6 @@
-"""Every request's identity for logs, events and traces: its request id (the correlation id of the
-events it appends), its server span, and one access-log line.
+"""What the gateway observes of every request: its identity for logs, events and traces (its request id,
+the correlation id of the events it appends; its server span; one access-log line), its count and
+latency by route, and an unexpected error turned into a logged 503 problem.
 
 The request id is the caller's ``X-Request-Id`` when that is a plausible token (1 to 128 characters
 of ``[A-Za-z0-9._:-]``, starting with a letter or digit); else the trace id of a valid W3C
@@ -22,12 +23,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import telemetry
 from core.domain.ids import new_id
+from gateway.problems import problem_response
+from gateway.services import Services
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ACCESS_LOG_ENV = "CP_ACCESS_LOG"
 
 access_log = logging.getLogger("gateway.access")
+log = logging.getLogger(__name__)
 
 
 def request_id_from(given: str | None, traceparent: str | None) -> str | None:
@@ -96,3 +100,41 @@ class RequestTelemetry:
                                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                             },
                         )
+
+
+class ObserveRequests:
+    """Counts and times every request by route template, and turns anything unexpected into a 503
+    problem+json (logged) instead of a bare 500."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.metrics = services.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def observe(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise
+            status = 503
+            await problem_response(
+                503, "the service could not complete the request; retry later", {"Retry-After": "1"}
+            )(scope, receive, send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)

@@ -13,7 +13,7 @@ from core.domain.commands import PushPolicyBundle
 from core.domain.events import PolicyBundlePushed
 from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet, Unchanged
 from gateway.bodies import PolicyBundleBody
-from gateway.http import body, command_id, json, path_number, principal, services
+from gateway.http import body, handled, json, path_number, principal, services
 from gateway.problems import Problem
 from policies_wasm import Bundle, PolicyError, PolicyTimeout
 
@@ -63,9 +63,7 @@ async def push(request: Request) -> Response:
         entrypoints=bundle.entrypoints,
     )
     try:
-        outcome = await svc.handler.handle(
-            who.org, command, actor=who.actor, command_id=command_id(request, who, "policy-bundle", bundle.digest)
-        )
+        outcome = await handled(request, who, command, "policy-bundle", bundle.digest)
     except Unchanged as unchanged:
         return json({**bundle_summary(unchanged.current), "engine": engine, "unchanged": True})
     pushed = outcome.state.current

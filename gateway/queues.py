@@ -20,7 +20,7 @@ from starlette.responses import Response
 from core.domain.commands import ConfigureQueue, RemoveQueueSettings
 from core.domain.queues import QUEUES_AGGREGATE, QUEUES_ID, QueueSettings
 from gateway.bodies import QueueSettingsBody
-from gateway.http import body, command_id, json, path_id, principal, read_after, services
+from gateway.http import body, handled, json, path_id, principal, read_after, services
 
 
 def queue_document(settings: QueueSettings, seq: int) -> dict[str, Any]:
@@ -49,18 +49,14 @@ async def configure(request: Request) -> Response:
         breaker_cooldown_seconds=spec.breaker.cooldown_seconds,
     )
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-    outcome = await services(request).handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, "queue", name, fingerprint)
-    )
+    outcome = await handled(request, who, command, "queue", name, fingerprint)
     return json(queue_document(outcome.state.of(name), outcome.seq))
 
 
 async def remove(request: Request) -> Response:
     who = await principal(request, "admin")
     name = path_id(request, "name", "queue")
-    outcome = await services(request).handler.handle(
-        who.org, RemoveQueueSettings(queue=name), actor=who.actor, command_id=command_id(request, who, "queue", name)
-    )
+    outcome = await handled(request, who, RemoveQueueSettings(queue=name), "queue", name)
     return json(queue_document(outcome.state.of(name), outcome.seq))
 
 

@@ -27,7 +27,7 @@ from core.domain.secrets import SECRETS_AGGREGATE, SECRETS_ID, Secrets, SecretSc
 from core.domain.task import Task
 from core.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
 from gateway.bodies import SecretBody, SecretReadBody
-from gateway.http import body, command_id, json, path_id, principal, read_after, services
+from gateway.http import body, command_id, handled, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services
 from gateway.worker_config import require_environment
@@ -129,9 +129,7 @@ async def read_secret(request: Request) -> Response:
         name=name,
         newest_version=None if newest is None else newest.version,
     )
-    outcome = await svc.handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, "secret-read", task_id, name)
-    )
+    outcome = await handled(request, who, command, "secret-read", task_id, name)
     read = outcome.events[0].event
     assert isinstance(read, SecretRead)
     value, environment = _opened(box, who.org, secrets, read)

@@ -22,7 +22,8 @@ from core.lru import Lru
 from core.secret_box import SecretBox
 from gateway.auth import Authenticator
 from gateway.console.sessions import SessionStore
-from gateway.metrics import EventMetrics, LabelBudget, QueueGauges, cache_seconds
+from gateway.metrics import EventMetrics, LabelBudget
+from gateway.queue_gauges import QueueGauges, cache_seconds
 from projections.read import ReadModel
 
 if TYPE_CHECKING:
@@ -138,8 +139,8 @@ class Metrics:
         self.projection_lag = Gauge(
             "cp_projection_lag_events", "Events in the log not yet folded", ["projection"], registry=self.registry
         )
-        # What operators alert on (gateway/metrics.py, ADR 0009): folded from the log the claim index
-        # follows, and read from the read model at scrape time.
+        # What operators alert on (ADR 0009): folded from the log the claim index follows (gateway/metrics.py),
+        # and read from the read model at scrape time (gateway/queue_gauges.py).
         self.labels = LabelBudget.from_env()
         self.events = EventMetrics(self.registry, self.labels)
         self.queues = QueueGauges(self.registry, self.labels, ttl=cache_seconds())

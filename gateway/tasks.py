@@ -54,6 +54,7 @@ from gateway.bodies import (
 from gateway.http import (
     body,
     command_id,
+    handled,
     idempotency_key,
     json,
     path_id,
@@ -299,9 +300,7 @@ async def _path_command(
     """A command on the task in the path whose fields are exactly the body's, handled, and who sent it
     (the command's actor: a lease-bound command is accepted only from the credential that claimed)."""
     who, command = await _path_command_of(request, permission, body_type, command_type, optional=optional)
-    outcome = await services(request).handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, scope, command.task_id)
-    )
+    outcome = await handled(request, who, command, scope, command.task_id)
     return who, outcome
 
 

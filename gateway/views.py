@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.domain.task import Approval, Lease, Task
+from core.domain.approvals import Approval
+from core.domain.task import Lease, Task
 from core.domain.worker import Worker
 
 

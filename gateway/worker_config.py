@@ -18,7 +18,7 @@ from starlette.responses import Response
 from core.domain.commands import SetWorkerConfig
 from core.domain.worker_config import WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID, WorkerConfigs
 from gateway.bodies import WorkerConfigBody
-from gateway.http import body, command_id, json, principal, query, read_after, services
+from gateway.http import body, handled, json, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import EnvironmentScope
 from gateway.services import Services
@@ -52,12 +52,7 @@ async def put_config(request: Request) -> Response:
     await require_environment(svc, who.org, environment)
     command = SetWorkerConfig(environment=environment, **msgspec.structs.asdict(spec))
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
-    outcome = await svc.handler.handle(
-        who.org,
-        command,
-        actor=who.actor,
-        command_id=command_id(request, who, "worker-config", environment or "", fingerprint),
-    )
+    outcome = await handled(request, who, command, "worker-config", environment or "", fingerprint)
     return json(config_document(outcome.state, environment, outcome.seq))
 
 

@@ -9,7 +9,7 @@ from application.incarnations import release_if_restarted
 from core.domain.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.domain.worker import Worker
 from gateway.bodies import WorkerHeartbeatBody
-from gateway.http import body, command_id, json, path_id, principal, query, read_after, services
+from gateway.http import body, handled, json, path_id, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import WorkerList
 from gateway.views import worker_document
@@ -20,9 +20,7 @@ async def register(request: Request) -> Response:
     who = await principal(request, "workers")
     command = await body(request, RegisterWorker)  # the command is the body: one schema
     svc = services(request)
-    outcome = await svc.handler.handle(
-        who.org, command, actor=who.actor, command_id=command_id(request, who, "register", command.worker_id)
-    )
+    outcome = await handled(request, who, command, "register", command.worker_id)
     released = await release_if_restarted(svc.handler, svc.store, svc.read_model, who.org, who.actor, outcome)
     document = worker_document(
         outcome.state, await _completed(request, who.org, command.worker_id), max(outcome.seq, released.seq)
@@ -35,11 +33,8 @@ async def heartbeat(request: Request) -> Response:
     who = await principal(request, "workers")
     spec = await body(request, WorkerHeartbeatBody, optional=True)
     worker_id = path_id(request, "worker_id", "worker")
-    outcome = await services(request).handler.handle(
-        who.org,
-        HeartbeatWorker(worker_id=worker_id, status=spec.status),
-        actor=who.actor,
-        command_id=command_id(request, who, "heartbeat", worker_id),
+    outcome = await handled(
+        request, who, HeartbeatWorker(worker_id=worker_id, status=spec.status), "heartbeat", worker_id
     )
     return json(worker_document(outcome.state, await _completed(request, who.org, worker_id), outcome.seq))
 
@@ -47,12 +42,7 @@ async def heartbeat(request: Request) -> Response:
 async def deregister(request: Request) -> Response:
     who = await principal(request, "workers")
     worker_id = path_id(request, "worker_id", "worker")
-    await services(request).handler.handle(
-        who.org,
-        DeregisterWorker(worker_id=worker_id),
-        actor=who.actor,
-        command_id=command_id(request, who, "deregister", worker_id),
-    )
+    await handled(request, who, DeregisterWorker(worker_id=worker_id), "deregister", worker_id)
     return Response(status_code=204)
 
 

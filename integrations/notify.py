@@ -7,15 +7,17 @@
 
 For each event of the org that means something to people (an approval requested, by a worker or by
 the submit policy's gate, escalated or timed out, a task failed or parked:
-``core.domain.notifications.happening``, which also drops timers that changed nothing) it reads the task from
-the log, finds the org's rules that match (trigger, queue, environment, workflow) and sends each rule's
-message to the rule's channel:
+``core.domain.notification_messages.happening``, which also drops timers that changed nothing) it reads
+the task from the log, finds the org's rules that match (trigger, queue, environment, workflow) and
+sends each rule's message to the rule's channel:
 
 * ``slack``: a POST of ``{"text", "blocks"}``, the shape of a Slack incoming webhook;
 * ``email``: one message over SMTP (``aiosmtplib``; STARTTLS and a login when the channel says so),
   with ``Message-ID: <notification id@controlplane>``;
 * ``webhook``: a POST of a JSON ``NotificationBody`` signed the Standard Webhooks way, as the webhook
   forwarder signs (``integrations.webhook``), with ``webhook-id`` = the notification id.
+
+(What each receives is written in ``integrations.channel_formats``.)
 
 Exactly once, as far as a receiver can tell. A notification's id derives from the org, the rule and
 the source event's sequence (``core.domain.notifications.notification_id``), so it is the same on every
@@ -47,37 +49,32 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime
-from typing import Any
 
 import aiosmtplib
 import httpx
-import msgspec
 from standardwebhooks import Webhook
 
 from core.domain.commands import Actor, RecordNotification
-from core.domain.events import ChannelKind, NotificationTrigger, SealedText, TaskSubmitted
+from core.domain.events import ChannelKind, SealedText, TaskSubmitted
+from core.domain.notification_messages import Happening, compose, happening, matching_rules
 from core.domain.notifications import (
     NOTIFICATION_AGGREGATE,
     NOTIFICATIONS_AGGREGATE,
     NOTIFICATIONS_ID,
     AlreadyRecorded,
     Channel,
-    Happening,
-    Message,
     Rule,
-    compose,
-    happening,
-    matching_rules,
     notification_id,
     sealing_purpose,
     webhook_secret,
 )
 from core.domain.records import RecordedEvent
-from core.domain.task import TASK, TaskState
+from core.domain.task import TaskState
+from core.domain.task_decider import TASK
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from core.secret_box import SecretBox, SecretUnreadable
+from integrations.channel_formats import email_message, message_id, slack_body, webhook_body
 from integrations.consumer import DeadLetter, Delivery, EventSubscription
 from integrations.webhook import ReceiverUnavailable, post, signed_headers
 
@@ -98,128 +95,6 @@ TRIGGER_AGGREGATE = "task"
 """Every trigger is an event of a task: the subscription's subject filter, so nothing else is even sent."""
 NOTIFIER = Actor(id="system:notifier", roles=frozenset({"admin"}))
 TRIGGER_HEADER = "X-CP-Notification-Trigger"
-
-
-def message_id(notification: str) -> str:
-    """The e-mail ``Message-ID`` of a notification: the same on every attempt, so a mail system that
-    sees it twice can drop the second. The id already derives from the org; short enough that the header
-    is never folded."""
-    return f"<{notification}@controlplane>"
-
-
-# --- what each kind of channel receives -----------------------------------------------------------
-
-
-class NotificationTask(msgspec.Struct, frozen=True):
-    id: str
-    type: str
-    queue: str
-    environment: str | None
-    workflow: str | None
-    status: str
-
-
-class NotificationApproval(msgspec.Struct, frozen=True):
-    id: str
-    kind: str
-    reason: str
-    details: Any
-    approvers: tuple[str, ...]
-    quorum: int
-    expires_at: datetime | None
-    escalated: bool
-
-
-class NotificationBody(msgspec.Struct, frozen=True):
-    """What a ``webhook`` channel receives, all of it covered by the signature."""
-
-    notification_id: str
-    org: str
-    trigger: NotificationTrigger
-    rule_id: str
-    channel: str
-    source_seq: int
-    source_type: str
-    title: str
-    text: str
-    link: str
-    task_link: str
-    task: NotificationTask
-    approval: NotificationApproval | None
-
-
-def webhook_body(
-    org: str, notification: str, rule: Rule, source: RecordedEvent, what: Happening, msg: Message
-) -> bytes:
-    task, approval = what.task, what.approval
-    body = NotificationBody(
-        notification_id=notification,
-        org=org,
-        trigger=what.trigger,
-        rule_id=rule.id,
-        channel=rule.channel,
-        source_seq=source.seq,
-        source_type=str(type(source.event).__struct_config__.tag),
-        title=msg.title,
-        text="\n".join(msg.lines),
-        link=msg.link,
-        task_link=msg.task_link,
-        task=NotificationTask(
-            id=task.id,
-            type=task.task_type,
-            queue=task.queue,
-            environment=task.environment,
-            workflow=None if task.workflow is None else task.workflow.name,
-            status=task.status,
-        ),
-        approval=None
-        if approval is None
-        else NotificationApproval(
-            id=approval.id,
-            kind=approval.kind,
-            reason=approval.reason,
-            details=approval.details,
-            approvers=approval.approvers,
-            quorum=approval.quorum,
-            expires_at=approval.expires_at,
-            escalated=approval.escalated,
-        ),
-    )
-    return msgspec.json.encode(body)
-
-
-def _mrkdwn(text: str) -> str:
-    """Text as Slack shows it literally: its three control characters escaped."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def slack_body(msg: Message) -> bytes:
-    """A Slack incoming webhook's ``{"text", "blocks"}``: ``text`` for notifications and clients without
-    blocks, the blocks with the details and a link to act on."""
-    details = "\n".join(_mrkdwn(line) for line in msg.lines if not line.startswith("Open: "))
-    return msgspec.json.encode(
-        {
-            "text": f"{msg.title}\n{msg.link}",
-            "blocks": [
-                {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_mrkdwn(msg.title)}*"}},
-                {"type": "section", "text": {"type": "mrkdwn", "text": details}},
-                {"type": "section", "text": {"type": "mrkdwn", "text": f"<{msg.link}|Open in the console>"}},
-            ],
-        }
-    )
-
-
-def email_message(org: str, notification: str, channel: Channel, msg: Message, sent_at: datetime) -> EmailMessage:
-    assert channel.smtp is not None
-    email = EmailMessage()
-    email["From"] = channel.smtp.sender
-    email["To"] = ", ".join(channel.smtp.recipients)
-    email["Subject"] = msg.title
-    email["Date"] = format_datetime(sent_at)
-    email["Message-ID"] = message_id(notification)
-    email["X-CP-Notification-Id"] = notification
-    email.set_content("\n".join(msg.lines) + "\n")
-    return email
 
 
 # --- the notifier ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from core.domain.records import RecordedEvent
 from core.domain.subjects import parse_aggregate_subject
 from core.log.store import recorded_from_message
 from projections.folds.projection import Projection
-from projections.schema import NOTIFY_CHANNEL, Shard, checkpoint_key
+from projections.schema import NOTIFY_CHANNEL
+from projections.shards import Shard, checkpoint_key
 
 log = logging.getLogger(__name__)
 

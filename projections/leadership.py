@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from projections.folds import PROJECTIONS
-from projections.schema import Shard, fetch_checkpoints, layout_keys, parse_checkpoint_key
+from projections.shards import Shard, fetch_checkpoints, layout_keys, parse_checkpoint_key
 
 CONSUMER_PREFIX = "proj-"
 """The default start of the projectors' durable consumer names (see :func:`consumer_name`)."""

@@ -75,14 +75,14 @@ from projections.leadership import (
     running_elsewhere,
 )
 from projections.rebuild import EVENTS_FILTER, REBUILD_BATCH, fold_log, last_event_seq
-from projections.schema import (
+from projections.schema import migrate
+from projections.shards import (
     Shard,
     checkpoint_key,
     effective_checkpoints,
     fetch_checkpoints,
     layout_keys,
     layout_of,
-    migrate,
     parse_checkpoint_key,
 )
 

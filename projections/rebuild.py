@@ -37,7 +37,8 @@ from projections.leadership import (
     layout_locked,
     lead,
 )
-from projections.schema import Shard, migrate, parse_checkpoint_key
+from projections.schema import migrate
+from projections.shards import Shard, parse_checkpoint_key
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 
+from controlplane.client.drivers import AsyncDriver
 from controlplane.client.errors import Unavailable
 from controlplane.client.transport import (
     MAX_RETRY_AFTER_SECONDS,
     RETRY_BUDGET_SECONDS,
     TRANSIENT_STATUSES,
-    AsyncDriver,
     Call,
     backoff_delay,
     exchange,

@@ -5,126 +5,27 @@ recorded one is non-determinism: nothing is guessed."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import importlib
 import inspect
 import json
-import logging
-import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from types import ModuleType
 from typing import Any, NoReturn
 
 import msgspec
 
-from controlplane import logs
 from core import telemetry
 from core.domain.commands import SECRET_NAME_PATTERN
-from core.domain.events import LlmCall, LlmSettings, LlmUsage, PolicyDecision
-from policies_wasm import Bundle, PolicyLoadError, default_bundle, input_digest
-from policies_wasm.budget import PolicyEvaluator
+from core.domain.events import LlmSettings
+from policies_wasm import input_digest
 from runners.client import LeaseLost, TaskApi, Unavailable
-
-log = logging.getLogger(__name__)
-
-
-async def load_litellm() -> ModuleType:
-    """LiteLLM takes seconds to import: it is imported when a workflow first calls a model, in a
-    thread, so neither a runner's start nor its event loop (and the heartbeats that keep its leases)
-    waits for it."""
-    # Otherwise LiteLLM downloads its model price map at import; the bundled copy keeps a runner off the network.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    module = await asyncio.to_thread(importlib.import_module, "litellm")
-    logs.adopt()  # its lines in the runner's log format, not in a second one of LiteLLM's
-    return module
-
+from runners.llm import recorded_completion
+from runners.operation_spans import record_wait, result_attributes
+from runners.policies import Policies
 
 TOOL_POLICY = "controlplane/tool"
 _SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
-_SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "authorization", "header")
-
-
-def _recordable(options: dict[str, Any]) -> dict[str, Any]:
-    """The options worth keeping in the log: JSON values, never credentials."""
-    kept = {}
-    for option, value in options.items():
-        if any(word in option.lower() for word in _SECRET_OPTION_WORDS):
-            continue
-        try:
-            msgspec.json.encode(value)
-        except (TypeError, msgspec.EncodeError):
-            continue
-        kept[option] = value
-    return kept
-
-
-def _usage(reported: dict[str, Any]) -> LlmUsage:
-    counts = {field: reported.get(field) or 0 for field in LlmUsage.__struct_fields__}
-    return LlmUsage(**counts)
-
-
-def _provider(litellm: ModuleType, model: str) -> str | None:
-    try:
-        return litellm.get_llm_provider(model)[1]
-    except Exception:  # LiteLLM cannot tell for a private or unknown model: record none
-        return None
-
-
-def _result_attributes(kind: str, result: Any) -> dict[str, Any]:
-    """What a span says about an operation's result: for an LLM call its model, tokens and cost (the
-    OpenTelemetry GenAI names), for a policy its decision."""
-    if not isinstance(result, dict):
-        return {}
-    if kind == "llm":
-        usage = result.get("usage") or {}
-        return {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": (result.get("request") or {}).get("model"),
-            "gen_ai.response.model": result.get("model"),
-            "gen_ai.provider.name": result.get("provider"),
-            "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
-            "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
-            "cp.llm.cost_usd": result.get("cost_usd"),
-        }
-    if kind == "policy":
-        value = result.get("value")
-        decided = value if isinstance(value, dict) else {}
-        return {
-            "cp.policy.entrypoint": result.get("entrypoint"),
-            "cp.policy.engine": result.get("engine"),
-            "cp.policy.bundle_digest": result.get("bundle_digest"),
-            "cp.policy.duration_ms": result.get("duration_ms"),
-            "cp.policy.allow": decided.get("allow") if isinstance(decided.get("allow"), bool) else None,
-            "cp.policy.require_approval": decided.get("require_approval")
-            if isinstance(decided.get("require_approval"), bool)
-            else None,
-        }
-    return {}
-
-
-def _waited(approval: dict[str, Any]) -> None:
-    """A span for the time humans took, from the request to the decision: known only now, when a claim
-    after the decision replays to it, so it is recorded with those two times."""
-    try:
-        started = datetime.fromisoformat(approval["created_at"].replace("Z", "+00:00"))
-        ended = datetime.fromisoformat(approval["decided_at"].replace("Z", "+00:00"))
-    except (AttributeError, KeyError, TypeError, ValueError):  # no times to show: no span
-        return
-    telemetry.record_span(
-        f"{approval.get('kind') or 'approval'} wait",
-        int(started.timestamp() * 1e9),
-        int(ended.timestamp() * 1e9),
-        {
-            "cp.approval.id": approval.get("id"),
-            "cp.approval.status": approval.get("status"),
-            "cp.approval.decisions": len(approval.get("decisions") or ()),
-            "cp.approval.escalated": approval.get("escalated"),
-        },
-    )
 
 
 class ControlFlow(BaseException):
@@ -182,67 +83,6 @@ QUESTION_FORM: dict[str, Any] = {
 }
 """What ``ctx.ask`` shows a human when the workflow gives no form: one required text answer."""
 MAX_REASON_CHARS = 4096
-
-
-class Policies:
-    """A runner's policy engines. A task is decided by the bundle it was submitted under: its org's
-    pushed version, fetched from the gateway once and kept, or the shipped policies (``shipped``
-    overrides them). A fetched bundle whose content does not match the digest the task recorded is
-    refused: the policy then cannot decide, which denies. Evaluations run off the event loop on the
-    policy budget (``policies_wasm.budget``), as in the gateway: an overrun is a ``PolicyTimeout``."""
-
-    def __init__(self, shipped: Bundle | None = None, *, evaluator: PolicyEvaluator | None = None) -> None:
-        self._shipped = shipped
-        self._evaluator = evaluator or PolicyEvaluator()
-        self._pushed: dict[tuple[str, int], Bundle] = {}
-        self._warned: set[str] = set()
-
-    async def evaluate(
-        self, entrypoint: str, input: Any, *, org: str, pinned: dict[str, Any] | None, api: TaskApi
-    ) -> PolicyDecision:
-        version = None if pinned is None else pinned.get("version")
-        if version is None:
-            bundle = await self._shipped_bundle()
-            if pinned is not None and pinned["digest"] != bundle.digest and pinned["digest"] not in self._warned:
-                self._warned.add(pinned["digest"])
-                log.warning(
-                    "tasks submitted under the gateway's shipped policies %s are decided here by this runner's "
-                    "own, %s: ship the same policy files to gateways and runners, or push a bundle",
-                    pinned["digest"],
-                    bundle.digest,
-                )
-        else:
-            bundle = await self._pushed_bundle(org, version, pinned["digest"], api)  # type: ignore[index]
-        decided = await self._evaluator.evaluate(bundle, entrypoint, input, owner=org)
-        return PolicyDecision.from_engine(decided)
-
-    def close(self) -> None:
-        """Stops the evaluator's worker processes (also done when this object is collected)."""
-        self._evaluator.close()
-
-    async def _shipped_bundle(self) -> Bundle:
-        if self._shipped is None:
-            self._shipped = await asyncio.to_thread(default_bundle)  # reads the policy files
-        return self._shipped
-
-    async def _pushed_bundle(self, org: str, version: int, digest: str, api: TaskApi) -> Bundle:
-        bundle = self._pushed.get((org, version))
-        if bundle is None:
-            document = await api.policy_bundle(version)
-            bundle = Bundle(
-                modules=document["modules"],
-                data=document["data"],
-                wasm=None if document["wasm"] is None else base64.b64decode(document["wasm"]),
-                revision=document["revision"],
-                origin=f"policy bundle version {version} of org {org}",
-            )
-            if bundle.digest != digest:
-                raise PolicyLoadError(
-                    f"policy bundle version {version} of org {org} has digest {bundle.digest}, "
-                    f"but the task was submitted under {digest}"
-                )
-            self._pushed[(org, version)] = bundle
-        return bundle
 
 
 class WorkflowContext:
@@ -304,24 +144,7 @@ class WorkflowContext:
         await self._permitted(f"model {used}", {"model": used})
 
         async def call(index: int) -> dict[str, Any]:
-            litellm = await load_litellm()
-            response = await litellm.acompletion(model=used, messages=messages, **options)
-            usage = getattr(response, "usage", None)
-            try:
-                cost = litellm.completion_cost(completion_response=response)
-            except Exception:  # unknown pricing (a mock, a private model) is not an error
-                cost = None
-            answered_by = getattr(response, "model", None) or used
-            request = {"model": used, "messages": messages, "options": _recordable(options)}
-            recorded = LlmCall(
-                request=request if used == model else {**request, "workflow_model": model},
-                model=answered_by,
-                provider=_provider(litellm, answered_by),
-                content=response.choices[0].message.content,
-                usage=None if usage is None else _usage(usage.model_dump()),
-                cost_usd=cost,
-            )
-            return msgspec.to_builtins(recorded)  # type: ignore[no-any-return]
+            return await recorded_completion(used, messages, options, workflow_model=model)
 
         return await self._operation("llm", name, call)  # type: ignore[no-any-return]
 
@@ -498,7 +321,7 @@ class WorkflowContext:
             if approval["status"] == "pending":
                 raise Suspended("still waiting for a decision")
             if self._position == len(self._journal):  # this claim resumes the workflow from the decision
-                _waited(approval)
+                record_wait(approval)
             return approval
         body = {
             **self._lease,
@@ -544,7 +367,7 @@ class WorkflowContext:
         attributes = {"cp.operation.kind": kind, "cp.operation.name": name, "cp.operation.index": index}
         with telemetry.span(f"{kind} {name}", attributes) as span:
             result = await run(index)
-            telemetry.set_attributes(span, _result_attributes(kind, result))
+            telemetry.set_attributes(span, result_attributes(kind, result))
             await self._record(
                 "operations", {**self._lease, "index": index, "kind": kind, "name": name, "result": result}
             )

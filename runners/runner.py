@@ -22,7 +22,8 @@ from core import telemetry
 from core.domain.events import LlmSettings
 from core.domain.ids import new_id
 from runners.client import LeaseLost, TaskApi, Unavailable
-from runners.context import Interrupted, NonDeterminism, Policies, PolicyDenied, Suspended, WorkflowContext
+from runners.context import Interrupted, NonDeterminism, PolicyDenied, Suspended, WorkflowContext
+from runners.policies import Policies
 from runners.registry import Registry
 
 log = logging.getLogger(__name__)

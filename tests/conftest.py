@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.embedded import EmbeddedNats, EmbeddedPostgres, database_url_from_env
+from controlplane.embedded import EmbeddedNats
+from controlplane.embedded_postgres import EmbeddedPostgres, database_url_from_env
 
 # --- Services ---------------------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 
+from controlplane.client.drivers import SyncDriver
 from controlplane.client.models import Approval, Claim, Event, Lease, Task, Worker
 from controlplane.client.operations import Operations
-from controlplane.client.transport import RETRY_BUDGET_SECONDS, SyncDriver
+from controlplane.client.transport import RETRY_BUDGET_SECONDS
 
 
 class Client:

@@ -15,7 +15,7 @@ from datetime import datetime
 import msgspec
 
 from core.domain.commands import Command, CreateApiKey, CreateOrg, RevokeApiKey
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import AlreadyExists, NotFound
 from core.domain.events import ApiKeyCreated, ApiKeyRevoked, Event, OrgCreated
 from core.domain.ids import new_id
@@ -116,17 +116,13 @@ def _evolve_key(state: ApiKey | None, event: Event) -> ApiKey | None:
     return state
 
 
-def _no_timers(state: object) -> Sequence[Timer]:
-    return ()
-
-
 ORG = Decider[Org | None](
     aggregate="org",
     commands=(CreateOrg,),
     initial=None,
     decide=_decide_org,
     evolve=_evolve_org,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: command.org,  # type: ignore[attr-defined]
 )
 
@@ -136,6 +132,6 @@ API_KEY = Decider[ApiKey | None](
     initial=None,
     decide=_decide_key,
     evolve=_evolve_key,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: command.key_id,  # type: ignore[attr-defined]
 )

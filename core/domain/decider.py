@@ -48,3 +48,8 @@ class Decider(Generic[S]):
         for event in events:
             current = self.evolve(current, event)
         return current
+
+
+def no_timers(state: object) -> Sequence[Timer]:
+    """The timers of an aggregate that never wants one."""
+    return ()

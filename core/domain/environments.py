@@ -13,7 +13,7 @@ from datetime import datetime
 import msgspec
 
 from core.domain.commands import Command, DefineEnvironment, DeleteEnvironment
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
 from core.domain.events import EnvironmentDefined, EnvironmentDeleted, Event
 
@@ -112,16 +112,12 @@ def _evolve(state: Environments, event: Event) -> Environments:
     return state
 
 
-def _no_timers(state: Environments) -> Sequence[Timer]:
-    return ()
-
-
 ENVIRONMENTS = Decider[Environments](
     aggregate=ENVIRONMENTS_AGGREGATE,
     commands=(DefineEnvironment, DeleteEnvironment),
     initial=Environments(),
     decide=_decide,
     evolve=_evolve,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: ENVIRONMENTS_ID,
 )

@@ -1,6 +1,6 @@
-"""Replay of a task's history, the pure part: timelines, the state at any stream sequence, forks (what
-to copy, and the rule that writes a copy) and diffs. No I/O: callers read :class:`RecordedEvent` lists
-from the log and hand them in."""
+"""Replay of a task's history, the pure part: the state at any stream sequence, forks (what to copy, and
+the rule that writes a copy) and diffs; the timeline a person reads is ``core.domain.timeline``'s. No
+I/O: callers read :class:`RecordedEvent` lists from the log and hand them in."""
 
 from __future__ import annotations
 
@@ -10,205 +10,24 @@ from typing import Any
 import msgspec
 
 from core.domain.commands import Command, ForkTask
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import AlreadyExists
 from core.domain.events import (
-    AnyEvent,
-    ApiKeyCreated,
-    ApiKeyRevoked,
     ApprovalDecided,
     ApprovalEscalated,
     ApprovalRequested,
     ApprovalTimedOut,
     ApprovalVoteCast,
     Event,
-    OrgCreated,
-    PolicyBundlePushed,
-    PolicyDecided,
-    SecretRead,
-    SignalConsumed,
-    SignalWaitStarted,
-    SignalWaitTimedOut,
-    TaskCancelled,
-    TaskClaimed,
-    TaskCompleted,
-    TaskFailed,
-    TaskHeartbeat,
-    TaskLeaseExpired,
-    TaskLeaseReleased,
-    TaskResumed,
-    TaskRetryDue,
-    TaskRetryScheduled,
-    TaskSignalled,
     TaskSubmissionDenied,
     TaskSubmitted,
-    TaskTimedOut,
-    WorkerDeregistered,
-    WorkerFailed,
-    WorkerHeartbeat,
-    WorkerHeartbeatMissed,
-    WorkerRegistered,
-    WorkflowNonDeterministic,
-    WorkflowOperationRecorded,
-    WorkflowSleepStarted,
 )
 from core.domain.ids import validate_token
-from core.domain.records import RecordedEvent, rfc3339
-from core.domain.task import TASK, Task, TaskState, task_id_of_approval
-
-SHORT = 80
+from core.domain.records import RecordedEvent
+from core.domain.task import Task, TaskState, task_id_of_approval
+from core.domain.task_decider import TASK
 
 _json = msgspec.json.Encoder(order="sorted").encode
-
-
-def short(value: Any, limit: int = SHORT) -> str:
-    """Compact JSON of ``value``, cut to ``limit`` characters."""
-    text = _json(value).decode()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# --- timeline -------------------------------------------------------------------------------------
-
-
-def summarize(event: AnyEvent) -> str:
-    """One line saying what the event means."""
-    match event:
-        case TaskSubmitted():
-            workflow = "" if event.workflow is None else f", workflow {_workflow_name(event.workflow)}"
-            forked = event.metadata.get("forked_from")
-            origin = f", forked from {short(forked)}" if forked is not None else ""
-            return f"submitted {event.task_type!r} to queue {event.queue} ({event.priority}{workflow}){origin}"
-        case TaskSubmissionDenied():
-            return (
-                f"submission of {event.task_type!r} to queue {event.queue} by {event.submitted_by} denied by "
-                f"{event.decision.entrypoint}: {short(event.decision.value, 50)}"
-            )
-        case TaskClaimed():
-            return (
-                f"claimed by {event.worker_id} (attempt {event.attempt}, lease {event.lease_id} "
-                f"for {event.lease_seconds:g} s)"
-            )
-        case TaskHeartbeat():
-            progress = "" if event.progress is None else f", progress {short(event.progress, 40)}"
-            return f"heartbeat from {event.worker_id}, lease until {rfc3339(event.lease_expires_at)}{progress}"
-        case TaskLeaseExpired():
-            return f"lease {event.lease_id} expired"
-        case TaskLeaseReleased():
-            return f"lease {event.lease_id} of {event.worker_id} released: {event.reason}"
-        case ApprovalRequested():
-            position = "" if event.journal_index is None else f" at operation {event.journal_index}"
-            return (
-                f"approval {event.approval_id} requested by {event.requested_by}{position}: {event.reason!r} "
-                f"(quorum {event.quorum} of {', '.join(event.approvers)})"
-            )
-        case ApprovalVoteCast():
-            comment = "" if event.comment is None else f": {event.comment!r}"
-            response = "" if event.response is None else f", response {short(event.response, 40)}"
-            return f"{event.by} voted {event.decision} on {event.approval_id}{comment}{response}"
-        case ApprovalDecided():
-            return f"approval {event.approval_id} {event.outcome}"
-        case ApprovalTimedOut():
-            return f"approval {event.approval_id} timed out"
-        case ApprovalEscalated():
-            return f"approval {event.approval_id} escalated to {', '.join(event.approvers)}"
-        case TaskCompleted():
-            return f"completed by {event.worker_id}: {short(event.result)}"
-        case TaskRetryScheduled():
-            return f"attempt {event.attempt} failed: {short(event.error, 50)}; retry after {rfc3339(event.not_before)}"
-        case TaskRetryDue():
-            return f"backoff of attempt {event.attempt} over"
-        case TaskFailed():
-            return f"failed: {short(event.error)}"
-        case TaskCancelled():
-            return f"cancelled by {event.by}" + ("" if event.reason is None else f": {event.reason!r}")
-        case TaskTimedOut():
-            return f"timed out: deadline {rfc3339(event.deadline_at)} passed"
-        case WorkflowOperationRecorded():
-            return f"operation {event.index}: {event.kind} {event.name!r} -> {short(event.result, 50)}"
-        case PolicyDecided():
-            return f"operation {event.index}: policy {event.decision.entrypoint} -> {short(event.decision.value, 50)}"
-        case WorkflowSleepStarted():
-            return f"operation {event.index}: sleep until {rfc3339(event.until)}"
-        case WorkflowNonDeterministic():
-            return (
-                f"non-determinism at operation {event.index}: journal holds {short(event.expected, 40)}, "
-                f"code asked for {short(event.actual, 40)}; parked"
-            )
-        case TaskResumed():
-            return f"resumed by {event.by}"
-        case TaskSignalled():
-            return f"signal {event.name!r} from {event.by}: {short(event.payload, 50)}"
-        case SignalWaitStarted():
-            limit = "" if event.until is None else f" until {rfc3339(event.until)}"
-            return f"operation {event.index}: wait for signal {event.name!r}{limit}"
-        case SignalConsumed():
-            return f"operation {event.index}: took signal {event.name!r} (number {event.number})"
-        case SignalWaitTimedOut():
-            return f"operation {event.index}: no signal came in time"
-        case SecretRead():
-            return f"secret {event.name!r} version {event.version} read by {event.read_by} (worker {event.worker_id})"
-        case WorkerRegistered():
-            restart = ", a new process: its leases are released" if event.restarted else ""
-            return f"worker {event.worker_id} registered on queue {event.queue}{restart}"
-        case WorkerHeartbeat():
-            return f"worker heartbeat: {event.status}"
-        case WorkerHeartbeatMissed():
-            return "worker missed its heartbeats: offline"
-        case WorkerFailed():
-            return f"worker failed: {event.reason}"
-        case WorkerDeregistered():
-            return "worker deregistered"
-        case OrgCreated():
-            return f"org {event.org} created by {event.created_by}"
-        case ApiKeyCreated():
-            return f"api key {event.key_id} ({', '.join(event.roles)}) created by {event.created_by}"
-        case ApiKeyRevoked():
-            return f"api key {event.key_id} revoked by {event.revoked_by}"
-        case PolicyBundlePushed():
-            return f"policy bundle version {event.version} ({event.digest}) pushed by {event.pushed_by}"
-    return type(event).__name__
-
-
-def _workflow_name(ref: Any) -> str:
-    return ref.name if ref.version is None else f"{ref.name}@v{ref.version}"
-
-
-class TimelineEntry(msgspec.Struct, frozen=True):
-    seq: int
-    time: str
-    actor: str | None
-    type: str
-    summary: str
-    changed: bool
-    """False for an event whose fold changed nothing: a timer that fired after its guarded thing had
-    moved on, or a duplicate."""
-    event: AnyEvent
-    command_id: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
-
-
-def task_timeline(history: Sequence[RecordedEvent]) -> list[TimelineEntry]:
-    entries = []
-    state: TaskState = None
-    for item in history:
-        after = TASK.evolve(state, item.event)
-        entries.append(
-            TimelineEntry(
-                seq=item.seq,
-                time=rfc3339(item.recorded_at),
-                actor=item.actor,
-                type=type(item.event).__name__,
-                summary=summarize(item.event),
-                changed=after is not state,
-                event=item.event,
-                command_id=item.command_id,
-                correlation_id=item.correlation_id,
-                causation_id=item.causation_id,
-            )
-        )
-        state = after
-    return entries
 
 
 # --- state at a sequence --------------------------------------------------------------------------
@@ -354,10 +173,6 @@ def decide_fork(state: TaskState, command: Command, ctx: DecisionContext) -> Seq
     return command.events
 
 
-def _no_timers(state: TaskState) -> Sequence[Timer]:
-    return ()
-
-
 FORK = Decider[TaskState](
     aggregate=TASK.aggregate,
     commands=(ForkTask,),
@@ -366,7 +181,7 @@ FORK = Decider[TaskState](
     evolve=TASK.evolve,
     # A part arms no timer: one already due would fire between two parts and change the task under the
     # next. The whole fork written, the timers its state wants are armed (CommandHandler.rearm).
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: command.task_id,  # type: ignore[attr-defined]
 )
 """Writes forks onto the task aggregate: the task's own evolve, the rule above, no timers."""

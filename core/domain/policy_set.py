@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import msgspec
 
 from core.domain.commands import Command, PushPolicyBundle
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import AlreadyExists
 from core.domain.events import Event, PolicyBundlePushed
 
@@ -62,16 +62,12 @@ def _evolve(state: PolicySet, event: Event) -> PolicySet:
     return state
 
 
-def _no_timers(state: PolicySet) -> Sequence[Timer]:
-    return ()
-
-
 POLICY_SET = Decider[PolicySet](
     aggregate=POLICY_AGGREGATE,
     commands=(PushPolicyBundle,),
     initial=PolicySet(),
     decide=_decide,
     evolve=_evolve,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: POLICY_SET_ID,
 )

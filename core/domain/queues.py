@@ -23,7 +23,7 @@ from core.domain.commands import (
     ConfigureQueue,
     RemoveQueueSettings,
 )
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import NotFound, Rejected
 from core.domain.events import ClaimStrategy, Event, QueueConfigured, QueueSettingsRemoved
 
@@ -103,16 +103,12 @@ def _evolve(state: Queues, event: Event) -> Queues:
     return state
 
 
-def _no_timers(state: Queues) -> Sequence[Timer]:
-    return ()
-
-
 QUEUES = Decider[Queues](
     aggregate=QUEUES_AGGREGATE,
     commands=(ConfigureQueue, RemoveQueueSettings),
     initial=Queues(),
     decide=_decide,
     evolve=_evolve,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: QUEUES_ID,
 )

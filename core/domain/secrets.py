@@ -17,7 +17,7 @@ from datetime import datetime
 import msgspec
 
 from core.domain.commands import Command, SetSecret
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import Rejected
 from core.domain.events import Event, SecretVersionSet
 
@@ -148,16 +148,12 @@ def _evolve(state: Secrets, event: Event) -> Secrets:
     return state
 
 
-def _no_timers(state: Secrets) -> Sequence[Timer]:
-    return ()
-
-
 SECRETS = Decider[Secrets](
     aggregate=SECRETS_AGGREGATE,
     commands=(SetSecret,),
     initial=Secrets(),
     decide=_decide,
     evolve=_evolve,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: SECRETS_ID,
 )

@@ -14,7 +14,7 @@ from typing import TypeVar
 import msgspec
 
 from core.domain.commands import Command, LlmConfig, SetWorkerConfig
-from core.domain.decider import Decider, DecisionContext, Timer
+from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.events import Event, LlmSettings, WorkerConfigSet
 
 WORKER_CONFIG_AGGREGATE = "workerconfig"
@@ -98,16 +98,12 @@ def _evolve(state: WorkerConfigs, event: Event) -> WorkerConfigs:
     return state
 
 
-def _no_timers(state: WorkerConfigs) -> Sequence[Timer]:
-    return ()
-
-
 WORKER_CONFIG = Decider[WorkerConfigs](
     aggregate=WORKER_CONFIG_AGGREGATE,
     commands=(SetWorkerConfig,),
     initial=WorkerConfigs(),
     decide=_decide,
     evolve=_evolve,
-    timers=_no_timers,
+    timers=no_timers,
     aggregate_id=lambda command: WORKER_CONFIG_ID,
 )

@@ -37,7 +37,7 @@ from core.domain.records import RecordedEvent
 from core.domain.schedules import SCHEDULE
 from core.domain.secrets import SECRETS
 from core.domain.subjects import aggregate_subject, schedule_subject
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 from core.domain.worker import WORKER
 from core.domain.worker_config import WORKER_CONFIG
 from core.log.event_store import AppendMeta, DuplicateAppend, EventStore, Schedule, WrongExpectedSequence

@@ -11,8 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from application.approvals import decide, find_approval
+from core.domain.approvals import Approval, why_cannot_vote
 from core.domain.events import Vote
-from core.domain.task import Approval, Task, why_cannot_vote
+from core.domain.task import Task
 from gateway.console.forms import FormField, form_fields, posted_response
 from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, relative, render
 from gateway.http import path_id, services

@@ -15,8 +15,9 @@ from starlette.responses import Response
 from application.tasks import load_task
 from core.domain.commands import CancelTask, ResumeTask
 from core.domain.events import EVENT_TYPES, TERMINAL_STATUSES, TaskStatus
-from core.domain.history import TimelineEntry, state_at, task_timeline, why_absent
+from core.domain.history import state_at, why_absent
 from core.domain.task import Task
+from core.domain.timeline import TimelineEntry, task_timeline
 from gateway.console.approvals import approval_view
 from gateway.console.web import SignedIn, console_page, done, form_command_id, form_of, render
 from gateway.http import path_id, query, services

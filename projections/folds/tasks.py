@@ -8,7 +8,8 @@ import asyncpg
 import msgspec
 
 from core.domain.events import PRIORITY_RANK
-from core.domain.task import TASK, TaskState
+from core.domain.task import TaskState
+from core.domain.task_decider import TASK
 from projections.folds.projection import StateProjection
 from projections.folds.rows import Upsert, to_json
 from projections.folds.tables import AggregateKey, Folded, JsonStateTable

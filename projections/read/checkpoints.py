@@ -10,7 +10,8 @@ from contextlib import suppress
 import asyncpg
 
 from projections.read.scope import Reads
-from projections.schema import NOTIFY_CHANNEL, effective_checkpoints, fetch_checkpoints, layout_of, parse_checkpoint_key
+from projections.schema import NOTIFY_CHANNEL
+from projections.shards import effective_checkpoints, fetch_checkpoints, layout_of, parse_checkpoint_key
 
 log = logging.getLogger(__name__)
 

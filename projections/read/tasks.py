@@ -8,11 +8,12 @@ from typing import TypeVar
 
 import msgspec
 
+from core.domain.approvals import Approval
 from core.domain.events import TERMINAL_STATUSES
-from core.domain.task import Approval, Task
+from core.domain.task import Task
 from projections.read.paging import MAX_PAGE, decode_cursor, encode_cursor
 from projections.read.scope import Reads, Where
-from projections.schema import effective_checkpoints, fetch_checkpoints
+from projections.shards import effective_checkpoints, fetch_checkpoints
 
 T = TypeVar("T")
 

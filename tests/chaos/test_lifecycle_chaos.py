@@ -23,7 +23,8 @@ import asyncpg
 import httpx
 import pytest
 
-from controlplane.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from controlplane.embedded import EmbeddedNats, free_port
+from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.seed import seed_org
 from core.domain.events import TaskSubmitted, WorkflowOperationRecorded
 from core.log.handler import CommandHandler

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controlplane.embedded import EmbeddedNats, EmbeddedPostgres
+from controlplane.embedded import EmbeddedNats
+from controlplane.embedded_postgres import EmbeddedPostgres
 from core.domain.commands import SYSTEM, SubmitTask
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore

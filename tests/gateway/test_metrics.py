@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.seed import seed_org
 from core.domain.ids import new_id
-from gateway.metrics import OTHER, EventMetrics, LabelBudget, QueueGauges
+from gateway.metrics import OTHER, EventMetrics, LabelBudget
+from gateway.queue_gauges import QueueGauges
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import ROLES, Stack, own_stack
@@ -332,7 +333,7 @@ async def test_the_dashboard_uses_only_metrics_the_gateway_exposes_and_shows_eac
     def covered(family: str) -> bool:
         return any(name == family or name.startswith(family + "_") for name in used)
 
-    # Every metric gateway/metrics.py defines has a panel (the listing is theirs, not repeated here).
+    # Every metric gateway/metrics.py and gateway/queue_gauges.py define has a panel (their listing, not repeated).
     registry, budget = CollectorRegistry(), LabelBudget()
     EventMetrics(registry, budget)
     gauges = QueueGauges(registry, budget, ttl=0)

@@ -20,8 +20,9 @@ import pytest
 from core.domain.ids import new_id
 from policies_wasm import default_bundle
 from runners.client import TaskApi
-from runners.context import Policies, PolicyDenied, WorkflowContext
+from runners.context import PolicyDenied, WorkflowContext
 from runners.examples import EXAMPLES
+from runners.policies import Policies
 from runners.registry import Registry, workflow
 from runners.runner import Runner
 from tests.gateway.conftest import Stack

@@ -46,7 +46,7 @@ def today(stack: Stack) -> date:
 
 
 def llm_result(model: str, prompt: int, completion: int, cost: float | None) -> dict[str, Any]:
-    """What ``ctx.llm`` records (runners/context.py), as a worker posts it."""
+    """What ``ctx.llm`` records (runners/llm.py), as a worker posts it."""
     call = LlmCall(
         model=model,
         provider="test",

@@ -31,7 +31,8 @@ from projections.leadership import ProjectionBusy, ShardLayoutConflict
 from projections.projector import Projector
 from projections.read import ReadModel
 from projections.rebuild import last_event_seq, rebuild
-from projections.schema import Shard, effective_checkpoints, fetch_checkpoints, migrate, parse_shard
+from projections.schema import migrate
+from projections.shards import Shard, effective_checkpoints, fetch_checkpoints, parse_shard
 from tests.integration.test_projections import (
     ORG_TABLES,
     caught_up,

@@ -74,7 +74,8 @@ from projections.leadership import ProjectionBusy
 from projections.projector import Projector
 from projections.read import ReadModel
 from projections.rebuild import rebuild
-from projections.schema import MIGRATIONS, ORG_SCOPED_TABLES, fetch_checkpoints, migrate
+from projections.schema import MIGRATIONS, ORG_SCOPED_TABLES, migrate
+from projections.shards import fetch_checkpoints
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from controlplane.timers import RECONCILER_ACTOR, reconcile
 from core.domain.commands import SYSTEM, Actor, ClaimTask, RegisterWorker, SubmitTask
 from core.domain.subjects import aggregate_subject
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 from core.domain.worker import WORKER
 from core.log.event_store import TIMER_ACTOR
 from core.log.handler import CommandHandler, timer_subject

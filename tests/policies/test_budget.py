@@ -28,7 +28,7 @@ from policies_wasm.engine import (
 )
 from policies_wasm.opa_wasm import OpaWasmEngine
 from policies_wasm.rego import RegoEngine
-from runners.context import Policies
+from runners.policies import Policies
 from tests.policies.wat_modules import wasm_bundle
 
 SHIPPED = Bundle.from_dir(SOURCES_DIR)

@@ -36,7 +36,8 @@ from core.domain.decider import DecisionContext
 from core.domain.errors import LeaseLost
 from core.domain.events import TaskClaimed, decode_event, encode_event
 from core.domain.ids import new_id
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from tests.gateway.conftest import HS256_SECRET, JWT_SCOPE, Stack, own_stack
 
 START = datetime(2026, 3, 1, tzinfo=UTC)

@@ -18,7 +18,8 @@ from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from policies_wasm import Bundle
 from policies_wasm.engine import SOURCES_DIR
-from runners.context import Policies, WorkflowContext
+from runners.context import WorkflowContext
+from runners.policies import Policies
 from runners.registry import Registry, workflow
 from runners.verify import SameBundles, verify_task
 

@@ -12,11 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from application.forms import MAX_DETAILS_BYTES, MAX_FORM_BYTES, check_details, check_form, check_response
+from core.domain.approvals import Approval
 from core.domain.commands import Actor, ClaimTask, DecideApproval, RequestApproval, SubmitTask
 from core.domain.decider import DecisionContext
 from core.domain.errors import InvalidCommand
 from core.domain.events import ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
-from core.domain.task import TASK, Approval, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from gateway.problems import describe
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

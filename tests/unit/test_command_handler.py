@@ -34,7 +34,8 @@ from core.domain.errors import AlreadyExists, CommandIdTaken, ConcurrencyExhaust
 from core.domain.events import Escalation, TaskHeartbeat, TaskSubmitted
 from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from core.log.event_store import StoreError
 from core.log.handler import CommandHandler, Outcome, timer_subject
 from core.log.memory_store import InMemoryEventStore

@@ -16,7 +16,7 @@ from core.domain.decider import DecisionContext
 from core.domain.environments import ENVIRONMENTS, MAX_ENVIRONMENTS, Environments, QueueTaken
 from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
 from core.domain.events import EnvironmentDefined, Event, TaskSubmitted, decode_event, encode_event
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 NAMES = ["prod", "staging", "dev"]

@@ -41,22 +41,20 @@ from core.domain.events import (
     encode_event,
 )
 from core.domain.ids import validate_token
+from core.domain.notification_messages import Happening, compose, happening, matching_rules
 from core.domain.notifications import (
     NOTIFICATION,
     NOTIFICATIONS,
     AlreadyRecorded,
     ChannelInUse,
-    Happening,
     NotificationSettings,
     check_channel_url,
-    compose,
-    happening,
-    matching_rules,
     notification_id,
     sealing_purpose,
 )
 from core.domain.public import REDACTED, public_event
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from core.secret_box import SecretBox, SecretUnreadable
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

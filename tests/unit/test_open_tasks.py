@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from application.claim_index import OpenTasks, claim_order
+from application.open_tasks import OpenTasks, claim_order
 from core.domain.events import PRIORITY_RANK, TaskStatus, WorkflowRef
-from core.domain.task import SignalWait, Task
+from core.domain.signals import SignalWait
+from core.domain.task import Task
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATUSES: tuple[TaskStatus, ...] = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")

@@ -17,7 +17,7 @@ from core.domain.events import (
     TaskSubmitted,
 )
 from core.domain.records import RecordedEvent
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 from core.log.event_store import TIMER_ACTOR
 from gateway.metrics import OTHER, EventMetrics, LabelBudget
 

@@ -20,7 +20,8 @@ from core.domain.errors import AlreadyTerminal, LeaseLost, NotFound, Rejected
 from core.domain.events import SecretRead, SecretVersionSet, decode_event, encode_event
 from core.domain.public import REDACTED, public_bytes, public_view
 from core.domain.secrets import SECRETS, Secrets, VersionTaken
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from core.secret_box import Sealed, SecretBox, SecretsKeyInvalid, SecretUnreadable, generate_key_text
 from runners.verify import ReplayOnlyContext
 

@@ -23,7 +23,9 @@ from core.domain.errors import (
     NotReady,
 )
 from core.domain.events import Event, SignalConsumed, SignalWaitTimedOut, decode_event, encode_event
-from core.domain.task import MAX_PENDING_SIGNALS, TASK, Task
+from core.domain.signals import MAX_PENDING_SIGNALS
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 SUBMITTER = Actor("key:submitter", frozenset({"submitter"}))

@@ -26,7 +26,8 @@ from core.domain.errors import (
     NotReady,
 )
 from core.domain.events import Escalation, Event, WorkflowRef
-from core.domain.task import TASK, Task, hosted_workflow_versions, retry_delay
+from core.domain.task import Task, hosted_workflow_versions, retry_delay
+from core.domain.task_decider import TASK
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SUBMITTER = Actor("sub", frozenset({"submitter"}))

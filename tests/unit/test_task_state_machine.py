@@ -40,7 +40,8 @@ from core.domain.events import (
     decode_event,
     encode_event,
 )
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 
 TASK_ID = "t1"
 WORKERS = ("w1", "w2", "w3")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from application.claim_index import OpenTasks
+from application.open_tasks import OpenTasks
 from core.domain.commands import (
     DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_BREAKER_FAILURES,
@@ -31,7 +31,7 @@ from core.domain.errors import CapabilityMismatch, InvalidTransition, Rejected
 from core.domain.events import Event, TaskLeaseExpired, WorkerBreakerOpened, decode_event, encode_event
 from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject
-from core.domain.task import TASK
+from core.domain.task_decider import TASK
 from core.domain.worker import WORKER, Worker
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from application.claim_index import OpenTasks
 from application.incarnations import RESTART_REASON, held_leases
+from application.open_tasks import OpenTasks
 from core.domain.commands import (
     Actor,
     ClaimTask,
@@ -36,7 +36,8 @@ from core.domain.events import (
 )
 from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject
-from core.domain.task import TASK, Task
+from core.domain.task import Task
+from core.domain.task_decider import TASK
 from core.domain.worker import WORKER, Worker, is_restart
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
