@@ -3,6 +3,7 @@ An approval's id is ``<task id>-<n>``, so one is read and decided straight from 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -18,14 +19,20 @@ from core.domain.task import Task, task_id_of_approval
 from core.log.handler import CommandHandler
 
 
-async def find_approval(handler: CommandHandler, org: str, approval_id: str) -> tuple[Task, Approval, int]:
+async def find_approval(
+    handler: CommandHandler, org: str, approval_id: str, *, cached: bool = False
+) -> tuple[Task, Approval, int]:
     """The approval, its task and the task's stream sequence, as the log holds them now; ``NotFound``
-    for an approval the org does not have (an id that cannot name one included)."""
+    for an approval the org does not have (an id that cannot name one included). ``cached``: a copy of
+    the task this process already holds will do if the approval is in it (for what never changes once
+    requested, such as its form); else the log is read."""
     try:
         task_id = validate_token(task_id_of_approval(approval_id), "task id")
     except InvalidToken:
         raise NotFound(f"approval {approval_id!r} not found") from None
-    task, seq = await handler.load(org, "task", task_id)
+    task, seq = await handler.load(org, "task", task_id, max_age=math.inf if cached else 0.0)
+    if cached and (task is None or task.approval(approval_id) is None):
+        task, seq = await handler.load(org, "task", task_id)
     approval = task.approval(approval_id) if task is not None else None
     if task is None or approval is None:
         raise NotFound(f"approval {approval_id!r} not found")
@@ -47,7 +54,8 @@ async def decide(
     a response that does not fit its form (nothing is appended); the domain's own rejections (not an
     approver, already decided, a rejection without a reason) propagate as they are."""
     who.require("decide")
-    task, approval, _ = await find_approval(handler, who.org, approval_id)
+    # The form is the request's, fixed once requested; the vote itself is decided on the log's state.
+    task, approval, _ = await find_approval(handler, who.org, approval_id, cached=True)
     check_response(approval.form, response, required=decision == "approve")
     if comment is not None and "\x00" in comment:
         raise InvalidCommand("strings may not contain the NUL character (\\u0000)")

@@ -153,8 +153,6 @@ async def claim_tasks(
     claimed: list[Claim] = []
     unused = list(lease_ids)
     while unused:
-        if await gone():
-            return []
         wanted = max_tasks - len(claimed)
         candidates = index.candidates(
             who.org,
@@ -193,4 +191,6 @@ async def claim_tasks(
             workflows_only=spec.workflows_only,
             strategy=(await settings_of(handler, who.org, spec.queue)).strategy,
         )
+        if await gone():  # asked only after a wait: a claim that finds a task at once never asks
+            return []
     return claimed  # every lease id this request may use named another claim

@@ -15,7 +15,7 @@ from core.domain.commands import Actor, CompleteTask, FailTask, RequestApproval,
 from core.domain.errors import NotFound, NotPermitted
 from core.domain.events import ApprovalKind, ApprovalRequested, Escalation
 from core.domain.signals import SIGNAL_ROLES
-from core.domain.task import Task, next_approval_id
+from core.domain.task import Task
 from core.log.handler import CommandHandler, Outcome
 
 
@@ -79,12 +79,10 @@ async def request_approval(
     who.require("lease")
     check_details(spec.details)
     check_form(spec.form)
-    task, _ = await load_task(handler, who.org, task_id)
-    command = RequestApproval(
-        task_id=task.id,
+    command = RequestApproval(  # the task names the approval: its next id, on the state it decides on
+        task_id=task_id,
         worker_id=spec.worker_id,
         lease_id=spec.lease_id,
-        approval_id=next_approval_id(task),
         reason=spec.reason,
         approvers=spec.approvers,
         quorum=spec.quorum,

@@ -72,6 +72,7 @@ def requested(command: RequestApproval, ctx: DecisionContext) -> ApprovalRequest
     named = {a for a in command.approvers if not a.startswith("role:")}
     if named and len(named) == len(set(command.approvers)) and len(named) < command.quorum:
         raise InvalidCommand(f"quorum {command.quorum} can never be reached by the {len(named)} named approvers")
+    assert command.approval_id is not None, "the task names the approval before it is requested"
     return ApprovalRequested(
         at=ctx.now,
         approval_id=command.approval_id,

@@ -111,7 +111,8 @@ class HeartbeatTask(TaskCommand, frozen=True, kw_only=True):
 class RequestApproval(TaskCommand, frozen=True, kw_only=True):
     worker_id: Token
     lease_id: Token
-    approval_id: Token
+    approval_id: Token | None = None
+    """None: the task's next (``<task id>-<n>``), counted on the state the command is decided on."""
     reason: Annotated[Reason, msgspec.Meta(description="what the human is approving")]
     approvers: Approvers = ("role:approver",)
     quorum: Quorum = 1

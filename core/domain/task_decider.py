@@ -72,6 +72,7 @@ from core.domain.task import (
     TaskState,
     evolve,
     hosted_workflow_versions,
+    next_approval_id,
     retry_delay,
     timers,
     workflow_capability,
@@ -297,9 +298,10 @@ def _request_approval(task: Task, command: RequestApproval, ctx: DecisionContext
     if command.journal_index is not None:
         _journal_position(task, command.worker_id, command.lease_id, command.journal_index, ctx)
     _held_lease(task, command.worker_id, command.lease_id, ctx)
-    if task.approval(command.approval_id) is not None:
-        raise AlreadyExists(f"approval {command.approval_id} already exists on task {task.id}")
-    return [requested(command, ctx)]
+    approval_id = command.approval_id or next_approval_id(task)
+    if task.approval(approval_id) is not None:
+        raise AlreadyExists(f"approval {approval_id} already exists on task {task.id}")
+    return [requested(msgspec.structs.replace(command, approval_id=approval_id), ctx)]
 
 
 def _decide_approval(task: Task, command: DecideApproval, ctx: DecisionContext) -> Sequence[Event]:

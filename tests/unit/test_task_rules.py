@@ -234,3 +234,14 @@ def test_hosted_workflow_versions_reads_only_versioned_workflow_capabilities() -
     assert hosted_workflow_versions(
         ["gpu", "workflow:a", "workflow:a@v1", "workflow:a@v10", "workflow:b@vx", "workflow:c@v3", "x:d@v1"]
     ) == {"a": {1, 10}, "c": {3}}
+
+
+def test_an_approval_asked_for_without_an_id_is_named_by_the_task_it_is_decided_on() -> None:
+    scenario = Scenario()
+    scenario.claim()
+    first = scenario.ask(approval=None)  # type: ignore[arg-type]
+    assert [approval.id for approval in first.approvals] == ["t1-1"]
+    scenario.vote(ALICE, approval="t1-1")
+    scenario.claim(lease="l2")
+    second = scenario.ask(approval=None)  # type: ignore[arg-type]
+    assert [approval.id for approval in second.approvals] == ["t1-1", "t1-2"]
