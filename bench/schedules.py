@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
+import uvloop
 
 from controlplane.embedded import EmbeddedNats
 from controlplane.embedded_postgres import EmbeddedPostgres
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true", help="spread the schedules' second over the minute")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cp-bench-schedules-") as directory:
-        asyncio.run(run(args.schedules, args.rounds, args.spread, Path(directory)))
+        uvloop.run(run(args.schedules, args.rounds, args.spread, Path(directory)))  # as `controlplane gateway` runs
 
 
 if __name__ == "__main__":
