@@ -53,7 +53,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from core.domain.events import EVENT_TYPES, AnyEvent, UnknownEvent
+from core.domain.events import EVENT_TYPES, AnyEvent, UnknownEvent, event_type_of
 from core.domain.ids import validate_token
 from core.domain.public import public_bytes, public_event
 from core.domain.records import RecordedEvent
@@ -138,13 +138,6 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
-
-
-class _Tagged(msgspec.Struct):
-    type: str
-
-
-_tag_decoder = msgspec.json.Decoder(_Tagged)
 
 
 async def provision_dead_letter_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -308,7 +301,7 @@ class EventSubscription:
     async def _settle(self, msg: Msg, handler: Handler) -> None:
         count = msg.metadata.num_delivered
         try:
-            event_type = _tag_decoder.decode(msg.data).type
+            event_type = event_type_of(msg.data)
         except msgspec.DecodeError:
             await self._dead_letter(msg, count, "not an event: the payload is not JSON with a type tag")
             return

@@ -828,6 +828,19 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+class _Tagged(msgspec.Struct):
+    type: str
+
+
+_tag_decoder = msgspec.json.Decoder(_Tagged)
+
+
+def event_type_of(data: bytes) -> str:
+    """The ``type`` tag of a stored event, read without decoding the rest: what a reader that keeps only
+    some types checks first. ``msgspec.DecodeError`` when the payload is no JSON object with a tag."""
+    return _tag_decoder.decode(data).type
+
+
 def decode_event(data: bytes) -> AnyEvent:
     try:
         event = _decoder.decode(data)
