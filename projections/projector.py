@@ -89,7 +89,7 @@ from projections.shards import (
 log = logging.getLogger(__name__)
 
 LIVE_BATCH = 500
-GATHER_SECONDS = 0.005
+GATHER_SECONDS = 0.010
 """How long a small live batch waits for more events before it is committed (see ``Projector``)."""
 GATHER_BELOW = 64
 ACK_WAIT_SECONDS = 120.0
