@@ -360,7 +360,8 @@ class Projector:
             batch = fetch.result()
             if 0 < len(batch) < GATHER_BELOW and self._gather > 0 and not stopped.done():
                 await asyncio.sleep(self._gather)
-                batch += await puller.fetch(self._batch_size - len(batch), 0.001)
+                # What arrived meanwhile, without a request: the batch in hand is committed whatever NATS does.
+                batch += puller.take(self._batch_size - len(batch))
             return batch
         fetch.cancel()
         with suppress(asyncio.CancelledError):

@@ -306,7 +306,12 @@ class Puller:
                     await self._arrived.wait()
                 await asyncio.sleep(0)  # messages of the same read are handed to the callback one by one
             self._raise_failure()
-        return [self._buffer.popleft() for _ in range(min(batch, len(self._buffer)))]
+        return self.take(batch)
+
+    def take(self, limit: int) -> list[Msg]:
+        """Up to ``limit`` of the messages that have arrived, without asking the server for more (so it
+        cannot fail): what a reader that waited a moment for more collects."""
+        return [self._buffer.popleft() for _ in range(min(limit, len(self._buffer)))]
 
     async def close(self) -> None:
         """Stop reading. The server drops a standing request whose inbox nobody reads once it knows, so

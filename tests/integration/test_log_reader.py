@@ -188,3 +188,22 @@ async def test_a_pull_from_a_consumer_that_went_away_fails(nc: NATS, stream: str
     with pytest.raises(RuntimeError, match="nothing answers there"):
         await puller.fetch(10, 0.5)
     await puller.close()
+
+
+async def test_a_standing_request_pushes_what_is_stored_later_and_take_hands_it_out_without_asking(
+    nc: NATS, stream: str
+) -> None:
+    puller = await Puller.ephemeral(nc, stream, f"{stream}.a")
+    try:
+        assert await puller.fetch(10, 0.1) == []  # nothing yet: the request stays open on the server
+        first = await publish(nc, f"{stream}.a", 1)
+        assert [msg.metadata.sequence.stream for msg in await puller.fetch(10, 2.0)] == first
+        later = await publish(nc, f"{stream}.a", 3)
+        taken: list[int] = []
+        async with asyncio.timeout(5):
+            while len(taken) < 3:  # pushed under the same request: no fetch in between
+                taken += [msg.metadata.sequence.stream for msg in puller.take(10)]
+                await asyncio.sleep(0.01)
+        assert taken == later
+    finally:
+        await puller.close()
