@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Protocol
 
 import msgspec
 
+from application.bodies import ClaimBody
 from application.breakers import open_breaker
 from application.claim_index import ClaimIndex
 from application.idempotency import IdempotencyRecords, derived_id
@@ -38,26 +38,6 @@ backoff that ran out) even if no task opened up."""
 _UNCLAIMABLE = (InvalidTransition, NotReady, CapabilityMismatch, AlreadyTerminal, NotFound)
 
 
-class ClaimSpec(Protocol):
-    """What a worker asks for (``POST /v1/tasks/claim``'s body): tasks on ``queue`` its ``capabilities``
-    allow (only those running a workflow, with ``workflows_only``), each leased for ``lease_seconds``."""
-
-    @property
-    def worker_id(self) -> str: ...
-
-    @property
-    def queue(self) -> str: ...
-
-    @property
-    def capabilities(self) -> tuple[str, ...]: ...
-
-    @property
-    def lease_seconds(self) -> float: ...
-
-    @property
-    def workflows_only(self) -> bool: ...
-
-
 class Claim(msgspec.Struct, frozen=True):
     """A won claim: the task as the claim left it, the claim's stream sequence, the lease, and the
     correlation id and ``traceparent`` of the task's submit, which the worker sends on with every call
@@ -80,7 +60,7 @@ async def claim_tasks(
     index: ClaimIndex,
     idempotency: IdempotencyRecords,
     who: Principal,
-    spec: ClaimSpec,
+    spec: ClaimBody,
     *,
     max_tasks: int,
     block_seconds: float,

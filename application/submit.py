@@ -5,15 +5,14 @@ no task."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
+from application.bodies import SubmitTaskBody, WorkflowBody
 from application.environments import EnvironmentDirectory
 from application.errors import PolicyUnavailable
 from application.policy import SubmitGate
 from application.principal import require
 from core.domain.commands import Actor, SubmitTask
 from core.domain.errors import InvalidCommand
-from core.domain.events import PolicyDecision, Priority, TaskSubmissionDenied, WorkflowRef
+from core.domain.events import PolicyDecision, TaskSubmissionDenied, WorkflowRef
 from core.domain.task import hosted_workflow_versions, workflow_capability
 from core.log.handler import CommandHandler, Outcome
 from policies_wasm import PolicyError
@@ -22,63 +21,13 @@ from projections.read import DATABASE_UNAVAILABLE, ReadModel
 DEFAULT_QUEUE = "default"
 
 
-class WorkflowSpec(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def version(self) -> int | None: ...
-
-
-class SubmissionSpec(Protocol):
-    """What a submission asks for (``POST /v1/tasks``' body, a schedule's task): what the server
-    decides (the queue when only an environment is named, the environment, the workflow's version, the
-    policy's decision) is not in it."""
-
-    @property
-    def type(self) -> str: ...
-
-    @property
-    def payload(self) -> Any: ...
-
-    @property
-    def queue(self) -> str | None: ...
-
-    @property
-    def environment(self) -> str | None: ...
-
-    @property
-    def required_capabilities(self) -> tuple[str, ...]: ...
-
-    @property
-    def priority(self) -> Priority: ...
-
-    @property
-    def max_retries(self) -> int: ...
-
-    @property
-    def timeout_seconds(self) -> float | None: ...
-
-    @property
-    def retry_backoff_seconds(self) -> float: ...
-
-    @property
-    def metadata(self) -> dict[str, Any]: ...
-
-    @property
-    def workflow(self) -> WorkflowSpec | None: ...
-
-    @property
-    def excluded_workers(self) -> tuple[str, ...]: ...
-
-
 async def submit_task(
     handler: CommandHandler,
     gate: SubmitGate,
     environments: EnvironmentDirectory,
     read_model: ReadModel,
     org: str,
-    spec: SubmissionSpec,
+    spec: SubmitTaskBody,
     *,
     task_id: str,
     actor: Actor,
@@ -117,7 +66,7 @@ def denial_reasons(outcome: Outcome) -> list[str]:
     return denied.decision.reasons if isinstance(denied, TaskSubmissionDenied) else []
 
 
-async def route(environments: EnvironmentDirectory, org: str, spec: SubmissionSpec) -> tuple[str, str | None]:
+async def route(environments: EnvironmentDirectory, org: str, spec: SubmitTaskBody) -> tuple[str, str | None]:
     """The task's queue and that queue's environment, from the org's environments as the log holds them
     now. A submit naming an environment and no queue goes to the environment's first queue; naming
     both, the queue must be one of the environment's. The submitter's metadata plays no part. Raises
@@ -149,7 +98,7 @@ async def route(environments: EnvironmentDirectory, org: str, spec: SubmissionSp
 
 
 async def _decide(
-    gate: SubmitGate, org: str, spec: SubmissionSpec, queue: str, environment: str | None
+    gate: SubmitGate, org: str, spec: SubmitTaskBody, queue: str, environment: str | None
 ) -> tuple[PolicyDecision, int | None]:
     try:
         return await gate.decide(
@@ -165,7 +114,7 @@ async def _decide(
         raise PolicyUnavailable(f"the submit policy could not decide ({exc}); nothing was submitted") from exc
 
 
-async def _pinned_workflow(read_model: ReadModel, org: str, workflow: WorkflowSpec, queue: str) -> WorkflowRef:
+async def _pinned_workflow(read_model: ReadModel, org: str, workflow: WorkflowBody, queue: str) -> WorkflowRef:
     """A workflow named without a version is pinned to the newest version a live runner on the task's
     queue hosts. Without one (or without the read model) the first claim pins it instead."""
     name, version = workflow.name, workflow.version

@@ -5,56 +5,19 @@ circuit breaker hears of)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
+from application.bodies import ApprovalRequestBody
 from application.breakers import record_task_outcome
 from application.forms import check_details, check_form, check_signal_payload
 from application.principal import Principal
 from core.domain.approvals import Approval
 from core.domain.commands import Actor, CompleteTask, FailTask, RequestApproval, SignalTask
 from core.domain.errors import NotFound, NotPermitted
-from core.domain.events import ApprovalKind, ApprovalRequested, Escalation
+from core.domain.events import ApprovalRequested
 from core.domain.signals import SIGNAL_ROLES
 from core.domain.task import Task
 from core.log.handler import CommandHandler, Outcome
-
-
-class ApprovalRequestSpec(Protocol):
-    """What a workflow asks of humans (``POST /v1/tasks/{id}/approvals``' body), by the worker holding
-    the task's lease."""
-
-    @property
-    def worker_id(self) -> str: ...
-
-    @property
-    def lease_id(self) -> str: ...
-
-    @property
-    def reason(self) -> str: ...
-
-    @property
-    def approvers(self) -> tuple[str, ...]: ...
-
-    @property
-    def quorum(self) -> int: ...
-
-    @property
-    def timeout_seconds(self) -> float | None: ...
-
-    @property
-    def escalation(self) -> Escalation | None: ...
-
-    @property
-    def journal_index(self) -> int | None: ...
-
-    @property
-    def details(self) -> Any: ...
-
-    @property
-    def form(self) -> dict[str, Any] | None: ...
-
-    @property
-    def kind(self) -> ApprovalKind: ...
 
 
 async def load_task(handler: CommandHandler, org: str, task_id: str) -> tuple[Task, int]:
@@ -69,7 +32,7 @@ async def request_approval(
     handler: CommandHandler,
     who: Principal,
     task_id: str,
-    spec: ApprovalRequestSpec,
+    spec: ApprovalRequestBody,
     *,
     command_id: str | None,
 ) -> tuple[Approval, int]:

@@ -9,13 +9,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
+from application import bodies
 from core.domain.commands import RegisterWorker
 from core.domain.errors import Rejected
 from core.domain.ids import InvalidToken
 from core.log.event_store import StoreError
 from gateway import (
     approvals,
-    bodies,
     breakers,
     environments,
     keys,

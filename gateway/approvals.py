@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from application.approvals import decide, find_approval
+from application.bodies import ApproveBody, RejectBody
 from application.principal import Principal
 from core.domain.events import Vote
-from gateway.bodies import ApproveBody, RejectBody
 from gateway.http import body, command_id, json, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import ApprovalList

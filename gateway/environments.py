@@ -16,11 +16,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import EnvironmentBody, EnvironmentReplaceBody
 from core.domain.commands import DefineEnvironment, DeleteEnvironment
 from core.domain.environments import Environment
 from core.domain.errors import AlreadyExists
 from core.domain.ids import InvalidToken, validate_token
-from gateway.bodies import EnvironmentBody, EnvironmentReplaceBody
 from gateway.http import body, handled, json, path_id, principal, services
 from gateway.problems import Problem
 

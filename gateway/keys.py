@@ -7,9 +7,9 @@ from contextlib import suppress
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import CreateApiKeyBody
 from core.domain.access import issue_key
 from core.domain.commands import CreateApiKey, RevokeApiKey
-from gateway.bodies import CreateApiKeyBody
 from gateway.http import body, json, path_id, principal, services
 from gateway.services import Services
 from projections.read import DATABASE_UNAVAILABLE

@@ -17,6 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
 from application.idempotency import derived_id
 from application.principal import Principal
 from core.domain.commands import (
@@ -37,7 +38,6 @@ from core.domain.notifications import (
     sealing_purpose,
 )
 from core.secret_box import SecretBox
-from gateway.bodies import NotificationChannelBody, NotificationChannelReplaceBody, NotificationRuleBody
 from gateway.http import body, handled, idempotency_key, json, path_id, principal, services
 from gateway.problems import Problem
 from gateway.secrets import required_box

@@ -8,11 +8,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import PolicyBundleBody
 from application.policy import SUBMIT_POLICY
 from core.domain.commands import PushPolicyBundle
 from core.domain.events import PolicyBundlePushed
 from core.domain.policy_set import POLICY_AGGREGATE, POLICY_SET_ID, PolicySet, Unchanged
-from gateway.bodies import PolicyBundleBody
 from gateway.http import body, handled, json, path_number, principal, services
 from gateway.problems import Problem
 from policies_wasm import Bundle, PolicyError, PolicyTimeout

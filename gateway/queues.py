@@ -17,9 +17,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import QueueSettingsBody
 from core.domain.commands import ConfigureQueue, RemoveQueueSettings
 from core.domain.queues import QUEUES_AGGREGATE, QUEUES_ID, QueueSettings
-from gateway.bodies import QueueSettingsBody
 from gateway.http import body, handled, json, path_id, principal, read_after, services
 
 

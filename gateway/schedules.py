@@ -18,6 +18,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import ScheduleBody, SubmitTaskBody
 from application.errors import PolicyUnavailable
 from application.idempotency import derived_id
 from application.principal import Principal
@@ -43,7 +44,6 @@ from core.domain.schedules import (
     run_task_id,
 )
 from core.log.handler import Outcome
-from gateway.bodies import ScheduleBody, SubmitTaskBody
 from gateway.http import body, command_id, idempotency_key, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services

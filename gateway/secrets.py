@@ -20,13 +20,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import SecretBody, SecretReadBody
 from core.domain.commands import SECRET_NAME_PATTERN, ReadSecret, SetSecret
 from core.domain.events import SecretRead, SecretVersionSet
 from core.domain.ids import whole
 from core.domain.secrets import SECRETS_AGGREGATE, SECRETS_ID, Secrets, SecretScope, VersionTaken
 from core.domain.task import Task
 from core.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
-from gateway.bodies import SecretBody, SecretReadBody
 from gateway.http import body, command_id, handled, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services

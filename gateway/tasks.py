@@ -15,6 +15,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from application import tasks as task_operations
+from application.bodies import (
+    ApprovalRequestBody,
+    CancelBody,
+    ClaimBatchBody,
+    ClaimBody,
+    CompleteBody,
+    FailBody,
+    HeartbeatBody,
+    NoBody,
+    NonDeterminismBody,
+    OperationBody,
+    SignalBody,
+    SignalWaitBody,
+    SleepBody,
+    SubmitTaskBody,
+)
 from application.claim import Claim, claim_tasks
 from application.idempotency import derived_id
 from application.principal import Principal
@@ -35,22 +51,6 @@ from core.domain.events import SignalConsumed
 from core.domain.ids import new_id
 from core.domain.subjects import aggregate_subject
 from core.domain.task import Task
-from gateway.bodies import (
-    ApprovalRequestBody,
-    CancelBody,
-    ClaimBatchBody,
-    ClaimBody,
-    CompleteBody,
-    FailBody,
-    HeartbeatBody,
-    NoBody,
-    NonDeterminismBody,
-    OperationBody,
-    SignalBody,
-    SignalWaitBody,
-    SleepBody,
-    SubmitTaskBody,
-)
 from gateway.http import (
     body,
     command_id,

@@ -15,9 +15,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import WorkerConfigBody
 from core.domain.commands import SetWorkerConfig
 from core.domain.worker_config import WORKER_CONFIG_AGGREGATE, WORKER_CONFIG_ID, WorkerConfigs
-from gateway.bodies import WorkerConfigBody
 from gateway.http import body, handled, json, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import EnvironmentScope

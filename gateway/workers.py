@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from application.bodies import WorkerHeartbeatBody
 from application.incarnations import release_if_restarted
 from core.domain.commands import DeregisterWorker, HeartbeatWorker, RegisterWorker
 from core.domain.worker import Worker
-from gateway.bodies import WorkerHeartbeatBody
 from gateway.http import body, handled, json, path_id, principal, query, read_after, services
 from gateway.problems import Problem
 from gateway.queries import WorkerList

@@ -1,5 +1,5 @@
 """Commands: what a client asks for. Field constraints live on the types declared here, and the HTTP
-request bodies (``gateway.bodies``) use the same ones, so a body field and the command field it becomes
+request bodies (``application.bodies``) use the same ones, so a body field and the command field it becomes
 accept the same values (tests/unit/test_schemas_agree.py checks each pair). Ids of new things (task,
 lease, approval) are chosen by the caller and passed in, which keeps the deciders pure."""
 

@@ -7,7 +7,6 @@ detail alike."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -15,44 +14,17 @@ import msgspec
 import pytest
 
 from application.approvals import decide
+from application.bodies import ApprovalRequestBody, ClaimBody, SubmitTaskBody
 from application.claim import Claim, claim_tasks
 from application.principal import Principal
 from application.submit import submit_task
 from application.tasks import end_attempt, request_approval
 from core.domain.commands import Actor, CompleteTask
 from core.domain.errors import Rejected
-from core.domain.events import Escalation
 from core.domain.ids import new_id
 from core.log.handler import Outcome
-from gateway.bodies import SubmitTaskBody
 from gateway.problems import describe
 from tests.gateway.conftest import Stack, new_org
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """What a worker asks of a claim, as a non-HTTP caller holds it."""
-
-    worker_id: str
-    queue: str
-    capabilities: tuple[str, ...] = ()
-    lease_seconds: float = 30
-    workflows_only: bool = False
-
-
-@dataclass(frozen=True)
-class Ask:
-    worker_id: str
-    lease_id: str
-    reason: str = "ship it?"
-    approvers: tuple[str, ...] = ("role:approver",)
-    quorum: int = 1
-    timeout_seconds: float | None = None
-    escalation: Escalation | None = None
-    journal_index: int | None = None
-    details: Any = None
-    form: dict[str, Any] | None = None
-    kind: Any = "approval"
 
 
 def principal(org: str, role: str) -> Principal:
@@ -85,7 +57,7 @@ async def claimed(
         svc.claim_index,
         svc.idempotency,
         principal(org, "worker"),
-        Wanted("w1", queue),
+        ClaimBody(worker_id="w1", queue=queue),
         max_tasks=max_tasks,
         block_seconds=block_seconds,
         key=key,
@@ -106,7 +78,11 @@ async def test_submit_claim_ask_decide_and_complete_without_http(stack: Stack) -
     [first] = await claimed(stack, org, "ops")
     assert (first.task.id, first.task.status, first.task.lease.id) == (task.id, "running", first.lease_id)
     approval, _ = await request_approval(
-        svc.handler, worker, task.id, Ask("w1", first.lease_id, details={"plan": "v2"}), command_id=None
+        svc.handler,
+        worker,
+        task.id,
+        ApprovalRequestBody(worker_id="w1", lease_id=first.lease_id, reason="ship it?", details={"plan": "v2"}),
+        command_id=None,
     )
     decided, _ = await decide(
         svc.handler, principal(org, "approver"), approval.id, "approve", comment="fine", response=None, command_id=None

@@ -5,13 +5,13 @@ problem+json as before (``gateway.problems.describe``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from application.approvals import decide, find_approval
+from application.bodies import ApprovalRequestBody, SubmitTaskBody
 from application.environments import EnvironmentDirectory
 from application.errors import PolicyUnavailable
 from application.principal import Principal
@@ -19,7 +19,6 @@ from application.submit import route
 from application.tasks import end_attempt, load_task, request_approval, signal
 from core.domain.commands import Actor, ClaimTask, CompleteTask, DefineEnvironment, SubmitTask
 from core.domain.errors import InvalidCommand, NotFound, NotPermitted, Rejected
-from core.domain.events import Escalation
 from core.log.handler import CommandHandler
 from core.log.memory_store import InMemoryEventStore
 from gateway.problems import describe
@@ -30,30 +29,13 @@ ADMIN = Principal(ORG, Actor("ops", frozenset({"admin"})), "ops")
 WORKER = Principal(ORG, Actor("key:w1", frozenset({"worker"})), "w1")
 APPROVER = Principal(ORG, Actor("key:alice", frozenset({"approver"})), "alice")
 VIEWER = Principal(ORG, Actor("key:vic", frozenset({"viewer"})), "vic")
+
+
+def _ask(**fields: Any) -> ApprovalRequestBody:
+    return ApprovalRequestBody(worker_id="w1", lease_id="l1", reason="roll out?", **fields)
+
+
 FORM = {"type": "object", "properties": {"percent": {"type": "integer"}}, "required": ["percent"]}
-
-
-@dataclass(frozen=True)
-class Routed:
-    """A submission as any caller may hold one: the operations read attributes, not a body type."""
-
-    queue: str | None = None
-    environment: str | None = None
-
-
-@dataclass(frozen=True)
-class Ask:
-    worker_id: str = "w1"
-    lease_id: str = "l1"
-    reason: str = "roll out?"
-    approvers: tuple[str, ...] = ("role:approver",)
-    quorum: int = 1
-    timeout_seconds: float | None = None
-    escalation: Escalation | None = None
-    journal_index: int | None = None
-    details: Any = None
-    form: dict[str, Any] | None = None
-    kind: Any = "approval"
 
 
 def problem(error: Exception) -> tuple[int, str]:
@@ -77,18 +59,18 @@ async def test_a_submission_is_routed_by_the_org_environments_as_the_log_holds_t
     store = InMemoryEventStore()
     commands = CommandHandler(store, clock=lambda: NOW)
     environments = EnvironmentDirectory(store)
-    assert await route(environments, ORG, Routed()) == ("default", None)
+    assert await route(environments, ORG, SubmitTaskBody(type="deploy")) == ("default", None)
     await commands.handle(ORG, DefineEnvironment(name="prod", queues=("deploys", "hotfix")), actor=ADMIN.actor)
-    assert await route(environments, ORG, Routed(queue="hotfix")) == ("hotfix", "prod")
-    assert await route(environments, ORG, Routed(environment="prod")) == ("deploys", "prod")
+    assert await route(environments, ORG, SubmitTaskBody(type="deploy", queue="hotfix")) == ("hotfix", "prod")
+    assert await route(environments, ORG, SubmitTaskBody(type="deploy", environment="prod")) == ("deploys", "prod")
     with pytest.raises(InvalidCommand) as unknown:
-        await route(environments, ORG, Routed(environment="staging"))
+        await route(environments, ORG, SubmitTaskBody(type="deploy", environment="staging"))
     assert problem(unknown.value) == (
         422,
         "environment staging is not defined in this org; GET /v1/environments lists them, or name a queue instead",
     )
     with pytest.raises(InvalidCommand) as outside:
-        await route(environments, ORG, Routed(queue="default", environment="prod"))
+        await route(environments, ORG, SubmitTaskBody(type="deploy", queue="default", environment="prod"))
     assert problem(outside.value)[0] == 422
     assert "queue default is not in environment prod (its queues: deploys, hotfix)" in problem(outside.value)[1]
 
@@ -96,7 +78,7 @@ async def test_a_submission_is_routed_by_the_org_environments_as_the_log_holds_t
 async def test_an_approval_is_asked_and_decided_through_the_operations() -> None:
     commands = handler()
     await claimed(commands)
-    approval, _ = await request_approval(commands, WORKER, "t1", Ask(form=FORM), command_id=None)
+    approval, _ = await request_approval(commands, WORKER, "t1", _ask(form=FORM), command_id=None)
     assert approval.id == "t1-1"
     assert (await load_task(commands, ORG, "t1"))[0].status == "awaiting_approval"
 
@@ -158,7 +140,7 @@ async def test_each_refusal_is_a_typed_error_the_gateway_explains_as_before(
         ),
         "signal-as-viewer": lambda: signal(commands, VIEWER, "t1", "go", {}, command_id=None),
         "load-unknown": lambda: load_task(commands, ORG, "nope"),
-        "ask-too-much": lambda: request_approval(commands, WORKER, "t1", Ask(details="x" * 65_559), command_id=None),
+        "ask-too-much": lambda: request_approval(commands, WORKER, "t1", _ask(details="x" * 65_559), command_id=None),
     }
     with pytest.raises(Rejected) as refused:
         await operations[attempt]()

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application import bodies
 from core.domain import commands, events
 from core.domain.commands import Role
 from core.domain.ids import Token, new_id, validate_token, whole
-from gateway import bodies, queries
+from gateway import queries
 
 TOKENS = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 TRAILERS = st.sampled_from(["\n", "\r\n", "\n\n", "\r", " ", "\t", "\x00", "\u2028", "\x0b"])

@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from application import bodies
 from core.domain import commands
-from gateway import bodies
 
 COMMAND_OF: dict[type[msgspec.Struct], type[commands.Command]] = {
     bodies.SubmitTaskBody: commands.SubmitTask,
