@@ -11,8 +11,9 @@ case for lateness, a burst of ``--schedules`` fires at once; ``--spread`` gives 
 n mod 60 instead (the same fires per minute, evenly spread).
 
 Lateness is measured from the cron time to the run being recorded (the scheduler's own samples) and
-to the task's ``TaskSubmitted`` in the log. CPU per fire is this process's CPU time (gateway +
-scheduler) and the nats-server's over the firing windows, divided by the fires run.
+to the task's ``TaskSubmitted`` in the log. CPU per fire is the CPU time over the firing windows,
+divided by the fires run, of this process (gateway + scheduler), its submit policy's worker processes,
+the nats-server and PostgreSQL; messages per fire are the nats-server's (``/varz``: in + out).
 
     .venv/bin/python bench/schedules.py [--schedules 1000] [--rounds 2] [--spread]
 """
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -63,8 +66,31 @@ def nats_process(port: int) -> psutil.Process:
 
 
 def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:  # a policy worker that stopped: its CPU is gone with it
+        return 0.0
     return times.user + times.system
+
+
+def policy_workers(own: psutil.Process) -> list[psutil.Process]:
+    return [child for child in own.children(recursive=True) if "policies_wasm.worker" in " ".join(child.cmdline())]
+
+
+def postgres_processes(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "postgres" in cmdline and str(data_dir) in cmdline:
+            found.append(process)
+            found.extend(process.children(recursive=True))
+    return found
+
+
+def nats_messages(monitor_url: str) -> int:
+    with urllib.request.urlopen(f"{monitor_url}/varz", timeout=5) as response:
+        varz = json.load(response)
+    return int(varz["in_msgs"]) + int(varz["out_msgs"])
 
 
 async def run(schedules: int, rounds: int, spread: bool, data_dir: Path) -> None:
@@ -104,15 +130,27 @@ async def run(schedules: int, rounds: int, spread: bool, data_dir: Path) -> None
                 for schedule_id in ids[:: max(1, schedules // 200)]
             }
             own = psutil.Process(os.getpid())
-            cpu_self = cpu_nats = 0.0
+            cpu = dict.fromkeys(("gateway+scheduler", "policy workers", "nats-server", "postgresql"), 0.0)
+            messages = 0
+
+            def snapshot() -> dict[str, dict[int, float]]:
+                return {
+                    "gateway+scheduler": {own.pid: cpu_seconds(own)},
+                    "policy workers": {worker.pid: cpu_seconds(worker) for worker in policy_workers(own)},
+                    "nats-server": {server.pid: cpu_seconds(server)},
+                    "postgresql": {pg.pid: cpu_seconds(pg) for pg in postgres_processes(data_dir / "postgres")},
+                }
+
             for due in fire_times:
                 await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds() - 1))
-                self_before, nats_before, runs_before = cpu_seconds(own), cpu_seconds(server), svc.scheduler.runs
+                before, runs_before = snapshot(), svc.scheduler.runs
+                messages_before = nats_messages(nats_server.monitor_url)
                 deadline = time.monotonic() + (70 if spread else 30)
                 while svc.scheduler.runs < runs_before + schedules and time.monotonic() < deadline:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-                cpu_self += cpu_seconds(own) - self_before
-                cpu_nats += cpu_seconds(server) - nats_before
+                for name, after in snapshot().items():
+                    cpu[name] += sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
+                messages += nats_messages(nats_server.monitor_url) - messages_before
                 done = svc.scheduler.runs - runs_before
                 print(f"fire at {due.isoformat()}: {done} of {schedules} runs recorded")
             recorded = list(svc.scheduler.lateness)
@@ -137,10 +175,9 @@ async def run(schedules: int, rounds: int, spread: bool, data_dir: Path) -> None
                 f" max {max(samples) * 1000:.0f} ms, mean {statistics.fmean(samples) * 1000:.0f} ms (n={len(samples)})"
             )
     if fires:
-        print(
-            f"CPU per fire: gateway+scheduler {cpu_self / fires * 1000:.2f} ms, nats-server "
-            f"{cpu_nats / fires * 1000:.2f} ms"
-        )
+        by_process = ", ".join(f"{name} {seconds / fires * 1000:.2f}" for name, seconds in cpu.items())
+        print(f"CPU per fire (ms): {by_process}; all {sum(cpu.values()) / fires * 1000:.2f}")
+        print(f"NATS messages per fire (in + out): {messages / fires:.1f}")
 
 
 def main() -> None:

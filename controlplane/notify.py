@@ -19,8 +19,8 @@ from core.domain.notifications import check_channel_url
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV, SecretBox
-from integrations.consumer import EventSubscription, SubscriptionError, consumer_name
-from integrations.notify import TRIGGER_AGGREGATE, TRIGGER_EVENTS, Notifier
+from integrations.consumer import SubscriptionError, consumer_name
+from integrations.notify import Notifier, notifier_subscription
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,10 @@ async def _notify(args: argparse.Namespace, orgs: list[str], box: SecretBox) -> 
         async with httpx.AsyncClient(timeout=args.timeout) as http:
             notifiers = [
                 Notifier(
-                    EventSubscription(
+                    notifier_subscription(
                         store.nc,
                         org,
                         args.name,
-                        types=TRIGGER_EVENTS,
-                        aggregate=TRIGGER_AGGREGATE,
                         max_deliveries=args.max_deliveries,
                         ack_wait=args.ack_wait,
                         retry_delay=args.retry_delay,
@@ -119,7 +117,7 @@ async def _notify(args: argparse.Namespace, orgs: list[str], box: SecretBox) -> 
                 for org in orgs
             ]
             for notifier in notifiers:
-                await notifier.subscription.start()
+                await notifier.start()
 
             def stop() -> None:
                 for notifier in notifiers:

@@ -7,10 +7,12 @@
     await running
 
 Each subscription is a durable JetStream pull consumer ``<name>@<org>`` on ``CP_EVENTS``, filtered on
-``cp.<org>.>`` (or, with ``aggregate``, on one aggregate type's subjects, ``cp.<org>.task.*``: the server
-then never sends the rest): timer definitions (``cpsched.``) are never delivered, the events they fire
-are. A restart resumes after the last acknowledged event; one with another filter within the org (a
-subscription narrowed or widened by an upgrade) changes the consumer's filter in place and resumes too.
+``cp.<org>.>`` (or, with ``aggregate``, on one aggregate type's subjects, ``cp.<org>.task.*``, or on
+``subjects`` of the org's: the server then never sends the rest): timer definitions (``cpsched.``) are
+never delivered, the events they fire are. A restart resumes after the last acknowledged event; one
+with another filter within the org (a subscription narrowed or widened by an upgrade) changes the
+consumer's filter in place and resumes too. ``follow`` changes the filter of a running subscription,
+and can move it back to an earlier event (see there).
 
 What the handler does decides what happens to the event:
 
@@ -41,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,7 +51,15 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
@@ -98,6 +108,12 @@ def retry_delay(delivery_count: int, first: float, cap: float) -> float:
     """Seconds before redelivering an event whose ``delivery_count``-th delivery failed: doubling from
     ``first``, never more than ``cap``."""
     return min(cap, first * 2.0 ** min(max(delivery_count - 1, 0), 1023))
+
+
+def filter_subjects_of(info: ConsumerInfo) -> tuple[str, ...]:
+    """The subjects a consumer follows, whether it names one or several."""
+    config = info.config
+    return tuple(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
 
 
 def check_event_types(types: Iterable[str]) -> frozenset[str]:
@@ -176,11 +192,13 @@ class EventSubscription:
         batch: int = 32,
         start_from: Literal["beginning", "now"] = "beginning",
         aggregate: str | None = None,
+        subjects: Sequence[str] | None = None,
         js_api_prefix: str = DEFAULT_JS_API_PREFIX,
         ensure_dead_letter_stream: bool = True,
     ) -> None:
         """``start_from`` applies only when the consumer is created. ``aggregate`` keeps to the events of
-        one aggregate type (e.g. ``"task"``); events of other types are not even delivered. ``js_api_prefix`` is
+        one aggregate type (e.g. ``"task"``); events of other types are not even delivered; ``subjects``
+        (instead) names the org's subjects to follow, each ``cp.<org>.…``. ``js_api_prefix`` is
         ``CONFINED_JS_API_PREFIX`` for a user of a ``controlplane nats-config`` account, which may not
         create streams: there the operator provisions the dead-letter stream and
         ``ensure_dead_letter_stream`` must be False."""
@@ -189,7 +207,11 @@ class EventSubscription:
         self.consumer = consumer_name(org, name)
         self.dead_letter_subject = dead_letter_subject(org, name)
         self.types = None if types is None else check_event_types(types)
-        self.filter_subject = org_events_filter(self.org, aggregate)
+        if subjects is not None and aggregate is not None:
+            raise ValueError("give aggregate or subjects, not both")
+        self.filter_subjects = (
+            (org_events_filter(self.org, aggregate),) if subjects is None else self._within_org(subjects)
+        )
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, not {max_deliveries}")
         if ack_wait <= 0 or retry_delay < 0 or max_retry_delay < retry_delay:
@@ -203,7 +225,7 @@ class EventSubscription:
         self._first_retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
         self._batch = batch
-        self._start_from = start_from
+        self.start_from = start_from
         self._js_api_prefix = js_api_prefix
         self._ensure_dead_letter_stream = ensure_dead_letter_stream
         self._nc = nc
@@ -211,34 +233,40 @@ class EventSubscription:
         self._pull: Puller | None = None
         self._stopping = asyncio.Event()
 
-    async def start(self) -> None:
-        """Create the durable consumer (or update a live one's settings) and bind to it."""
-        filter_subject = self.filter_subject
+    def _within_org(self, subjects: Sequence[str]) -> tuple[str, ...]:
+        prefix = f"{EVENTS_PREFIX}.{self.org}."
+        chosen = tuple(subjects)
+        if not chosen or any(not subject.startswith(prefix) or " " in subject for subject in chosen):
+            raise ValueError(f"subjects must be one or more of the org's, each {prefix}…, not {list(chosen)!r}")
+        return chosen
+
+    async def consumer_info(self) -> ConsumerInfo | None:
+        """The consumer as the server holds it, or None before it was ever created."""
+        try:
+            return await self._js.consumer_info(STREAM_NAME, self.consumer)
+        except NotFoundError:
+            return None
+
+    async def start(self, *, from_seq: int | None = None) -> None:
+        """Create the durable consumer (or update a live one's settings) and bind to it. A consumer
+        created here starts as ``start_from`` says, or at stream sequence ``from_seq`` when given."""
         try:
             if self._ensure_dead_letter_stream:
                 await provision_dead_letter_stream(self._js)
-            try:
-                existing = await self._js.consumer_info(STREAM_NAME, self.consumer)
-            except NotFoundError:
-                existing = None
-            deliver_policy = DeliverPolicy.ALL if self._start_from == "beginning" else DeliverPolicy.NEW
+            existing = await self.consumer_info()
             if existing is not None:
-                if not (existing.config.filter_subject or "").startswith(f"{EVENTS_PREFIX}.{self.org}."):
+                followed = filter_subjects_of(existing)
+                if not followed or any(not s.startswith(f"{EVENTS_PREFIX}.{self.org}.") for s in followed):
                     raise SubscriptionError(
-                        f"consumer {self.consumer} exists with filter {existing.config.filter_subject!r}, outside "
+                        f"consumer {self.consumer} exists with filter {', '.join(map(repr, followed)) or 'none'}, outside "
                         f"{org_events_filter(self.org)}; delete it or choose another integration name"
                     )
                 # Fixed at creation: a restart resumes where the consumer stopped.
-                deliver_policy = existing.config.deliver_policy or deliver_policy
-            config = ConsumerConfig(
-                name=self.consumer,
-                durable_name=self.consumer,
-                filter_subject=filter_subject,
-                deliver_policy=deliver_policy,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                max_deliver=-1,
-            )
+                config = self._config(existing.config.deliver_policy, existing.config.opt_start_seq)
+            elif from_seq is not None:
+                config = self._config(DeliverPolicy.BY_START_SEQUENCE, from_seq)
+            else:
+                config = self._config(DeliverPolicy.ALL if self.start_from == "beginning" else DeliverPolicy.NEW)
             await self._js.add_consumer(STREAM_NAME, config)
         except APIError as exc:
             raise SubscriptionError(
@@ -251,6 +279,52 @@ class EventSubscription:
                 f"{CONFINED_JS_API_PREFIX}; any other user needs the account that holds {STREAM_NAME}"
             ) from exc
         self._pull = Puller(self._nc, STREAM_NAME, self.consumer, api_prefix=self._js_api_prefix)
+
+    def _config(self, deliver_policy: DeliverPolicy | None, start_seq: int | None = None) -> ConsumerConfig:
+        one = len(self.filter_subjects) == 1  # a confined integration account may only create these
+        return ConsumerConfig(
+            name=self.consumer,
+            durable_name=self.consumer,
+            filter_subject=self.filter_subjects[0] if one else None,
+            filter_subjects=None if one else list(self.filter_subjects),
+            deliver_policy=deliver_policy,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+        )
+
+    async def follow(self, subjects: Sequence[str], *, from_seq: int | None = None) -> None:
+        """Follow ``subjects`` (the org's) from now on: the consumer's filter changes in place. The server
+        does not go back for the events it already passed, so a wider filter alone misses those of the
+        new subjects stored meanwhile: ``from_seq`` also moves the consumer to deliver every event of its
+        filter from that stream sequence on, forgetting what it had delivered and not yet seen
+        acknowledged (nats-server 2.14+, the consumer reset API; only a consumer that starts at the
+        stream's first event or at a sequence, and not before that sequence). Raises
+        ``SubscriptionError``."""
+        self.filter_subjects = self._within_org(subjects)
+        try:
+            existing = await self.consumer_info()
+            if existing is None:
+                raise SubscriptionError(f"consumer {self.consumer} does not exist: start the subscription first")
+            await self._js.add_consumer(
+                STREAM_NAME, self._config(existing.config.deliver_policy, existing.config.opt_start_seq)
+            )
+            if from_seq is not None:
+                reply = await self._nc.request(
+                    f"{self._js_api_prefix}.CONSUMER.RESET.{STREAM_NAME}.{self.consumer}",
+                    msgspec.json.encode({"seq": from_seq}),
+                    timeout=5.0,
+                )
+                error = msgspec.json.decode(reply.data).get("error")
+                if error:
+                    raise SubscriptionError(
+                        f"cannot move consumer {self.consumer} to event {from_seq}: {error.get('description')}"
+                    )
+        except APIError as exc:
+            raise SubscriptionError(f"cannot change consumer {self.consumer}'s filter: {exc.description}") from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise SubscriptionError(f"the JetStream API did not answer changing {self.consumer} ({exc!r})") from exc
 
     def stop(self) -> None:
         """Ask ``run`` to return once the event in hand is settled (within about FETCH_WAIT_SECONDS when

@@ -1,6 +1,6 @@
 """The notifier: tells people when something waits for them, on ``integrations.consumer``.
 
-    subscription = EventSubscription(store.nc, "acme", "notify", types=TRIGGER_EVENTS, aggregate=TRIGGER_AGGREGATE)
+    subscription = notifier_subscription(store.nc, "acme")
     notifier = Notifier(subscription, store,
                         CommandHandler(store), console_url="https://cp.example.com", http=client)
     await notifier.run()  # until notifier.stop()
@@ -38,6 +38,9 @@ login) is not. Either way, once the notification cannot be sent (refused, or the
 event goes to ``cpdlq.<org>.<name>`` with the reason. Other rules of the same event are sent (or
 skipped, when recorded) independently of a failing one.
 
+What it follows: an org without a rule sends it none of its task events; the first rule widens its
+consumer to them from the event after that rule (``Notifier.start`` and the comment above it; ADR 0010).
+
 The notifier reads the log by direct get and appends to it: it runs with the control plane's NATS
 login, like the projector, not as a confined integration (docs/adr/0010-notifications.md).
 """
@@ -49,9 +52,12 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from typing import Any
 
 import aiosmtplib
 import httpx
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerInfo, DeliverPolicy
 from standardwebhooks import Webhook
 
 from core.domain.commands import Actor, RecordNotification
@@ -59,6 +65,7 @@ from core.domain.events import ChannelKind, SealedText, TaskSubmitted
 from core.domain.notification_messages import Happening, compose, happening, matching_rules
 from core.domain.notifications import (
     NOTIFICATION_AGGREGATE,
+    NOTIFICATIONS,
     NOTIFICATIONS_AGGREGATE,
     NOTIFICATIONS_ID,
     AlreadyRecorded,
@@ -69,13 +76,15 @@ from core.domain.notifications import (
     webhook_secret,
 )
 from core.domain.records import RecordedEvent
+from core.domain.subjects import aggregate_subject, org_events_filter
 from core.domain.task import TaskState
 from core.domain.task_decider import TASK
 from core.log.handler import CommandHandler
+from core.log.nats_version import parse_version
 from core.log.store import JetStreamEventStore
 from core.secret_box import SecretBox, SecretUnreadable
 from integrations.channel_formats import email_message, message_id, slack_body, webhook_body
-from integrations.consumer import DeadLetter, Delivery, EventSubscription
+from integrations.consumer import DeadLetter, Delivery, EventSubscription, filter_subjects_of
 from integrations.webhook import ReceiverUnavailable, post, signed_headers
 
 log = logging.getLogger(__name__)
@@ -93,6 +102,13 @@ TRIGGER_EVENTS = frozenset(
 """The event types that may mean something to people: the subscription's type filter."""
 TRIGGER_AGGREGATE = "task"
 """Every trigger is an event of a task: the subscription's subject filter, so nothing else is even sent."""
+SETTINGS_EVENTS = frozenset(
+    {"NotificationChannelDefined", "NotificationChannelDeleted", "NotificationRuleDefined", "NotificationRuleDeleted"}
+)
+"""What changes an org's channels and rules: followed so the notifier learns when the first rule comes."""
+FOLLOW_NARROWLY_SINCE = (2, 14, 0)
+"""The consumer reset API (nats-server 2.14) lets the notifier leave an org's task events alone until
+the org has a rule; on an older server it follows them always."""
 NOTIFIER = Actor(id="system:notifier", roles=frozenset({"admin"}))
 TRIGGER_HEADER = "X-CP-Notification-Trigger"
 
@@ -106,6 +122,13 @@ class ChannelUnavailable(Exception):
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def notifier_subscription(nc: NATS, org: str, name: str = "notify", **options: Any) -> EventSubscription:
+    """The durable subscription a ``Notifier`` for ``org`` runs on (``options`` as ``EventSubscription``
+    takes them: retries, ``ack_wait``, ``start_from``); the notifier chooses what it follows."""
+    subjects = (aggregate_subject(org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID),)
+    return EventSubscription(nc, org, name, types=TRIGGER_EVENTS | SETTINGS_EVENTS, subjects=subjects, **options)
 
 
 class Notifier:
@@ -137,7 +160,84 @@ class Notifier:
         self._smtp_timeout = smtp_timeout
         self._clock = clock
 
+        self._settings_subject = aggregate_subject(self.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
+        self._triggers = org_events_filter(self.org, TRIGGER_AGGREGATE)
+        self._narrow = (self._settings_subject,)
+        self._wide = (self._settings_subject, self._triggers)
+        version = parse_version(str(store.nc.connected_server_version))
+        self._can_narrow = version >= FOLLOW_NARROWLY_SINCE
+        self._started = False
+
+    # --- what the consumer follows ------------------------------------------------------------------
+    #
+    # An org without a rule needs none of its task events: the consumer then follows only the org's
+    # channels and rules (cp.<org>.notifications.all), and the server sends the notifier nothing else.
+    # The first rule (seen in stream order, like every event) widens it to the task events and moves it
+    # back to the event after that rule, so no task event after it is missed; the notifier then reads
+    # the rules afresh for each trigger, as before. It narrows again only at a start with nothing in
+    # flight (a retry pending on a task event must not be dropped), when the org had no rule at the
+    # consumer's last acknowledged event.
+
+    async def start(self) -> None:
+        """Set up the consumer as the org's rules call for, then bind to it."""
+        self._started = True
+        existing = await self.subscription.consumer_info()
+        if existing is None:
+            first = 1 if self.subscription.start_from == "beginning" else await self._store.last_seq() + 1
+            ruled = await self._rules_began(first - 1) is not None
+            self.subscription.filter_subjects = self._wide if ruled or not self._can_narrow else self._narrow
+            await self.subscription.start(from_seq=first)
+            return
+        position = existing.ack_floor.stream_seq
+        was_wide = self._triggers in filter_subjects_of(existing)
+        ruled = await self._rules_began(position) is not None
+        if not self._movable(existing) or ruled or (was_wide and existing.num_ack_pending):
+            self.subscription.filter_subjects = self._wide
+            await self.subscription.start()
+            if self._movable(existing) and ruled and not was_wide:
+                await self._follow_tasks_from(position + 1, existing)
+            return
+        self.subscription.filter_subjects = self._narrow
+        await self.subscription.start()
+
+    async def _settings_changed(self, seq: int) -> None:
+        """The org's channels or rules changed at ``seq``: follow its task events if it now has a rule."""
+        began = await self._rules_began(seq)
+        if began is None:
+            return
+        info = await self.subscription.consumer_info()
+        if info is None or not self._movable(info) or self._triggers in filter_subjects_of(info):
+            return  # following them already (widened by another instance of this notifier, or before a restart)
+        await self._follow_tasks_from(began + 1, info)
+        log.info("%s: the org has a rule since event %d; following its task events", self.subscription.consumer, began)
+
+    def _movable(self, info: ConsumerInfo) -> bool:
+        """Whether the consumer can be moved back to an event (see ``EventSubscription.follow``): one created
+        by an older release starts at "new" events and follows every task event for good."""
+        starts = info.config.deliver_policy in (DeliverPolicy.ALL, DeliverPolicy.BY_START_SEQUENCE)
+        return self._can_narrow and starts
+
+    async def _follow_tasks_from(self, seq: int, info: ConsumerInfo) -> None:
+        await self.subscription.follow(self._wide, from_seq=max(seq, info.config.opt_start_seq or 1))
+
+    async def _rules_began(self, seq: int) -> int | None:
+        """The event at or before ``seq`` since which the org has had at least one rule; None if it had
+        none at ``seq``."""
+        state, began = NOTIFICATIONS.initial, None
+        for item in await self._store.read_subject(self._settings_subject):
+            if item.seq > seq:
+                break
+            had = bool(state.rules)
+            state = NOTIFICATIONS.evolve(state, item.event)
+            began = None if not state.rules else (began if had else item.seq)
+        return began
+
+    # --- notifying ----------------------------------------------------------------------------------
+
     async def run(self) -> None:
+        """Notify until ``stop()``; starts first unless ``start`` was awaited already."""
+        if not self._started:
+            await self.start()
         await self.subscription.run(self.handle)
 
     def stop(self) -> None:
@@ -145,6 +245,9 @@ class Notifier:
 
     async def handle(self, delivery: Delivery) -> None:
         """Send every notification ``delivery`` calls for that the log does not hold yet."""
+        if delivery.subject == self._settings_subject:
+            await self._settings_changed(delivery.seq)
+            return
         settings, _ = await self._handler.load(self.org, NOTIFICATIONS_AGGREGATE, NOTIFICATIONS_ID)
         if not settings.rules:
             return  # an org that asked for no notification: its events need no reading of their tasks

@@ -306,3 +306,35 @@ async def test_a_consumer_outside_the_org_is_not_taken_over(nc: NATS, org: str) 
     )
     with pytest.raises(SubscriptionError, match=r"exists with filter 'cp.>', outside cp\..*\.>"):
         await subscription.start()
+
+
+async def test_a_widened_subscription_moved_back_gets_the_events_stored_meanwhile_and_alone_it_misses_them(
+    nc: NATS, handler: CommandHandler, org: str, running: list[tuple[EventSubscription, asyncio.Task[None]]]
+) -> None:
+    workers = f"cp.{org}.worker.*"
+    recorder, moved = Recorder(), Recorder()
+    watched = EventSubscription(nc, org, "watch", subjects=[workers], **FAST_RETRIES)
+    again = EventSubscription(nc, org, "again", subjects=[workers], **FAST_RETRIES)
+    await watched.start(from_seq=1)
+    await again.start(from_seq=1)
+    await start(running, watched, recorder)
+    await start(running, again, moved)
+    missed = await submit(handler, org, "missed")
+    await handler.handle(org, RegisterWorker(worker_id="w1"), actor=SYSTEM)
+    # Both delivered w1, stored after the task: both passed the task, which they did not follow.
+    registered = ("w1", "WorkerRegistered")
+    await wait_for(lambda: registered in recorder.handled and registered in moved.handled)
+    await watched.follow([workers, f"cp.{org}.task.*"])
+    await again.follow([workers, f"cp.{org}.task.*"], from_seq=missed)
+    await submit(handler, org, "after")
+    after = ("after", "TaskSubmitted")
+    await wait_for(lambda: after in recorder.handled and after in moved.handled)
+    assert [task for task, _ in recorder.handled] == ["w1", "after"], "widened alone: the task stored before is missed"
+    assert [task for task, _ in moved.handled] == ["w1", "missed", "w1", "after"], "moved back: delivered from there"
+
+
+async def test_a_subscription_is_never_pointed_outside_its_org(nc: NATS, org: str) -> None:
+    with pytest.raises(ValueError, match="subjects must be one or more of the org's"):
+        EventSubscription(nc, org, "sync", subjects=["cp.>"])
+    with pytest.raises(ValueError, match="subjects must be one or more of the org's"):
+        EventSubscription(nc, org, "sync", subjects=[])

@@ -35,8 +35,8 @@ from core.domain.subjects import org_events_filter
 from core.log.handler import CommandHandler
 from core.log.store import STREAM_NAME, JetStreamEventStore
 from core.secret_box import MASTER_KEY_ENV
-from integrations.consumer import Delivery, EventSubscription, dead_letter_subject
-from integrations.notify import TRIGGER_AGGREGATE, TRIGGER_EVENTS, Notifier
+from integrations.consumer import Delivery, dead_letter_subject, filter_subjects_of
+from integrations.notify import Notifier, notifier_subscription
 from tests.gateway.conftest import ROLES, Stack, own_database, serve_stack
 from tests.gateway.test_api import queue, submit
 from tests.gateway.test_console_http import sign_in
@@ -177,22 +177,20 @@ async def approval_asked(api: httpx.AsyncClient, q: str, workflow: str | None = 
 async def notifying(served: Served, org: Org, **options: Any) -> AsyncIterator[Notifier]:
     store = await JetStreamEventStore.connect(served.nats_url)
     handler = CommandHandler(store)
-    subscription = EventSubscription(
+    subscription = notifier_subscription(
         store.nc,
         org.name,
         "notify",
-        types=TRIGGER_EVENTS,
-        aggregate=TRIGGER_AGGREGATE,
         retry_delay=0.05,
         max_retry_delay=0.2,
         **options,
     )
-    await subscription.start()
     async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
         assert served.stack.services.secret_box is not None
         notifier = Notifier(
             subscription, store, handler, console_url=served.stack.url, http=http, box=served.stack.services.secret_box
         )
+        await notifier.start()
         running = asyncio.create_task(notifier.run())
         try:
             yield notifier
@@ -380,6 +378,74 @@ async def test_an_event_delivered_again_after_its_notification_was_recorded_send
         await notifier.handle(Delivery(source, {}, delivery_count=2))
     assert len(receiver.attempts(org.name, approval["task_id"])) == 1
     assert len(await org.records()) == 1
+
+
+# --- what the notifier follows --------------------------------------------------------------------
+
+
+async def _followed(served: Served, org: Org) -> tuple[list[str], int]:
+    """The notifier's consumer's filter, and how many events it has delivered."""
+    info = await served.stack.services.store.nc.jetstream().consumer_info(STREAM_NAME, f"notify@{org.name}")
+    return filter_subjects_of(info), info.delivered.consumer_seq
+
+
+async def test_an_org_without_a_rule_sends_the_notifier_none_of_its_task_events(
+    served: Served, org: Org, mailbox: Mailbox, receiver: Receiver, answers: None
+) -> None:
+    await org.channels(mailbox, receiver)  # channels, but no rule
+    async with notifying(served, org), org.api() as api:
+        await wait_for(lambda: _settled(served, org))
+        subjects, delivered = await _followed(served, org)
+        assert (subjects, delivered) == ((f"cp.{org.name}.notifications.all",), 2), "the two channels' events"
+        for _ in range(3):
+            await approval_asked(api, queue())
+        await wait_for(lambda: _settled(served, org))
+        assert await _followed(served, org) == (subjects, delivered)
+    assert await org.records() == []
+
+
+async def test_the_first_rule_makes_the_notifier_follow_task_events_from_that_rule_on(
+    served: Served, org: Org, mailbox: Mailbox, receiver: Receiver, answers: None
+) -> None:
+    await org.channels(mailbox, receiver)
+    async with notifying(served, org), org.api() as api:
+        before = await approval_asked(api, queue())
+        await org.rule("by-hook", "hook", ["approval_requested"])
+        # Asked at once: usually stored before the notifier has even seen the rule, so it is the event
+        # the widened consumer must go back for.
+        after = await approval_asked(api, queue())
+        await wait_for(lambda: len(receiver.attempts(org.name, after["task_id"])) == 1)
+        await wait_for(lambda: _settled(served, org))
+        subjects, _ = await _followed(served, org)
+        assert subjects == (f"cp.{org.name}.notifications.all", f"cp.{org.name}.task.*")
+    assert receiver.attempts(org.name, before["task_id"]) == [], "no rule yet when it was asked"
+    assert [(item.event.rule_id, item.event.task_id) for item in await org.records()] == [("by-hook", after["task_id"])]
+
+
+async def test_a_notifier_restarted_after_the_last_rule_went_follows_only_the_rules_again(
+    served: Served, org: Org, mailbox: Mailbox, receiver: Receiver, answers: None
+) -> None:
+    await org.channels(mailbox, receiver)
+    await org.rule("by-hook", "hook", ["approval_requested"])
+    async with notifying(served, org):
+        await wait_for(lambda: _settled(served, org))
+        assert len((await _followed(served, org))[0]) == 2
+    async with org.api() as api:
+        assert (await api.delete("/v1/notification-rules/by-hook")).status_code in (200, 204)
+    # The first start after the deletion still follows task events (those before the deletion were
+    # under the rule); once it has acknowledged the deletion, the next start follows the rules alone.
+    async with notifying(served, org):
+        await wait_for(lambda: _settled(served, org))
+        assert len((await _followed(served, org))[0]) == 2
+    async with notifying(served, org), org.api() as api:
+        assert (await _followed(served, org))[0] == (f"cp.{org.name}.notifications.all",)
+        quiet = await approval_asked(api, queue())
+        await org.rule("again", "hook", ["approval_requested"])
+        heard = await approval_asked(api, queue())
+        await wait_for(lambda: len(receiver.attempts(org.name, heard["task_id"])) == 1)
+        await wait_for(lambda: _settled(served, org))
+    assert receiver.attempts(org.name, quiet["task_id"]) == []
+    assert [item.event.rule_id for item in await org.records()] == ["again"]
 
 
 # --- the notifier process, killed mid-delivery ----------------------------------------------------
