@@ -20,11 +20,12 @@ import contextlib
 import logging
 from collections import deque
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from core.domain.events import ScheduleFired, UnknownEvent
+from core.domain.events import ScheduleFired, UnknownEvent, event_type_of
 from core.domain.schedules import SCHEDULE_AGGREGATE, run_task_id
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.log.reader import Puller
@@ -41,6 +42,7 @@ RETRY_SECONDS = 1.0
 BATCH = 256
 CONCURRENCY = 256
 LATENESS_SAMPLES = 100_000
+FIRED = ScheduleFired.__struct_config__.tag
 
 
 class Scheduler:
@@ -138,6 +140,9 @@ class Scheduler:
 
     async def process(self, message: Msg) -> None:
         """Run the fire ``message`` carries if its schedule still waits for it; anything else is done."""
+        with contextlib.suppress(msgspec.DecodeError):  # unreadable: the full decode below says how
+            if event_type_of(message.data) != FIRED:
+                return  # the schedule's other events (created, run recorded, …): nothing to run
         try:
             recorded = recorded_from_message(message)
         except UnknownEvent:

@@ -11,6 +11,7 @@ time; cron parsing (cronsim) and time zones (zoneinfo) are pure computation."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -60,8 +61,10 @@ def _zone(timezone: str) -> ZoneInfo:
         ) from None
 
 
+@functools.lru_cache(maxsize=4096)
 def check_cron(cron: str, timezone: str) -> None:
-    """Raise ``InvalidSchedule`` saying what is wrong with ``cron`` or ``timezone``."""
+    """Raise ``InvalidSchedule`` saying what is wrong with ``cron`` or ``timezone``. Remembers the
+    expressions that passed: every fire of a schedule checks its expression again."""
     _zone(timezone)
     fields = cron.split()
     if len(fields) not in (5, 6):
