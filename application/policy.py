@@ -11,7 +11,14 @@ that decided is recorded with the task, whose workflow is then decided by that v
 Decisions are evaluated off the event loop on a time budget (``policies_wasm.budget``): a version
 that overruns it fails that org's submit (``PolicyUnavailable``, naming the version) and never slows
 other orgs. A push is refused when an entrypoint overruns it on inputs like the ones it will be asked
-(``SubmitGate.check_budget``)."""
+(``SubmitGate.check_budget``).
+
+A burst of submits (a thousand schedules firing at one second) must not cost a policy evaluation each
+merely because the in-flight counts moved between them: the usage facts go into the input only when
+the bundle's ``controlplane/submit_usage`` names them for the input's scope (an org without quotas
+reads none, so its repeated submissions are answered from the evaluator's decision memory), and the
+day's spend is read from PostgreSQL only when a token or spend quota applies. A bundle without that
+entrypoint is given every fact."""
 
 from __future__ import annotations
 
@@ -32,6 +39,10 @@ from policies_wasm.budget import PolicyEvaluator
 from projections.read import DATABASE_UNAVAILABLE, ReadModel
 
 SUBMIT_POLICY = "controlplane/submit"
+USAGE_POLICY = "controlplane/submit_usage"
+"""Optional: the names of the ``usage`` facts the submit decision reads for an input given without usage."""
+USAGE_FACTS = frozenset({"org_in_flight", "queue_in_flight", "tokens_today", "cost_today_usd"})
+SPEND_FACTS = frozenset({"tokens_today", "cost_today_usd"})
 TOOL_POLICY = "controlplane/tool"
 SPEND_CACHE_SECONDS = 5.0
 """How old the org's recorded spend of the day (tokens, USD) a submit decision sees may be."""
@@ -53,9 +64,10 @@ def pushed_bundle(pushed: PolicyBundlePushed) -> Bundle:
 
 def representative_inputs(bundle: Bundle, org: str) -> list[tuple[str, dict[str, Any]]]:
     """Inputs like the ones each of the bundle's entrypoints will be asked for `org`, for the push-time
-    budget check: submissions and tool/model calls with every declared fact, in the scope of the
-    levels the bundle's data configures for the org; other entrypoints get the scope ``ctx.policy``
-    adds to every input."""
+    budget check: submissions (with every usage fact, and without usage for the question which usage
+    facts they read) and tool/model calls with every declared fact, in the scope of the levels the
+    bundle's data configures for the org; other entrypoints get the scope ``ctx.policy`` adds to every
+    input."""
     scope: dict[str, Any] = {"org": org, "queue": "default", "task_type": "example"}
     config = bundle.data.get("policy_config")
     orgs = config.get("orgs") if isinstance(config, dict) else None
@@ -67,8 +79,10 @@ def representative_inputs(bundle: Bundle, org: str) -> list[tuple[str, dict[str,
                 scope[name] = min(configured)
     usage = {"org_in_flight": 1, "queue_in_flight": 1, "tokens_today": 1000, "cost_today_usd": 1}
     declared = {"tools": ["example.tool"], "models": ["example-model"], "estimated_cost_usd": 1}
+    submission = {**scope, "payload_bytes": 256, **declared}
     asked: dict[str, list[dict[str, Any]]] = {
-        SUBMIT_POLICY: [{**scope, "payload_bytes": 256, "usage": usage, **declared}],
+        SUBMIT_POLICY: [{**submission, "usage": usage}],
+        USAGE_POLICY: [submission],
         TOOL_POLICY: [
             {**scope, "tool": "example.tool", "usage": {"tokens_today": 1000}},
             {**scope, "model": "example-model", "tokens_requested": 1000, "usage": {"tokens_today": 1000}},
@@ -154,25 +168,47 @@ class SubmitGate:
             "queue": queue,
             "task_type": task_type,
             "payload_bytes": len(msgspec.json.encode(payload)),
-            "usage": {
-                "org_in_flight": self._claim_index.in_flight(org),
-                "queue_in_flight": self._claim_index.in_flight(org, queue),
-            },
         }
         facts.update({name: metadata[name] for name in DECLARED if name in metadata})
         if environment is not None:
             facts["environment"] = environment
         if workflow is not None:
             facts["workflow"] = workflow
-        spend = await self._spend_today(org)
-        if spend is not None:  # unknown while PostgreSQL is down: a token or spend quota then denies
-            facts["usage"]["tokens_today"], facts["usage"]["cost_today_usd"] = spend
         version, bundle = await self.bundle_for(org)
+        read = await self._usage_read(bundle, org, facts)
+        facts["usage"] = await self._usage(org, queue, read)
         try:
             decided = await self.evaluator.evaluate(bundle, SUBMIT_POLICY, facts, owner=org)
         except PolicyTimeout as exc:
             raise PolicyTimeout(self._overrun(org, version, exc)) from exc
         return PolicyDecision.from_engine(decided), version
+
+    async def _usage_read(self, bundle: Bundle, org: str, facts: dict[str, Any]) -> frozenset[str]:
+        """The usage facts ``bundle``'s submit decision reads for ``facts`` (an input without usage), as its
+        ``USAGE_POLICY`` names them; every fact when the bundle has no such entrypoint (one written before
+        it) or it cannot say, so that the decision is then made as it always was."""
+        if USAGE_POLICY not in bundle.entrypoints:
+            return USAGE_FACTS
+        try:
+            declared = await self.evaluator.evaluate(bundle, USAGE_POLICY, facts, owner=org)
+        except PolicyError:  # an overrun also quarantines the bundle, so the decision itself then fails
+            return USAGE_FACTS
+        if not isinstance(declared.value, list) or not all(isinstance(name, str) for name in declared.value):
+            return USAGE_FACTS
+        return USAGE_FACTS.intersection(declared.value)
+
+    async def _usage(self, org: str, queue: str, read: frozenset[str]) -> dict[str, int | float]:
+        """The usage facts named in ``read``: in-flight counts from the claim index, the day's spend from
+        the read model (only when read: it is a PostgreSQL query)."""
+        usage: dict[str, int | float] = {
+            "org_in_flight": self._claim_index.in_flight(org),
+            "queue_in_flight": self._claim_index.in_flight(org, queue),
+        }
+        if read & SPEND_FACTS:
+            spend = await self._spend_today(org)
+            if spend is not None:  # unknown while PostgreSQL is down: a token or spend quota then denies
+                usage["tokens_today"], usage["cost_today_usd"] = spend
+        return {name: count for name, count in usage.items() if name in read}
 
     async def check_budget(self, bundle: Bundle, org: str) -> None:
         """Raises ``PolicyTimeout`` naming the entrypoint when one of the bundle's entrypoints overruns

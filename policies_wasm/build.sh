@@ -6,7 +6,7 @@
 # Needs the opa CLI, v1.x (OPA=/path/to/opa to pick one). Without it:
 #   docker run --rm -v "$PWD/policies_wasm:/policies_wasm" openpolicyagent/opa:1.0.0 \
 #     build --bundle --target wasm --entrypoint controlplane/submit --entrypoint controlplane/tool \
-#     --entrypoint controlplane/settings --output /policies_wasm/build/bundle.tar.gz /policies_wasm/policies
+#     --entrypoint controlplane/settings --entrypoint controlplane/submit_usage --output /policies_wasm/build/bundle.tar.gz /policies_wasm/policies
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,6 +22,7 @@ mkdir -p "$here/build"
     --entrypoint controlplane/submit \
     --entrypoint controlplane/tool \
     --entrypoint controlplane/settings \
+    --entrypoint controlplane/submit_usage \
     --output "$here/build/bundle.tar.gz" \
     "$here/policies"
 echo "wrote $here/build/bundle.tar.gz"

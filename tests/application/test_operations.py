@@ -7,6 +7,9 @@ detail alike."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,14 +19,18 @@ import pytest
 from application.approvals import decide
 from application.bodies import ApprovalRequestBody, ClaimBody, SubmitTaskBody
 from application.claim import Claim, claim_tasks
+from application.policy import SPEND_FACTS, USAGE_FACTS, EngineInfo, SubmitGate
 from application.principal import Principal
 from application.submit import submit_task
 from application.tasks import end_attempt, request_approval
 from core.domain.commands import Actor, CompleteTask
 from core.domain.errors import Rejected
+from core.domain.events import PolicyDecision
 from core.domain.ids import new_id
 from core.log.handler import Outcome
 from gateway.problems import describe
+from policies_wasm.budget import Budget, PolicyEvaluator
+from policies_wasm.engine import SOURCES_DIR, Bundle
 from tests.gateway.conftest import Stack, new_org
 
 
@@ -167,3 +174,80 @@ async def test_an_operations_typed_error_is_the_problem_the_api_answers(
         answered = await caller.request(method, path, json=body)
     assert answered.headers["content-type"] == "application/problem+json"
     assert (answered.status_code, answered.json()["detail"]) == described[:2], name
+
+
+@contextlib.asynccontextmanager
+async def gate_deciding_with(stack: Stack, bundle: Bundle) -> AsyncIterator[SubmitGate]:
+    """A submit gate on the stack's parts for which ``bundle`` is the shipped one, with an evaluator of its
+    own: its ``remembered`` counts this test's decisions only."""
+    svc = stack.services
+    evaluator = PolicyEvaluator(Budget(ms=2000, workers=1))
+    try:
+        engine = await evaluator.prepare(bundle)
+        yield SubmitGate(bundle, EngineInfo(engine), evaluator, svc.handler, svc.claim_index, svc.read_model)
+    finally:
+        evaluator.close()
+
+
+async def gate_decides(gate: SubmitGate, org: str) -> PolicyDecision:
+    decision, _ = await gate.decide(
+        org, task_type="deploy", payload={}, metadata={}, workflow=None, queue="ops", environment=None
+    )
+    return decision
+
+
+async def test_the_submit_gate_gives_the_policy_only_the_usage_its_quotas_read(stack: Stack) -> None:
+    free, _ = await new_org(stack)
+    capped, _ = await new_org(stack)
+    shipped = Bundle.from_dir(SOURCES_DIR)
+    data = copy.deepcopy(shipped.data)
+    data["policy_config"]["orgs"] = {capped: {"settings": {"max_tasks_in_flight_per_org": 2}}}
+    in_flight = stack.services.claim_index.in_flight
+    async with gate_deciding_with(stack, shipped.with_data(data)) as gate:
+        for count in range(3):
+            assert in_flight(free) == count
+            assert (await gate_decides(gate, free)).allows
+            await submitted(stack, free, "ops")  # through the stack's own gate, which sets no quota
+        # The first submit asked which usage it reads, then decided; the later ones, each at another
+        # in-flight count, were both answered from memory.
+        assert gate.evaluator.remembered == 4
+
+        for count in range(2):
+            assert in_flight(capped) == count
+            assert (await gate_decides(gate, capped)).allows
+            await submitted(stack, capped, "ops")
+        at_limit = await gate_decides(gate, capped)
+        assert (at_limit.allows, at_limit.reasons) == (False, ["tasks in flight for the org: 2 in use, limit 2"])
+        assert gate.evaluator.remembered == 4 + 2  # only "which usage" repeated: each count is a new question
+
+
+ECHO_USAGE = """package controlplane
+
+import rego.v1
+
+# METADATA
+# entrypoint: true
+submit := {"allow": true, "require_approval": false, "reasons": sort(object.keys(input.usage))}
+"""
+
+
+@pytest.mark.parametrize(
+    ("declaration", "given"),
+    [
+        pytest.param(None, sorted(USAGE_FACTS), id="a bundle written before the declaration gets every fact"),
+        pytest.param(
+            'submit_usage := ["tokens_today", "org_in_flight"]', ["org_in_flight", "tokens_today"], id="named"
+        ),
+        pytest.param("submit_usage := []", [], id="none named: the spend is not even read"),
+        pytest.param("submit_usage := input.nothing", sorted(USAGE_FACTS), id="undefined: every fact"),
+        pytest.param('submit_usage := "tokens_today"', sorted(USAGE_FACTS), id="not a list: every fact"),
+    ],
+)
+async def test_the_usage_a_bundle_declares_is_the_usage_its_submit_decision_sees(
+    stack: Stack, declaration: str | None, given: list[str]
+) -> None:
+    org, _ = await new_org(stack)
+    source = ECHO_USAGE if declaration is None else f"{ECHO_USAGE}\n# METADATA\n# entrypoint: true\n{declaration}\n"
+    async with gate_deciding_with(stack, Bundle(modules={"echo.rego": source})) as gate:
+        assert (await gate_decides(gate, org)).reasons == given
+        assert (org in gate._spend) == bool(SPEND_FACTS.intersection(given)), "the spend is read when it is given"

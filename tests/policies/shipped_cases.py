@@ -66,6 +66,7 @@ def denied(*reasons: str) -> dict[str, Any]:
 
 SUBMIT = "controlplane/submit"
 TOOL = "controlplane/tool"
+SUBMIT_USAGE = "controlplane/submit_usage"
 
 CASES = [
     # --- submit: approval ---------------------------------------------------------------------------
@@ -226,6 +227,28 @@ CASES = [
         SUBMIT,
         {"org": "globex", "estimated_cost_usd": "500"},
         denied("input.estimated_cost_usd must be of type number"),
+    ),
+    # --- submit_usage: the usage facts a submission's decision reads ---------------------------------
+    Case("an org without quotas reads no usage", SUBMIT_USAGE, {"org": "globex", "queue": "batch"}, []),
+    Case("an org reads the counts of its own quotas", SUBMIT_USAGE, {"org": "acme"}, ["org_in_flight", "tokens_today"]),
+    Case(
+        "a queue's quota adds its count",
+        SUBMIT_USAGE,
+        {"org": "acme", "queue": "batch", "task_type": "deploy"},
+        ["org_in_flight", "queue_in_flight", "tokens_today"],
+    ),
+    Case(
+        "a workflow that lifts a quota no longer reads its count",
+        SUBMIT_USAGE,
+        {"org": "acme", "workflow": "agent-deploy"},
+        ["org_in_flight"],
+    ),
+    Case("a spend quota reads the day's spend", SUBMIT_USAGE, {"org": "hooli"}, ["cost_today_usd"]),
+    Case(
+        "a malformed input still reads the counts its decision quotes",
+        SUBMIT_USAGE,
+        {"org": "acme", "queue": 3},
+        ["org_in_flight", "tokens_today"],
     ),
     # --- tool ---------------------------------------------------------------------------------------
     Case("a tool call within the defaults", TOOL, {"org": "globex", "tool": "search"}, allowed()),

@@ -24,7 +24,12 @@ from policies_wasm.engine import (
 from policies_wasm.engines import open_engine
 from tests.policies.wat_modules import module_bytes
 
-SHIPPED_ENTRYPOINTS = ("controlplane/settings", "controlplane/submit", "controlplane/tool")
+SHIPPED_ENTRYPOINTS = (
+    "controlplane/settings",
+    "controlplane/submit",
+    "controlplane/submit_usage",
+    "controlplane/tool",
+)
 
 
 def write_tarball(path: Path, files: dict[str, bytes]) -> Path:

@@ -119,6 +119,8 @@ tokens_requested := object.get(input, "tokens_requested", 0)
 # --- Quotas ----------------------------------------------------------------------------------------
 # A quota compares a count the caller passes in input.usage (from the read models) with a limit.
 # When a limit is set, a missing count denies rather than letting a caller that forgot it through.
+# Only the counts of set limits are read: controlplane/submit_usage (submit.rego) names them from this
+# same list and `settings`, and the gateway passes only those (and reads the day's spend only then).
 
 quotas := [
 	{"limit": "max_tasks_in_flight_per_org", "usage": "org_in_flight", "label": "tasks in flight for the org"},

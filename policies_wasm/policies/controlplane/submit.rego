@@ -9,6 +9,12 @@ import rego.v1
 # entrypoint: true
 submit := {"allow": submit_allowed, "require_approval": submit_needs_approval, "reasons": submit_reasons}
 
+# METADATA
+# title: Usage the submit decision reads
+# description: The input.usage facts controlplane/submit reads for this input's scope, sorted; see README.md.
+# entrypoint: true
+submit_usage := sort([quota.usage | some quota in quotas; settings[quota.limit] != null])
+
 submit_denials := ((input_errors | quota_denials) | cost_denials) | submit_checks
 
 submit_approvals := cost_approvals | submit_approval_checks
