@@ -110,6 +110,7 @@ class PolicyEvaluator:
         self._quarantine: dict[tuple[str, str], float] = {}
         self._owners = _PerOwner(max(1, self.budget.workers - 1))
         self._decisions: OrderedDict[tuple[str, str, bytes], Decision] = OrderedDict()
+        self._asked: dict[tuple[str, str, bytes], asyncio.Event] = {}  # questions being evaluated now
         self._pure: dict[str, bool] = {}  # bundle digest -> answers_from_input_alone
         self.remembered = 0
         """Decisions answered from memory since the start: what the memory saved the workers."""
@@ -133,15 +134,24 @@ class PolicyEvaluator:
         admit()  # refused at once, without queueing
         raw_input = canonical_json(input)  # a PolicyInputError is raised here, not in a worker
         question = (bundle.digest, entrypoint, raw_input) if self._is_pure(bundle) else None
-        if question is not None and (known := self._decisions.get(question)) is not None:
+        if question is None:
+            return await self._evaluate(bundle, entrypoint, input, raw_input, key, admit)
+        # The same question asked while it is being evaluated waits for that answer (a burst asks it
+        # many times at once); if that evaluation fails, the next waiter evaluates it again.
+        while (known := self._decisions.get(question)) is None and (asked := self._asked.get(question)):
+            await asked.wait()
+        if known is not None:
             self._decisions.move_to_end(question)
             self.remembered += 1
             return msgspec.structs.replace(known, duration_ms=0.0)
-        decision = await self._evaluate(bundle, entrypoint, input, raw_input, key, admit)
-        if question is not None:
-            self._decisions[question] = decision
-            if len(self._decisions) > DECISION_MEMORY:
-                self._decisions.popitem(last=False)
+        self._asked[question] = asyncio.Event()
+        try:
+            decision = await self._evaluate(bundle, entrypoint, input, raw_input, key, admit)
+        finally:
+            self._asked.pop(question).set()
+        self._decisions[question] = decision
+        if len(self._decisions) > DECISION_MEMORY:
+            self._decisions.popitem(last=False)
         return decision
 
     async def _evaluate(

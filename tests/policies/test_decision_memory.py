@@ -3,12 +3,13 @@ question costs no worker, and never remembers one whose rules read the clock or 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from policies_wasm.budget import DECISION_MEMORY, Budget, PolicyEvaluator, answers_from_input_alone
-from policies_wasm.engine import SOURCES_DIR, Bundle
+from policies_wasm.engine import SOURCES_DIR, Bundle, PolicyError
 
 ENTRYPOINT = "# METADATA\n# entrypoint: true\n"
 PURE = Bundle(modules={"pure.rego": f"package t\n\n{ENTRYPOINT}next := input.n + 1\n"})
@@ -36,6 +37,21 @@ async def test_a_repeated_question_is_answered_from_memory_with_the_same_digests
         first.engine,
     )
     assert again.duration_ms == 0.0
+
+
+async def test_a_question_asked_many_times_at_once_is_evaluated_once(evaluator: PolicyEvaluator) -> None:
+    answers = await asyncio.gather(*(evaluator.evaluate(PURE, "t/next", {"n": 7}, owner="acme") for _ in range(20)))
+    assert {answer.value for answer in answers} == {8}
+    assert evaluator.remembered == 19, "the other 19 waited for the first answer"
+
+
+async def test_a_failed_evaluation_leaves_the_question_to_the_next_one_asking(evaluator: PolicyEvaluator) -> None:
+    failing = Bundle(modules={"fail.rego": f"package t\n\n{ENTRYPOINT}next := input.n / input.d\n"})
+    results = await asyncio.gather(
+        *(evaluator.evaluate(failing, "t/next", {"n": 1, "d": 0}) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(result, PolicyError) for result in results), results
+    assert evaluator.remembered == 0
 
 
 async def test_the_memory_is_per_bundle_and_entrypoint(evaluator: PolicyEvaluator) -> None:
