@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from random import Random
@@ -86,6 +87,42 @@ def choose_waiter(
     return eligible[0]
 
 
+class TaskTail:
+    """One org's task events that the index follows after ``start``, in log order, as they come: what
+    an event stream serves live instead of reading the log a second time. A reader more than ``limit``
+    events behind is cut off (``overflowed``): it reads the log itself from where it got."""
+
+    def __init__(self, start: int, limit: int) -> None:
+        self.start = start
+        """The index's position when the tail began: the events up to it are in the log, not here."""
+        self.overflowed = False
+        self._limit = limit
+        self._events: deque[RecordedEvent] = deque()
+        self._arrived = asyncio.Event()
+
+    def push(self, recorded: RecordedEvent) -> None:
+        if self.overflowed:
+            return
+        if len(self._events) >= self._limit:
+            self.overflowed = True
+            self._events.clear()
+        else:
+            self._events.append(recorded)
+        self._arrived.set()
+
+    async def next(self, wait: float) -> list[RecordedEvent]:
+        """The events that came since the last call; waits up to ``wait`` seconds for one ([] if none
+        came, or once ``overflowed``)."""
+        if not self._events and not self.overflowed:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+
 class ClaimIndex:
     """``OpenTasks`` kept current: loaded from the read model, then following the log."""
 
@@ -116,6 +153,7 @@ class ClaimIndex:
         self._follower: asyncio.Task[None] | None = None
         self.claims_in_flight: set[str] = set()
         """Tasks a claim of this process is trying right now: concurrent claimers try others first."""
+        self._tails: dict[str, set[TaskTail]] = {}
 
     @property
     def position(self) -> int:
@@ -139,6 +177,19 @@ class ClaimIndex:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
+
+    def tail(self, org: str, limit: int) -> TaskTail:
+        """From now on, hand ``org``'s task events this index folds to a new tail, until ``untail``."""
+        tail = TaskTail(self._position, limit)
+        self._tails.setdefault(org, set()).add(tail)
+        return tail
+
+    def untail(self, org: str, tail: TaskTail) -> None:
+        tails = self._tails.get(org)
+        if tails is not None:
+            tails.discard(tail)
+            if not tails:
+                del self._tails[org]
 
     def observe(self, subject: str, state: Any, seq: int) -> None:
         """A command of this process committed: claims here see it before the log comes round. Once
@@ -240,6 +291,9 @@ class ClaimIndex:
         except (UnknownEvent, msgspec.DecodeError):  # the projector reports it; a claim cannot use it
             log.warning("claim index: cannot read the event at seq %d on %s", self._position, msg.subject)
             return
+        if self._tails and (tails := self._tails.get(parse_aggregate_subject(recorded.subject).org)):
+            for tail in tails:
+                tail.push(recorded)
         if self._observer is not None:
             try:
                 self._observer.fold(recorded)

@@ -2,7 +2,14 @@
 (``core.log.reader.Puller.ephemeral``) starting after ``Last-Event-ID`` (or ``?after=``), following
 live, with a comment line every 15 s to keep proxies from closing the connection. Each stream holds a
 consumer, so a credential and an org may have only so many open at once
-(``Limits.sse_max_per_credential``, ``sse_max_per_org``): one more is a 429."""
+(``Limits.sse_max_per_credential``, ``sse_max_per_org``): one more is a 429.
+
+An org's stream asked for task events only (``?types=`` naming task event types, as an approver's
+inbox does) needs no consumer of its own once it is live: it reads the log up to where the gateway's
+claim index is (``ClaimIndex.tail``), then is handed the task events that index follows anyway, so
+the server sends each such event to this gateway once, however many streams show it. A stream that
+falls ``TAIL_LIMIT`` events behind (a slow client) goes on with a consumer of its own from where it got.
+Either way it sends the same events, in log order, each once."""
 
 from __future__ import annotations
 
@@ -10,12 +17,14 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable
 
 import msgspec
+from nats.aio.msg import Msg
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from application.claim_index import TaskTail
 from application.principal import Principal
-from core.domain.events import TaskSubmitted, WorkerRegistered, event_type_of
+from core.domain.events import TASK_EVENT_TYPES, TaskSubmitted, WorkerRegistered, event_type_of
 from core.domain.public import public_view
 from core.domain.records import RecordedEvent
 from core.domain.subjects import aggregate_subject, org_events_filter, parse_aggregate_subject
@@ -27,6 +36,8 @@ from gateway.queries import MAX_SEQ, OrgEvents, ResumeAfter
 
 _encoder = msgspec.json.Encoder()
 FETCH_BATCH = 256
+TAIL_LIMIT = 10_000
+"""Events a stream served from the claim index's tail may fall behind before it reads the log itself."""
 STREAMS_RETRY_AFTER_SECONDS = 5
 
 
@@ -44,8 +55,10 @@ async def org_events(request: Request) -> Response:
     who = await principal(request, "read")
     asked = query(request, OrgEvents)
     after = _resume_after(request, asked)
-    subject = org_events_filter(who.org)
-    return await _stream(request, who, subject, after, types=asked.type_set or None, queue=asked.queue)
+    types = asked.type_set or None
+    if types is not None and types <= TASK_EVENT_TYPES:
+        return await _tailed_stream(request, who, after, types=types, queue=asked.queue)
+    return await _stream(request, who, org_events_filter(who.org), after, types=types, queue=asked.queue)
 
 
 def _resume_after(request: Request, asked: ResumeAfter) -> int:
@@ -85,25 +98,53 @@ async def _stream(
         raise
     return _EventStream(
         _follow(request, feed, types, queue),
-        feed,
+        [feed],
         release=lambda: svc.streams.close(who.org, who.credential_id),
     )
 
 
+async def _tailed_stream(
+    request: Request, who: Principal, after: int, *, types: set[str], queue: str | None
+) -> Response:
+    """An org's stream of task events: the log up to the claim index's position, then its tail."""
+    svc = services(request)
+    if refused := svc.streams.open(who.org, who.credential_id):
+        raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+    tail = svc.claim_index.tail(who.org, TAIL_LIMIT)
+    reading = svc.store.reader.batches(org_events_filter(who.org, "task"), start_seq=after + 1)
+
+    def release() -> None:
+        svc.claim_index.untail(who.org, tail)
+        svc.streams.close(who.org, who.credential_id)
+
+    try:
+        # The first read before answering: a log that cannot be read is a problem+json, not a dropped stream.
+        first = [] if after >= tail.start else await anext(reading, [])
+    except BaseException:
+        release()
+        await reading.aclose()
+        raise
+    feeds: list[Puller] = []  # the consumer it reads should the tail overflow, closed with the response
+    events = _follow_tail(request, who.org, after, first, reading, tail, types, queue, feeds)
+    return _EventStream(events, feeds, release)
+
+
 class _EventStream(StreamingResponse):
     """The SSE response: however it ends (the stream fails, the client goes away, the server stops), its
-    slot is given back and its consumer removed (closing the puller deletes it)."""
+    slot is given back and its consumers removed (closing a puller deletes it). They are closed here,
+    after the response, not in the generator: a generator cancelled with its client would be cancelled
+    again inside the close, mid-way through talking to NATS."""
 
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
-        feed: Puller,
+        feeds: list[Puller],
         release: Callable[[], None],
     ) -> None:
         super().__init__(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        self._events, self._feed, self._release = events, feed, release
+        self._events, self._feeds, self._release = events, feeds, release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -112,16 +153,18 @@ class _EventStream(StreamingResponse):
             self._release()  # first, and without waiting: the slot is free however the rest goes
             with contextlib.suppress(Exception):
                 await self._events.aclose()
-            with contextlib.suppress(Exception):
-                await self._feed.close()
+            for feed in self._feeds:
+                with contextlib.suppress(Exception):
+                    await feed.close()
 
 
 async def _follow(
-    request: Request, puller: Puller, types: set[str] | None, queue: str | None
+    request: Request, puller: Puller, types: set[str] | None, queue: str | None, *, greet: bool = True
 ) -> AsyncGenerator[bytes, None]:
     svc = services(request)
     queues: dict[str, str | None] = {}
-    yield b": connected\n\n"
+    if greet:
+        yield b": connected\n\n"
     while True:
         # Answered as soon as an event is there (the server sends what it has at once), else after the
         # keep-alive interval with nothing.
@@ -132,15 +175,80 @@ async def _follow(
         for msg in batch:
             if types is not None and _tag_outside(msg.data, types):
                 continue  # without decoding the event: most of a feed's deliveries are of other types
-            recorded = recorded_from_message(msg)
-            name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
-            if queue is not None and await _queue_of(request, recorded, queues) != queue:
+            if (message := await _message(request, recorded_from_message(msg), queue, queues)) is not None:
+                yield message
+
+
+async def _follow_tail(
+    request: Request,
+    org: str,
+    after: int,
+    first: list[Msg],
+    reading: AsyncGenerator[list[Msg], None],
+    tail: TaskTail,
+    types: set[str],
+    queue: str | None,
+    feeds: list[Puller],
+) -> AsyncGenerator[bytes, None]:
+    """The org's task events after ``after`` of ``types``: from the log (``first``, then ``reading``) up
+    to ``tail.start``, then from ``tail``; from a consumer of its own (added to ``feeds``) should the
+    tail overflow."""
+    svc = services(request)
+    queues: dict[str, str | None] = {}
+    last = after  # the last event looked at: each is sent once, in log order
+    yield b": connected\n\n"
+    async with contextlib.aclosing(reading):
+        batch = first
+        while batch:
+            for msg in batch:
+                seq = int((msg.headers or {})["Nats-Sequence"])  # a direct get's answer
+                if seq > tail.start:
+                    break  # the tail has it
+                last = seq
+                if _tag_outside(msg.data, types):
+                    continue
+                if (message := await _message(request, recorded_from_message(msg), queue, queues)) is not None:
+                    yield message
+            else:
+                batch = await anext(reading, []) if last < tail.start else []
                 continue
-            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                recorded.seq,
-                name.encode(),
-                _encoder.encode(_data(recorded)),
-            )
+            break
+    last = max(last, tail.start)
+    while not tail.overflowed:
+        events = await tail.next(svc.limits.sse_keepalive_seconds)
+        if not events and not tail.overflowed:
+            yield b": keepalive\n\n"
+        for recorded in events:
+            if recorded.seq <= last:
+                continue
+            last = recorded.seq
+            if type(recorded.event).__struct_config__.tag not in types:  # type: ignore[attr-defined]
+                continue
+            if (message := await _message(request, recorded, queue, queues)) is not None:
+                yield message
+    # Too far behind to be kept: on with a consumer of its own, from where this stream got.
+    svc.claim_index.untail(org, tail)
+    feed = await Puller.ephemeral(
+        svc.store.nc,
+        svc.store.stream,
+        org_events_filter(org, "task"),
+        start_seq=last + 1,
+        inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
+    )
+    feeds.append(feed)
+    async with contextlib.aclosing(_follow(request, feed, types, queue, greet=False)) as following:
+        async for message in following:
+            yield message
+
+
+async def _message(
+    request: Request, recorded: RecordedEvent, queue: str | None, queues: dict[str, str | None]
+) -> bytes | None:
+    """The event as one SSE message, or None when it is not of the asked ``queue``."""
+    if queue is not None and await _queue_of(request, recorded, queues) != queue:
+        return None
+    name = type(recorded.event).__struct_config__.tag  # type: ignore[attr-defined]
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (recorded.seq, name.encode(), _encoder.encode(_data(recorded)))
 
 
 def _tag_outside(data: bytes, types: set[str]) -> bool:

@@ -810,6 +810,12 @@ EVENT_TYPES: dict[str, type[Event]] = {
     )
 }
 
+TASK_EVENT_TYPES = frozenset(
+    cls.__struct_config__.tag  # type: ignore[misc]
+    for cls in TaskEvent.__args__  # type: ignore[attr-defined]
+)
+"""The types of the events a task's subject holds, and no other subject does."""
+
 # --- encoding, versions and upcasting ------------------------------------------------------------
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
