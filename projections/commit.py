@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from core.domain.records import RecordedEvent
 from core.domain.subjects import parse_aggregate_subject
 from core.log.store import recorded_from_message
+from projections.folds.cache import BatchStates, StateCache
 from projections.folds.projection import Projection
 from projections.schema import NOTIFY_CHANNEL
 from projections.shards import Shard, checkpoint_key
@@ -31,14 +32,38 @@ log = logging.getLogger(__name__)
 POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
 """Errors an event's own data causes (a value out of a column's range, …): retrying cannot help."""
 
-_SAVE_CHECKPOINTS = f"""
-WITH saved AS (
-    INSERT INTO checkpoints (projection, seq, updated_at) SELECT unnest($1::text[]), $2, now()
+_MOVE_CHECKPOINTS = """
+    INSERT INTO checkpoints (projection, seq, updated_at) SELECT key, $2::bigint, now() FROM unnest($1::text[]) AS key
+    {only}
     ON CONFLICT (projection) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
-    RETURNING projection, seq
-)
-SELECT pg_notify('{NOTIFY_CHANNEL}', projection || ':' || seq) FROM saved
+    RETURNING projection
 """
+_NOTIFY_MOVED = (
+    f"SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(projection, ',') || ':' || $2::bigint) FROM moved"
+    " HAVING count(*) > 0"
+)
+"""One notification per commit for all the checkpoint rows it moved (to one sequence), see
+``projections.schema.NOTIFY_CHANNEL``."""
+_SAVE_CHECKPOINTS = f"WITH moved AS ({_MOVE_CHECKPOINTS.format(only='')}) {_NOTIFY_MOVED}"
+_START_BATCH = f"""
+WITH previous AS MATERIALIZED (
+    SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE
+), moved AS ({
+    _MOVE_CHECKPOINTS.format(
+        only="WHERE coalesce((SELECT p.seq FROM previous p WHERE p.projection = key), 0) < $2::bigint"
+    )
+})
+SELECT set_config('cp.projector', 'on', true), set_config('synchronous_commit', 'off', true),
+    ({_NOTIFY_MOVED}),
+    (SELECT coalesce(array_agg(projection ORDER BY projection), '{{}}') FROM previous) AS projections,
+    (SELECT coalesce(array_agg(seq ORDER BY projection), '{{}}') FROM previous) AS seqs
+"""
+"""A batch transaction's first statement, all in one round trip: its settings (``cp.projector`` lets
+the writes through row-level security; asynchronous commit: a server crash may lose the last batches,
+rows and checkpoints together, and they are folded again from the log, while waiting for the WAL flush
+was most of a small batch's cost), the checkpoints as they were, locked, and those below the batch's
+last sequence moved to it. Moved before the rows are written, but nobody sees either before the
+commit, and they commit together or not at all."""
 
 
 async def save_checkpoints(conn: asyncpg.Connection, keys: Sequence[str], seq: int) -> None:
@@ -97,21 +122,35 @@ def owned_by(shard: Shard, msgs: Sequence[Msg]) -> list[Msg]:
 
 
 async def commit_batch(
-    conn: asyncpg.Connection, projections: Sequence[Projection], msgs: Sequence[Msg], shard: Shard | None = None
+    conn: asyncpg.Connection,
+    projections: Sequence[Projection],
+    msgs: Sequence[Msg],
+    shard: Shard | None = None,
+    cache: StateCache | None = None,
 ) -> BatchResult:
     """Fold one fetched batch into ``projections`` and move their checkpoints to its last sequence,
     all in one transaction. Messages at or below a projection's checkpoint were committed before (a
     crash between commit and ack) and are skipped, so applying a batch twice changes nothing. If
     PostgreSQL refuses some data, the transaction is rolled back and the batch applied again with each
     projection in a savepoint, see :func:`_apply_bisecting`.
-    With a ``shard``, only its orgs' events are folded, and the checkpoints moved are the shard's rows."""
-    recorded, undecodable = decode(msgs if shard is None else owned_by(shard, msgs))
+    With a ``shard``, only its orgs' events are folded, and the checkpoints moved are the shard's rows.
+    With a ``cache`` (the caller's, for as long as it leads these projections), the states the batch
+    starts from are taken from it where the log proves them current, and the states it folded join it
+    once committed (``projections.folds.cache``)."""
+    owned = msgs if shard is None else owned_by(shard, msgs)
+    recorded, undecodable = decode(owned)
     last_seq = msgs[-1].metadata.sequence.stream
     keys = {projection.name: checkpoint_key(projection.name, shard) for projection in projections}
+    states = None if cache is None else cache.batch(owned)
     try:
-        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_all)
+        refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_all(states))
     except POISON:  # rolled back: again, each projection in a savepoint, to find and skip what is refused
+        # Without the cache: each piece must load what the pieces before it wrote. What the cache holds
+        # stays older than what this commits, so no later event proves it current (see the cache).
         refused = await _commit(conn, projections, keys, recorded, last_seq, _apply_bisecting)
+    else:
+        if cache is not None and states is not None:
+            cache.keep(states)
     return BatchResult(last_seq, tuple(refused), undecodable, refused)
 
 
@@ -126,32 +165,28 @@ async def _commit(
     last_seq: int,
     apply: Apply,
 ) -> dict[str, int]:
-    """One transaction: the events newer than each projection's checkpoint applied with ``apply``, and
-    the checkpoints moved to ``last_seq``; returns what each projection that applied refused."""
+    """One transaction: the checkpoints below ``last_seq`` moved to it, and the events newer than each
+    projection's checkpoint applied with ``apply``; returns what each projection that applied refused."""
     refused: dict[str, int] = {}
     async with conn.transaction():
-        # Asynchronous commit: a server crash may lose the last batches, rows and checkpoint together,
-        # and they are folded again from the log. Not waiting for the WAL flush is most of a small batch's cost.
-        await conn.execute("SET LOCAL cp.projector = 'on'; SET LOCAL synchronous_commit = off")
-        rows = await conn.fetch(
-            "SELECT projection, seq FROM checkpoints WHERE projection = ANY($1::text[]) FOR UPDATE",
-            list(keys.values()),
-        )
-        checkpoints = {row["projection"]: row["seq"] for row in rows}
+        started = await conn.fetchrow(_START_BATCH, list(keys.values()), last_seq)
+        checkpoints = dict(zip(started["projections"], started["seqs"], strict=True))
         for projection in projections:
             checkpoint = checkpoints.get(keys[projection.name], 0)
             if last_seq <= checkpoint:
                 continue
             newer = [item for item in recorded if item.seq > checkpoint]
             refused[projection.name] = await apply(conn, projection, newer)
-        if refused:
-            await save_checkpoints(conn, [keys[name] for name in refused], last_seq)
     return refused
 
 
-async def _apply_all(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+def _apply_all(states: BatchStates | None) -> Apply:
     """The common case: PostgreSQL takes every row, and no savepoint per projection is paid for."""
-    return await projection.apply(conn, events)
+
+    async def apply(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:
+        return await projection.apply(conn, events, states)
+
+    return apply
 
 
 async def _apply_bisecting(conn: asyncpg.Connection, projection: Projection, events: list[RecordedEvent]) -> int:

@@ -60,6 +60,7 @@ from core.log.reader import Puller
 from core.log.store import H_TRACEPARENT, STREAM_NAME
 from projections.commit import commit_batch, save_checkpoints
 from projections.folds import select
+from projections.folds.cache import StateCache
 from projections.folds.projection import Projection
 from projections.leadership import (
     CONSUMER_PREFIX,
@@ -263,6 +264,7 @@ class Projector:
         consumer = self.consumer_name
         await _recreate_consumer(self._js, self._stream, consumer, start + 1, self._batch_size)
         puller = Puller(self._nc, self._stream, consumer)
+        cache = StateCache()  # one per leadership: this process saw nothing of what happened while it did not lead
         log.info("projections %s following %s from seq %d", ", ".join(self.names), self._stream, start + 1)
         try:
             while (msgs := await self._next_batch(puller, stopped)) is not None:
@@ -273,7 +275,7 @@ class Projector:
                         if traced is not None
                         else nullcontext()
                     ) as span:
-                        result = await commit_batch(conn, self._projections, msgs, self._shard)
+                        result = await commit_batch(conn, self._projections, msgs, self._shard, cache)
                         telemetry.set_attributes(span, {"cp.skipped": result.skipped})
                     for name, refused in result.refused.items():
                         self.committed[name] += len(msgs)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 READER_ROLE = "cp_reader"
 NOTIFY_CHANNEL = "cp_checkpoint"
-"""``pg_notify`` channel; the payload is ``<projection>:<checkpoint seq>``."""
+"""``pg_notify`` channel; the payload is ``<checkpoint key>,<checkpoint key>…:<checkpoint seq>``: one
+notification per commit, for every checkpoint row it moved (all to the same sequence)."""
 
 _FIRST_ORG_SCOPED_TABLES = ("tasks", "approvals", "workers", "worker_counters", "usage")
 ORG_SCOPED_TABLES = (

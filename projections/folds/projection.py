@@ -2,8 +2,9 @@
 into them. :class:`StateProjection` folds aggregates with core's own ``evolve``: domain rules are
 never repeated here.
 
-A batch loads the current state of the aggregates it touches in one query per table, folds its
-events in memory and writes each touched aggregate back once, with one statement per table
+A batch loads the current state of the aggregates it touches in one query per table (less those
+the projector's cache proves current, ``projections.folds.cache``), folds its events in memory and
+writes each touched aggregate back once, with one statement per table or fewer
 (``unnest`` arrays, not a round trip per row). That is what makes a rebuild fast, and it makes live
 and rebuilt tables equal by construction: both are the same fold of the same log."""
 
@@ -21,6 +22,7 @@ import asyncpg
 from core.domain.decider import Decider
 from core.domain.records import RecordedEvent
 from core.domain.subjects import parse_aggregate_subject
+from projections.folds.cache import BatchStates
 from projections.folds.tables import AggregateKey, Folded, StateTable
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,12 @@ class Projection(ABC):
     """Every table it owns, emptied by a rebuild."""
 
     @abstractmethod
-    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+    async def apply(
+        self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], states: BatchStates | None = None
+    ) -> int:
         """Fold ``events`` (stream order, all newer than the checkpoint) inside the caller's
-        transaction; returns how many were skipped because they could not be folded."""
+        transaction; returns how many were skipped because they could not be folded. ``states``: the
+        projector's cache of folded states as this batch sees it (``projections.folds.cache``)."""
 
     def reads(self, aggregate: str) -> bool:
         """Whether events of ``aggregate`` may change these tables (the projector traces no batch
@@ -83,7 +88,9 @@ class StateProjection(Projection):
     def reads(self, aggregate: str) -> bool:
         return aggregate in self._states
 
-    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+    async def apply(
+        self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], states: BatchStates | None = None
+    ) -> int:
         histories: dict[str, dict[AggregateKey, list[RecordedEvent]]] = defaultdict(lambda: defaultdict(list))
         for item in events:
             address = address_of(item.subject)
@@ -92,7 +99,12 @@ class StateProjection(Projection):
         failures = 0
         for aggregate, by_key in histories.items():
             table = self._states[aggregate]
-            folded, failed = fold(table.decider, by_key, await table.load(conn, list(by_key)))
+            known, unknown = ({}, list(by_key)) if states is None else states.starting_states(table, by_key)
+            if unknown:
+                known.update(await table.load(conn, unknown))
+            folded, failed = fold(table.decider, by_key, known)
             await table.save(conn, folded)
+            if states is not None:
+                states.folded(table, by_key, folded)
             failures += failed
         return failures

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import asyncpg
@@ -16,6 +16,8 @@ NUL = "\x00"
 NUL_STAND_IN = "\u2400"
 """PostgreSQL text and jsonb cannot hold U+0000, which commands accept inside strings; the read model
 shows it as ␀ (U+2400), the same way in every fold, rather than refusing the event."""
+NUL_ESCAPE = "\\u0000"
+"""How JSON spells a NUL inside a string."""
 
 
 def to_json(value: Any) -> str:
@@ -40,7 +42,7 @@ def storable_text(value: Any) -> Any:
 def storable_json(text: str) -> str:
     """JSON text jsonb accepts. The substring check is a cheap filter (it also matches an escaped
     backslash followed by ``u0000``); the rare hit re-encodes exactly."""
-    return to_json(_without_nul(msgspec.json.decode(text))) if "\\u0000" in text else text
+    return to_json(_without_nul(msgspec.json.decode(text))) if NUL_ESCAPE in text else text
 
 
 def array_type(sql_type: str) -> str:
@@ -78,9 +80,13 @@ class Upsert:
 
     @cached_property
     def sql(self) -> str:
+        return self.statement(1)
+
+    def statement(self, first: int) -> str:
+        """The upsert with its column arrays as the parameters ``$first``, ``$first + 1``, …"""
         names = [name for name, _ in self.columns]
         params = ", ".join(
-            f"${number}::{array_type(sql_type)}" for number, (_, sql_type) in enumerate(self.columns, start=1)
+            f"${number}::{array_type(sql_type)}" for number, (_, sql_type) in enumerate(self.columns, start=first)
         )
         values = [
             f"ARRAY(SELECT jsonb_array_elements_text(r.{name}))" if sql_type == "text[]" else f"r.{name}"
@@ -99,11 +105,34 @@ class Upsert:
             + (f" WHERE {self.only_if}" if self.only_if else "")
         )
 
-    async def __call__(self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
+    def arrays(self, rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+        """The statement's parameters for ``rows``: one array per column."""
         columns = zip(*rows, strict=True)
-        arrays = [
-            storable_column(sql_type, values) for (_, sql_type), values in zip(self.columns, columns, strict=True)
-        ]
-        await conn.execute(self.sql, *arrays)
+        return [storable_column(sql_type, values) for (_, sql_type), values in zip(self.columns, columns, strict=True)]
+
+    async def __call__(self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        if rows:
+            await conn.execute(self.sql, *self.arrays(rows))
+
+
+async def upsert_together(conn: asyncpg.Connection, writes: Sequence[tuple[Upsert, Sequence[tuple[Any, ...]]]]) -> None:
+    """Several upserts in one statement (all but the last as ``WITH`` queries): one round trip, not one
+    each. Only for upserts into distinct tables that none of the others reads (``on_insert``,
+    ``only_if``): the parts of one statement see the same snapshot, not each other's rows."""
+    given = [(upsert, rows) for upsert, rows in writes if rows]
+    if len(given) == 1:
+        await given[0][0](conn, given[0][1])
+    elif given:
+        arrays = [array for upsert, rows in given for array in upsert.arrays(rows)]
+        await conn.execute(_together(tuple(upsert for upsert, _ in given)), *arrays)
+
+
+@cache
+def _together(upserts: tuple[Upsert, ...]) -> str:
+    parts: list[str] = []
+    first = 1
+    for upsert in upserts:
+        parts.append(upsert.statement(first))
+        first += len(upsert.columns)
+    *withs, last = parts
+    return f"WITH {', '.join(f'w{index} AS ({part})' for index, part in enumerate(withs))} {last}"

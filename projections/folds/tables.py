@@ -41,6 +41,9 @@ class StateTable(ABC, Generic[S]):
     """Where one aggregate type's state lives in the read model."""
 
     decider: Decider[S]
+    stored_whole = False
+    """Whether a row holds its aggregate's state whole, so that :meth:`load` returns the state a fold
+    saved (``projections.folds.cache``)."""
 
     @abstractmethod
     async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, S]:
@@ -66,6 +69,7 @@ class JsonStateTable(StateTable[S]):
 
     table: str
     decoder: msgspec.json.Decoder[S]
+    stored_whole = True
 
     async def load(self, conn: asyncpg.Connection, keys: Sequence[AggregateKey]) -> dict[AggregateKey, S]:
         rows = await conn.fetch(where_keys(self.table, "org_id, id, state"), *key_arrays(keys))

@@ -11,7 +11,7 @@ from core.domain.events import PRIORITY_RANK
 from core.domain.task import TaskState
 from core.domain.task_decider import TASK
 from projections.folds.projection import StateProjection
-from projections.folds.rows import Upsert, to_json
+from projections.folds.rows import Upsert, to_json, upsert_together
 from projections.folds.tables import AggregateKey, Folded, JsonStateTable
 
 _TASKS = Upsert(
@@ -90,8 +90,7 @@ class TaskTable(JsonStateTable[TaskState]):
                 (org, a.id, task.id, a.status, a.created_at, a.expires_at, a.decided_at, to_json(a), item.seq)
                 for a in task.approvals
             )
-        await _TASKS(conn, tasks)
-        await _APPROVALS(conn, approvals)
+        await upsert_together(conn, [(_TASKS, tasks), (_APPROVALS, approvals)])
 
 
 PROJECTION = StateProjection("tasks", ("tasks", "approvals"), {"task": TaskTable()})

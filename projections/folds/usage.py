@@ -11,8 +11,9 @@ import msgspec
 
 from core.domain.events import Event, LlmCall, LlmUsage, TaskSubmitted, WorkflowOperationRecorded
 from core.domain.records import RecordedEvent
+from projections.folds.cache import BatchStates
 from projections.folds.projection import Projection, address_of
-from projections.folds.rows import Upsert, storable_text
+from projections.folds.rows import Upsert, storable_text, upsert_together
 from projections.folds.tables import AggregateKey, key_arrays
 
 
@@ -114,7 +115,9 @@ class UsageProjection(Projection):
     def reads(self, aggregate: str) -> bool:
         return aggregate == "task"
 
-    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
+    async def apply(
+        self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], states: BatchStates | None = None
+    ) -> int:
         relevant: list[tuple[AggregateKey, UsageDelta | Route]] = []
         for item in events:
             fact: UsageDelta | Route | None = (
@@ -133,14 +136,10 @@ class UsageProjection(Projection):
             elif key not in routes:
                 routes[key] = fact
                 submitted.append((*key, *fact))
-        await _USAGE_TASKS(conn, submitted)
-        await _USAGE(
-            conn,
-            [
-                (*row, d.provider, d.calls, d.prompt_tokens, d.completion_tokens, d.cost_usd)
-                for row, d in totals.items()
-            ],
-        )
+        usage = [
+            (*row, d.provider, d.calls, d.prompt_tokens, d.completion_tokens, d.cost_usd) for row, d in totals.items()
+        ]
+        await upsert_together(conn, [(_USAGE_TASKS, submitted), (_USAGE, usage)])
         return 0
 
 

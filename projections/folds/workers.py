@@ -12,6 +12,7 @@ import msgspec
 from core.domain.events import TaskCompleted
 from core.domain.records import RecordedEvent
 from core.domain.worker import WORKER, WorkerState
+from projections.folds.cache import BatchStates
 from projections.folds.projection import StateProjection, address_of
 from projections.folds.rows import Upsert, to_json
 from projections.folds.tables import AggregateKey, Folded, JsonStateTable, key_arrays
@@ -85,8 +86,10 @@ class WorkersProjection(StateProjection):
     def reads(self, aggregate: str) -> bool:
         return aggregate in ("worker", "task")
 
-    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> int:
-        failures = await super().apply(conn, events)
+    async def apply(
+        self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], states: BatchStates | None = None
+    ) -> int:
+        failures = await super().apply(conn, events, states)
         completed = Counter(
             (address_of(item.subject).org, item.event.worker_id)
             for item in events

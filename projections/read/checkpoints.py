@@ -90,9 +90,10 @@ class CheckpointReads(Reads):
             self._listener = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        key, _, seq = payload.rpartition(":")
+        keys, _, seq = payload.rpartition(":")
         with suppress(ValueError):
-            self._note(key, int(seq))
+            for key in keys.split(","):
+                self._note(key, int(seq))
         if self._tick is not None:
             tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
             tick.set_result(None)
