@@ -25,11 +25,10 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from core.domain.events import ScheduleFired, UnknownEvent, event_type_of
+from core.domain.events import ScheduleFired, UnknownEvent, decode_event, event_type_of
 from core.domain.schedules import SCHEDULE_AGGREGATE, run_task_id
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.log.reader import Puller
-from core.log.store import recorded_from_message
 from gateway.schedules import Transient, run_fire
 from gateway.services import Services
 
@@ -143,14 +142,13 @@ class Scheduler:
         with contextlib.suppress(msgspec.DecodeError):  # unreadable: the full decode below says how
             if event_type_of(message.data) != FIRED:
                 return  # the schedule's other events (created, run recorded, …): nothing to run
-        try:
-            recorded = recorded_from_message(message)
+        try:  # the event alone: its sequence and headers play no part here
+            event = decode_event(message.data)
         except UnknownEvent:
             return  # written by newer code; that code's gateways run it
-        event = recorded.event
         if not isinstance(event, ScheduleFired):
             return
-        org, _, schedule_id = parse_aggregate_subject(recorded.subject)
+        org, _, schedule_id = parse_aggregate_subject(message.subject)
         state, _ = await self._svc.handler.load(org, SCHEDULE_AGGREGATE, schedule_id)
         if state is None or state.deleted or state.generation != event.generation or state.pending_fire != event.at:
             return

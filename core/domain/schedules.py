@@ -80,12 +80,22 @@ def check_cron(cron: str, timezone: str) -> None:
 
 def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
     """The first time ``cron`` names in ``timezone`` strictly after ``after`` (in UTC, whole seconds)."""
+    # Cron names whole seconds, so the answer depends on ``after`` only to the second: schedules that
+    # share an expression and record their runs within the same second (a burst) parse it once.
+    whole_second = after.astimezone(UTC).replace(microsecond=0)
+    due = _next_fire_after_second(cron, timezone, whole_second)
+    if due is None:
+        raise InvalidSchedule(f"cron {cron!r} names no time after {after.isoformat()}")
+    return due
+
+
+@functools.lru_cache(maxsize=4096)
+def _next_fire_after_second(cron: str, timezone: str, after: datetime) -> datetime | None:
     check_cron(cron, timezone)
     try:
-        due = next(CronSim(cron, after.astimezone(_zone(timezone))))
+        return next(CronSim(cron, after.astimezone(_zone(timezone)))).astimezone(UTC)
     except (CronSimError, StopIteration, OverflowError, ValueError):
-        raise InvalidSchedule(f"cron {cron!r} names no time after {after.isoformat()}") from None
-    return due.astimezone(UTC)
+        return None
 
 
 def overlap_action(overlap: ScheduleOverlap, *, previous_open: bool) -> OverlapAction:

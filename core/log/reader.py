@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +34,7 @@ from contextlib import aclosing, suppress
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -91,12 +91,13 @@ class _Request:
     """A direct-get batch in flight: what arrived so far, and ``done`` with the count of matching
     messages after it once the server ends the batch."""
 
-    __slots__ = ("done", "messages", "what")
+    __slots__ = ("done", "messages", "watchdog", "what")
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.messages: list[Msg] = []
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.watchdog: asyncio.TimerHandle | None = None
 
 
 class LogReader:
@@ -158,7 +159,7 @@ class LogReader:
 
     async def last(self, subject_filter: str) -> Msg | None:
         """The newest message under ``subject_filter``; None when there is none."""
-        request = json.dumps({"last_by_subj": subject_filter}).encode()
+        request = msgspec.json.encode({"last_by_subj": subject_filter})
         what = f"reading the last message of {subject_filter}"
         try:
             reply = await self._nc.request(self._direct_get, request, timeout=self._timeout)
@@ -184,7 +185,7 @@ class LogReader:
             self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._receive)
         token = str(next(self._tokens))
         self._requests[token] = _Request(f"reading {subject_filter}")
-        body = json.dumps({**where, "next_by_subj": subject_filter, "batch": batch}).encode()
+        body = msgspec.json.encode({**where, "next_by_subj": subject_filter, "batch": batch})
         try:
             await self._nc.publish(self._direct_get, body, reply=f"{self._inbox}.{token}")
         except BaseException:
@@ -193,18 +194,26 @@ class LogReader:
         return token
 
     async def _ended(self, request: _Request) -> int:
-        """Wait for the server to end the batch; fail once it stays silent for the timeout."""
+        """Wait for the server to end the batch; fail once it stays silent for the timeout. A timer
+        handle watches instead of ``asyncio.wait``, which costs several times more per read."""
+        request.watchdog = asyncio.get_running_loop().call_later(
+            self._timeout, self._watch, request, len(request.messages)
+        )
         try:
-            while True:
-                received = len(request.messages)
-                await asyncio.wait((request.done,), timeout=self._timeout)
-                if request.done.done():
-                    return request.done.result()
-                if len(request.messages) == received:
-                    raise StoreError(f"{request.what} from the log timed out")
-        except BaseException:
-            request.done.cancel()
-            raise
+            return await request.done
+        finally:
+            request.done.cancel()  # a no-op once it is done
+            if request.watchdog is not None:
+                request.watchdog.cancel()
+
+    def _watch(self, request: _Request, received_before: int) -> None:
+        """A timeout after the last look: fail ``request`` if nothing arrived since, else look again
+        after another."""
+        received = len(request.messages)
+        if received > received_before:
+            request.watchdog = asyncio.get_running_loop().call_later(self._timeout, self._watch, request, received)
+        elif not request.done.done():
+            request.done.set_exception(StoreError(f"{request.what} from the log timed out"))
 
     async def _receive(self, msg: Msg) -> None:
         request = self._requests.get(msg.subject.rpartition(".")[2])
@@ -298,7 +307,7 @@ class Puller:
         if sum(request.remaining for request in self._open) < batch:
             self._open.append(_PullRequest(batch, now + PULL_REQUEST_SECONDS + PULL_REQUEST_GRACE_SECONDS))
             request = {"batch": batch, "expires": int(PULL_REQUEST_SECONDS * 1e9)}
-            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            await self._nc.publish(self._next, msgspec.json.encode(request), reply=self._inbox)
         if not self._buffer:
             self._arrived.clear()
             with suppress(TimeoutError):

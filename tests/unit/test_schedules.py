@@ -119,6 +119,20 @@ def test_next_fire_is_strictly_later_and_monotonic(cron: str, zone: str, after: 
 
 
 @given(
+    cron=st.sampled_from(CRONS),
+    zone=st.sampled_from(ZONES),
+    after=st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)),
+    microseconds=st.integers(min_value=0, max_value=999_999),
+)
+def test_next_fire_remembered_per_second_is_cronsims_answer_for_every_instant_of_that_second(
+    cron: str, zone: str, after: datetime, microseconds: int
+) -> None:
+    for moment in (after, after.replace(microsecond=microseconds)):  # the second call may hit the memo
+        expected = next(CronSim(cron, moment.astimezone(ZoneInfo(zone)))).astimezone(UTC)
+        assert next_fire(cron, zone, moment) == expected
+
+
+@given(
     cron=st.sampled_from(["* * * * *", "*/5 * * * *", "*/10 * * * * *", "0 * * * *"]),
     downtime=st.floats(min_value=0, max_value=3 * 24 * 3600),
 )
