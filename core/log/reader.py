@@ -330,7 +330,9 @@ class Puller:
         if self._subscription is not None:
             with suppress(Exception):
                 await self._subscription.unsubscribe()
-                await self._nc.flush()
+                # Shielded: nats-py's flush cancelled mid-way leaves a cancelled future for the PONG,
+                # and the read loop then fails on it, losing what else that read brought (replies).
+                await asyncio.shield(self._nc.flush())
         unread, self._buffer = list(self._buffer), deque()
         if self._owns_consumer:  # else the server removes it once it has been idle long enough
             with suppress(Exception):

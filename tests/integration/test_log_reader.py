@@ -5,6 +5,7 @@ filter, and the pull consumer of its own that a puller removes when closed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -207,3 +208,21 @@ async def test_a_standing_request_pushes_what_is_stored_later_and_take_hands_it_
         assert taken == later
     finally:
         await puller.close()
+
+
+async def test_a_close_cancelled_midway_leaves_the_connection_answering_requests(nc: NATS, stream: str) -> None:
+    # An SSE response cancelled with its client closes its puller while being cancelled: a NATS flush
+    # cancelled mid-way used to leave the connection's read loop failing on the late PONG, and every
+    # JetStream reply on that connection was lost for tens of seconds.
+    for _ in range(5):
+        puller = await Puller.ephemeral(nc, stream, f"{stream}.>", start_seq=1)
+        await puller.fetch(1, 0.01)
+        closing = asyncio.create_task(puller.close())
+        for _ in range(3):  # into the flush, waiting for its PONG
+            await asyncio.sleep(0)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+    await asyncio.sleep(0.2)
+    for _ in range(3):
+        assert (await nc.jetstream().stream_info(stream)).config.name == stream
