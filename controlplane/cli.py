@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import logging
 import os
@@ -163,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
     stop_tracing = configure_tracing(process) if process in SERVICES else None
+    if process in SERVICES:
+        _settle_heap()
     try:
         return _run(args)
     except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
@@ -178,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 SERVICES = ("gateway", "projector", "runner", "dev", "notify")
 """Commands that run until stopped: their log lines name them as the process, and they trace."""
+
+
+def _settle_heap() -> None:
+    """What start-up built (modules, their tables) lives as long as the process: moved out of the
+    collector's sight, a full collection walks only what the process built since. Each took ~90 ms in
+    the gateway (five in a 2,000-task run), a pause every request in flight waited out."""
+    gc.collect()
+    gc.freeze()
 
 
 def _report(log_format: str | None, text: str) -> None:
