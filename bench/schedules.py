@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -186,6 +187,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="minutes of fires to measure")
     parser.add_argument("--spread", action="store_true", help="spread the schedules' second over the minute")
     args = parser.parse_args()
+    gc.collect()
+    gc.freeze()  # as `controlplane gateway` does once started
     with tempfile.TemporaryDirectory(prefix="cp-bench-schedules-") as directory:
         uvloop.run(run(args.schedules, args.rounds, args.spread, Path(directory)))  # as `controlplane gateway` runs
 
