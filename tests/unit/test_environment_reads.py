@@ -38,11 +38,16 @@ def define(queues: tuple[str, ...]) -> DefineEnvironment:
     return DefineEnvironment(name="prod", queues=queues, replace=True)
 
 
-async def test_concurrent_callers_share_reads_and_all_see_the_log() -> None:
+async def deploys_in_prod() -> tuple[CountedStore, CommandHandler, EnvironmentDirectory]:
+    """A log where queue ``deploys`` is in ``prod``, its command handler, and a directory reading it."""
     store = CountedStore()
     commands = CommandHandler(store, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
     await commands.handle(ORG, define(("deploys",)), actor=ADMIN)
-    environments = EnvironmentDirectory(store)
+    return store, commands, EnvironmentDirectory(store)
+
+
+async def test_concurrent_callers_share_reads_and_all_see_the_log() -> None:
+    store, _, environments = await deploys_in_prod()
 
     answers = await asyncio.gather(*(environments.current(ORG) for _ in range(50)))
 
@@ -53,10 +58,7 @@ async def test_concurrent_callers_share_reads_and_all_see_the_log() -> None:
 
 
 async def test_a_change_committed_while_a_read_is_in_flight_is_seen_by_a_caller_arriving_after_it() -> None:
-    store = CountedStore()
-    commands = CommandHandler(store, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
-    await commands.handle(ORG, define(("deploys",)), actor=ADMIN)
-    environments = EnvironmentDirectory(store)
+    store, commands, environments = await deploys_in_prod()
     store.held = asyncio.Event()
 
     early = asyncio.create_task(environments.current(ORG))
@@ -75,10 +77,7 @@ async def test_a_change_committed_while_a_read_is_in_flight_is_seen_by_a_caller_
 
 
 async def test_a_caller_that_gives_up_does_not_fail_the_callers_sharing_its_read() -> None:
-    store = CountedStore()
-    commands = CommandHandler(store, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
-    await commands.handle(ORG, define(("deploys",)), actor=ADMIN)
-    environments = EnvironmentDirectory(store)
+    store, _, environments = await deploys_in_prod()
     store.held = asyncio.Event()
 
     quitter = asyncio.create_task(environments.current(ORG))
