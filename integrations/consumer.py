@@ -257,8 +257,9 @@ class EventSubscription:
             if existing is not None:
                 followed = filter_subjects_of(existing)
                 if not followed or any(not s.startswith(f"{EVENTS_PREFIX}.{self.org}.") for s in followed):
+                    shown = ", ".join(map(repr, followed)) or "none"
                     raise SubscriptionError(
-                        f"consumer {self.consumer} exists with filter {', '.join(map(repr, followed)) or 'none'}, outside "
+                        f"consumer {self.consumer} exists with filter {shown}, outside "
                         f"{org_events_filter(self.org)}; delete it or choose another integration name"
                     )
                 # Fixed at creation: a restart resumes where the consumer stopped.
