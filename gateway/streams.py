@@ -33,6 +33,7 @@ from core.log.store import recorded_from_message
 from gateway.http import path_id, principal, query, services, typed_text
 from gateway.problems import Problem
 from gateway.queries import MAX_SEQ, OrgEvents, ResumeAfter
+from gateway.services import Services
 
 _encoder = msgspec.json.Encoder()
 FETCH_BATCH = 256
@@ -80,19 +81,9 @@ async def _stream(
     """Takes one of the credential's and the org's stream slots and opens the consumer before answering,
     so a refusal or a log that cannot be read is a problem+json rather than a dropped connection."""
     svc = services(request)
-    if refused := svc.streams.open(who.org, who.credential_id):
-        raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+    _take_slot(svc, who)
     try:
-        # A consumer of the stream's own, pulled: no flow control to answer (a push consumer stalls when
-        # the stream filters events out faster than it acknowledges control messages), and the server
-        # removes it once nobody asks, should the response not get to.
-        feed = await Puller.ephemeral(
-            svc.store.nc,
-            svc.store.stream,
-            subject,
-            start_seq=after + 1,
-            inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
-        )
+        feed = await _own_consumer(svc, subject, after + 1)
     except BaseException:
         svc.streams.close(who.org, who.credential_id)
         raise
@@ -108,8 +99,7 @@ async def _tailed_stream(
 ) -> Response:
     """An org's stream of task events: the log up to the claim index's position, then its tail."""
     svc = services(request)
-    if refused := svc.streams.open(who.org, who.credential_id):
-        raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+    _take_slot(svc, who)
     tail = svc.claim_index.tail(who.org, TAIL_LIMIT)
     reading = svc.store.reader.batches(org_events_filter(who.org, "task"), start_seq=after + 1)
 
@@ -127,6 +117,25 @@ async def _tailed_stream(
     feeds: list[Puller] = []  # the consumer it reads should the tail overflow, closed with the response
     events = _follow_tail(request, who.org, after, first, reading, tail, types, queue, feeds)
     return _EventStream(events, feeds, release)
+
+
+def _take_slot(svc: Services, who: Principal) -> None:
+    """One of the credential's and the org's stream slots, or a 429."""
+    if refused := svc.streams.open(who.org, who.credential_id):
+        raise Problem(429, refused, headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+
+
+async def _own_consumer(svc: Services, subject: str, start_seq: int) -> Puller:
+    """A consumer of the stream's own, pulled: no flow control to answer (a push consumer stalls when
+    the stream filters events out faster than it acknowledges control messages), and the server removes
+    it once nobody asks, should the response not get to."""
+    return await Puller.ephemeral(
+        svc.store.nc,
+        svc.store.stream,
+        subject,
+        start_seq=start_seq,
+        inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
+    )
 
 
 class _EventStream(StreamingResponse):
@@ -228,13 +237,7 @@ async def _follow_tail(
                 yield message
     # Too far behind to be kept: on with a consumer of its own, from where this stream got.
     svc.claim_index.untail(org, tail)
-    feed = await Puller.ephemeral(
-        svc.store.nc,
-        svc.store.stream,
-        org_events_filter(org, "task"),
-        start_seq=last + 1,
-        inactive_threshold=max(60.0, 4 * svc.limits.sse_keepalive_seconds),
-    )
+    feed = await _own_consumer(svc, org_events_filter(org, "task"), last + 1)
     feeds.append(feed)
     async with contextlib.aclosing(_follow(request, feed, types, queue, greet=False)) as following:
         async for message in following:
