@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ from pathlib import Path
 import psutil
 import uvloop
 
+from controlplane.cli import settle_heap
 from controlplane.embedded import EmbeddedNats
 from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.seed import seed_org
@@ -187,8 +187,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="minutes of fires to measure")
     parser.add_argument("--spread", action="store_true", help="spread the schedules' second over the minute")
     args = parser.parse_args()
-    gc.collect()
-    gc.freeze()  # as `controlplane gateway` does once started
+    settle_heap()  # as `controlplane gateway` does once started
     with tempfile.TemporaryDirectory(prefix="cp-bench-schedules-") as directory:
         uvloop.run(run(args.schedules, args.rounds, args.spread, Path(directory)))  # as `controlplane gateway` runs
 

@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     stop_tracing = configure_tracing(process) if process in SERVICES else None
     if process in SERVICES:
-        _settle_heap()
+        settle_heap()
     try:
         return _run(args)
     except (NatsVersionTooOld, FileNotFoundError, InvalidToken, ValueError) as exc:
@@ -183,12 +183,24 @@ SERVICES = ("gateway", "projector", "runner", "dev", "notify")
 """Commands that run until stopped: their log lines name them as the process, and they trace."""
 
 
-def _settle_heap() -> None:
-    """What start-up built (modules, their tables) lives as long as the process: moved out of the
-    collector's sight, a full collection walks only what the process built since. Each took ~90 ms in
-    the gateway (five in a 2,000-task run), a pause every request in flight waited out."""
+YOUNG_COLLECTION_THRESHOLD = 20_000
+"""Container allocations (net) between two collections of the youngest generation; CPython's default
+is 700. A service holds hundreds of requests, fires or events in flight at once, so a young collection
+mostly walks objects still in use and promotes them. Measured in the gateway: 0.56 s of collections in
+a 2,000-task lifecycle run and 80–105 ms in each burst of 1,000 schedule fires at 700; 0.15 s and
+12–23 ms at 20,000. Most garbage is freed by reference counting, without a collection at all."""
+
+
+def settle_heap() -> None:
+    """For a process that runs until stopped. What start-up built (modules, their tables) lives as long
+    as the process: moved out of the collector's sight, a full collection walks only what the process
+    built since (each took ~90 ms in the gateway, a pause every request in flight waited out). And the
+    young generation is collected less often (see ``YOUNG_COLLECTION_THRESHOLD``); the older ones keep
+    CPython's ratios to it."""
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, oldest)
 
 
 def _report(log_format: str | None, text: str) -> None:
