@@ -95,7 +95,8 @@ class EventStore(Protocol):
 
     async def cancel_schedules(self, subjects: Sequence[str], *, older_than_seq: int) -> None:
         """Remove the messages on each of ``subjects`` stored before ``older_than_seq``: a timer armed
-        again after that survives."""
+        again after that survives. The removal may take effect after this returns, or not at all (the
+        log's answer is not awaited): a timer definition left behind fires as a no-op."""
         ...
 
     async def holds(self, subject: str) -> bool:

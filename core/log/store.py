@@ -88,6 +88,7 @@ class JetStreamEventStore:
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ack_counter = itertools.count()
         self._ack_subscription: Subscription | None = None
+        self._purge_api = f"$JS.API.STREAM.PURGE.{stream}"
         self.reader = LogReader(nc, stream)
         """How this store reads: by batched direct get on its connection (``core.log.reader``)."""
 
@@ -332,9 +333,13 @@ class JetStreamEventStore:
             await self._ack(await self._send(*timer))
 
     async def cancel_schedules(self, subjects: Sequence[str], *, older_than_seq: int) -> None:
-        """Remove timer definitions stored before ``older_than_seq``; a newer re-arm survives."""
+        """Ask the log to remove timer definitions stored before ``older_than_seq`` (a newer re-arm
+        survives), without waiting for its answer: one that stays fires as a no-op, which is all a
+        refused or lost purge could ever cause, so an answer would change nothing but the cost (a
+        JetStream API round trip for every retired timer: ~3 per task, one per heartbeat)."""
         for subject in subjects:
-            await self._js.purge_stream(self.stream, subject=subject, seq=older_than_seq)
+            body = msgspec.json.encode({"filter": subject, "seq": older_than_seq})
+            await self._nc.publish(self._purge_api, body)
 
     # --- read -------------------------------------------------------------------------------------
 

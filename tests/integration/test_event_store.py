@@ -26,8 +26,9 @@ from core.domain.errors import InvalidTransition, Rejected
 from core.domain.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
 from core.domain.ids import InvalidToken
 from core.domain.subjects import aggregate_subject
+from core.domain.task_decider import TASK
 from core.log.event_store import AppendMeta, DuplicateAppend, EventTooLarge, WrongExpectedSequence
-from core.log.handler import CommandHandler
+from core.log.handler import CommandHandler, timer_subject
 from core.log.store import JetStreamEventStore
 
 pytestmark = pytest.mark.integration
@@ -183,6 +184,28 @@ async def test_heartbeat_moves_the_lease_timer_and_completion_cancels_it(handler
     await asyncio.sleep(2.0)
     history = await handler.history(org, "task", "t1")
     assert not any(isinstance(r.event, TaskLeaseExpired) for r in history), "a cancelled timer never fires"
+
+
+async def test_a_retired_timer_leaves_the_log(handler: CommandHandler, store: JetStreamEventStore, org: str) -> None:
+    """The purge of a timer the new state no longer wants is sent without waiting for an answer: it
+    must still take effect, and must not touch the timer that replaced it."""
+    await submit(handler, org)
+    claimed = await handler.handle(
+        org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=600), actor=WORKER
+    )
+    subject = aggregate_subject(org, "task", "t1")
+    [first] = [timer_subject(subject, timer) for timer in TASK.timers(claimed.state)]
+    beat = await handler.handle(
+        org, HeartbeatTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=900), actor=WORKER
+    )
+    [second] = [timer_subject(subject, timer) for timer in TASK.timers(beat.state)]
+    assert second != first
+
+    async def retired() -> bool:
+        return not await store.holds(first)
+
+    await wait_for(retired, within=5)
+    assert await store.holds(second)
 
 
 async def test_worker_goes_offline_when_heartbeats_stop(handler: CommandHandler, org: str) -> None:
