@@ -33,7 +33,7 @@ from gateway import (
     workers,
 )
 from gateway.console import routes as console_routes
-from gateway.observe import ObserveRequests, RequestTelemetry
+from gateway.observe import ObserveRequests
 from gateway.openapi import PUBLIC, ApiRoute, openapi_document
 from gateway.problems import Problem, handle_problem
 from gateway.services import Services
@@ -523,8 +523,7 @@ def build_app(svc: Services) -> Starlette:
     )
     app = Starlette(
         routes=ROUTES,
-        # RequestTelemetry outermost: every answer, the 503 of ObserveRequests too, carries the request id.
-        middleware=[Middleware(RequestTelemetry), Middleware(ObserveRequests, services=svc)],
+        middleware=[Middleware(ObserveRequests, services=svc)],
         exception_handlers={kind: handle_problem for kind in handled},
     )
     app.state.services = svc

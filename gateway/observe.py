@@ -41,12 +41,14 @@ def request_id_from(given: str | None, traceparent: str | None) -> str | None:
     return telemetry.trace_id_of(traceparent)
 
 
-class RequestTelemetry:
-    """The outermost middleware, so that whatever answers (a route, a problem handler, the 503 of
-    ``ObserveRequests``) answers with the request id, inside the request's span."""
+class ObserveRequests:
+    """Our one middleware, outermost of ours, so that whatever answers (a route, a problem handler, the
+    503 made here of an unexpected error) answers with the request id, inside the request's span; and
+    each request is counted and timed by route template and logged as one access-log line."""
 
-    def __init__(self, app: ASGIApp, *, access_log_enabled: bool | None = None) -> None:
+    def __init__(self, app: ASGIApp, services: Services, *, access_log_enabled: bool | None = None) -> None:
         self.app = app
+        self.metrics = services.metrics
         if access_log_enabled is None:
             access_log_enabled = os.environ.get(ACCESS_LOG_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self.access_log = access_log_enabled
@@ -61,11 +63,12 @@ class RequestTelemetry:
         method = scope["method"]
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def answer(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id or ""
             await send(message)
 
@@ -75,9 +78,20 @@ class RequestTelemetry:
             request_id = request_id or telemetry.current_trace_id() or new_id()
             try:
                 with telemetry.bound(correlation_id=request_id):
-                    await self.app(scope, receive, answer)
+                    try:
+                        await self.app(scope, receive, answer)
+                    except Exception:
+                        log.exception("unhandled error on %s %s", method, scope["path"])
+                        if response_started:
+                            raise
+                        await problem_response(
+                            503, "the service could not complete the request; retry later", {"Retry-After": "1"}
+                        )(scope, receive, answer)
             finally:
+                elapsed = time.perf_counter() - started
                 route = getattr(scope.get("route"), "path", None)
+                self.metrics.requests.labels(method, route or "unmatched", str(status)).inc()
+                self.metrics.latency.labels(method, route or "unmatched").observe(elapsed)
                 if span is not None:
                     span.update_name(f"{method} {route}" if route else method)
                     telemetry.set_attributes(
@@ -97,44 +111,6 @@ class RequestTelemetry:
                                 "http_route": route,
                                 "http_path": scope["path"][:1024],
                                 "http_status": status,
-                                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                                "duration_ms": round(elapsed * 1000, 2),
                             },
                         )
-
-
-class ObserveRequests:
-    """Counts and times every request by route template, and turns anything unexpected into a 503
-    problem+json (logged) instead of a bare 500."""
-
-    def __init__(self, app: ASGIApp, services: Services) -> None:
-        self.app = app
-        self.metrics = services.metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-
-        async def observe(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status, response_started = message["status"], True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observe)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if response_started:
-                raise
-            status = 503
-            await problem_response(
-                503, "the service could not complete the request; retry later", {"Retry-After": "1"}
-            )(scope, receive, send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
