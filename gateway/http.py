@@ -112,8 +112,7 @@ async def _credential(request: Request, svc: Services) -> Principal:
     updates read the SSE feeds this way). Writes always need the bearer header: a cookie alone could be
     sent by another site's form, and the console's own writes go through its CSRF-checked routes."""
     authorization = request.headers.get("authorization")
-    token = request.cookies.get(SESSION_COOKIE)
-    if authorization is None and token and request.method in ("GET", "HEAD"):
+    if authorization is None and request.method in ("GET", "HEAD") and (token := request.cookies.get(SESSION_COOKIE)):
         session = await svc.sessions.find(token)
         if session is None:
             raise Problem(401, "the console session has ended; sign in again at /console")
