@@ -187,8 +187,8 @@ YOUNG_COLLECTION_THRESHOLD = 20_000
 """Container allocations (net) between two collections of the youngest generation; CPython's default
 is 700. A service holds hundreds of requests, fires or events in flight at once, so a young collection
 mostly walks objects still in use and promotes them. Measured in the gateway: 0.56 s of collections in
-a 2,000-task lifecycle run and 80–105 ms in each burst of 1,000 schedule fires at 700; 0.15 s and
-12–23 ms at 20,000. Most garbage is freed by reference counting, without a collection at all."""
+a 2,000-task lifecycle run and 80 to 105 ms in each burst of 1,000 schedule fires at 700; 0.15 s and
+12 to 23 ms at 20,000. Most garbage is freed by reference counting, without a collection at all."""
 
 
 def settle_heap() -> None:
