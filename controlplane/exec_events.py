@@ -115,6 +115,13 @@ def _submitted(data: dict[str, Any]) -> str:
     return "submitted" + (f"; {_policy({'decision': policy})}" if policy else "")
 
 
+def _vote(vote: dict[str, Any], approval_id: str) -> str:
+    """A vote of ``ApprovalVoteCast``'s data, or the ``vote`` an ``ApprovalDecided`` carries."""
+    return f"{vote['by']} voted {vote['decision']} on {approval_id}" + (
+        f": {vote['comment']}" if vote.get("comment") else ""
+    )
+
+
 _DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
     "TaskSubmitted": _submitted,
     "TaskClaimed": lambda d: f"running on {d['worker_id']} (attempt {d['attempt']})",
@@ -122,10 +129,11 @@ _DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
     "TaskLeaseExpired": lambda d: "the lease expired; the task will be claimed again",
     "TaskLeaseReleased": lambda d: f"{d['reason']}: its lease is released; the task will be claimed again",
     "ApprovalRequested": lambda d: "",  # the waiting lines of Follower._waiting say it, and more
-    "ApprovalVoteCast": lambda d: (
-        f"{d['by']} voted {d['decision']} on {d['approval_id']}" + (f": {d['comment']}" if d.get("comment") else "")
+    "ApprovalVoteCast": lambda d: _vote(d, d["approval_id"]),
+    "ApprovalDecided": lambda d: (
+        (f"{_vote(d['vote'], d['approval_id'])}: " if d.get("vote") else "")
+        + f"approval {d['approval_id']} {d['outcome']}"
     ),
-    "ApprovalDecided": lambda d: f"approval {d['approval_id']} {d['outcome']}",
     "ApprovalTimedOut": lambda d: f"approval {d['approval_id']} timed out",
     "ApprovalEscalated": lambda d: f"approval {d['approval_id']} escalated to {', '.join(d['approvers'])}",
     "WorkflowOperationRecorded": _operation,

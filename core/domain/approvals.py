@@ -22,6 +22,7 @@ from core.domain.events import (
     ApprovalRequested,
     ApprovalTimedOut,
     ApprovalVoteCast,
+    DecidingVote,
     Escalation,
     Event,
     TaskSubmitted,
@@ -115,20 +116,23 @@ def vote(approval: Approval, command: DecideApproval, ctx: DecisionContext) -> S
         raise AlreadyDecided(f"{ctx.actor.id} has already voted on approval {approval.id}")
     if command.decision == "reject" and not command.comment:
         raise InvalidCommand("a rejection needs a reason")
-    cast = ApprovalVoteCast(
-        at=ctx.now,
-        approval_id=approval.id,
-        by=ctx.actor.id,
-        decision=command.decision,
-        comment=command.comment,
-        response=command.response,
-    )
     approvals_after = sum(1 for v in approval.decisions if v.decision == "approve") + (command.decision == "approve")
-    if command.decision == "reject":
-        return [cast, ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome="rejected")]
-    if approvals_after >= approval.quorum:
-        return [cast, ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome="approved")]
-    return [cast]
+    if command.decision == "reject" or approvals_after >= approval.quorum:
+        deciding = DecidingVote(
+            by=ctx.actor.id, decision=command.decision, comment=command.comment, response=command.response
+        )
+        outcome = "rejected" if command.decision == "reject" else "approved"
+        return [ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome=outcome, vote=deciding)]
+    return [
+        ApprovalVoteCast(
+            at=ctx.now,
+            approval_id=approval.id,
+            by=ctx.actor.id,
+            decision=command.decision,
+            comment=command.comment,
+            response=command.response,
+        )
+    ]
 
 
 # --- evolve ---------------------------------------------------------------------------------------
@@ -176,10 +180,8 @@ def policy_gate(event: TaskSubmitted) -> Approval:
     )
 
 
-def voted(approval: Approval, event: ApprovalVoteCast) -> Approval:
-    cast = ApprovalVote(
-        by=event.by, decision=event.decision, comment=event.comment, at=event.at, response=event.response
-    )
+def voted(approval: Approval, event: ApprovalVoteCast | DecidingVote, at: datetime) -> Approval:
+    cast = ApprovalVote(by=event.by, decision=event.decision, comment=event.comment, at=at, response=event.response)
     return msgspec.structs.replace(approval, decisions=(*approval.decisions, cast))
 
 

@@ -178,6 +178,9 @@ class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
 
 
 class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
+    """A vote that leaves the approval pending (and, in logs written before the deciding vote moved
+    into ``ApprovalDecided.vote``, the deciding vote too, just before its decision)."""
+
     approval_id: str
     by: str
     decision: Vote
@@ -186,9 +189,23 @@ class ApprovalVoteCast(Event, frozen=True, tag="ApprovalVoteCast"):
     """The decider's structured answer; it fits the approval's ``form`` when it has one."""
 
 
+class DecidingVote(msgspec.Struct, frozen=True, kw_only=True):
+    """The vote that made a decision, cast at the decision's ``at``: the fields of ``ApprovalVoteCast``."""
+
+    by: str
+    decision: Vote
+    comment: str | None
+    response: Any = None
+
+
 class ApprovalDecided(Event, frozen=True, tag="ApprovalDecided"):
+    """One event for the vote that decides and the decision, so that deciding appends one message, not an
+    atomic batch of two (which a single-node file-backed stream stages on disk: the costliest append
+    there is). ``vote`` is None in events written before it existed, and for decisions no vote made."""
+
     approval_id: str
     outcome: ApprovalOutcome
+    vote: DecidingVote | None = None
 
 
 class ApprovalTimedOut(Event, frozen=True, tag="ApprovalTimedOut"):

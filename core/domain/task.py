@@ -30,6 +30,7 @@ from core.domain.events import (
     ApprovalRequested,
     ApprovalTimedOut,
     ApprovalVoteCast,
+    DecidingVote,
     Event,
     PolicyDecided,
     Priority,
@@ -259,7 +260,10 @@ def evolve(state: TaskState, event: Event) -> TaskState:
             approvals = (*task.approvals, opened(task.id, event))
             return _released(task, event.at, status="awaiting_approval", approvals=approvals, journal=journal)
         case ApprovalVoteCast():
-            return _with_approval(task, event.approval_id, event.at, lambda a: voted(a, event))
+            return _with_approval(task, event.approval_id, event.at, lambda a: voted(a, event, event.at))
+        case ApprovalDecided(vote=DecidingVote() as deciding):
+            with_vote = _with_approval(task, event.approval_id, event.at, lambda a: voted(a, deciding, event.at))
+            return _approval_closed(with_vote, event.approval_id, event.outcome, event.at)
         case ApprovalDecided():
             return _approval_closed(task, event.approval_id, event.outcome, event.at)
         case ApprovalTimedOut():

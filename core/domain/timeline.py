@@ -18,6 +18,7 @@ from core.domain.events import (
     ApprovalRequested,
     ApprovalTimedOut,
     ApprovalVoteCast,
+    DecidingVote,
     OrgCreated,
     PolicyBundlePushed,
     PolicyDecided,
@@ -95,9 +96,9 @@ def summarize(event: AnyEvent) -> str:
                 f"(quorum {event.quorum} of {', '.join(event.approvers)})"
             )
         case ApprovalVoteCast():
-            comment = "" if event.comment is None else f": {event.comment!r}"
-            response = "" if event.response is None else f", response {short(event.response, 40)}"
-            return f"{event.by} voted {event.decision} on {event.approval_id}{comment}{response}"
+            return _vote(event, event.approval_id)
+        case ApprovalDecided(vote=DecidingVote() as deciding):
+            return f"{_vote(deciding, event.approval_id)}: approval {event.outcome}"
         case ApprovalDecided():
             return f"approval {event.approval_id} {event.outcome}"
         case ApprovalTimedOut():
@@ -160,6 +161,12 @@ def summarize(event: AnyEvent) -> str:
         case PolicyBundlePushed():
             return f"policy bundle version {event.version} ({event.digest}) pushed by {event.pushed_by}"
     return type(event).__name__
+
+
+def _vote(vote: ApprovalVoteCast | DecidingVote, approval_id: str) -> str:
+    comment = "" if vote.comment is None else f": {vote.comment!r}"
+    response = "" if vote.response is None else f", response {short(vote.response, 40)}"
+    return f"{vote.by} voted {vote.decision} on {approval_id}{comment}{response}"
 
 
 def _workflow_name(ref: Any) -> str:

@@ -32,7 +32,6 @@ from core.domain.errors import ConcurrencyExhausted
 from core.domain.events import (
     ApprovalDecided,
     ApprovalRequested,
-    ApprovalVoteCast,
     TaskClaimed,
     TaskCompleted,
     TaskSubmitted,
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 WORKER = Actor("worker-key", frozenset({"worker"}))
 APPROVER = Actor("approver-key", frozenset({"approver"}))
 TASKS = 300
-"""Six commands (seven events) each: 1,800 acknowledged appends per run."""
+"""Six commands (six events) each: 1,800 acknowledged appends per run."""
 CONCURRENCY = 30
 COMMAND_DEADLINE_SECONDS = 30.0
 RETRY_DELAY_SECONDS = 0.05
@@ -57,7 +56,6 @@ EXPECTED_EVENTS = [
     TaskSubmitted,
     TaskClaimed,
     ApprovalRequested,
-    ApprovalVoteCast,
     ApprovalDecided,
     TaskClaimed,
     TaskCompleted,
@@ -65,7 +63,7 @@ EXPECTED_EVENTS = [
 
 
 def lifecycle(task_id: str) -> list[tuple[Command, Actor]]:
-    """Submit, claim, ask for approval, approve (two events: one atomic batch), claim again, complete.
+    """Submit, claim, ask for approval, approve (one event carrying the deciding vote), claim again, complete.
     Claims arm lease timers (schedules pipelined with the event) that later commands retire; leases
     are long so that no timer fires during the test and the log holds only commands' events."""
     return [

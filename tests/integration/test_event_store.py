@@ -23,7 +23,13 @@ from core.domain.commands import (
     SubmitTask,
 )
 from core.domain.errors import InvalidTransition, Rejected
-from core.domain.events import ApprovalDecided, ApprovalVoteCast, TaskCancelled, TaskClaimed, TaskLeaseExpired
+from core.domain.events import (
+    ApprovalDecided,
+    DecidingVote,
+    TaskCancelled,
+    TaskClaimed,
+    TaskLeaseExpired,
+)
 from core.domain.ids import InvalidToken
 from core.domain.subjects import aggregate_subject
 from core.domain.task_decider import TASK
@@ -104,7 +110,8 @@ async def test_retried_command_returns_the_original_outcome_and_appends_nothing(
     assert await store.read_subject(f"cp.{org}.>", after_seq=last_seq) == []
 
 
-async def test_multi_event_command_is_one_atomic_batch(handler: CommandHandler, org: str) -> None:
+async def test_a_deciding_vote_is_one_event_with_the_vote_in_it(handler: CommandHandler, org: str) -> None:
+    """One message, not an atomic batch of two: a single-node file-backed stream stages a batch on disk."""
     await submit(handler, org)
     await handler.handle(org, ClaimTask(task_id="t1", worker_id="w1", lease_id="l1"), actor=WORKER)
     await handler.handle(
@@ -113,11 +120,19 @@ async def test_multi_event_command_is_one_atomic_batch(handler: CommandHandler, 
         actor=WORKER,
     )
     decided = await handler.handle(
-        org, DecideApproval(task_id="t1", approval_id="a1", decision="approve"), actor=APPROVER
+        org, DecideApproval(task_id="t1", approval_id="a1", decision="approve", comment="ok"), actor=APPROVER
     )
-    assert [type(r.event) for r in decided.events] == [ApprovalVoteCast, ApprovalDecided]
-    assert decided.events[1].seq == decided.events[0].seq + 1
+    [recorded] = decided.events
+    assert recorded.event == ApprovalDecided(
+        at=recorded.event.at,
+        approval_id="a1",
+        outcome="approved",
+        vote=DecidingVote(by=APPROVER.id, decision="approve", comment="ok"),
+    )
     assert decided.state.status == "pending"
+    [approval] = decided.state.approvals
+    assert [(vote.by, vote.decision, vote.comment) for vote in approval.decisions] == [(APPROVER.id, "approve", "ok")]
+    assert (await handler.history(org, "task", "t1"))[-1] == recorded
 
 
 async def test_a_batch_with_a_wrong_expected_sequence_stores_nothing(store: JetStreamEventStore, org: str) -> None:

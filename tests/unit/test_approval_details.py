@@ -16,7 +16,7 @@ from core.domain.approvals import Approval
 from core.domain.commands import Actor, ClaimTask, DecideApproval, RequestApproval, SubmitTask
 from core.domain.decider import DecisionContext
 from core.domain.errors import InvalidCommand
-from core.domain.events import ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
+from core.domain.events import ApprovalDecided, ApprovalRequested, ApprovalVoteCast, decode_event, encode_event
 from core.domain.task import Task
 from core.domain.task_decider import TASK
 from gateway.problems import describe
@@ -82,8 +82,30 @@ def test_an_approval_keeps_what_was_asked_and_every_answer_as_given(
     assert (approval.details, approval.form) == (details, form)
     assert [v.response for v in approval.decisions] == responses
     assert approval.status == ("rejected" if reject_last else "approved" if len(responses) == 3 else "pending")
-    cast = [e for e in history if isinstance(e, ApprovalVoteCast)]
-    assert [decode_event(encode_event(e)) for e in cast] == cast
+    assert [decode_event(encode_event(e)) for e in history] == history
+    # Every vote but the deciding one is an ApprovalVoteCast; the deciding one rides in ApprovalDecided.
+    assert sum(isinstance(e, ApprovalVoteCast) for e in history) == len(approval.decisions) - (
+        approval.status != "pending"
+    )
+
+
+@given(response=JSON, reject=st.booleans())
+def test_a_decision_recorded_as_a_vote_then_a_decision_folds_as_the_one_event_does(response: Any, reject: bool) -> None:
+    """Logs written before the deciding vote moved into ApprovalDecided hold it as an ApprovalVoteCast
+    just before a decision without a vote: folded, both say the same."""
+    task = asked(None, None, quorum=1)
+    decision = "reject" if reject else "approve"
+    vote = DecideApproval(task_id="t1", approval_id="t1-1", decision=decision, comment="why", response=response)
+    now = T0 + timedelta(seconds=1)
+    decided, [event] = run(task, vote, APPROVERS[0], now)
+    assert isinstance(event, ApprovalDecided) and event.vote is not None
+    recorded_before = [
+        ApprovalVoteCast(
+            at=now, approval_id="t1-1", by=APPROVERS[0].id, decision=decision, comment="why", response=response
+        ),
+        msgspec.structs.replace(event, vote=None),
+    ]
+    assert TASK.fold(recorded_before, task) == decided
 
 
 def test_events_recorded_before_details_forms_and_responses_still_decode() -> None:
