@@ -38,7 +38,8 @@ def state_at(history: Sequence[RecordedEvent], seq: int | None = None) -> tuple[
     the sequence of the last event folded (0 if none).
 
     A command's events are appended as one atomic batch, so nobody ever saw half of one: a ``seq``
-    that falls inside a command (a vote and the decision it caused) gives the state before it."""
+    that falls inside a command (a fork's copies, or in logs recorded before the deciding vote moved into
+    ``ApprovalDecided``, a vote and the decision it caused) gives the state before it."""
     state: TaskState = None
     last = 0
     for command in commands(history):
@@ -92,7 +93,7 @@ def plan_fork(history: Sequence[RecordedEvent], *, task_id: str, at_seq: int, qu
     What is copied: the source's events up to the *cut*, the latest event at or before ``at_seq``
     after which (a) no lease is held, because a lease belongs to a worker that is not running the
     fork and would strand it until the lease timer, which the fork does not inherit; and (b) no
-    command is cut in half (events sharing a command id, such as a vote and the decision it caused).
+    command is cut in half (events sharing a command id, such as a fork's copies).
     The fork is written in atomic batches, so its own history groups the copies by batch: ``state
     --at`` on a fork (and a fork of a fork) stops only at the ends of those batches.
     What changes in the copies: the task id; approval ids (``<source>-<n>`` becomes ``<fork>-<n>``, so

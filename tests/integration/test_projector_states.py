@@ -40,7 +40,7 @@ async def test_a_kept_state_is_used_only_when_the_log_proves_it_current(
     await handle(handler, org, request, WORKER)
     await handle(handler, org, DecideApproval(task_id="t1", approval_id="a1", decision="approve"), APPROVERS[0])
     await claim(handler, org, "t1", lease="l2")
-    submitted, claimed, beat, requested, voted, decided, reclaimed = await delivered(store, org)
+    submitted, claimed, beat, requested, decided, reclaimed = await delivered(store, org)
 
     tasks = [PROJECTIONS["tasks"]]
     cache = StateCache()
@@ -52,8 +52,8 @@ async def test_a_kept_state_is_used_only_when_the_log_proves_it_current(
         await commit_batch(conn, tasks, [beat], cache=cache)
         assert loads == []  # kept at the claim, which the heartbeat names as its subject's previous event
         await commit_batch(conn, tasks, [requested])  # another writer folds the request: the kept state is behind
-        await commit_batch(conn, tasks, [voted, decided], cache=cache)
-        assert len(loads) == 2  # the other writer's load, and ours: the vote names the request, not the heartbeat
+        await commit_batch(conn, tasks, [decided], cache=cache)
+        assert len(loads) == 2  # the other writer's load, and ours: the decision names the request, not the heartbeat
         await commit_batch(conn, tasks, [reclaimed], cache=cache)
         assert len(loads) == 2
 

@@ -74,7 +74,7 @@ async def source_run(handler: CommandHandler, org: str) -> tuple[str, dict[str, 
     decided = await handler.handle(
         org, DecideApproval(task_id=task_id, approval_id=f"{task_id}-1", decision="approve"), actor=APPROVER
     )
-    seq["vote"], seq["decided"] = (item.seq for item in decided.events)
+    seq["decided"] = decided.seq
     seq["complete"] = await released(handler, org, task_id, "v1", lease="l2")
     return task_id, seq
 
@@ -86,13 +86,14 @@ async def test_a_fork_folds_to_the_source_at_the_sequence_and_runs_another_way(
     source_events = len(await task_history(store, org, source))
     fork = f"whatif-{new_id()[-8:]}"
 
-    # At the vote, the decision it caused is cut off with it: the fork stops where the human was asked.
-    ran = await cli("fork", org, source, "--at", str(seq["vote"]), "--as", fork, "--queue", "whatif", "--json")
+    # Just before the decision: the fork stops where the human was asked.
+    before = seq["decided"] - 1
+    ran = await cli("fork", org, source, "--at", str(before), "--as", fork, "--queue", "whatif", "--json")
     assert ran.code == 0, ran.err
     made = json.loads(ran.out)
     assert (made["seq"], made["requested_seq"], made["status"], made["queue"]) == (
         seq["ask"],
-        seq["vote"],
+        before,
         "awaiting_approval",
         "whatif",
     )
