@@ -117,22 +117,11 @@ def vote(approval: Approval, command: DecideApproval, ctx: DecisionContext) -> S
     if command.decision == "reject" and not command.comment:
         raise InvalidCommand("a rejection needs a reason")
     approvals_after = sum(1 for v in approval.decisions if v.decision == "approve") + (command.decision == "approve")
+    cast = DecidingVote(by=ctx.actor.id, decision=command.decision, comment=command.comment, response=command.response)
     if command.decision == "reject" or approvals_after >= approval.quorum:
-        deciding = DecidingVote(
-            by=ctx.actor.id, decision=command.decision, comment=command.comment, response=command.response
-        )
         outcome = "rejected" if command.decision == "reject" else "approved"
-        return [ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome=outcome, vote=deciding)]
-    return [
-        ApprovalVoteCast(
-            at=ctx.now,
-            approval_id=approval.id,
-            by=ctx.actor.id,
-            decision=command.decision,
-            comment=command.comment,
-            response=command.response,
-        )
-    ]
+        return [ApprovalDecided(at=ctx.now, approval_id=approval.id, outcome=outcome, vote=cast)]
+    return [ApprovalVoteCast(at=ctx.now, approval_id=approval.id, **msgspec.structs.asdict(cast))]
 
 
 # --- evolve ---------------------------------------------------------------------------------------
