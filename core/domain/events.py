@@ -201,7 +201,7 @@ class DecidingVote(msgspec.Struct, frozen=True, kw_only=True):
 class ApprovalDecided(Event, frozen=True, tag="ApprovalDecided"):
     """One event for the vote that decides and the decision, so that deciding appends one message, not an
     atomic batch of two (which a single-node file-backed stream stages on disk: the costliest append
-    there is). ``vote`` is None in events written before it existed, and for decisions no vote made."""
+    there is). ``vote`` is None in events written before it existed."""
 
     approval_id: str
     outcome: ApprovalOutcome
