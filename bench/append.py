@@ -126,7 +126,6 @@ async def run(url: str, commands: int, concurrency: int) -> None:
     print("|---|---|")
     print(f"| {RAW} | {raw_rate:,.0f} |")
     print(f"| handler submit | {handler_rate:,.0f} |")
-    await handler.close()
     await store.close()
 
 

@@ -155,7 +155,6 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> list[tuple[str,
     started = time.perf_counter()
     long_id = await long_task(handler, org, events)
     await org_tasks(handler, org, tasks)
-    await handler.close()
     print(f"wrote the histories in {time.perf_counter() - started:.1f} s")
 
     ours = await connect(url)

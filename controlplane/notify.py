@@ -140,7 +140,6 @@ async def _notify(args: argparse.Namespace, orgs: list[str], box: SecretBox) -> 
         print(f"controlplane: {exc}", file=sys.stderr)
         return 1
     finally:
-        await handler.close()
         await store.close()
     log.info("stopped")
     return 0

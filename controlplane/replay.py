@@ -253,8 +253,6 @@ async def _fork(args: argparse.Namespace) -> int:
             forked = await fork_task(handler, org, plan, command_id=fork_command_id(plan.task_id))
         except AlreadyExists as refused:
             raise ForkRefused(f"{refused.detail}; choose another id with --as") from refused
-        finally:
-            await handler.close()
     last_seq, appended = forked.last_seq, forked.appended
     summary = {
         "task": plan.task_id,

@@ -118,7 +118,6 @@ async def close_services(svc: Services) -> None:
     await svc.claim_index.stop()
     if isinstance(svc.claim_index.on_lease_expired, LeaseExpiries):
         await svc.claim_index.on_lease_expired.close()
-    await svc.handler.close()
     await svc.read_model.close()
     await svc.read_model.pool.close()
     await svc.store.close()

@@ -141,7 +141,6 @@ class CommandHandler:
         self._cache: OrderedDict[str, _Aggregate] = OrderedDict()
         self._cache_size = cache_size
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._cleanups: set[asyncio.Task[None]] = set()
         self._on_commit = on_commit
         self.last_appended_seq = 0
         """The newest stream sequence this handler appended: what a reader of this process's writes
@@ -320,7 +319,7 @@ class CommandHandler:
                 if self._on_commit is not None:
                     self._on_commit(subject, aggregate.state, seqs[-1])
                 if cancelled:
-                    self._cancel_later(cancelled, older_than_seq=seqs[-1] + 1)
+                    await self._retire(cancelled, older_than_seq=seqs[-1] + 1)
                 return Outcome(events=recorded, state=aggregate.state, seq=seqs[-1])
         raise ConcurrencyExhausted(f"{subject} kept changing; {self._max_attempts} attempts lost the race")
 
@@ -377,10 +376,6 @@ class CommandHandler:
             lock = self._locks[subject] = asyncio.Lock()
         return lock
 
-    async def close(self) -> None:
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
-
     def _decider_for(self, command: Command) -> Decider[Any]:
         try:
             return self._deciders[type(command)]
@@ -416,16 +411,12 @@ class CommandHandler:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _cancel_later(self, subjects: list[str], *, older_than_seq: int) -> None:
-        async def cancel() -> None:
-            try:
-                await self._store.cancel_schedules(subjects, older_than_seq=older_than_seq)
-            except Exception:  # a timer that still fires folds as a no-op
-                log.warning("could not cancel timers %s", subjects, exc_info=True)
-
-        task = asyncio.get_running_loop().create_task(cancel())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+    async def _retire(self, subjects: list[str], *, older_than_seq: int) -> None:
+        """Timers the committed state no longer wants: asked to go, without waiting for the log's answer."""
+        try:
+            await self._store.cancel_schedules(subjects, older_than_seq=older_than_seq)
+        except Exception:  # a timer that still fires folds as a no-op
+            log.warning("could not cancel timers %s", subjects, exc_info=True)
 
 
 def _timer_changes(decider: Decider[Any], before: Any, after: Any, subject: str) -> tuple[list[Schedule], list[str]]:

@@ -31,4 +31,3 @@ async def test_a_retired_timer_leaves_the_log_through_every_node(stores: list[Je
             while await store.holds(first):
                 await asyncio.sleep(0.05)
         assert await store.holds(second), f"node {node}: the purge took the timer that replaced the retired one"
-        await handler.close()

@@ -101,21 +101,18 @@ class Task:
         """An LLM call recorded with a clock at ``at``: the usage counts it on that day. (The log is the
         only source; a gateway's clock cannot be set, so this one is appended by a handler of its own.)"""
         handler = CommandHandler(stack.services.store, clock=lambda: at)
-        try:
-            command = RecordOperation(
-                task_id=self.id,
-                worker_id="w1",
-                lease_id=self.lease_id,
-                index=self.next_index,
-                kind="llm",
-                name=f"ask-{self.next_index}",
-                result=llm_result(model, prompt, completion, 0.0),
-            )
-            task, _ = await handler.load(self.org, "task", self.id)
-            claimer = Actor(task.lease.holder, frozenset({"worker"}))  # the lease is the worker key's alone
-            outcome = await handler.handle(self.org, command, actor=claimer)
-        finally:
-            await handler.close()
+        command = RecordOperation(
+            task_id=self.id,
+            worker_id="w1",
+            lease_id=self.lease_id,
+            index=self.next_index,
+            kind="llm",
+            name=f"ask-{self.next_index}",
+            result=llm_result(model, prompt, completion, 0.0),
+        )
+        task, _ = await handler.load(self.org, "task", self.id)
+        claimer = Actor(task.lease.holder, frozenset({"worker"}))  # the lease is the worker key's alone
+        outcome = await handler.handle(self.org, command, actor=claimer)
         self.next_index += 1
         return outcome.seq
 

@@ -27,10 +27,8 @@ async def store(nats_server: EmbeddedNats) -> AsyncIterator[JetStreamEventStore]
 
 
 @pytest.fixture
-async def handler(store: JetStreamEventStore) -> AsyncIterator[CommandHandler]:
-    opened = CommandHandler(store)
-    yield opened
-    await opened.close()
+def handler(store: JetStreamEventStore) -> CommandHandler:
+    return CommandHandler(store)
 
 
 @pytest.fixture

@@ -195,7 +195,6 @@ async def test_heartbeat_moves_the_lease_timer_and_completion_cancels_it(handler
     state, _ = await handler.load(org, "task", "t1")
     assert state.status == "running"
     await handler.handle(org, CompleteTask(task_id="t1", worker_id="w1", lease_id="l1", result=42), actor=WORKER)
-    await handler.close()
     await asyncio.sleep(2.0)
     history = await handler.history(org, "task", "t1")
     assert not any(isinstance(r.event, TaskLeaseExpired) for r in history), "a cancelled timer never fires"

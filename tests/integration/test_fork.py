@@ -61,7 +61,6 @@ async def test_a_retried_fork_with_the_same_command_id_appends_nothing(
     # Again, on a handler that has never seen the fork: every part is found written, nothing is appended.
     retried = CommandHandler(store)
     assert await fork_task(retried, org, plan, command_id=f"once-{fork}") == Forked(first.last_seq, 0)
-    await retried.close()
     assert await task_and_timers(store, org, fork) == written
 
     # Another command id, or another fork under the same one: the task exists, nothing is appended.

@@ -801,7 +801,6 @@ async def test_usage_is_kept_per_queue_and_workflow_and_a_rebuild_equals_the_liv
         await caught_up(projector)
         await llm("b", "small", 7)
         await caught_up(projector)
-    await earlier.close()
     live = await snapshot(pool, org)
     today = datetime.now(UTC).date()
     day_before = yesterday.date()

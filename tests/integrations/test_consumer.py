@@ -237,7 +237,6 @@ async def test_an_event_is_kept_until_its_dead_letter_is_stored(tmp_path: Path) 
             subscription.stop()
             await asyncio.wait_for(task, 10)
             await nc.close()
-            await handler.close()
             await store.close()
 
 

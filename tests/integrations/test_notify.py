@@ -197,7 +197,6 @@ async def notifying(served: Served, org: Org, **options: Any) -> AsyncIterator[N
         finally:
             notifier.stop()
             await asyncio.wait_for(running, 10)
-            await handler.close()
             await store.close()
 
 

@@ -103,7 +103,6 @@ async def admin(server: EmbeddedNats) -> AsyncIterator[Admin]:
     for org, task_id in (("acme", "a1"), ("globex", "g1")):
         await submit(handler, org, task_id)
     yield Admin(store, handler)
-    await handler.close()
     await store.close()
 
 

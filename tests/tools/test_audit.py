@@ -248,7 +248,6 @@ def exported_once(nats_server: EmbeddedNats) -> list[bytes]:
         async with opened(nats_server.url) as store:
             handler = CommandHandler(store)
             await some_work(handler, org, tasks=2)
-            await handler.close()
             out = io.BytesIO()
             await export_org(store.reader, org, out)
         return out.getvalue().splitlines(keepends=True)

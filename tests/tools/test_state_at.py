@@ -153,7 +153,6 @@ async def scenario(url: str, data: st.DataObject) -> None:
                 if expected is not None:
                     check_fork(history, task_id, seq)
     finally:
-        await handler.close()
         await store.close()
 
 

@@ -198,12 +198,10 @@ async def test_a_heartbeat_moves_the_lease_timer_and_completion_cancels_it() -> 
     clock.now += timedelta(seconds=20)
     beat = HeartbeatTask(task_id="t1", worker_id="w1", lease_id="l1", lease_seconds=30)
     await handler.handle(ORG, beat, actor=WORKERS["w1"])
-    await handler.close()  # the old timer is cancelled after the commit
     assert not await store.holds(first_timer)
     clock.now += timedelta(seconds=20)  # past the first expiry, not the moved one
     assert store.fire_due(clock.now) == []
     await handler.handle(ORG, CompleteTask(task_id="t1", worker_id="w1", lease_id="l1"), actor=WORKERS["w1"])
-    await handler.close()
     assert not await store.holds("cpsched.>")
     assert store.fire_due(clock.now + timedelta(hours=1)) == []
 
@@ -295,8 +293,6 @@ class HandlerMachine(RuleBasedStateMachine):
         self.ids = itertools.count()
 
     def teardown(self) -> None:
-        for handler in self.handlers:
-            self.run(handler.close())
         self.loop.close()
 
     def run(self, step: Coroutine[Any, Any, T]) -> T:
@@ -375,7 +371,6 @@ class HandlerMachine(RuleBasedStateMachine):
             if item.causation_id == command_id
         }
         assert armed == {s: event for s, event in wanted.items() if s not in had}
-        self.run(handler.close())
         for cancelled in had.keys() - wanted.keys():
             assert not self.run(self.store.holds(cancelled))
         self.wrote(via, actor, outcome.seq)
