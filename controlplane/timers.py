@@ -1,13 +1,14 @@
-"""The timer reconciler: ``controlplane timers reconcile``. Timers are a function of state, so every
-timer an open task or a live worker needs can be armed again from the log, after an arming that failed
-past its commit (the store logs it) or a stream restored from a backup. The read model names the
-candidates; each one's state is folded from the log, which decides."""
+"""The timer reconciler: ``controlplane timers reconcile``. Timers are a function of state, so every timer
+an open task, a live worker or a live schedule needs can be armed again from the log, after an arming
+that failed past its commit (the store logs it) or a stream restored from a backup. The read model names
+the candidates; each one's state is folded from the log, which decides."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections import Counter
 
 import asyncpg
 import msgspec
@@ -29,6 +30,7 @@ RECONCILER_ACTOR = "system:reconciler"
 class Reconciled(msgspec.Struct, frozen=True):
     tasks: int
     workers: int
+    schedules: int
     armed: tuple[str, ...]
     """Schedule subjects armed again."""
 
@@ -36,11 +38,12 @@ class Reconciled(msgspec.Struct, frozen=True):
 async def reconcile(
     handler: CommandHandler, read_model: ReadModel, *, org: str | None = None, progress: Progress | None = None
 ) -> Reconciled:
-    """Arm every timer that an open task or a live worker (of ``org``, or of every org) needs and
-    the log does not hold."""
+    """Arm every timer that an open task, a live worker or a live schedule (of ``org``, or of every
+    org) needs and the log does not hold."""
     open_tasks, _ = await read_model.open_tasks()
     candidates = [(task_org, "task", task.id) for task_org, task, _ in open_tasks]
     candidates += [(worker_org, "worker", worker_id) for worker_org, worker_id in await read_model.live_workers()]
+    candidates += [(owner, "schedule", schedule_id) for owner, schedule_id in await read_model.live_schedules()]
     if org is not None:
         candidates = [candidate for candidate in candidates if candidate[0] == org]
     armed: list[str] = []
@@ -51,8 +54,8 @@ async def reconcile(
         armed += subjects
         if progress is not None:
             progress(done, len(candidates))
-    tasks = sum(aggregate == "task" for _, aggregate, _ in candidates)
-    return Reconciled(tasks=tasks, workers=len(candidates) - tasks, armed=tuple(armed))
+    kinds = Counter(aggregate for _, aggregate, _ in candidates)
+    return Reconciled(tasks=kinds["task"], workers=kinds["worker"], schedules=kinds["schedule"], armed=tuple(armed))
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,9 +63,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     timers = commands.add_parser("timers", help="durable timers").add_subparsers(dest="timers_command", required=True)
     command = timers.add_parser(
         "reconcile",
-        help="arm again every timer an open task or live worker needs and the log does not hold",
+        help="arm again every timer an open task, live worker or schedule needs and the log does not hold",
         description="Arm again every timer (lease expiry, approval timeout and escalation, retry, deadline, "
-        "worker liveness) that an open task or a live worker needs and the log does not hold. Safe to run at "
+        "worker liveness, a schedule's next fire) that an open task, a live worker or a live schedule needs and "
+        "the log does not hold. Safe to run at "
         "any time: a timer armed twice fires twice, and the second firing changes nothing.",
         epilog="examples:\n  controlplane timers reconcile --nats-url nats://127.0.0.1:4222 "
         "--database-url postgresql://…\n  controlplane timers reconcile --org acme   # one org only",
@@ -89,7 +93,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
         await pool.close()
         await store.close()
     print(
-        f"checked {done.tasks} open task(s) and {done.workers} live worker(s); "
+        f"checked {done.tasks} open task(s), {done.workers} live worker(s) and {done.schedules} schedule(s); "
         f"re-armed {len(done.armed)} timer(s)" + "".join(f"\n  {subject}" for subject in done.armed)
     )
     return 0

@@ -72,6 +72,13 @@ class SettingsReads(Reads):
         )
         return [(_SCHEDULE.decode(row["state"]), row["seq"]) for row in rows]
 
+    async def live_schedules(self) -> list[tuple[str, str]]:
+        """``(org, schedule id)`` of every schedule not deleted, in every org: those whose fire timers
+        matter."""
+        async with self._across_orgs() as conn:
+            rows = await conn.fetch("SELECT org_id, id FROM schedules WHERE NOT deleted")
+        return [(row["org_id"], row["id"]) for row in rows]
+
     async def get_schedule(self, org: str, schedule_id: str) -> tuple[Schedule, int] | None:
         rows = await self._fetch(
             org, "SELECT state, seq FROM schedules WHERE org_id = $1 AND id = $2 AND NOT deleted", org, schedule_id

@@ -1,5 +1,6 @@
 """The timer reconciler against a real nats-server and PostgreSQL: a timer lost after its command
-committed is armed again from state, fires, and a second run arms nothing."""
+committed (a task's lease, a schedule's next fire) is armed again from state, fires, and a second run
+arms nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import asyncpg
 import pytest
 
 from controlplane.timers import RECONCILER_ACTOR, reconcile
-from core.domain.commands import SYSTEM, Actor, ClaimTask, RegisterWorker, SubmitTask
+from core.domain.commands import SYSTEM, Actor, ClaimTask, CreateSchedule, RegisterWorker, SubmitTask
+from core.domain.schedules import SCHEDULE
 from core.domain.subjects import aggregate_subject
 from core.domain.task_decider import TASK
 from core.domain.worker import WORKER
@@ -42,15 +44,21 @@ async def test_a_lost_lease_timer_is_armed_again_and_fires(
     [lease_timer] = [timer_subject(task_subject, timer) for timer in TASK.timers(claimed.state)]
     worker_state, _ = await handler.load(org, "worker", "w1")
     [liveness_timer] = [timer_subject(aggregate_subject(org, "worker", "w1"), t) for t in WORKER.timers(worker_state)]
-    # What an arming that failed after its commit leaves: the task runs, and nothing will expire its lease.
-    await store.nc.jetstream().purge_stream(store.stream, subject=lease_timer)
-    assert not await store.holds(lease_timer)
+    created = await handler.handle(org, CreateSchedule(schedule_id="nightly", cron="0 3 * * *", task={}), actor=SYSTEM)
+    schedule_subject = aggregate_subject(org, "schedule", "nightly")
+    [fire_timer] = [timer_subject(schedule_subject, timer) for timer in SCHEDULE.timers(created.state)]
+    # What an arming that failed after its commit leaves: the task runs, and nothing will expire its
+    # lease; the schedule waits for a fire that never comes.
+    for lost in (lease_timer, fire_timer):
+        await store.nc.jetstream().purge_stream(store.stream, subject=lost)
+        assert not await store.holds(lost)
     assert await store.holds(liveness_timer)
 
     async with running(projector):
         await caught_up(projector)
         first = await reconcile(handler, read_model, org=org)
-        assert (first.tasks, first.workers, first.armed) == (1, 1, (lease_timer,))
+        assert (first.tasks, first.workers, first.schedules) == (1, 1, 1)
+        assert first.armed == (lease_timer, fire_timer)
         again = await reconcile(handler, read_model, org=org)
         assert again.armed == (), "a timer the log holds is not armed twice"
 
