@@ -37,10 +37,27 @@ async def submit_task(
     ``InvalidCommand`` when it cannot be routed, ``PolicyUnavailable`` when the policy cannot decide,
     and the handler's ``Rejected`` (``AlreadyExists``: the task id is taken by another submission); a
     denial is an outcome whose state is None (:func:`denial_reasons` says why)."""
+    command = await submission(gate, environments, read_model, org, spec, task_id=task_id, actor=actor)
+    return await handler.handle(org, command, actor=actor, command_id=command_id)
+
+
+async def submission(
+    gate: SubmitGate,
+    environments: EnvironmentDirectory,
+    read_model: ReadModel,
+    org: str,
+    spec: SubmitTaskBody,
+    *,
+    task_id: str,
+    actor: Actor,
+) -> SubmitTask:
+    """The submit command for ``spec``, routed, decided by the submit policy (``command.policy``
+    says whether it allows) and pinned, not yet appended: for a caller that records what it will
+    submit before it does (a schedule's run). Raises as :func:`submit_task` does before appending."""
     require(actor, "submit")
     queue, environment = await route(environments, org, spec)
     decision, policy_version = await _decide(gate, org, spec, queue, environment)
-    command = SubmitTask(
+    return SubmitTask(
         task_id=task_id,
         task_type=spec.type,
         payload=spec.payload,
@@ -57,7 +74,6 @@ async def submit_task(
         environment=environment,
         excluded_workers=spec.excluded_workers,
     )
-    return await handler.handle(org, command, actor=actor, command_id=command_id)
 
 
 def denial_reasons(outcome: Outcome) -> list[str]:

@@ -1,17 +1,23 @@
 """The scheduler: turns each schedule's fires into runs. It runs in every gateway process (which has
 the submit path: environments, the submit policy, the command handler).
 
-Fires are durable timers: ``ScheduleFired`` lands in ``cp.<org>.schedule.<id>`` at the cron time,
-stored in the log whether or not any gateway is up. The scheduler follows those subjects on one
-durable JetStream pull consumer (``cp_scheduler``, file-backed, shared by every gateway: each fire is
-delivered to one of them) and acknowledges a fire only after its run is recorded. A gateway that dies
-mid-run leaves the fire unacknowledged, and it is delivered again (after ``ACK_WAIT_SECONDS``) to
-whichever gateway is up. Running it again is harmless: the run's task id, and the id of every command
-it issues, derive from the schedule, its generation and the fire time, so a second attempt finds the
-task submitted and records the same run, which the handler deduplicates.
+Fires are durable timers: ``ScheduleFired`` lands in ``cp.<org>.schedulefire.<id>`` at the cron time,
+stored in the log whether or not any gateway is up (ADR 0011). The scheduler follows those subjects on
+one durable JetStream pull consumer (``cp_schedule_fires``, file-backed, shared by every gateway: each
+fire is delivered to one of them) and acknowledges a fire only after its run is carried out. A gateway
+that dies mid-run leaves the fire unacknowledged, and it is delivered again (after
+``ACK_WAIT_SECONDS``) to whichever gateway is up, which finishes it: the run's record and its task have
+ids derived from the schedule, its generation and the fire time, so nothing is recorded or submitted
+twice.
 
-A fire whose schedule has moved on (paused, deleted, recreated, or its run already recorded) is
-acknowledged and ignored: the schedule's state, folded from the log, is the only judge."""
+A fire is run on the schedule as this process last saw it, without reading the log, when that copy
+names the fire as due; otherwise the schedule is read first (another gateway may have run the
+previous fire). Either way the log has the last word: recording the run is refused if the schedule
+moved on meanwhile (paused, deleted, recreated, its run recorded), and then nothing is submitted.
+
+Releases before ADR 0011 fired into the schedule's own subject and ran fires from a consumer named
+``cp_scheduler``. A scheduler that finds that consumer arms every live schedule's next fire in the
+new shape, then deletes it (``upgrade_legacy_fires``)."""
 
 from __future__ import annotations
 
@@ -20,28 +26,29 @@ import contextlib
 import logging
 from collections import deque
 
-import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from core.domain.events import ScheduleFired, UnknownEvent, decode_event, event_type_of
-from core.domain.schedules import SCHEDULE_AGGREGATE, run_task_id
+from core.domain.events import ScheduleFired, UnknownEvent, decode_event
+from core.domain.schedules import SCHEDULE_AGGREGATE, SCHEDULE_FIRES, FireNotDue, is_due, run_task_id
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.log.reader import Puller
-from gateway.schedules import Transient, run_fire
+from gateway.schedules import Transient, finish_run, run_fire
 from gateway.services import Services
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "cp_scheduler"
-SCHEDULE_SUBJECTS = f"{EVENTS_PREFIX}.*.{SCHEDULE_AGGREGATE}.*"
+CONSUMER = "cp_schedule_fires"
+FIRE_SUBJECTS = f"{EVENTS_PREFIX}.*.{SCHEDULE_FIRES}.*"
+LEGACY_CONSUMER = "cp_scheduler"
+"""The consumer of releases whose fires landed on the schedule's own subject."""
+UPGRADE_ACTOR = "system:scheduler"
 ACK_WAIT_SECONDS = 10.0
 RETRY_SECONDS = 1.0
 BATCH = 256
 CONCURRENCY = 256
 LATENESS_SAMPLES = 100_000
-FIRED = ScheduleFired.__struct_config__.tag
 
 
 class Scheduler:
@@ -76,16 +83,39 @@ class Scheduler:
                 ConsumerConfig(
                     durable_name=self._consumer,
                     # Everything: a consumer created after fires were stored still runs them (the
-                    # state says which fires are still pending; the rest are acknowledged at once).
+                    # state says which fires are still due; the rest are acknowledged at once).
                     deliver_policy=DeliverPolicy.ALL,
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=ACK_WAIT_SECONDS,
                     max_deliver=-1,
                     max_ack_pending=20_000,
-                    filter_subject=SCHEDULE_SUBJECTS,
+                    filter_subject=FIRE_SUBJECTS,
                 ),
             )
+        await self.upgrade_legacy_fires()
         self._loop = asyncio.get_running_loop().create_task(self._follow())
+
+    async def upgrade_legacy_fires(self) -> int:
+        """If the consumer of fires on schedules' own subjects exists, arm every live schedule's next
+        fire on its fire subject (a fire the old shape still holds then folds as nothing) and delete
+        that consumer. Returns the timers armed. Without the read model it is left for the next start."""
+        js = self._svc.store.nc.jetstream()
+        try:
+            await js.consumer_info(self._svc.store.stream, LEGACY_CONSUMER)
+        except NotFoundError:
+            return 0
+        try:
+            schedules = await self._svc.read_model.live_schedules()
+        except Exception:
+            log.warning("scheduler: cannot list schedules to upgrade their fires; trying at the next start")
+            return 0
+        armed = 0
+        for org, schedule_id in schedules:
+            armed += len(await self._svc.handler.rearm(org, SCHEDULE_AGGREGATE, schedule_id, actor=UPGRADE_ACTOR))
+        with contextlib.suppress(NotFoundError):  # another gateway upgraded at the same time
+            await js.delete_consumer(self._svc.store.stream, LEGACY_CONSUMER)
+        log.info("scheduler: %d schedules' fires moved to their fire subjects (%d timers armed)", len(schedules), armed)
+        return armed
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop fetching; let the runs in flight finish (a run cut short is delivered again)."""
@@ -138,10 +168,8 @@ class Scheduler:
             await message.ack()
 
     async def process(self, message: Msg) -> None:
-        """Run the fire ``message`` carries if its schedule still waits for it; anything else is done."""
-        with contextlib.suppress(msgspec.DecodeError):  # unreadable: the full decode below says how
-            if event_type_of(message.data) != FIRED:
-                return  # the schedule's other events (created, run recorded, …): nothing to run
+        """Run the fire ``message`` carries if its schedule still waits for it, or finish the run an
+        earlier attempt recorded for it; anything else is done."""
         try:  # the event alone: its sequence and headers play no part here
             event = decode_event(message.data)
         except UnknownEvent:
@@ -149,10 +177,16 @@ class Scheduler:
         if not isinstance(event, ScheduleFired):
             return
         org, _, schedule_id = parse_aggregate_subject(message.subject)
-        state, _ = await self._svc.handler.load(org, SCHEDULE_AGGREGATE, schedule_id)
-        if state is None or state.deleted or state.generation != event.generation or state.pending_fire != event.at:
+        task_id = run_task_id(org, schedule_id, event.generation, event.at)
+        state = self._svc.handler.cached_state(org, SCHEDULE_AGGREGATE, schedule_id)
+        if not is_due(state, event.generation, event.at):  # this copy may be behind: ask the log
+            state, _ = await self._svc.handler.load(org, SCHEDULE_AGGREGATE, schedule_id)
+        if not is_due(state, event.generation, event.at):
+            await finish_run(self._svc, org, schedule_id, task_id)
             return
-        task_id = run_task_id(org, schedule_id, state.generation, event.at)
-        await run_fire(self._svc, org, state, event.at, task_id=task_id)
+        try:
+            await run_fire(self._svc, org, state, event.at, generation=event.generation, task_id=task_id)
+        except FireNotDue:
+            return  # the schedule moved on between this process's copy and the log
         self.runs += 1
         self.lateness.append((self._svc.clock() - event.at).total_seconds())

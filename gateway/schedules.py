@@ -1,16 +1,20 @@
 """Schedules (cron): ``POST /v1/schedules`` and the rest, and ``run_fire``, the one place a fire (the
 scheduler's, or a trigger's) becomes a task.
 
-A fire submits its schedule's task through the API's own submit path (``application.submit.submit_task``:
+A fire submits its schedule's task through the API's own submit path (``application.submit``:
 environments, the submit policy, workflow pinning) as the actor ``schedule:<id>``, with
-``metadata.schedule_id`` and ``metadata.schedule_fire_at``. Every id it uses derives from the
-schedule, its generation and the fire time: run again after a crash, a fire finds its own task and
-submits nothing twice. Every schedule endpoint needs admin or submitter (permission ``schedule``).
-Single schedules are read from the log; the list from the ``schedules`` read model."""
+``metadata.schedule_id`` and ``metadata.schedule_fire_at``, after recording the run: the record is the
+decision, the log's concurrency check makes it on the schedule as it is, and the submit carries it out.
+Every id it uses derives from the schedule, its generation and the fire time: run again after a crash, a
+fire finds its own record and task and submits nothing twice. Every schedule endpoint needs admin or
+submitter (permission ``schedule``). Single schedules are read from the log; the list from the
+``schedules`` read model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +26,7 @@ from application.bodies import ScheduleBody, SubmitTaskBody
 from application.errors import PolicyUnavailable
 from application.idempotency import derived_id
 from application.principal import Principal
-from application.submit import denial_reasons, route, submit_task
+from application.submit import denial_reasons, route, submission
 from core.domain.commands import (
     Actor,
     CancelTask,
@@ -31,12 +35,15 @@ from core.domain.commands import (
     PauseSchedule,
     RecordScheduleRun,
     ResumeSchedule,
+    SubmitTask,
 )
 from core.domain.errors import AlreadyExists, AlreadyTerminal, ConcurrencyExhausted, Rejected
-from core.domain.events import ScheduleRunOutcome
+from core.domain.events import ScheduleRunOutcome, ScheduleRunRecorded
 from core.domain.ids import new_id
 from core.domain.schedules import (
     SCHEDULE_AGGREGATE,
+    SUBMITTING_OUTCOMES,
+    FireNotDue,
     InvalidSchedule,
     Schedule,
     check_cron,
@@ -47,6 +54,8 @@ from core.log.handler import Outcome
 from gateway.http import body, command_id, idempotency_key, json, path_id, principal, read_after, services
 from gateway.problems import Problem
 from gateway.services import Services
+
+log = logging.getLogger(__name__)
 
 PERMISSION = "schedule"
 SCHEDULER_ACTOR = Actor(id="system:scheduler", roles=frozenset({"admin"}))
@@ -198,7 +207,14 @@ async def trigger_now(svc: Services, who: Principal, schedule_id: str, key: str 
         task_id = run_task_id(who.org, schedule_id, schedule.generation, fire_at)
     else:  # the same key runs the same manual fire, once
         task_id = derived_id(who.org, who.credential_id, key, "schedule-trigger", schedule_id, str(schedule.generation))
-    return await run_fire(svc, who.org, schedule, fire_at, task_id=task_id, manual=True)
+    try:
+        return await run_fire(
+            svc, who.org, schedule, fire_at, generation=schedule.generation, task_id=task_id, manual=True
+        )
+    except FireNotDue as exc:
+        raise Problem(409, f"{exc.detail}; trigger it again") from exc
+    except Transient as exc:
+        raise Problem(503, f"the run could not be decided now ({exc}); trigger it again later") from exc
 
 
 # --- a fire's run -----------------------------------------------------------------------------------
@@ -206,80 +222,134 @@ async def trigger_now(svc: Services, who: Principal, schedule_id: str, key: str 
 
 class Transient(Exception):
     """The run could not be decided now (the policy engine or a dependency is unavailable): the fire
-    stays pending and the scheduler retries it."""
+    stays due and the scheduler retries it."""
 
 
 async def run_fire(
-    svc: Services, org: str, schedule: Schedule, fire_at: datetime, *, task_id: str, manual: bool = False
+    svc: Services,
+    org: str,
+    schedule: Schedule,
+    fire_at: datetime,
+    *,
+    generation: int,
+    task_id: str,
+    manual: bool = False,
 ) -> Outcome:
-    """Run one fire of ``schedule``: by its overlap policy submit its task as ``task_id`` (cancelling
-    the previous run first for ``cancel_previous``), or skip; then record the run. Idempotent: every
-    command's id derives from ``task_id``, and a task already submitted as ``task_id`` (by an earlier
-    attempt that did not get to record) counts as this fire's run."""
-    previous_id = schedule.last_task_id
+    """Run one fire of ``schedule`` (a copy of it, possibly behind the log): decide by its overlap
+    policy what the run does, record that (``RecordScheduleRun``), then do it (:func:`_carry_out`).
+
+    The record comes first because the log decides it on the schedule as it is: a fire that a pause,
+    a deletion or another gateway's run got to first is refused (``FireNotDue`` is raised) and
+    nothing was cancelled or submitted for it. A denial is appended before its record (it submits
+    nothing that could run). Idempotent: every command's id derives from ``task_id``; a run recorded
+    by an earlier attempt is answered as recorded and carried out again, which changes nothing that
+    was done."""
+    previous = None
+    if schedule.overlap != "allow" and schedule.last_task_id not in (None, task_id):
+        previous, _ = await svc.handler.load(org, "task", schedule.last_task_id)
+    previous_open = previous is not None and not previous.is_terminal
+    action = overlap_action(schedule.overlap, previous_open=previous_open)
     outcome: ScheduleRunOutcome = "submitted"
     reason: str | None = None
     cancelled: str | None = None
     submitted_id: str | None = task_id
-    previous = None
-    if schedule.overlap != "allow" and previous_id is not None and previous_id != task_id:
-        previous, _ = await svc.handler.load(org, "task", previous_id)
-    previous_open = previous is not None and not previous.is_terminal
-    # An earlier attempt at this fire may have submitted before it could record: then that task is this
-    # fire's run, whatever the previous one is doing. (Without an open previous run the submit below is
-    # that check: its command id is the earlier attempt's, so the handler answers the original outcome.)
-    already = (await svc.handler.load(org, "task", task_id))[0] if previous_open else None
-    if already is None:
-        action = overlap_action(schedule.overlap, previous_open=previous_open)
-        if action == "skip":
-            assert previous is not None
-            outcome, submitted_id = "skipped", None
-            reason = f"the previous run {previous.id} is still {previous.status}"
+    command: SubmitTask | None = None
+    if action == "skip":
+        assert previous is not None
+        outcome, submitted_id = "skipped", None
+        reason = f"the previous run {previous.id} is still {previous.status}"
+    else:
+        try:
+            command = await _submission(svc, org, schedule, fire_at, task_id)
+        except _Unsubmittable as exc:
+            outcome, reason, submitted_id = "failed", exc.reason, None
         else:
-            if action == "cancel_then_submit":
+            if command.policy is not None and not command.policy.allows:
+                denied = await _append_submission(svc, org, schedule, command)
+                reasons = "; ".join(denial_reasons(denied))
+                outcome, reason, submitted_id = "denied", f"the submit policy denied the task: {reasons}", None
+            elif action == "cancel_then_submit":
                 assert previous is not None
-                cancelled = await _cancel_previous(svc, org, schedule, previous.id, task_id)
-            outcome, reason, submitted_id = await _submit_run(svc, org, schedule, fire_at, task_id)
-            if outcome == "submitted" and cancelled is not None:
-                outcome = "cancelled_previous"
+                outcome, cancelled = "cancelled_previous", previous.id
     record = RecordScheduleRun(
         schedule_id=schedule.id,
         fire_at=fire_at,
+        generation=generation,
         task_id=submitted_id,
         outcome=outcome,
         reason=None if reason is None else reason[:4096],
         cancelled_task_id=cancelled,
         manual=manual,
     )
-    return await svc.handler.handle(
-        org, record, actor=SCHEDULER_ACTOR, command_id=derived_id(task_id, "schedule-run"), causation_id=task_id
+    recorded = await svc.handler.handle(
+        org, record, actor=SCHEDULER_ACTOR, command_id=_run_command_id(task_id), causation_id=task_id
     )
+    await _carry_out(svc, org, recorded, command)
+    return recorded
 
 
-async def _cancel_previous(svc: Services, org: str, schedule: Schedule, previous_id: str, task_id: str) -> str | None:
+async def finish_run(svc: Services, org: str, schedule_id: str, task_id: str) -> bool:
+    """Carry out the run an earlier attempt recorded for the fire whose task is ``task_id`` and
+    stopped before doing (a crash between the record and the submit). False if no run is recorded."""
+    recorded = await svc.handler.outcome_of(org, SCHEDULE_AGGREGATE, schedule_id, _run_command_id(task_id))
+    if recorded is None:
+        return False
+    await _carry_out(svc, org, recorded, None)
+    return True
+
+
+def _run_command_id(task_id: str) -> str:
+    return derived_id(task_id, "schedule-run")
+
+
+async def _carry_out(svc: Services, org: str, recorded: Outcome, prepared: SubmitTask | None) -> None:
+    """Do what a recorded run says: cancel the previous run, submit the task (``prepared``, when it is
+    the one the record names). Each command's id derives from the run's task id, so doing it again
+    appends nothing."""
+    run = recorded.events[0].event
+    assert isinstance(run, ScheduleRunRecorded)
+    if run.outcome not in SUBMITTING_OUTCOMES or run.task_id is None:
+        return
+    schedule: Schedule = recorded.state
+    if run.cancelled_task_id is not None:
+        await _cancel_previous(svc, org, schedule, run.cancelled_task_id, run.task_id)
+    command = prepared
+    if command is None or command.task_id != run.task_id:
+        try:
+            command = await _submission(svc, org, schedule, run.fire_at, run.task_id)
+        except _Unsubmittable as exc:  # it could be submitted when the run was recorded: a change since
+            log.error("schedule %s: the run it recorded cannot be submitted now: %s", schedule.id, exc.reason)
+            return
+    await _append_submission(svc, org, schedule, command)
+
+
+async def _cancel_previous(svc: Services, org: str, schedule: Schedule, previous_id: str, task_id: str) -> None:
     reason = f"schedule {schedule.id} started a new run ({task_id}) and its overlap policy is cancel_previous"
-    try:
+    with contextlib.suppress(AlreadyTerminal):  # it ended meanwhile: nothing to cancel
         await svc.handler.handle(
             org,
             CancelTask(task_id=previous_id, reason=reason),
             actor=schedule_actor(schedule.id),
             command_id=derived_id(task_id, "schedule-cancel-previous"),
         )
-    except AlreadyTerminal:  # it ended meanwhile: nothing to cancel
-        return None
-    return previous_id
 
 
-async def _submit_run(
-    svc: Services, org: str, schedule: Schedule, fire_at: datetime, task_id: str
-) -> tuple[ScheduleRunOutcome, str | None, str | None]:
-    """(outcome, reason, task id submitted) of submitting the schedule's task for the fire."""
+class _Unsubmittable(Exception):
+    """The schedule's task cannot be submitted (it cannot be routed or is invalid): the run fails."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _submission(svc: Services, org: str, schedule: Schedule, fire_at: datetime, task_id: str) -> SubmitTask:
+    """The submit command of the fire's task (routed, decided by the submit policy), as the schedule's
+    actor submits it, with ``metadata.schedule_id`` and ``metadata.schedule_fire_at``."""
     try:
         spec = msgspec.convert(schedule.task, SubmitTaskBody)
         metadata = {**spec.metadata, "schedule_id": schedule.id, "schedule_fire_at": fire_at.isoformat()}
         spec = msgspec.structs.replace(spec, metadata=metadata)
-        submitted = await submit_task(
-            svc.handler,
+        return await submission(
             svc.submit_gate,
             svc.environments,
             svc.read_model,
@@ -287,12 +357,20 @@ async def _submit_run(
             spec,
             task_id=task_id,
             actor=schedule_actor(schedule.id),
-            command_id=derived_id(task_id, "schedule-submit"),
         )
-    except (PolicyUnavailable, ConcurrencyExhausted) as exc:
+    except PolicyUnavailable as exc:
         raise Transient(exc.detail) from exc
     except (Rejected, msgspec.ValidationError) as exc:
-        return "failed", str(exc), None
-    if submitted.state is None:
-        return "denied", "the submit policy denied the task: " + "; ".join(denial_reasons(submitted)), None
-    return "submitted", None, task_id
+        raise _Unsubmittable(str(exc)) from exc
+
+
+async def _append_submission(svc: Services, org: str, schedule: Schedule, command: SubmitTask) -> Outcome:
+    try:
+        return await svc.handler.handle(
+            org,
+            command,
+            actor=schedule_actor(schedule.id),
+            command_id=derived_id(command.task_id, "schedule-submit"),
+        )
+    except ConcurrencyExhausted as exc:
+        raise Transient(exc.detail) from exc

@@ -30,7 +30,11 @@ _GROUPS: tuple[tuple[str, Any, str], ...] = (
     ("Policy bundles", events.PolicyBundlePushed, "`cp.<org>.policy.bundles`"),
     ("Environments", events.EnvironmentEvent, "`cp.<org>.environments.all`"),
     ("Queue settings", events.QueueEvent, "`cp.<org>.queues.all`"),
-    ("Schedules", events.ScheduleEvent, "`cp.<org>.schedule.<schedule id>`"),
+    (
+        "Schedules",
+        events.ScheduleEvent,
+        "`cp.<org>.schedule.<schedule id>` (`ScheduleFired`, the fire, on `cp.<org>.schedulefire.<schedule id>`)",
+    ),
     ("Worker configuration", events.WorkerConfigEvent, "`cp.<org>.workerconfig.all`"),
     ("Secrets", events.SecretEvent, "`cp.<org>.secrets.all` (`SecretRead`, the audit of a read, is on the task)"),
     ("Notification channels and rules", events.NotificationConfigEvent, "`cp.<org>.notifications.all`"),
@@ -67,8 +71,9 @@ Every event has these fields besides its own:
 
 Message headers carry `Cp-Actor` (who caused it; `system:timer` for a fired timer), `Cp-Time`, and when
 known `Cp-Correlation-Id` and `Cp-Causation-Id`; `Nats-Msg-Id` is `<command id>:<index>` for events
-appended by a command. Events marked *timer* are fired by durable timers into the aggregate's subject;
-folding one whose guarded thing has moved on changes nothing.
+appended by a command. Events marked *timer* are fired by durable timers into the aggregate's subject
+(a schedule's fire into a subject beside it); folding one whose guarded thing has moved on changes
+nothing.
 
 Versions: old events are never rewritten. When a type's schema changes its version goes up, and readers
 upcast older payloads on the fly (`core.domain.events.UPCASTERS`), so a consumer built on this code always sees

@@ -443,6 +443,8 @@ class RecordScheduleRun(ScheduleCommand, frozen=True, kw_only=True):
     through the gateway's submit path, so it cannot happen inside a decider)."""
 
     fire_at: datetime
+    generation: int
+    """The schedule's generation the fire (or trigger) belongs to: a fire of an earlier one never runs."""
     task_id: Token | None
     outcome: ScheduleRunOutcome
     reason: ShortText | None = None

@@ -31,6 +31,9 @@ class Timer(msgspec.Struct, frozen=True):
 
     key: str
     event: Event
+    into: str | None = None
+    """Fire into the subject of this aggregate type (same org and id) instead: for a timer whose event
+    is work for a process to pick up, not history of the aggregate (a schedule's fire, ADR 0011)."""
 
 
 @dataclass(frozen=True)

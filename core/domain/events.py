@@ -543,8 +543,10 @@ class ScheduleResumed(Event, frozen=True, tag="ScheduleResumed"):
 
 
 class ScheduleFired(Event, frozen=True, tag="ScheduleFired"):
-    """timer: the cron time ``at`` of generation ``generation`` has come. The schedule then waits for
-    its run to be recorded (``ScheduleRunRecorded``) before it arms the next fire."""
+    """timer: the cron time ``at`` of generation ``generation`` has come. It lands on the fire subject
+    ``cp.<org>.schedulefire.<schedule id>``, which the scheduler follows, not on the schedule's own
+    (releases before ADR 0011 fired it there; such a fire folds as nothing). The schedule names ``at``
+    as its next fire until the fire's run is recorded (``ScheduleRunRecorded``), which arms the next."""
 
     generation: int
 

@@ -1,13 +1,17 @@
 """Schedules (cron): one aggregate per schedule (``cp.<org>.schedule.<id>``). Pure: no I/O, no clock.
 
-A schedule's next fire is a durable timer like every other (``timers``): ``ScheduleFired`` lands in
-the schedule's subject at the cron time and folds into a *pending fire*. The gateway's scheduler
-follows the schedule subjects on a durable consumer, submits the task of a pending fire through the
-submit path (policies, environments) with a task id derived from the schedule, its generation and the
-fire time, and records the run (``RecordScheduleRun``). Only the recorded run arms the next fire, at
-the first cron time after the later of the fire time and the recording's time: after downtime one
-catch-up run, never a burst. Next fire times come from the injected ``ctx.now`` or the fire's own
-time; cron parsing (cronsim) and time zones (zoneinfo) are pure computation."""
+A schedule's next fire is a durable timer like every other (``timers``), with one difference: it fires
+``ScheduleFired`` into a subject of its own, ``cp.<org>.schedulefire.<id>`` (ADR 0011), because a fire
+is work for the scheduler, not history of the schedule. The gateway's scheduler follows those subjects
+on a durable consumer. A fire is *due* while the schedule, live and not paused, still names it as its
+next fire (``is_due``); the scheduler then records the run (``RecordScheduleRun``) and submits its
+task through the submit path (policies, environments) with a task id derived from the schedule, its
+generation and the fire time. The decider refuses to record a run for a fire that is not due
+(``FireNotDue``): the log's concurrency check makes that decision on the schedule as it is, so a fire
+that races a pause or a deletion submits nothing. The recorded run arms the next fire, at the first
+cron time after the later of the fire time and the recording's time: after downtime one catch-up run,
+never a burst. Next fire times come from the injected ``ctx.now`` or the fire's own time; cron parsing
+(cronsim) and time zones (zoneinfo) are pure computation."""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from core.domain.commands import (
     ResumeSchedule,
 )
 from core.domain.decider import Decider, DecisionContext, Timer
-from core.domain.errors import AlreadyExists, InvalidCommand, NotFound
+from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
 from core.domain.events import (
     Event,
     ScheduleCreated,
@@ -44,12 +48,20 @@ from core.domain.events import (
 )
 
 SCHEDULE_AGGREGATE = "schedule"
+SCHEDULE_FIRES = "schedulefire"
+"""The aggregate type in the subject a schedule's fires land on (``cp.<org>.schedulefire.<id>``): no
+decider folds it, only the scheduler reads it."""
 SUBMITTING_OUTCOMES: frozenset[str] = frozenset({"submitted", "cancelled_previous"})
 OverlapAction = Literal["submit", "skip", "cancel_then_submit"]
 
 
 class InvalidSchedule(InvalidCommand):
     """A cron expression or time zone that cannot be used."""
+
+
+class FireNotDue(Rejected):
+    """A fire whose schedule has moved on (paused, deleted, recreated, or its run already recorded):
+    nothing runs for it."""
 
 
 def _zone(timezone: str) -> ZoneInfo:
@@ -123,9 +135,8 @@ class Schedule(msgspec.Struct, frozen=True):
     updated_at: datetime
     created_by: str
     next_fire_at: datetime | None = None
-    """The next cron time the schedule will fire at (null while paused)."""
-    pending_fire: datetime | None = None
-    """A fire that came and whose run is not recorded yet: no next fire is armed meanwhile."""
+    """The next cron time the schedule will fire at (null while paused). It stays the fire's time
+    until the fire's run is recorded, so a fire is due exactly while it is named here."""
     last_fire_at: datetime | None = None
     last_task_id: str | None = None
     """The task of the latest run that submitted one (what ``skip`` and ``cancel_previous`` look at)."""
@@ -138,6 +149,17 @@ class Schedule(msgspec.Struct, frozen=True):
 
 
 ScheduleState = Schedule | None
+
+
+def is_due(state: ScheduleState, generation: int, at: datetime) -> bool:
+    """Whether the fire of ``generation`` at ``at`` is the one the schedule waits for."""
+    return (
+        state is not None
+        and not state.deleted
+        and not state.paused
+        and state.generation == generation
+        and state.next_fire_at == at
+    )
 
 
 def _live(state: ScheduleState, schedule_id: str) -> Schedule:
@@ -183,10 +205,16 @@ def decide(state: ScheduleState, command: Command, ctx: DecisionContext) -> Sequ
             schedule = _live(state, command.schedule_id)
             if command.outcome in SUBMITTING_OUTCOMES and command.task_id is None:
                 raise InvalidCommand(f"a run with outcome {command.outcome} names the task it submitted")
-            resolves = not command.manual and schedule.pending_fire == command.fire_at
-            upcoming = schedule.next_fire_at
-            if resolves and not schedule.paused:
+            if command.manual:
+                if command.generation != schedule.generation:
+                    raise FireNotDue(f"schedule {schedule.id} was recreated since this run was triggered")
+                upcoming = schedule.next_fire_at
+            elif is_due(schedule, command.generation, command.fire_at):
                 upcoming = next_fire(schedule.cron, schedule.timezone, max(command.fire_at, ctx.now))
+            else:
+                raise FireNotDue(
+                    f"schedule {schedule.id} no longer waits for its fire at {command.fire_at.isoformat()}"
+                )
             return [
                 ScheduleRunRecorded(
                     at=ctx.now,
@@ -222,19 +250,13 @@ def evolve(state: ScheduleState, event: Event) -> ScheduleState:
         return state
     match event:
         case SchedulePaused():
-            return msgspec.structs.replace(
-                state, paused=True, next_fire_at=None, pending_fire=None, updated_at=event.at
-            )
+            return msgspec.structs.replace(state, paused=True, next_fire_at=None, updated_at=event.at)
         case ScheduleResumed():
             return msgspec.structs.replace(state, paused=False, next_fire_at=event.next_fire_at, updated_at=event.at)
-        case ScheduleFired() if event in (timer.event for timer in timers(state)):
-            return msgspec.structs.replace(state, pending_fire=event.at)
         case ScheduleRunRecorded():
             submitted = event.outcome in SUBMITTING_OUTCOMES
-            resolves = not event.manual and state.pending_fire == event.fire_at
             return msgspec.structs.replace(
                 state,
-                pending_fire=None if resolves else state.pending_fire,
                 next_fire_at=event.next_fire_at,
                 last_fire_at=event.fire_at if state.last_fire_at is None else max(state.last_fire_at, event.fire_at),
                 last_task_id=event.task_id if submitted else state.last_task_id,
@@ -245,20 +267,20 @@ def evolve(state: ScheduleState, event: Event) -> ScheduleState:
                 updated_at=event.at,
             )
         case ScheduleDeleted():
-            return msgspec.structs.replace(
-                state, deleted=True, next_fire_at=None, pending_fire=None, paused=True, updated_at=event.at
-            )
+            return msgspec.structs.replace(state, deleted=True, next_fire_at=None, paused=True, updated_at=event.at)
+    # ScheduleFired: a fire is work, not history; one found on the schedule's own subject was armed by a
+    # release before ADR 0011 and changes nothing (the fire it stood for is armed again on start).
     return state
 
 
 def timers(state: ScheduleState) -> Sequence[Timer]:
-    if state is None or state.deleted or state.paused or state.pending_fire is not None:
+    if state is None or state.deleted or state.paused:
         return ()
     due = state.next_fire_at
     if due is None:
         return ()
     key = f"fire-{state.generation}-{int(due.timestamp())}"
-    return [Timer(key, ScheduleFired(at=due, generation=state.generation))]
+    return [Timer(key, ScheduleFired(at=due, generation=state.generation), into=SCHEDULE_FIRES)]
 
 
 SCHEDULE = Decider[ScheduleState](

@@ -36,7 +36,7 @@ from core.domain.queues import QUEUES
 from core.domain.records import RecordedEvent
 from core.domain.schedules import SCHEDULE
 from core.domain.secrets import SECRETS
-from core.domain.subjects import aggregate_subject, schedule_subject
+from core.domain.subjects import aggregate_subject, parse_aggregate_subject, schedule_subject
 from core.domain.task_decider import TASK
 from core.domain.worker import WORKER
 from core.domain.worker_config import WORKER_CONFIG
@@ -339,6 +339,12 @@ class CommandHandler:
         loaded = await self._refreshed(org, aggregate, aggregate_id)
         return loaded.state, loaded.last_seq
 
+    async def outcome_of(self, org: str, aggregate: str, aggregate_id: str, command_id: str) -> Outcome | None:
+        """What the command ``command_id`` recorded on the aggregate, as the log holds it now (None if it
+        recorded nothing there): for a process finishing what an earlier attempt at that command began."""
+        decider = self._decider_named(aggregate)
+        return (await self._refreshed(org, aggregate, aggregate_id)).outcome_of(decider, command_id)
+
     async def history(self, org: str, aggregate: str, aggregate_id: str) -> list[RecordedEvent]:
         return list((await self._refreshed(org, aggregate, aggregate_id)).history)
 
@@ -351,7 +357,7 @@ class CommandHandler:
         subject = aggregate_subject(org, aggregate, aggregate_id)
         async with self._lock(subject):
             loaded = await self._load(subject, decider, refresh=True)
-            wanted = [Schedule(timer_subject(subject, t), subject, t.event) for t in decider.timers(loaded.state)]
+            wanted = [timer_schedule(subject, timer) for timer in decider.timers(loaded.state)]
             missing = [schedule for schedule in wanted if not await self._store.holds(schedule.subject)]
             if missing:
                 await self._store.arm(missing, AppendMeta(command_id=new_id(), actor=actor, time=self._clock()))
@@ -422,12 +428,23 @@ class CommandHandler:
 def _timer_changes(decider: Decider[Any], before: Any, after: Any, subject: str) -> tuple[list[Schedule], list[str]]:
     old = {timer_subject(subject, timer): timer for timer in decider.timers(before)}
     new = {timer_subject(subject, timer): timer for timer in decider.timers(after)}
-    armed = [Schedule(subject=s, target=subject, event=timer.event) for s, timer in new.items() if s not in old]
+    armed = [timer_schedule(subject, timer, s) for s, timer in new.items() if s not in old]
     return armed, [s for s in old if s not in new]
+
+
+def timer_schedule(subject: str, timer: Timer, definition: str | None = None) -> Schedule:
+    """What the log stores for ``timer`` of the aggregate on ``subject``: its definition's subject and
+    where it fires (the aggregate's own subject, or the one its ``into`` names)."""
+    target = subject
+    if timer.into is not None:
+        address = parse_aggregate_subject(subject)
+        target = aggregate_subject(address.org, timer.into, address.id)
+    return Schedule(subject=definition or timer_subject(subject, timer), target=target, event=timer.event)
 
 
 def timer_subject(subject: str, timer: Timer) -> str:
     """One schedule subject per distinct timer: a racing command can never overwrite the timer of the
-    command that won, because equal subjects mean equal timers."""
-    digest = hashlib.blake2b(encode_event(timer.event), digest_size=6).hexdigest()
+    command that won, because equal subjects mean equal timers (where a timer fires is part of it)."""
+    identity = encode_event(timer.event) if timer.into is None else encode_event(timer.event) + timer.into.encode()
+    digest = hashlib.blake2b(identity, digest_size=6).hexdigest()
     return schedule_subject(subject, f"{timer.key}-{digest}")

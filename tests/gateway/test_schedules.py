@@ -1,6 +1,8 @@
 """Schedules over HTTP, through the real stack (NATS message schedules fire, the gateway's scheduler
 runs the fires): validation, roles, orgs, idempotency, triggers, the overlap policies, fires on time,
-and a fire neither lost nor doubled across a restart of every process (nats-server included).
+a fire neither lost nor doubled across a restart of every process (nats-server included), a fire that
+another gateway's pause got to first, a run recorded before a crash, and the upgrade of fires armed by
+an older release.
 
 Schedules that fire are deleted at the end of their test: other tests share the stream."""
 
@@ -17,9 +19,17 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from application.idempotency import derived_id
 from controlplane.embedded import EmbeddedNats
-from core.domain.events import ScheduleRunRecorded, TaskSubmitted
+from core.domain.commands import PauseSchedule, RecordScheduleRun
+from core.domain.events import ScheduleFired, ScheduleRunRecorded, TaskSubmitted
+from core.domain.ids import new_id
+from core.domain.schedules import SCHEDULE, SCHEDULE_FIRES, run_task_id
 from core.domain.subjects import aggregate_subject
+from core.log.event_store import TIMER_ACTOR, AppendMeta
+from core.log.handler import CommandHandler, timer_subject
+from gateway.scheduler import LEGACY_CONSUMER
+from gateway.schedules import SCHEDULER_ACTOR
 from tests.gateway.conftest import Stack, new_org, own_database, serve_stack
 from tests.gateway.test_api import appended_since, last_seq, problem, queue
 from tests.gateway.test_console_http import csrf, sign_in
@@ -348,3 +358,89 @@ async def test_the_console_lists_schedules_and_pauses_and_resumes_them(stack: St
         assert resumed.json()["paused"] is False
     async with sign_in(stack, keys["viewer"]) as http:
         assert (await http.get("/console/schedules")).status_code == 403
+
+
+async def fire(stack: Stack, org: str, schedule_id: str, at: datetime, generation: int = 1) -> None:
+    """Store the fire the schedule's timer stores at ``at`` (now, whatever ``at`` says) and wait until
+    the scheduler has handled it (its consumer acknowledged it)."""
+    store = stack.services.store
+    subject = aggregate_subject(org, SCHEDULE_FIRES, schedule_id)
+    meta = AppendMeta(command_id=new_id(), actor=TIMER_ACTOR, time=datetime.now(UTC))
+    earlier = await store.read_subject(subject)
+    fired = [ScheduleFired(at=at, generation=generation)]
+    [seq] = await store.append(subject, fired, expected_last_seq=earlier[-1].seq if earlier else 0, meta=meta)
+    js = store.nc.jetstream()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        info = await js.consumer_info(store.stream, "cp_schedule_fires")
+        if info.ack_floor.stream_seq >= seq and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the scheduler did not handle the fire at seq {seq}")
+
+
+async def test_a_fire_that_another_gateways_pause_got_to_first_submits_nothing(stack: Stack) -> None:
+    """This gateway last saw the schedule waiting for the fire; another gateway paused it since, and its
+    purge of the timer was lost. The fire comes: the log refuses its run, and no task is submitted."""
+    org, keys = await new_org(stack)
+    async with client(stack, keys["submitter"]) as submitter:
+        made = await create(submitter, queue())
+    due = parse(made["next_fire_at"])
+    other_gateway = CommandHandler(stack.services.store)
+    await other_gateway.handle(org, PauseSchedule(schedule_id=made["id"]), actor=SCHEDULER_ACTOR)
+    cached = stack.services.handler.cached_state(org, "schedule", made["id"])
+    assert cached is not None and not cached.paused, "this gateway's copy is behind the log"
+    await fire(stack, org, made["id"], due)
+    assert await runs_of(stack, org, made["id"]) == []
+    task_id = run_task_id(org, made["id"], 1, due)
+    assert await stack.services.store.read_subject(aggregate_subject(org, "task", task_id)) == []
+
+
+async def test_a_run_recorded_before_a_crash_is_submitted_when_its_fire_comes_again(stack: Stack) -> None:
+    """A scheduler recorded the run and died before submitting its task: the fire, delivered again,
+    submits the task the record names, once."""
+    org, keys = await new_org(stack)
+    async with client(stack, keys["submitter"]) as submitter:
+        made = await create(submitter, queue(), overlap="allow")
+        due = parse(made["next_fire_at"])
+        task_id = run_task_id(org, made["id"], 1, due)
+        record = RecordScheduleRun(
+            schedule_id=made["id"], fire_at=due, generation=1, task_id=task_id, outcome="submitted"
+        )
+        await stack.services.handler.handle(
+            org, record, actor=SCHEDULER_ACTOR, command_id=derived_id(task_id, "schedule-run"), causation_id=task_id
+        )
+        await fire(stack, org, made["id"], due)
+        await fire(stack, org, made["id"], due)  # and once more: nothing more happens
+        [run] = await runs_of(stack, org, made["id"])
+        assert (run.task_id, run.outcome) == (task_id, "submitted")
+        history = await stack.services.store.read_subject(aggregate_subject(org, "task", task_id))
+        assert [type(item.event) for item in history] == [TaskSubmitted]
+        task = (await submitter.get(f"/v1/tasks/{task_id}")).json()
+        assert task["metadata"]["schedule_id"] == made["id"] and parse(task["metadata"]["schedule_fire_at"]) == due
+        await submitter.delete(f"/v1/schedules/{made['id']}")
+
+
+async def test_fires_armed_by_an_older_release_are_moved_beside_their_schedule(stack: Stack) -> None:
+    """An older release armed fires into the schedule's own subject and ran them from the consumer
+    ``cp_scheduler``. A scheduler that finds that consumer arms each live schedule's next fire on its
+    fire subject and deletes the consumer; a second look finds nothing to do."""
+    org, keys = await new_org(stack)
+    async with client(stack, keys["submitter"]) as submitter:
+        made = await create(submitter, queue())
+    store, scheduler = stack.services.store, stack.services.scheduler
+    assert scheduler is not None
+    subject = aggregate_subject(org, "schedule", made["id"])
+    state = stack.services.handler.cached_state(org, "schedule", made["id"])
+    [wanted] = [timer_subject(subject, timer) for timer in SCHEDULE.timers(state)]
+    js = store.nc.jetstream()
+    await js.purge_stream(store.stream, subject=wanted)  # the older release never armed it there
+    await js.add_consumer(store.stream, durable_name=LEGACY_CONSUMER, filter_subject="cp.*.schedule.*")
+    deadline = time.monotonic() + 10
+    while (org, made["id"]) not in await stack.services.read_model.live_schedules():
+        assert time.monotonic() < deadline, "the read model never showed the schedule"
+        await asyncio.sleep(0.05)
+    assert await scheduler.upgrade_legacy_fires() >= 1
+    assert await store.holds(wanted)
+    assert LEGACY_CONSUMER not in [info.name for info in await js.consumers_info(store.stream)]
+    assert await scheduler.upgrade_legacy_fires() == 0

@@ -1,6 +1,7 @@
 """The schedule aggregate (core/domain/schedules.py): next fires strictly increase and follow the cron, a
-downtime of any length is caught up by one run, the overlap policies, pause stops fires, stale fires
-fold as nothing, and the state is always the fold of the recorded events."""
+downtime of any length is caught up by one run, the overlap policies, pause stops fires, a fire that is
+not due records no run, fires land on their own subject (one on the schedule's, from an older release,
+folds as nothing), and the state is always the fold of the recorded events."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ from core.domain.errors import AlreadyExists, InvalidCommand, NotFound
 from core.domain.events import Event, ScheduleFired, decode_event, encode_event
 from core.domain.schedules import (
     SCHEDULE,
+    SCHEDULE_FIRES,
+    FireNotDue,
     InvalidSchedule,
     Schedule,
     ScheduleState,
     check_cron,
+    is_due,
     next_fire,
     overlap_action,
     run_task_id,
@@ -63,20 +67,31 @@ class World:
         self.state = SCHEDULE.evolve(self.state, event)
 
     def armed(self) -> list[ScheduleFired]:
-        return [timer.event for timer in SCHEDULE.timers(self.state)]  # type: ignore[misc]
+        timers = SCHEDULE.timers(self.state)
+        assert all(timer.into == SCHEDULE_FIRES for timer in timers)  # fires land beside the schedule
+        return [timer.event for timer in timers]  # type: ignore[misc]
 
     def fire_and_run(self, run_at: datetime) -> datetime:
         """Fire the armed timer (late if ``run_at`` is past it) and record its run at ``run_at``."""
         [fired] = self.armed()
         assert fired.at <= run_at
-        self.apply(fired)
-        assert self.state is not None and self.state.pending_fire == fired.at
-        assert self.armed() == []  # nothing else fires while a run is pending
-        self.run(
-            RecordScheduleRun(schedule_id="s1", fire_at=fired.at, task_id=f"t-{len(self.events)}", outcome="submitted"),
-            run_at,
-        )
+        assert is_due(self.state, fired.generation, fired.at)
+        self.run(record(fired, task_id=f"t-{len(self.events)}"), run_at)
+        assert not is_due(self.state, fired.generation, fired.at)  # a fire runs once
         return fired.at
+
+
+def record(
+    fired: ScheduleFired, *, task_id: str | None, outcome: str = "submitted", **fields: object
+) -> RecordScheduleRun:
+    return RecordScheduleRun(
+        schedule_id="s1",
+        fire_at=fired.at,
+        generation=fired.generation,
+        task_id=task_id,
+        outcome=outcome,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def cron_times(cron: str, zone: str, after: datetime, count: int) -> list[datetime]:
@@ -167,21 +182,14 @@ def test_a_skipped_run_keeps_the_previous_task_and_counts_the_skip() -> None:
     assert world.state is not None
     previous = world.state.last_task_id
     [fired] = world.armed()
-    world.apply(fired)
-    world.run(
-        RecordScheduleRun(schedule_id="s1", fire_at=fired.at, task_id=None, outcome="skipped", reason="open"),
-        fired.at,
-    )
+    world.run(record(fired, task_id=None, outcome="skipped", reason="open"), fired.at)
     assert world.state.last_task_id == previous
     assert (world.state.runs, world.state.skipped, world.state.last_outcome) == (1, 1, "skipped")
     assert world.state.last_fire_at == fired.at > first
     assert len(world.armed()) == 1  # a skip arms the next fire like any run
+    [upcoming] = world.armed()
     with pytest.raises(InvalidCommand):  # a submitting outcome names its task
-        SCHEDULE.decide(
-            world.state,
-            RecordScheduleRun(schedule_id="s1", fire_at=fired.at, task_id=None, outcome="submitted"),
-            ctx(START),
-        )
+        SCHEDULE.decide(world.state, record(upcoming, task_id=None), ctx(START))
 
 
 @given(
@@ -198,9 +206,8 @@ def test_pause_stops_fires_and_resume_fires_from_the_next_time_after_it(pause_af
     world.run(PauseSchedule(schedule_id="s1"), paused_at)
     assert world.armed() == []
     assert world.state is not None and world.state.paused and world.state.next_fire_at is None
-    before = world.state
-    world.apply(stale)  # a timer the purge missed fires anyway: nothing happens
-    assert world.state == before
+    with pytest.raises(FireNotDue):  # a timer the purge missed fires anyway: no run is recorded
+        world.run(record(stale, task_id="t-stale"), stale.at)
     resumed_at = paused_at + timedelta(seconds=paused_for)
     world.run(ResumeSchedule(schedule_id="s1"), resumed_at)
     [upcoming] = world.armed()
@@ -208,15 +215,25 @@ def test_pause_stops_fires_and_resume_fires_from_the_next_time_after_it(pause_af
     assert world.state.runs == pause_after  # nothing ran while paused
 
 
-def test_pausing_drops_a_pending_fire_but_its_run_is_still_recorded() -> None:
+def test_a_fire_that_a_pause_got_to_first_records_no_run() -> None:
+    world = World()
+    world.run(CreateSchedule(schedule_id="s1", cron="* * * * *", task=TASK), START)
+    [fired] = world.armed()  # it fires, and before the scheduler records its run, the schedule is paused
+    world.run(PauseSchedule(schedule_id="s1"), fired.at)
+    assert not is_due(world.state, fired.generation, fired.at)
+    with pytest.raises(FireNotDue, match="no longer waits for its fire"):
+        world.run(record(fired, task_id="t1"), fired.at)
+    assert world.state is not None and (world.state.last_task_id, world.state.runs, world.armed()) == (None, 0, [])
+
+
+def test_a_fire_runs_once_however_often_it_is_delivered() -> None:
     world = World()
     world.run(CreateSchedule(schedule_id="s1", cron="* * * * *", task=TASK), START)
     [fired] = world.armed()
-    world.apply(fired)
-    world.run(PauseSchedule(schedule_id="s1"), fired.at)
-    assert world.state is not None and world.state.pending_fire is None
-    world.run(RecordScheduleRun(schedule_id="s1", fire_at=fired.at, task_id="t1", outcome="submitted"), fired.at)
-    assert (world.state.last_task_id, world.state.paused, world.armed()) == ("t1", True, [])
+    world.fire_and_run(fired.at)
+    with pytest.raises(FireNotDue):
+        world.run(record(fired, task_id="t-again"), fired.at + timedelta(seconds=1))
+    assert world.state is not None and world.state.runs == 1
 
 
 def test_a_fire_of_an_earlier_generation_never_fires_into_a_later_one() -> None:
@@ -229,19 +246,36 @@ def test_a_fire_of_an_earlier_generation_never_fires_into_a_later_one() -> None:
     assert world.state is not None and world.state.generation == 2
     [new] = world.armed()
     assert new.at == old.at and new != old
-    before = world.state
-    world.apply(old)
-    assert world.state == before
+    assert not is_due(world.state, old.generation, old.at) and is_due(world.state, new.generation, new.at)
+    with pytest.raises(FireNotDue):
+        world.run(record(old, task_id="t-old"), old.at)
     assert run_task_id("acme", "s1", 1, old.at) != run_task_id("acme", "s1", 2, new.at)
+
+
+@given(fires=st.integers(min_value=1, max_value=4), pending=st.booleans())
+def test_a_log_with_fires_on_the_schedules_subject_folds_as_without_them(fires: int, pending: bool) -> None:
+    """Releases before fires moved to their own subject wrote them into the schedule's: those logs
+    fold to the same state, and a fire whose run was not yet recorded is still due."""
+    world = World()
+    world.run(CreateSchedule(schedule_id="s1", cron="* * * * *", task=TASK), START)
+    legacy = list(world.events)
+    for _ in range(fires):
+        [fired] = world.armed()
+        legacy.append(fired)
+        if pending:
+            break
+        legacy.extend(world.run(record(fired, task_id=f"t-{fired.at.minute}"), fired.at))
+    assert SCHEDULE.fold(legacy) == world.state
+    [due] = world.armed()
+    assert is_due(SCHEDULE.fold(legacy), due.generation, due.at)
 
 
 def test_a_manual_run_leaves_the_cron_fires_alone() -> None:
     world = World()
     world.run(CreateSchedule(schedule_id="s1", cron="0 * * * *", task=TASK), START)
     armed = world.armed()
-    world.run(
-        RecordScheduleRun(schedule_id="s1", fire_at=START, task_id="manual", outcome="submitted", manual=True), START
-    )
+    manual = ScheduleFired(at=START, generation=1)
+    world.run(record(manual, task_id="manual", manual=True), START)
     assert world.armed() == armed
     assert world.state is not None and (world.state.last_task_id, world.state.runs) == ("manual", 1)
 
@@ -260,6 +294,7 @@ commands = st.one_of(
     st.builds(ResumeSchedule, schedule_id=st.just("s1")),
     st.builds(DeleteSchedule, schedule_id=st.just("s1")),
     st.just("fire"),
+    st.just("stale fire"),
 )
 
 
@@ -276,6 +311,12 @@ def test_any_sequence_keeps_one_timer_at_most_and_the_state_is_the_fold(
             if armed:
                 now = max(now, armed[0].at)
                 world.fire_and_run(now)
+            continue
+        if command == "stale fire":  # the newest fire delivered again, or a timer a pause did not purge
+            if world.state is not None and world.state.last_fire_at is not None:
+                stale = ScheduleFired(at=world.state.last_fire_at, generation=world.state.generation)
+                with pytest.raises((FireNotDue, NotFound)):
+                    world.run(record(stale, task_id="t-stale"), now)
             continue
         live = world.state is not None and not world.state.deleted
         refusal = (
