@@ -17,7 +17,7 @@ moved on meanwhile (paused, deleted, recreated, its run recorded), and then noth
 
 Releases before ADR 0011 fired into the schedule's own subject and ran fires from a consumer named
 ``cp_scheduler``. A scheduler that finds that consumer arms every live schedule's next fire in the
-new shape, then deletes it (``upgrade_legacy_fires``)."""
+new shape, then deletes it (``upgrade_legacy_fires``; retried until the read model can list them)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ FIRE_SUBJECTS = f"{EVENTS_PREFIX}.*.{SCHEDULE_FIRES}.*"
 LEGACY_CONSUMER = "cp_scheduler"
 """The consumer of releases whose fires landed on the schedule's own subject."""
 UPGRADE_ACTOR = "system:scheduler"
+UPGRADE_RETRY_SECONDS = 30.0
 ACK_WAIT_SECONDS = 10.0
 RETRY_SECONDS = 1.0
 BATCH = 256
@@ -66,6 +67,7 @@ class Scheduler:
         self._retry_seconds = retry_seconds
         self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._upgrade: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.runs = 0
         """Fires this process ran (and recorded)."""
@@ -92,13 +94,15 @@ class Scheduler:
                     filter_subject=FIRE_SUBJECTS,
                 ),
             )
-        await self.upgrade_legacy_fires()
-        self._loop = asyncio.get_running_loop().create_task(self._follow())
+        loop = asyncio.get_running_loop()
+        self._upgrade = loop.create_task(self._upgrade_legacy_fires_until_done())
+        self._loop = loop.create_task(self._follow())
 
-    async def upgrade_legacy_fires(self) -> int:
+    async def upgrade_legacy_fires(self) -> int | None:
         """If the consumer of fires on schedules' own subjects exists, arm every live schedule's next
         fire on its fire subject (a fire the old shape still holds then folds as nothing) and delete
-        that consumer. Returns the timers armed. Without the read model it is left for the next start."""
+        that consumer. Returns the timers armed, or None if the read model could not list the schedules
+        (the consumer is kept: ask again later)."""
         js = self._svc.store.nc.jetstream()
         try:
             await js.consumer_info(self._svc.store.stream, LEGACY_CONSUMER)
@@ -106,9 +110,9 @@ class Scheduler:
             return 0
         try:
             schedules = await self._svc.read_model.live_schedules()
-        except Exception:
-            log.warning("scheduler: cannot list schedules to upgrade their fires; trying at the next start")
-            return 0
+        except Exception as exc:
+            log.warning("scheduler: cannot list schedules to move their fires (%s); retrying", exc)
+            return None
         armed = 0
         for org, schedule_id in schedules:
             armed += len(await self._svc.handler.rearm(org, SCHEDULE_AGGREGATE, schedule_id, actor=UPGRADE_ACTOR))
@@ -117,13 +121,23 @@ class Scheduler:
         log.info("scheduler: %d schedules' fires moved to their fire subjects (%d timers armed)", len(schedules), armed)
         return armed
 
+    async def _upgrade_legacy_fires_until_done(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if await self.upgrade_legacy_fires() is not None:
+                    return
+            except Exception:
+                log.warning("scheduler: moving an older release's fires failed; retrying", exc_info=True)
+            await asyncio.sleep(UPGRADE_RETRY_SECONDS)
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop fetching; let the runs in flight finish (a run cut short is delivered again)."""
         self._stopping.set()
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop
+        for background in (self._upgrade, self._loop):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await background
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace)
 
