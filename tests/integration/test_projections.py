@@ -169,13 +169,17 @@ async def snapshot(pool: asyncpg.Pool, org: str) -> dict[str, list[dict[str, Any
 
 
 async def delivered(store: JetStreamEventStore, org: str) -> list[Msg]:
-    """The org's events as a projector receives them, from a throwaway consumer."""
+    """The org's events as a projector receives them, from a throwaway consumer: all of them (one pull
+    may end before the last, on a busy machine)."""
     js = store.nc.jetstream()
     name = f"replay-{new_id()}"
     await js.add_consumer(STREAM_NAME, name=name, filter_subject=f"cp.{org}.>", ack_policy=AckPolicy.NONE)
     puller = Puller(store.nc, STREAM_NAME, name)
     try:
-        return await puller.fetch(10_000, 1.0)
+        messages = await puller.fetch(10_000, 1.0)
+        while (await js.consumer_info(STREAM_NAME, name)).num_pending:
+            messages += await puller.fetch(10_000, 1.0)
+        return messages
     finally:
         await puller.close()
         await js.delete_consumer(STREAM_NAME, name)
