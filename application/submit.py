@@ -5,6 +5,8 @@ no task."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from application.bodies import SubmitTaskBody, WorkflowBody
 from application.environments import EnvironmentDirectory
 from application.errors import PolicyUnavailable
@@ -21,59 +23,52 @@ from projections.read import DATABASE_UNAVAILABLE, ReadModel
 DEFAULT_QUEUE = "default"
 
 
-async def submit_task(
-    handler: CommandHandler,
-    gate: SubmitGate,
-    environments: EnvironmentDirectory,
-    read_model: ReadModel,
-    org: str,
-    spec: SubmitTaskBody,
-    *,
-    task_id: str,
-    actor: Actor,
-    command_id: str | None,
-) -> Outcome:
-    """Submit ``spec`` as task ``task_id`` for ``actor`` (who must be allowed to submit). Raises
-    ``InvalidCommand`` when it cannot be routed, ``PolicyUnavailable`` when the policy cannot decide,
-    and the handler's ``Rejected`` (``AlreadyExists``: the task id is taken by another submission); a
-    denial is an outcome whose state is None (:func:`denial_reasons` says why)."""
-    command = await submission(gate, environments, read_model, org, spec, task_id=task_id, actor=actor)
-    return await handler.handle(org, command, actor=actor, command_id=command_id)
+@dataclass(frozen=True)
+class SubmitPath:
+    """Submitting a task: route it by the org's environments, ask the submit policy, pin its workflow
+    (from the read model), append it to the log."""
 
+    handler: CommandHandler
+    gate: SubmitGate
+    environments: EnvironmentDirectory
+    read_model: ReadModel
 
-async def submission(
-    gate: SubmitGate,
-    environments: EnvironmentDirectory,
-    read_model: ReadModel,
-    org: str,
-    spec: SubmitTaskBody,
-    *,
-    task_id: str,
-    actor: Actor,
-) -> SubmitTask:
-    """The submit command for ``spec``, routed, decided by the submit policy (``command.policy``
-    says whether it allows) and pinned, not yet appended: for a caller that records what it will
-    submit before it does (a schedule's run). Raises as :func:`submit_task` does before appending."""
-    require(actor, "submit")
-    queue, environment = await route(environments, org, spec)
-    decision, policy_version = await _decide(gate, org, spec, queue, environment)
-    return SubmitTask(
-        task_id=task_id,
-        task_type=spec.type,
-        payload=spec.payload,
-        queue=queue,
-        priority=spec.priority,
-        required_capabilities=spec.required_capabilities,
-        max_retries=spec.max_retries,
-        timeout_seconds=spec.timeout_seconds,
-        retry_backoff_seconds=spec.retry_backoff_seconds,
-        metadata=spec.metadata,
-        workflow=None if spec.workflow is None else await _pinned_workflow(read_model, org, spec.workflow, queue),
-        policy=decision,
-        policy_version=policy_version,
-        environment=environment,
-        excluded_workers=spec.excluded_workers,
-    )
+    async def submit(
+        self, org: str, spec: SubmitTaskBody, *, task_id: str, actor: Actor, command_id: str | None
+    ) -> Outcome:
+        """Submit ``spec`` as task ``task_id`` for ``actor`` (who must be allowed to submit). Raises
+        ``InvalidCommand`` when it cannot be routed, ``PolicyUnavailable`` when the policy cannot
+        decide, and the handler's ``Rejected`` (``AlreadyExists``: the task id is taken by another
+        submission); a denial is an outcome whose state is None (:func:`denial_reasons` says why)."""
+        command = await self.prepare(org, spec, task_id=task_id, actor=actor)
+        return await self.handler.handle(org, command, actor=actor, command_id=command_id)
+
+    async def prepare(self, org: str, spec: SubmitTaskBody, *, task_id: str, actor: Actor) -> SubmitTask:
+        """The submit command for ``spec``, routed, decided by the submit policy (``command.policy``
+        says whether it allows) and pinned, not yet appended: for a caller that records what it will
+        submit before it does (a schedule's run). Raises as :meth:`submit` does before appending."""
+        require(actor, "submit")
+        queue, environment = await route(self.environments, org, spec)
+        decision, policy_version = await _decide(self.gate, org, spec, queue, environment)
+        return SubmitTask(
+            task_id=task_id,
+            task_type=spec.type,
+            payload=spec.payload,
+            queue=queue,
+            priority=spec.priority,
+            required_capabilities=spec.required_capabilities,
+            max_retries=spec.max_retries,
+            timeout_seconds=spec.timeout_seconds,
+            retry_backoff_seconds=spec.retry_backoff_seconds,
+            metadata=spec.metadata,
+            workflow=None
+            if spec.workflow is None
+            else await _pinned_workflow(self.read_model, org, spec.workflow, queue),
+            policy=decision,
+            policy_version=policy_version,
+            environment=environment,
+            excluded_workers=spec.excluded_workers,
+        )
 
 
 def denial_reasons(outcome: Outcome) -> list[str]:

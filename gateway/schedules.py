@@ -26,7 +26,7 @@ from application.bodies import ScheduleBody, SubmitTaskBody
 from application.errors import PolicyUnavailable
 from application.idempotency import derived_id
 from application.principal import Principal
-from application.submit import denial_reasons, route, submission
+from application.submit import denial_reasons, route
 from core.domain.commands import (
     Actor,
     CancelTask,
@@ -349,15 +349,7 @@ async def _submission(svc: Services, org: str, schedule: Schedule, fire_at: date
         spec = msgspec.convert(schedule.task, SubmitTaskBody)
         metadata = {**spec.metadata, "schedule_id": schedule.id, "schedule_fire_at": fire_at.isoformat()}
         spec = msgspec.structs.replace(spec, metadata=metadata)
-        return await submission(
-            svc.submit_gate,
-            svc.environments,
-            svc.read_model,
-            org,
-            spec,
-            task_id=task_id,
-            actor=schedule_actor(schedule.id),
-        )
+        return await svc.submit_path.prepare(org, spec, task_id=task_id, actor=schedule_actor(schedule.id))
     except PolicyUnavailable as exc:
         raise Transient(exc.detail) from exc
     except (Rejected, msgspec.ValidationError) as exc:

@@ -16,6 +16,7 @@ from application.claim_index import ClaimIndex
 from application.environments import EnvironmentDirectory
 from application.idempotency import IdempotencyRecords
 from application.policy import SubmitGate
+from application.submit import SubmitPath
 from core.log.handler import CommandHandler, utc_now
 from core.log.store import JetStreamEventStore
 from core.lru import Lru
@@ -170,6 +171,11 @@ class Services:
     """Seals and opens secret values (``CP_SECRETS_KEY``); None: the secrets endpoints answer 503."""
     scheduler: Scheduler | None = None
     """The schedules' fire runner this process runs (gateway/scheduler.py), started and stopped with it."""
+
+    @property
+    def submit_path(self) -> SubmitPath:
+        """Submitting a task as the API, the console and the scheduler do."""
+        return SubmitPath(self.handler, self.submit_gate, self.environments, self.read_model)
 
     def __post_init__(self) -> None:
         self.rate_limiter = RateLimiter(self.limits.requests_per_second, self.limits.burst)

@@ -34,7 +34,7 @@ from application.bodies import (
 from application.claim import Claim, claim_tasks
 from application.idempotency import derived_id
 from application.principal import Principal
-from application.submit import denial_reasons, submit_task
+from application.submit import denial_reasons
 from core.domain.commands import (
     CancelTask,
     CompleteTask,
@@ -78,16 +78,8 @@ async def submit(request: Request) -> Response:
     fingerprint = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
     svc = services(request)
     try:
-        outcome = await submit_task(
-            svc.handler,
-            svc.submit_gate,
-            svc.environments,
-            svc.read_model,
-            who.org,
-            spec,
-            task_id=task_id,
-            actor=who.actor,
-            command_id=command_id(request, who, "submit", fingerprint),
+        outcome = await svc.submit_path.submit(
+            who.org, spec, task_id=task_id, actor=who.actor, command_id=command_id(request, who, "submit", fingerprint)
         )
     except AlreadyExists as exc:
         raise Problem(409, "this Idempotency-Key was already used with a different request body") from exc

@@ -21,7 +21,6 @@ from application.bodies import ApprovalRequestBody, ClaimBody, SubmitTaskBody
 from application.claim import Claim, claim_tasks
 from application.policy import SPEND_FACTS, USAGE_FACTS, EngineInfo, SubmitGate
 from application.principal import Principal
-from application.submit import submit_task
 from application.tasks import end_attempt, request_approval
 from core.domain.commands import Actor, CompleteTask
 from core.domain.errors import Rejected
@@ -42,17 +41,7 @@ async def submitted(stack: Stack, org: str, queue: str, **fields: Any) -> Outcom
     svc = stack.services
     spec = msgspec.convert({"type": "deploy", "queue": queue, **fields}, SubmitTaskBody)
     who = principal(org, "submitter")
-    return await submit_task(
-        svc.handler,
-        svc.submit_gate,
-        svc.environments,
-        svc.read_model,
-        org,
-        spec,
-        task_id=new_id(),
-        actor=who.actor,
-        command_id=None,
-    )
+    return await svc.submit_path.submit(org, spec, task_id=new_id(), actor=who.actor, command_id=None)
 
 
 async def claimed(
@@ -134,11 +123,7 @@ async def test_a_claim_waits_for_a_task_and_a_retried_claim_returns_the_original
         (
             "a role that may not submit",
             ("POST", "/v1/tasks", "viewer", {"type": "deploy"}),
-            lambda stack, org: submit_task(
-                stack.services.handler,
-                stack.services.submit_gate,
-                stack.services.environments,
-                stack.services.read_model,
+            lambda stack, org: stack.services.submit_path.submit(
                 org,
                 msgspec.convert({"type": "deploy"}, SubmitTaskBody),
                 task_id=new_id(),
