@@ -262,7 +262,7 @@ async def test_a_schedule_fires_on_time_each_second_and_pause_stops_it(stack: St
         while len(await runs_of(stack, org, made["id"])) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         await submitter.post(f"/v1/schedules/{made['id']}/pause")
-        await asyncio.sleep(0.5)  # a run in flight when it paused is still recorded
+        await asyncio.sleep(0.5)  # a run recorded just before the pause is still carried out
         runs = await runs_of(stack, org, made["id"])
         assert len(runs) >= 3
         fires = [run.fire_at for run in runs]
