@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,6 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.running.clear()
-
-
-@pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, EmbeddedPostgres]]:
-    with EmbeddedNats(tmp_path / "nats") as nats_server, EmbeddedPostgres(tmp_path / "postgres") as postgres:
-        yield nats_server, postgres
 
 
 async def retried(call: Callable[[], Awaitable[httpx.Response]], *, ok: tuple[int, ...]) -> httpx.Response:

@@ -4,8 +4,7 @@ told why in a 503, and everything recovers on its own when the service is back."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -18,13 +17,6 @@ from core.log.store import JetStreamEventStore
 from tests.gateway.conftest import serve_stack
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, EmbeddedPostgres]]:
-    """A NATS and a PostgreSQL of this test's own, so stopping them harms no other test."""
-    with EmbeddedNats(tmp_path / "nats") as nats_server, EmbeddedPostgres(tmp_path / "postgres") as postgres:
-        yield nats_server, postgres
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float = 30) -> None:
