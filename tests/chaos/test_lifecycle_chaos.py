@@ -30,7 +30,6 @@ from core.domain.events import TaskSubmitted, WorkflowOperationRecorded
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from projections.rebuild import rebuild
-from projections.schema import migrate
 from tests.integration.test_projections import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -98,12 +97,12 @@ async def retried(call: Callable[[], Awaitable[httpx.Response]], *, ok: tuple[in
 
 
 async def test_the_lifecycle_survives_killing_the_gateway_the_projector_and_the_runner(
-    servers: tuple[EmbeddedNats, EmbeddedPostgres], tmp_path: Path
+    servers: tuple[EmbeddedNats, EmbeddedPostgres],
+    log_and_database: tuple[JetStreamEventStore, asyncpg.Pool],
+    tmp_path: Path,
 ) -> None:
     nats_server, postgres = servers
-    store = await JetStreamEventStore.connect(nats_server.url)
-    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=4)
-    await migrate(pool)
+    store, pool = log_and_database
     keys = await seed_org(CommandHandler(store), "acme", ("submitter", "worker", "approver"))
     processes = Processes(nats_server.url, postgres.dsn, keys["worker"], tmp_path)
     (tmp_path / "effects.log").touch()
@@ -201,39 +200,35 @@ async def test_the_lifecycle_survives_killing_the_gateway_the_projector_and_the_
         + " (gateway: until ready; projector: until it folded everything logged before its restart; "
         "runner: until the new runner completed a task)"
     )
-    try:
-        assert len(acknowledged) == TASKS
-        submitted: Counter[str] = Counter()
-        for task_id in acknowledged.values():
-            history = await store.read_subject(f"cp.acme.task.{task_id}")
-            submitted[task_id] += sum(isinstance(r.event, TaskSubmitted) for r in history)
-            positions = Counter(r.event.index for r in history if isinstance(r.event, WorkflowOperationRecorded))
-            assert set(positions.values()) == {1}, f"{task_id}: an operation was recorded twice: {positions}"
-        assert set(submitted.values()) == {1}, "every acknowledged submit is in the log exactly once"
-        effects = set((tmp_path / "effects.log").read_text().split())
-        assert effects >= {f"{task_id}:{index}" for task_id in acknowledged.values() for index in (0, 2)}
+    assert len(acknowledged) == TASKS
+    submitted: Counter[str] = Counter()
+    for task_id in acknowledged.values():
+        history = await store.read_subject(f"cp.acme.task.{task_id}")
+        submitted[task_id] += sum(isinstance(r.event, TaskSubmitted) for r in history)
+        positions = Counter(r.event.index for r in history if isinstance(r.event, WorkflowOperationRecorded))
+        assert set(positions.values()) == {1}, f"{task_id}: an operation was recorded twice: {positions}"
+    assert set(submitted.values()) == {1}, "every acknowledged submit is in the log exactly once"
+    effects = set((tmp_path / "effects.log").read_text().split())
+    assert effects >= {f"{task_id}:{index}" for task_id in acknowledged.values() for index in (0, 2)}
 
-        # Durable timers fire with every process stopped (a killed runner's missed heartbeats): compare
-        # the live read model and the rebuild only over a log that did not grow in between.
-        for _ in range(5):
-            processes.start("projector")
-            last_seq = await store.last_seq()
-            async with asyncio.timeout(60):
-                while min((await _checkpoints(pool)).values()) < last_seq:
-                    await asyncio.sleep(0.2)
-            await processes.stop_all()
-            live = await snapshot(pool, "acme")
-            if await store.last_seq() != last_seq:
-                continue
-            await rebuild(pool, store.nc, None, lambda done, total: None)
-            if await store.last_seq() == last_seq:
-                break
-        else:
-            pytest.fail("timers kept firing: no quiet moment to compare the read model with a rebuild")
-        assert await snapshot(pool, "acme") == live, "the read model equals a fresh rebuild of the log"
-    finally:
-        await pool.close()
-        await store.close()
+    # Durable timers fire with every process stopped (a killed runner's missed heartbeats): compare
+    # the live read model and the rebuild only over a log that did not grow in between.
+    for _ in range(5):
+        processes.start("projector")
+        last_seq = await store.last_seq()
+        async with asyncio.timeout(60):
+            while min((await _checkpoints(pool)).values()) < last_seq:
+                await asyncio.sleep(0.2)
+        await processes.stop_all()
+        live = await snapshot(pool, "acme")
+        if await store.last_seq() != last_seq:
+            continue
+        await rebuild(pool, store.nc, None, lambda done, total: None)
+        if await store.last_seq() == last_seq:
+            break
+    else:
+        pytest.fail("timers kept firing: no quiet moment to compare the read model with a rebuild")
+    assert await snapshot(pool, "acme") == live, "the read model equals a fresh rebuild of the log"
 
 
 async def _checkpoints(pool: asyncpg.Pool) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from core.domain.schedules import SUBMITTING_OUTCOMES
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
 from gateway.scheduler import CONSUMER
-from projections.schema import migrate
 from tests.chaos.test_lifecycle_chaos import Processes, retried
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -36,13 +35,12 @@ KILLS = 4
 
 
 async def test_schedule_fires_survive_killing_the_gateway_mid_burst(
-    servers: tuple[EmbeddedNats, EmbeddedPostgres], tmp_path: Path
+    servers: tuple[EmbeddedNats, EmbeddedPostgres],
+    log_and_database: tuple[JetStreamEventStore, asyncpg.Pool],
+    tmp_path: Path,
 ) -> None:
     nats_server, postgres = servers
-    store = await JetStreamEventStore.connect(nats_server.url)
-    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=2)
-    await migrate(pool)
-    await pool.close()
+    store, _ = log_and_database
     handler = CommandHandler(store)
     keys = await seed_org(handler, "acme", ("submitter",))
     processes = Processes(nats_server.url, postgres.dsn, keys["submitter"], tmp_path)
@@ -114,4 +112,3 @@ async def test_schedule_fires_survive_killing_the_gateway_mid_burst(
         f"{len(submitted_runs)} runs ({finished_late} submitted when their fire came again), "
         f"{checked_fires} acknowledged fires checked"
     )
-    await store.close()
