@@ -18,7 +18,7 @@ from core.domain.ids import validate_token
 from core.domain.notifications import check_channel_url
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
-from core.secret_box import MASTER_KEY_ENV, SecretBox
+from core.secret_box import MASTER_KEY_ENV, PREVIOUS_KEYS_ENV, SecretBox
 from integrations.consumer import SubscriptionError, consumer_name
 from integrations.notify import Notifier, notifier_subscription
 
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     if box is None:
         raise ValueError(
             f"channels' URLs and secrets are sealed with the gateway's master key: give the notifier the same "
-            f"{MASTER_KEY_ENV} as the gateway, in its environment"
+            f"{MASTER_KEY_ENV} (and {PREVIOUS_KEYS_ENV}) as the gateway, in its environment"
         )
     return uvloop.run(_notify(args, orgs, box))
 

@@ -23,7 +23,7 @@ from controlplane.dev_nats import DevNats
 from controlplane.embedded import stored_login, write_private
 from controlplane.seed import seed_org
 from core.log.store import JetStreamEventStore
-from core.secret_box import MASTER_KEY_ENV, generate_key_text
+from core.secret_box import MASTER_KEY_ENV, PREVIOUS_KEYS_ENV, generate_key_text
 from gateway.app import build_app
 from gateway.factory import GatewaySettings, close_services, open_services
 from gateway.observe import ACCESS_LOG_ENV
@@ -195,7 +195,11 @@ async def run_dev(
             ["notify", *DEV_ORGS, "--url", info["gateway_url"]],
             data_dir / "notify.log",
             # The master key opens channels' sealed URLs and secrets; this child alone gets it.
-            env={"CP_NATS_URL": settings.nats_url, MASTER_KEY_ENV: settings.secrets_key or ""},
+            env={
+                "CP_NATS_URL": settings.nats_url,
+                MASTER_KEY_ENV: settings.secrets_key or "",
+                PREVIOUS_KEYS_ENV: settings.secrets_previous_keys or "",
+            },
         )
         write_private(info_path, json.dumps(info, indent=2) + "\n")  # it holds every key
         print(f"controlplane dev is up (data in {data_dir}, details in {info_path}):")

@@ -5,8 +5,15 @@ key is itself encrypted ("wrapped") by the master key from ``CP_SECRETS_KEY`` (b
 log holds only the wrapped key, the nonce, the ciphertext and the master key's id. Both encryptions
 take as associated data the org, the secret's name, its version and its environment: a ciphertext
 copied onto another secret, version, environment or org does not decrypt. The master key never leaves
-the gateway's memory; rotating it is not built yet (the key id says which key sealed a version, so a
-gateway holding another key refuses to open it and says so)."""
+the gateway's memory.
+
+Rotating the master key: the new key goes in ``CP_SECRETS_KEY`` and seals everything from then on;
+the keys it replaces go in ``CP_SECRETS_PREVIOUS_KEYS`` (comma-separated), which open what they sealed
+and seal nothing. Every sealed value names its key's id, so the box picks the key that opens it, and
+a value sealed by a key the box does not hold is refused saying which key it needs. A previous key can
+be dropped once nothing still read is sealed by it: each secret set again (a new version, sealed by
+the new key), the tasks pinned to older versions ended, and each notification channel's credentials
+set again."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import binascii
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -24,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from core.domain.events import SealedText
 
 MASTER_KEY_ENV = "CP_SECRETS_KEY"
+PREVIOUS_KEYS_ENV = "CP_SECRETS_PREVIOUS_KEYS"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 HOW_TO_SET = (
@@ -53,36 +61,53 @@ def generate_key_text() -> str:
     return base64.b64encode(os.urandom(KEY_BYTES)).decode()
 
 
+def _decoded(text: str, source: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SecretsKeyInvalid(f"{source} is not valid base64; {HOW_TO_SET}") from None
+
+
 def _associated_data(org: str, name: str, version: int, environment: str | None) -> bytes:
     # None of these can hold the separator: org and environment are tokens, names a narrower pattern.
     return "\x1f".join(("cp-secret-v1", org, name, str(version), environment or "")).encode()
 
 
+def key_id_of(master_key: bytes) -> str:
+    """Names a master key (a digest of it, which reveals nothing of it) in every value it seals."""
+    return hashlib.sha256(b"cp-secrets-key-id\x00" + master_key).hexdigest()[:16]
+
+
 class SecretBox:
-    def __init__(self, master_key: bytes) -> None:
-        if len(master_key) != KEY_BYTES:
-            raise SecretsKeyInvalid(
-                f"{MASTER_KEY_ENV} must hold {KEY_BYTES} bytes, not {len(master_key)}; {HOW_TO_SET}"
-            )
+    def __init__(self, master_key: bytes, previous: Sequence[bytes] = ()) -> None:
+        """Seal with ``master_key``; open with it or with any of ``previous`` (the keys it replaced)."""
+        for key, source in ((master_key, MASTER_KEY_ENV), *((old, PREVIOUS_KEYS_ENV) for old in previous)):
+            if len(key) != KEY_BYTES:
+                raise SecretsKeyInvalid(f"{source} must hold {KEY_BYTES}-byte keys, not {len(key)}; {HOW_TO_SET}")
         self._master = AESGCM(master_key)
-        self.key_id = hashlib.sha256(b"cp-secrets-key-id\x00" + master_key).hexdigest()[:16]
-        """Names the master key (a digest of it, which reveals nothing of it) in every version it seals."""
+        self.key_id = key_id_of(master_key)
+        """The id of the key that seals."""
+        self._openers = {key_id_of(old): AESGCM(old) for old in previous} | {self.key_id: self._master}
         self._fingerprint_key = hmac.digest(master_key, b"cp-secrets-fingerprint", "sha256")
 
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The ids of every key this box opens values with."""
+        return frozenset(self._openers)
+
     @classmethod
-    def from_text(cls, text: str) -> SecretBox:
-        try:
-            return cls(base64.b64decode(text.strip(), validate=True))
-        except (binascii.Error, ValueError) as exc:
-            if isinstance(exc, SecretsKeyInvalid):
-                raise
-            raise SecretsKeyInvalid(f"{MASTER_KEY_ENV} is not valid base64; {HOW_TO_SET}") from None
+    def from_text(cls, text: str, previous: str | None = None) -> SecretBox:
+        """``text`` as ``CP_SECRETS_KEY`` holds it; ``previous`` as ``CP_SECRETS_PREVIOUS_KEYS`` does."""
+        master = _decoded(text, MASTER_KEY_ENV)
+        olds = [_decoded(old, PREVIOUS_KEYS_ENV) for old in (previous or "").split(",") if old.strip()]
+        return cls(master, olds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SecretBox | None:
-        """The box of ``CP_SECRETS_KEY``, or None when it is unset (the secrets endpoints then say how)."""
+        """The box of ``CP_SECRETS_KEY`` and ``CP_SECRETS_PREVIOUS_KEYS``, or None when the first is
+        unset (the secrets endpoints then say how)."""
         text = env.get(MASTER_KEY_ENV)
-        return cls.from_text(text) if text else None
+        return cls.from_text(text, env.get(PREVIOUS_KEYS_ENV)) if text else None
 
     def seal(self, org: str, name: str, version: int, environment: str | None, value: str) -> Sealed:
         aad = _associated_data(org, name, version, environment)
@@ -94,15 +119,17 @@ class SecretBox:
         return Sealed(self.key_id, wrapped_key, nonce, ciphertext)
 
     def open(self, org: str, name: str, version: int, environment: str | None, sealed: Sealed) -> str:
-        if sealed.key_id != self.key_id:
+        opener = self._openers.get(sealed.key_id)
+        if opener is None:
             raise SecretUnreadable(
                 f"version {version} of secret {name} was sealed with master key {sealed.key_id}, and this gateway "
-                f"holds {self.key_id}: give it that key in {MASTER_KEY_ENV}"
+                f"holds {', '.join(sorted(self._openers))}: give it that key in {MASTER_KEY_ENV}, or in "
+                f"{PREVIOUS_KEYS_ENV} if another key now seals"
             )
         aad = _associated_data(org, name, version, environment)
         try:
             wrap_nonce, wrapped = sealed.wrapped_key[:NONCE_BYTES], sealed.wrapped_key[NONCE_BYTES:]
-            data_key = self._master.decrypt(wrap_nonce, wrapped, aad)
+            data_key = opener.decrypt(wrap_nonce, wrapped, aad)
             return AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad).decode()
         except (InvalidTag, ValueError) as exc:
             raise SecretUnreadable(

@@ -14,7 +14,7 @@ from application.idempotency import IdempotencyRecords
 from application.policy import SubmitGate
 from core.log.handler import CommandHandler
 from core.log.store import JetStreamEventStore
-from core.secret_box import MASTER_KEY_ENV, SecretBox
+from core.secret_box import MASTER_KEY_ENV, PREVIOUS_KEYS_ENV, SecretBox
 from gateway.auth import Authenticator, JwtSettings
 from gateway.console.sessions import SessionStore
 from gateway.keyring import KeyRing
@@ -31,9 +31,12 @@ class GatewaySettings:
     jwt: JwtSettings = field(default_factory=JwtSettings)
     limits: Limits = field(default_factory=Limits)
     scheduler: bool = True
+    """Run the scheduler (schedules' fires) in this gateway; every gateway may: they share its consumer."""
     secrets_key: str | None = None
     """``CP_SECRETS_KEY``: the master key that seals secrets (base64 of 32 bytes); without it no secrets."""
-    """Run the scheduler (schedules' fires) in this gateway; every gateway may: they share its consumer."""
+    secrets_previous_keys: str | None = None
+    """``CP_SECRETS_PREVIOUS_KEYS``: master keys ``secrets_key`` replaced (comma-separated), which open
+    what they sealed and seal nothing (``core.secret_box``)."""
 
     @classmethod
     def from_env(cls, nats_url: str, database_url: str) -> GatewaySettings:
@@ -41,7 +44,7 @@ class GatewaySettings:
         ``CP_JWT_ISSUER`` (both required when one of the three before is set),
         ``CP_RATE_LIMIT_RPS``, ``CP_RATE_LIMIT_BURST``, ``CP_MAX_BODY_BYTES``, ``CP_MAX_BLOCK_MS``,
         ``CP_AUTH_FAILURES_PER_SECOND``, ``CP_AUTH_FAILURE_BURST``, ``CP_SSE_MAX_PER_CREDENTIAL``,
-        ``CP_SSE_MAX_PER_ORG``, ``CP_SECRETS_KEY``."""
+        ``CP_SSE_MAX_PER_ORG``, ``CP_SECRETS_KEY``, ``CP_SECRETS_PREVIOUS_KEYS``."""
         env = os.environ
         public_key_file = env.get("CP_JWT_RS256_PUBLIC_KEY_FILE")
         limits = Limits()
@@ -66,11 +69,16 @@ class GatewaySettings:
                 sse_max_per_org=int(env.get("CP_SSE_MAX_PER_ORG", limits.sse_max_per_org)),
             ),
             secrets_key=env.get(MASTER_KEY_ENV) or None,
+            secrets_previous_keys=env.get(PREVIOUS_KEYS_ENV) or None,
         )
 
 
 async def open_services(settings: GatewaySettings) -> Services:
-    secret_box = None if settings.secrets_key is None else SecretBox.from_text(settings.secrets_key)  # bad: refuse now
+    secret_box = (  # a bad key is refused now, not at the first secret
+        None
+        if settings.secrets_key is None
+        else SecretBox.from_text(settings.secrets_key, settings.secrets_previous_keys)
+    )
     store = await JetStreamEventStore.connect(settings.nats_url)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=10)
     await migrate(pool)

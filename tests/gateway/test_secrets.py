@@ -26,6 +26,7 @@ from core.domain.events import SecretRead, SecretVersionSet
 from core.domain.ids import new_id
 from core.domain.public import REDACTED
 from core.domain.subjects import aggregate_subject, org_events_filter
+from core.secret_box import SecretBox, generate_key_text
 from runners.context import WorkflowContext
 from runners.registry import Registry, workflow
 from tests.gateway.conftest import Stack, new_org
@@ -217,6 +218,34 @@ async def test_a_task_keeps_the_version_it_read_first_through_a_rotation_and_new
         later_id, later_lease = await claimed(worker, admin, q)
         rotated = await worker.post(f"/v1/tasks/{later_id}/secrets/token", json=later_lease)
         assert (rotated.json()["version"], rotated.json()["value"]) == (2, new)
+
+
+async def test_a_master_key_rotation_keeps_old_versions_readable_while_the_old_key_is_listed(stack: Stack) -> None:
+    """The gateway restarted with a new ``CP_SECRETS_KEY`` and the old one in
+    ``CP_SECRETS_PREVIOUS_KEYS``: a task pinned to a version sealed by the old key still reads it, and the
+    next version is sealed by the new key. A gateway that drops the old key too early answers 503 naming
+    the key the pinned version needs, never the value."""
+    org, keys = await new_org(stack)
+    old, new = clear_value(), clear_value()
+    before = stack.services.secret_box
+    assert before is not None
+    rotated = SecretBox(base64.b64decode(generate_key_text()), [base64.b64decode(stack.secrets_key)])
+    async with client(stack, keys["admin"]) as admin, client(stack, keys["worker"]) as worker:
+        await put_secret(admin, "token", old)
+        task_id, lease = await claimed(worker, admin, queue())
+        assert (await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease)).json()["value"] == old
+        try:
+            stack.services.secret_box = rotated  # what a restart with the rotated environment builds
+            pinned = await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease)
+            assert (pinned.json()["version"], pinned.json()["value"]) == (1, old)
+            assert (await put_secret(admin, "token", new))["version"] == 2
+            versions = await stack.services.store.read_subject(aggregate_subject(org, "secrets", "all"))
+            assert [item.event.key_id for item in versions] == [before.key_id, rotated.key_id]
+            stack.services.secret_box = SecretBox(base64.b64decode(generate_key_text()))
+            refused = problem(await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease), 503)
+            assert before.key_id in refused["detail"] and old not in refused["detail"]
+        finally:
+            stack.services.secret_box = before
 
 
 def deploy(*, idempotency_key: str) -> str:

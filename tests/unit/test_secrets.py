@@ -199,6 +199,34 @@ def test_an_altered_ciphertext_or_another_master_key_is_refused_naming_the_key()
     assert box.fingerprint("token", "", "a") != other.fingerprint("token", "", "a"), "keyed by the master key"
 
 
+def test_a_rotated_master_key_seals_what_comes_and_the_keys_it_replaced_still_open_what_they_sealed() -> None:
+    first, second, third = generate_key_text(), generate_key_text(), generate_key_text()
+    before = SecretBox.from_text(first)
+    sealed_first = before.seal("acme", "token", 1, None, "sealed-before-the-rotation")
+    rotated = SecretBox.from_text(third, f" {second} ,{first},")
+    assert rotated.key_id == SecretBox.from_text(third).key_id
+    assert rotated.key_ids == {rotated.key_id, before.key_id, SecretBox.from_text(second).key_id}
+    assert rotated.open("acme", "token", 1, None, sealed_first) == "sealed-before-the-rotation"
+    sealed_third = rotated.seal("acme", "token", 2, None, "sealed-after")
+    assert sealed_third.key_id == rotated.key_id != before.key_id
+    with pytest.raises(SecretUnreadable, match=f"sealed with master key {rotated.key_id}.*CP_SECRETS_PREVIOUS_KEYS"):
+        before.open("acme", "token", 2, None, sealed_third)
+    dropped = SecretBox.from_text(third)  # the old key retired too early
+    with pytest.raises(SecretUnreadable, match=f"sealed with master key {before.key_id}"):
+        dropped.open("acme", "token", 1, None, sealed_first)
+    assert rotated.fingerprint("token", "a") == dropped.fingerprint("token", "a"), "keyed by the sealing key only"
+    assert SecretBox.from_env({"CP_SECRETS_KEY": third, "CP_SECRETS_PREVIOUS_KEYS": first}).key_ids == {
+        rotated.key_id,
+        before.key_id,
+    }
+
+
+@pytest.mark.parametrize("previous", ["not base64!", base64.b64encode(b"short").decode()])
+def test_a_previous_key_that_is_not_32_bytes_of_base64_is_refused_naming_where_it_came_from(previous: str) -> None:
+    with pytest.raises(SecretsKeyInvalid, match=r"CP_SECRETS_PREVIOUS_KEYS .*base64 of 32 random bytes"):
+        SecretBox.from_text(generate_key_text(), f"{generate_key_text()},{previous}")
+
+
 @pytest.mark.parametrize("text", ["", "not base64!", base64.b64encode(b"short").decode()])
 def test_a_master_key_that_is_not_32_bytes_of_base64_is_refused_saying_how_to_make_one(text: str) -> None:
     with pytest.raises(SecretsKeyInvalid, match=r"CP_SECRETS_KEY .*base64 of 32 random bytes"):
