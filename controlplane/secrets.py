@@ -55,6 +55,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing.add_argument("--json", action="store_true")
     _gateway_args(listing)
     listing.set_defaults(run=_list_secrets)
+    rewrap = secrets.add_parser(
+        "rewrap",
+        help="after a master key rotation, wrap every version with the gateway's current key (admin)",
+        description="Every version still sealed by a previous master key (CP_SECRETS_PREVIOUS_KEYS) gets its "
+        "data key wrapped by the current one (CP_SECRETS_KEY); then the previous key can be retired. Safe to "
+        "run again. Exits 1 if a version could not be opened (sealed by a key the gateway does not hold).",
+    )
+    _gateway_args(rewrap)
+    rewrap.set_defaults(run=_rewrap_secrets)
 
     config = commands.add_parser("worker-config", help="manage what workers are told at registration").add_subparsers(
         dest="worker_config_command", required=True
@@ -122,6 +131,16 @@ def _list_secrets(args: argparse.Namespace) -> int:
         versions = ", ".join(map(str, item["versions"]))
         print(f"{item['name']:<32} {scope:<20} version {item['version']} (versions {versions})")
     return 0
+
+
+def _rewrap_secrets(args: argparse.Namespace) -> int:
+    answer = gateway_request(args, "POST", "/v1/secrets/rewrap", {})
+    print(f"re-wrapped {len(answer['rewrapped'])} version(s) with master key {answer['key_id']}")
+    for item in answer["rewrapped"]:
+        print(f"  {item['name']} version {item['version']} (was {item['from_key_id']})")
+    for item in answer["unreadable"]:
+        print(f"  not re-wrapped: {item['name']} version {item['version']}: {item['reason']}", file=sys.stderr)
+    return 1 if answer["unreadable"] else 0
 
 
 def _config_path(args: argparse.Namespace) -> str:

@@ -114,11 +114,25 @@ class SecretBox:
         data_key = AESGCM.generate_key(bit_length=256)
         nonce = os.urandom(NONCE_BYTES)
         ciphertext = AESGCM(data_key).encrypt(nonce, value.encode(), aad)
-        wrap_nonce = os.urandom(NONCE_BYTES)
-        wrapped_key = wrap_nonce + self._master.encrypt(wrap_nonce, data_key, aad)
-        return Sealed(self.key_id, wrapped_key, nonce, ciphertext)
+        return Sealed(self.key_id, self._wrapped(data_key, aad), nonce, ciphertext)
 
     def open(self, org: str, name: str, version: int, environment: str | None, sealed: Sealed) -> str:
+        return self._opened(org, name, version, environment, sealed)[1]
+
+    def rewrap(self, org: str, name: str, version: int, environment: str | None, sealed: Sealed) -> Sealed:
+        """``sealed`` with its data key wrapped by the sealing key instead of the one that sealed it (a
+        key this box holds): the same nonce and ciphertext, which the sealing key alone opens from then
+        on. Refuses, as ``open`` does, a value that is not this one's or was altered."""
+        data_key, _ = self._opened(org, name, version, environment, sealed)
+        aad = _associated_data(org, name, version, environment)
+        return Sealed(self.key_id, self._wrapped(data_key, aad), sealed.nonce, sealed.ciphertext)
+
+    def _wrapped(self, data_key: bytes, aad: bytes) -> bytes:
+        wrap_nonce = os.urandom(NONCE_BYTES)
+        return wrap_nonce + self._master.encrypt(wrap_nonce, data_key, aad)
+
+    def _opened(self, org: str, name: str, version: int, environment: str | None, sealed: Sealed) -> tuple[bytes, str]:
+        """The data key and the value."""
         opener = self._openers.get(sealed.key_id)
         if opener is None:
             raise SecretUnreadable(
@@ -130,7 +144,7 @@ class SecretBox:
         try:
             wrap_nonce, wrapped = sealed.wrapped_key[:NONCE_BYTES], sealed.wrapped_key[NONCE_BYTES:]
             data_key = opener.decrypt(wrap_nonce, wrapped, aad)
-            return AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad).decode()
+            return data_key, AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad).decode()
         except (InvalidTag, ValueError) as exc:
             raise SecretUnreadable(
                 f"version {version} of secret {name} does not decrypt: its ciphertext was altered or moved"

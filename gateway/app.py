@@ -434,6 +434,14 @@ ROUTES: list[BaseRoute] = [
         query=("min_seq",),
     ),
     ApiRoute(
+        "POST",
+        "/v1/secrets/rewrap",
+        secrets.rewrap_secrets,
+        "After a master key rotation, wrap every version's data key with the current key "
+        "(the values stay sealed; never in the answer)",
+        permission="admin",
+    ),
+    ApiRoute(
         "PUT",
         "/v1/secrets/{name}",
         secrets.put_secret,

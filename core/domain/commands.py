@@ -389,6 +389,18 @@ class SetSecret(Command, frozen=True, kw_only=True):
     ciphertext: bytes
 
 
+class RewrapSecret(Command, frozen=True, kw_only=True):
+    """Version ``version`` of the secret ``name``, sealed by master key ``from_key_id``, now has its data
+    key wrapped by master key ``key_id`` (a rotation's re-wrap; the ciphertext is unchanged). Refused if
+    the version is no longer sealed by ``from_key_id`` (another re-wrap came first)."""
+
+    name: SecretName
+    version: SecretVersion
+    from_key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    wrapped_key: bytes
+
+
 class ReadSecret(TaskCommand, frozen=True, kw_only=True):
     """The worker holding the task's lease reads the secret ``name``: the version the task is pinned to,
     else ``newest_version`` (the newest that applies to the task's environment, as the caller found it;

@@ -745,6 +745,20 @@ class SecretVersionSet(Event, frozen=True, tag="SecretVersionSet"):
     set_by: str
 
 
+class SecretVersionRewrapped(Event, frozen=True, tag="SecretVersionRewrapped"):
+    """Version ``version`` of the secret ``name`` had its data key wrapped again, by master key
+    ``key_id`` instead of ``from_key_id`` (a master key rotation): the same ciphertext, which the new
+    key opens from now on. The wrapped key is redacted for every reader outside the log."""
+
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"wrapped_key"})
+    name: str
+    version: int
+    from_key_id: str
+    key_id: str
+    wrapped_key: bytes
+    by: str
+
+
 TaskEvent = (
     TaskSubmitted
     | TaskSubmissionDenied
@@ -796,7 +810,7 @@ NotificationConfigEvent = (
 )
 NotificationEvent = NotificationSent | NotificationDeadLettered
 WorkerConfigEvent = WorkerConfigSet
-SecretEvent = SecretVersionSet
+SecretEvent = SecretVersionSet | SecretVersionRewrapped
 QueueEvent = QueueConfigured | QueueSettingsRemoved
 AnyEvent = (
     TaskEvent
@@ -824,7 +838,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         *NotificationConfigEvent.__args__,  # type: ignore[attr-defined]
         *NotificationEvent.__args__,  # type: ignore[attr-defined]
         WorkerConfigSet,
-        SecretVersionSet,
+        *SecretEvent.__args__,  # type: ignore[attr-defined]
         *QueueEvent.__args__,  # type: ignore[attr-defined]
     )
 }

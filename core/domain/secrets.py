@@ -7,7 +7,8 @@ gateway before the command is issued (envelope encryption, ``core/secret_box.py`
 keeps ciphertext in order and never sees a value. A worker reads through the task it holds (the
 ``ReadSecret`` command of the task aggregate): the task's environment picks the scope (an
 environment's own version wins over the org-wide one), and the task's first read of a name pins the
-version it got, until the task ends."""
+version it got, until the task ends. A master key rotation re-wraps each version's data key under the
+new key (``RewrapSecret``): the ciphertext stays, and the old key is no longer needed to read it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from datetime import datetime
 
 import msgspec
 
-from core.domain.commands import Command, SetSecret
+from core.domain.commands import Command, RewrapSecret, SetSecret
 from core.domain.decider import Decider, DecisionContext, no_timers
-from core.domain.errors import Rejected
-from core.domain.events import Event, SecretVersionSet
+from core.domain.errors import NotFound, Rejected
+from core.domain.events import Event, SecretVersionRewrapped, SecretVersionSet
 
 SECRETS_AGGREGATE = "secrets"
 SECRETS_ID = "all"
@@ -103,6 +104,10 @@ class TooManySecrets(Rejected):
     pass
 
 
+class AlreadyRewrapped(Rejected):
+    """The version is no longer sealed by the key the re-wrap started from (another re-wrap came first)."""
+
+
 def _decide(state: Secrets, command: Command, ctx: DecisionContext) -> Sequence[Event]:
     match command:
         case SetSecret():
@@ -127,6 +132,26 @@ def _decide(state: Secrets, command: Command, ctx: DecisionContext) -> Sequence[
                     set_by=ctx.actor.id,
                 )
             ]
+        case RewrapSecret():
+            found = state.version(command.name, command.version)
+            if found is None:
+                raise NotFound(f"secret {command.name} has no version {command.version}")
+            if found.key_id != command.from_key_id:
+                raise AlreadyRewrapped(
+                    f"version {command.version} of secret {command.name} is sealed by master key {found.key_id} "
+                    f"now, not {command.from_key_id}"
+                )
+            return [
+                SecretVersionRewrapped(
+                    at=ctx.now,
+                    name=command.name,
+                    version=command.version,
+                    from_key_id=command.from_key_id,
+                    key_id=command.key_id,
+                    wrapped_key=command.wrapped_key,
+                    by=ctx.actor.id,
+                )
+            ]
     raise TypeError(f"secrets aggregate does not handle {type(command).__name__}")
 
 
@@ -145,12 +170,19 @@ def _evolve(state: Secrets, event: Event) -> Secrets:
                 set_by=event.set_by,
             )
             return Secrets(by_name={**state.by_name, event.name: (*state.by_name.get(event.name, ()), sealed)})
+        case SecretVersionRewrapped():
+            found = state.version(event.name, event.version)
+            if found is None or found.key_id != event.from_key_id:
+                return state
+            rewrapped = msgspec.structs.replace(found, key_id=event.key_id, wrapped_key=event.wrapped_key)
+            versions = tuple(rewrapped if known is found else known for known in state.by_name[event.name])
+            return Secrets(by_name={**state.by_name, event.name: versions})
     return state
 
 
 SECRETS = Decider[Secrets](
     aggregate=SECRETS_AGGREGATE,
-    commands=(SetSecret,),
+    commands=(SetSecret, RewrapSecret),
     initial=Secrets(),
     decide=_decide,
     evolve=_evolve,

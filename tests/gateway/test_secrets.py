@@ -220,30 +220,62 @@ async def test_a_task_keeps_the_version_it_read_first_through_a_rotation_and_new
         assert (rotated.json()["version"], rotated.json()["value"]) == (2, new)
 
 
-async def test_a_master_key_rotation_keeps_old_versions_readable_while_the_old_key_is_listed(stack: Stack) -> None:
+async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_lets_the_old_key_go(
+    stack: Stack,
+) -> None:
     """The gateway restarted with a new ``CP_SECRETS_KEY`` and the old one in
     ``CP_SECRETS_PREVIOUS_KEYS``: a task pinned to a version sealed by the old key still reads it, and the
-    next version is sealed by the new key. A gateway that drops the old key too early answers 503 naming
-    the key the pinned version needs, never the value."""
+    next version is sealed by the new key. ``POST /v1/secrets/rewrap`` wraps the old version's data key
+    with the new key; then a gateway without the old key reads it too. A gateway holding neither answers
+    503 naming the key a version needs, and its re-wrap lists what it could not open; never a value."""
     org, keys = await new_org(stack)
     old, new = clear_value(), clear_value()
     before = stack.services.secret_box
     assert before is not None
-    rotated = SecretBox(base64.b64decode(generate_key_text()), [base64.b64decode(stack.secrets_key)])
+    new_key = base64.b64decode(generate_key_text())
+    rotated = SecretBox(new_key, [base64.b64decode(stack.secrets_key)])
     async with client(stack, keys["admin"]) as admin, client(stack, keys["worker"]) as worker:
         await put_secret(admin, "token", old)
         task_id, lease = await claimed(worker, admin, queue())
-        assert (await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease)).json()["value"] == old
+
+        async def read() -> httpx.Response:
+            return await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease)
+
+        assert (await read()).json()["value"] == old
         try:
             stack.services.secret_box = rotated  # what a restart with the rotated environment builds
-            pinned = await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease)
+            pinned = await read()
             assert (pinned.json()["version"], pinned.json()["value"]) == (1, old)
             assert (await put_secret(admin, "token", new))["version"] == 2
-            versions = await stack.services.store.read_subject(aggregate_subject(org, "secrets", "all"))
-            assert [item.event.key_id for item in versions] == [before.key_id, rotated.key_id]
-            stack.services.secret_box = SecretBox(base64.b64decode(generate_key_text()))
-            refused = problem(await worker.post(f"/v1/tasks/{task_id}/secrets/token", json=lease), 503)
-            assert before.key_id in refused["detail"] and old not in refused["detail"]
+            problem(await worker.post("/v1/secrets/rewrap"), 403)
+            rewrapped = await admin.post("/v1/secrets/rewrap")
+            assert rewrapped.status_code == 200, rewrapped.text
+            assert rewrapped.json() == {
+                "key_id": rotated.key_id,
+                "rewrapped": [{"name": "token", "version": 1, "from_key_id": before.key_id}],
+                "unreadable": [],
+            }
+            assert (await admin.post("/v1/secrets/rewrap")).json()["rewrapped"] == [], "nothing is left to move"
+            history = await stack.services.store.read_subject(aggregate_subject(org, "secrets", "all"))
+            assert [type(item.event).__name__ for item in history] == [
+                "SecretVersionSet",
+                "SecretVersionSet",
+                "SecretVersionRewrapped",
+            ]
+            assert old.encode() not in b"".join(item.event.wrapped_key for item in history)
+
+            stack.services.secret_box = SecretBox(new_key)  # the old key retired
+            assert (await read()).json()["value"] == old
+
+            stack.services.secret_box = SecretBox(base64.b64decode(generate_key_text()))  # the wrong key
+            refused = problem(await read(), 503)
+            assert rotated.key_id in refused["detail"] and old not in refused["detail"]
+            stuck = (await admin.post("/v1/secrets/rewrap")).json()
+            assert [(item["version"], rotated.key_id in item["reason"]) for item in stuck["unreadable"]] == [
+                (1, True),
+                (2, True),
+            ]
+            assert old not in str(stuck) and new not in str(stuck)
         finally:
             stack.services.secret_box = before
 
@@ -376,7 +408,7 @@ async def _nonempty(pending: Any) -> bool:
     return bool(await pending)
 
 
-async def test_the_cli_sets_secrets_from_a_file_or_stdin_lists_them_and_configures_workers(
+async def test_the_cli_sets_secrets_from_a_file_or_stdin_lists_and_rewraps_them_and_configures_workers(
     stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     org, keys = await new_org(stack)
@@ -408,3 +440,5 @@ async def test_the_cli_sets_secrets_from_a_file_or_stdin_lists_them_and_configur
     assert "--value is refused" in refused.err and value not in refused.err + refused.out
     async with client(stack, keys["admin"]) as admin:
         assert (await admin.get("/v1/secrets")).json()["items"][0]["versions"] == [1, 2], f"nothing set in {org}"
+    assert await asyncio.to_thread(cli, "secrets", "rewrap") == 0  # nothing to move: one key all along
+    assert "re-wrapped 0 version(s)" in capsys.readouterr().out

@@ -14,12 +14,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.domain.commands import SYSTEM, Actor, ClaimTask, CompleteTask, ReadSecret, SetSecret, SubmitTask
+from core.domain.commands import (
+    SYSTEM,
+    Actor,
+    ClaimTask,
+    CompleteTask,
+    ReadSecret,
+    RewrapSecret,
+    SetSecret,
+    SubmitTask,
+)
 from core.domain.decider import DecisionContext
 from core.domain.errors import AlreadyTerminal, LeaseLost, NotFound, Rejected
-from core.domain.events import SecretRead, SecretVersionSet, decode_event, encode_event
+from core.domain.events import SecretRead, SecretVersionRewrapped, SecretVersionSet, decode_event, encode_event
 from core.domain.public import REDACTED, public_bytes, public_view
-from core.domain.secrets import SECRETS, Secrets, VersionTaken
+from core.domain.secrets import SECRETS, AlreadyRewrapped, Secrets, VersionTaken
 from core.domain.task import Task
 from core.domain.task_decider import TASK
 from core.secret_box import Sealed, SecretBox, SecretsKeyInvalid, SecretUnreadable, generate_key_text
@@ -231,6 +240,42 @@ def test_a_previous_key_that_is_not_32_bytes_of_base64_is_refused_naming_where_i
 def test_a_master_key_that_is_not_32_bytes_of_base64_is_refused_saying_how_to_make_one(text: str) -> None:
     with pytest.raises(SecretsKeyInvalid, match=r"CP_SECRETS_KEY .*base64 of 32 random bytes"):
         SecretBox.from_text(text)
+
+
+@given(values)
+def test_a_rewrapped_version_opens_with_the_new_key_alone_and_keeps_its_ciphertext(value: str) -> None:
+    old_text, new_text = generate_key_text(), generate_key_text()
+    old = SecretBox.from_text(old_text)
+    sealed = old.seal("acme", "token", 3, "prod", value)
+    rotated = SecretBox.from_text(new_text, old_text)
+    moved = rotated.rewrap("acme", "token", 3, "prod", sealed)
+    assert (moved.key_id, moved.nonce, moved.ciphertext) == (rotated.key_id, sealed.nonce, sealed.ciphertext)
+    assert moved.wrapped_key != sealed.wrapped_key and value.encode() not in moved.wrapped_key
+    assert SecretBox.from_text(new_text).open("acme", "token", 3, "prod", moved) == value
+    with pytest.raises(SecretUnreadable):
+        old.open("acme", "token", 3, "prod", moved)
+    with pytest.raises(SecretUnreadable, match="altered or moved"):  # a re-wrap proves the value first
+        rotated.rewrap("acme", "token", 3, None, sealed)
+
+
+def test_a_rewrap_replaces_one_versions_key_and_a_second_one_from_the_old_key_is_refused() -> None:
+    state = Secrets()
+    for version, environment in ((1, None), (2, "prod")):
+        [event] = SECRETS.decide(state, sealed_set("token", environment, version), context(version))
+        state = SECRETS.evolve(state, event)
+    rewrap = RewrapSecret(name="token", version=1, from_key_id="k1", key_id="k2", wrapped_key=b"wrapped-by-k2")
+    [rewrapped] = SECRETS.decide(state, rewrap, context(3))
+    assert isinstance(rewrapped, SecretVersionRewrapped) and decode_event(encode_event(rewrapped)) == rewrapped
+    after = SECRETS.evolve(state, rewrapped)
+    one, two = after.by_name["token"]
+    assert (one.key_id, one.wrapped_key, one.ciphertext) == ("k2", b"wrapped-by-k2", b"token:1")
+    assert two == state.by_name["token"][1] and after.next_version("token") == 3
+    assert public_view(rewrapped)["wrapped_key"] == REDACTED
+    with pytest.raises(AlreadyRewrapped, match="sealed by master key k2 now, not k1"):
+        SECRETS.decide(after, rewrap, context(4))
+    with pytest.raises(NotFound):
+        SECRETS.decide(after, msgspec.structs.replace(rewrap, version=9), context(4))
+    assert SECRETS.evolve(after, rewrapped) == after, "folding it again changes nothing"
 
 
 def test_the_ciphertext_of_a_version_never_leaves_the_log() -> None:
