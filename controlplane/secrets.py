@@ -58,9 +58,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     rewrap = secrets.add_parser(
         "rewrap",
         help="after a master key rotation, wrap every version with the gateway's current key (admin)",
-        description="Every version still sealed by a previous master key (CP_SECRETS_PREVIOUS_KEYS) gets its "
-        "data key wrapped by the current one (CP_SECRETS_KEY); then the previous key can be retired. Safe to "
-        "run again. Exits 1 if a version could not be opened (sealed by a key the gateway does not hold).",
+        description="Every secret version and notification channel credential still sealed by a previous master "
+        "key (CP_SECRETS_PREVIOUS_KEYS) is wrapped by the current one (CP_SECRETS_KEY); then the previous key "
+        "can be retired. Safe to run again. Exits 1 if something could not be opened (sealed by a key the "
+        "gateway does not hold).",
     )
     _gateway_args(rewrap)
     rewrap.set_defaults(run=_rewrap_secrets)
@@ -138,9 +139,13 @@ def _rewrap_secrets(args: argparse.Namespace) -> int:
     print(f"re-wrapped {len(answer['rewrapped'])} version(s) with master key {answer['key_id']}")
     for item in answer["rewrapped"]:
         print(f"  {item['name']} version {item['version']} (was {item['from_key_id']})")
+    for item in answer["channels"]["rewrapped"]:
+        print(f"  notification channel {item['name']} ({', '.join(item['fields'])})")
     for item in answer["unreadable"]:
         print(f"  not re-wrapped: {item['name']} version {item['version']}: {item['reason']}", file=sys.stderr)
-    return 1 if answer["unreadable"] else 0
+    for item in answer["channels"]["unreadable"]:
+        print(f"  not re-wrapped: notification channel {item['name']}: {item['reason']}", file=sys.stderr)
+    return 1 if answer["unreadable"] or answer["channels"]["unreadable"] else 0
 
 
 def _config_path(args: argparse.Namespace) -> str:

@@ -156,6 +156,13 @@ class SecretBox:
         key_id, wrapped_key, nonce, ciphertext = self.seal(org, purpose, 1, None, value)
         return SealedText(key_id=key_id, wrapped_key=wrapped_key, nonce=nonce, ciphertext=ciphertext)
 
+    def rewrap_text(self, org: str, purpose: str, sealed: SealedText) -> SealedText:
+        """``sealed`` (of :meth:`seal_text`) wrapped by the sealing key, as :meth:`rewrap` does."""
+        moved = self.rewrap(
+            org, purpose, 1, None, Sealed(sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext)
+        )
+        return SealedText(*moved)
+
     def open_text(self, org: str, purpose: str, sealed: SealedText) -> str:
         return self.open(
             org, purpose, 1, None, Sealed(sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext)

@@ -23,6 +23,7 @@ from gateway import (
     openapi,
     policy_bundles,
     queues,
+    rewrap,
     schedules,
     secrets,
     streams,
@@ -436,9 +437,9 @@ ROUTES: list[BaseRoute] = [
     ApiRoute(
         "POST",
         "/v1/secrets/rewrap",
-        secrets.rewrap_secrets,
-        "After a master key rotation, wrap every version's data key with the current key "
-        "(the values stay sealed; never in the answer)",
+        rewrap.rewrap,
+        "After a master key rotation, wrap everything a previous key sealed (secrets' versions, notification "
+        "channels' credentials) with the current key; never a value in the answer",
         permission="admin",
     ),
     ApiRoute(

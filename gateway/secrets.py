@@ -1,6 +1,5 @@
 """Secrets endpoints. An admin sets a secret (``PUT /v1/secrets/{name}``, org-wide or for one
-environment; write-only), lists names and versions (``GET /v1/secrets``) and, after a master key
-rotation, re-wraps every version under the new key (``POST /v1/secrets/rewrap``); a worker reads one for the
+environment; write-only) and lists names and versions (``GET /v1/secrets``); a worker reads one for the
 task whose lease it holds (``POST /v1/tasks/{task_id}/secrets/{name}``), and each read is recorded on
 the task as ``SecretRead`` (who, which secret and version, which task).
 
@@ -15,7 +14,6 @@ open) read the log, always fresh."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
@@ -23,18 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from application.bodies import SecretBody, SecretReadBody
-from application.idempotency import derived_id
-from core.domain.commands import SECRET_NAME_PATTERN, ReadSecret, RewrapSecret, SetSecret
+from core.domain.commands import SECRET_NAME_PATTERN, ReadSecret, SetSecret
 from core.domain.events import SecretRead, SecretVersionSet
 from core.domain.ids import whole
-from core.domain.secrets import (
-    SECRETS_AGGREGATE,
-    SECRETS_ID,
-    AlreadyRewrapped,
-    Secrets,
-    SecretScope,
-    VersionTaken,
-)
+from core.domain.secrets import SECRETS_AGGREGATE, SECRETS_ID, Secrets, SecretScope, VersionTaken
 from core.domain.task import Task
 from core.secret_box import HOW_TO_SET, Sealed, SecretBox, SecretUnreadable
 from gateway.http import body, command_id, handled, json, path_id, principal, read_after, services
@@ -144,45 +134,6 @@ async def read_secret(request: Request) -> Response:
     assert isinstance(read, SecretRead)
     value, environment = _opened(box, who.org, secrets, read)
     return json({"name": name, "version": read.version, "environment": environment, "value": value, "seq": outcome.seq})
-
-
-async def rewrap_secrets(request: Request) -> Response:
-    """After a master key rotation: every version of the org's secrets still sealed by a previous key
-    gets its data key wrapped by the current one (``SecretVersionRewrapped``), so the previous key can
-    be retired. Answers what it re-wrapped and what it could not open (sealed by a key this gateway does
-    not hold, or altered), never a value. Sent again, it re-wraps what is left."""
-    who = await principal(request, "admin")
-    svc = services(request)
-    box = required_box(svc)
-    secrets, _ = await svc.handler.load(who.org, SECRETS_AGGREGATE, SECRETS_ID)
-    rewrapped: list[dict[str, Any]] = []
-    unreadable: list[dict[str, Any]] = []
-    for versions in secrets.by_name.values():
-        for found in versions:
-            if found.key_id == box.key_id:
-                continue
-            sealed = Sealed(found.key_id, found.wrapped_key, found.nonce, found.ciphertext)
-            try:
-                moved = box.rewrap(who.org, found.name, found.version, found.environment, sealed)
-            except SecretUnreadable as exc:
-                unreadable.append({"name": found.name, "version": found.version, "reason": str(exc)})
-                continue
-            command = RewrapSecret(
-                name=found.name,
-                version=found.version,
-                from_key_id=found.key_id,
-                key_id=moved.key_id,
-                wrapped_key=moved.wrapped_key,
-            )
-            with contextlib.suppress(AlreadyRewrapped):  # another gateway's re-wrap came first
-                await svc.handler.handle(
-                    who.org,
-                    command,
-                    actor=who.actor,
-                    command_id=derived_id(who.org, "secret-rewrap", found.name, str(found.version), box.key_id),
-                )
-            rewrapped.append({"name": found.name, "version": found.version, "from_key_id": found.key_id})
-    return json({"key_id": box.key_id, "rewrapped": rewrapped, "unreadable": unreadable})
 
 
 def _opened(box: SecretBox, org: str, secrets: Secrets, read: SecretRead) -> tuple[str, str | None]:

@@ -528,6 +528,16 @@ class DefineNotificationChannel(Command, frozen=True, kw_only=True):
     """``url`` and ``secret`` sealed by the gateway: what the log gets (the command itself is never stored)."""
 
 
+class RewrapNotificationChannel(Command, frozen=True, kw_only=True):
+    """The channel ``name`` as defined at ``defined_at``, its sealed ``url`` and ``secret`` wrapped again
+    by the current master key (a rotation's re-wrap). Refused if the channel was defined again since."""
+
+    name: ChannelName
+    defined_at: datetime
+    url: SealedText | None
+    secret: SealedText | None
+
+
 class DeleteNotificationChannel(Command, frozen=True, kw_only=True):
     name: ChannelName
 

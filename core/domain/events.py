@@ -642,6 +642,18 @@ class NotificationChannelDefined(Event, frozen=True, tag="NotificationChannelDef
     defined_by: str
 
 
+class NotificationChannelRewrapped(Event, frozen=True, tag="NotificationChannelRewrapped"):
+    """The channel ``name`` as defined at ``defined_at`` had its sealed ``url`` and ``secret`` wrapped
+    again by the current master key (a rotation): the same values, which the new key opens from now on."""
+
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"url", "secret"})
+    name: str
+    defined_at: datetime
+    url: SealedText | None
+    secret: SealedText | None
+    by: str
+
+
 class NotificationChannelDeleted(Event, frozen=True, tag="NotificationChannelDeleted"):
     name: str
     deleted_by: str
@@ -806,7 +818,11 @@ ScheduleEvent = (
     ScheduleCreated | SchedulePaused | ScheduleResumed | ScheduleFired | ScheduleRunRecorded | ScheduleDeleted
 )
 NotificationConfigEvent = (
-    NotificationChannelDefined | NotificationChannelDeleted | NotificationRuleDefined | NotificationRuleDeleted
+    NotificationChannelDefined
+    | NotificationChannelRewrapped
+    | NotificationChannelDeleted
+    | NotificationRuleDefined
+    | NotificationRuleDeleted
 )
 NotificationEvent = NotificationSent | NotificationDeadLettered
 WorkerConfigEvent = WorkerConfigSet

@@ -33,6 +33,7 @@ from core.domain.commands import (
     DeleteNotificationChannel,
     DeleteNotificationRule,
     RecordNotification,
+    RewrapNotificationChannel,
 )
 from core.domain.decider import Decider, DecisionContext, no_timers
 from core.domain.errors import AlreadyExists, InvalidCommand, NotFound, Rejected
@@ -41,6 +42,7 @@ from core.domain.events import (
     Event,
     NotificationChannelDefined,
     NotificationChannelDeleted,
+    NotificationChannelRewrapped,
     NotificationDeadLettered,
     NotificationRuleDefined,
     NotificationRuleDeleted,
@@ -127,6 +129,10 @@ class ChannelInUse(Rejected):
 
 class TooMany(Rejected):
     pass
+
+
+class ChannelRedefined(Rejected):
+    """The channel a re-wrap read was deleted or defined again since: its re-wrapped values are stale."""
 
 
 def check_channel_url(url: str) -> str:
@@ -222,6 +228,23 @@ def _decide_settings(state: NotificationSettings, command: Command, ctx: Decisio
                     defined_by=ctx.actor.id,
                 )
             ]
+        case RewrapNotificationChannel():
+            current = state.channels.get(command.name)
+            if current is None or current.updated_at != command.defined_at:
+                raise ChannelRedefined(
+                    f"notification channel {command.name} was deleted or defined again since it was read; "
+                    "read it again to re-wrap it"
+                )
+            return [
+                NotificationChannelRewrapped(
+                    at=ctx.now,
+                    name=command.name,
+                    defined_at=command.defined_at,
+                    url=command.url,
+                    secret=command.secret,
+                    by=ctx.actor.id,
+                )
+            ]
         case DeleteNotificationChannel():
             if command.name not in state.channels:
                 raise NotFound(f"notification channel {command.name} not found")
@@ -277,6 +300,12 @@ def _evolve_settings(state: NotificationSettings, event: Event) -> NotificationS
                 defined_by=event.defined_by,
             )
             return msgspec.structs.replace(state, channels={**state.channels, event.name: channel})
+        case NotificationChannelRewrapped():
+            current = state.channels.get(event.name)
+            if current is None or current.updated_at != event.defined_at:
+                return state
+            rewrapped = msgspec.structs.replace(current, url=event.url, secret=event.secret)
+            return msgspec.structs.replace(state, channels={**state.channels, event.name: rewrapped})
         case NotificationChannelDeleted() if event.name in state.channels:
             kept = {name: channel for name, channel in state.channels.items() if name != event.name}
             return msgspec.structs.replace(state, channels=kept)
@@ -300,7 +329,13 @@ def _evolve_settings(state: NotificationSettings, event: Event) -> NotificationS
 
 NOTIFICATIONS = Decider[NotificationSettings](
     aggregate=NOTIFICATIONS_AGGREGATE,
-    commands=(DefineNotificationChannel, DeleteNotificationChannel, DefineNotificationRule, DeleteNotificationRule),
+    commands=(
+        DefineNotificationChannel,
+        RewrapNotificationChannel,
+        DeleteNotificationChannel,
+        DefineNotificationRule,
+        DeleteNotificationRule,
+    ),
     initial=NotificationSettings(),
     decide=_decide_settings,
     evolve=_evolve_settings,

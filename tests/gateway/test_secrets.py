@@ -225,8 +225,9 @@ async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_le
 ) -> None:
     """The gateway restarted with a new ``CP_SECRETS_KEY`` and the old one in
     ``CP_SECRETS_PREVIOUS_KEYS``: a task pinned to a version sealed by the old key still reads it, and the
-    next version is sealed by the new key. ``POST /v1/secrets/rewrap`` wraps the old version's data key
-    with the new key; then a gateway without the old key reads it too. A gateway holding neither answers
+    next version is sealed by the new key. ``POST /v1/secrets/rewrap`` wraps the old version's data key,
+    and a notification channel's sealed URL and secret, with the new key; then a gateway without the old
+    key reads them too. A gateway holding neither answers
     503 naming the key a version needs, and its re-wrap lists what it could not open; never a value."""
     org, keys = await new_org(stack)
     old, new = clear_value(), clear_value()
@@ -234,8 +235,10 @@ async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_le
     assert before is not None
     new_key = base64.b64decode(generate_key_text())
     rotated = SecretBox(new_key, [base64.b64decode(stack.secrets_key)])
+    hook = {"name": "hook", "kind": "webhook", "url": f"https://in.example.com/{old}", "secret": "whsec_c2VjcmV0"}
     async with client(stack, keys["admin"]) as admin, client(stack, keys["worker"]) as worker:
         await put_secret(admin, "token", old)
+        assert (await admin.post("/v1/notification-channels", json=hook)).status_code == 201
         task_id, lease = await claimed(worker, admin, queue())
 
         async def read() -> httpx.Response:
@@ -254,8 +257,10 @@ async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_le
                 "key_id": rotated.key_id,
                 "rewrapped": [{"name": "token", "version": 1, "from_key_id": before.key_id}],
                 "unreadable": [],
+                "channels": {"rewrapped": [{"name": "hook", "fields": ["url", "secret"]}], "unreadable": []},
             }
-            assert (await admin.post("/v1/secrets/rewrap")).json()["rewrapped"] == [], "nothing is left to move"
+            again = (await admin.post("/v1/secrets/rewrap")).json()
+            assert again["rewrapped"] == again["channels"]["rewrapped"] == [], "nothing is left to move"
             history = await stack.services.store.read_subject(aggregate_subject(org, "secrets", "all"))
             assert [type(item.event).__name__ for item in history] == [
                 "SecretVersionSet",
@@ -264,8 +269,12 @@ async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_le
             ]
             assert old.encode() not in b"".join(item.event.wrapped_key for item in history)
 
-            stack.services.secret_box = SecretBox(new_key)  # the old key retired
+            stack.services.secret_box = retired = SecretBox(new_key)  # the old key retired
             assert (await read()).json()["value"] == old
+            settings, _ = await stack.services.handler.load(org, "notifications", "all")
+            url, secret = settings.channels["hook"].url, settings.channels["hook"].secret
+            assert retired.open_text(org, "notification-channel/hook/url", url) == hook["url"]
+            assert retired.open_text(org, "notification-channel/hook/secret", secret) == hook["secret"]
 
             stack.services.secret_box = SecretBox(base64.b64decode(generate_key_text()))  # the wrong key
             refused = problem(await read(), 503)
@@ -275,6 +284,7 @@ async def test_a_master_key_rotation_keeps_old_versions_readable_and_a_rewrap_le
                 (1, True),
                 (2, True),
             ]
+            assert [item["name"] for item in stuck["channels"]["unreadable"]] == ["hook"]
             assert old not in str(stuck) and new not in str(stuck)
         finally:
             stack.services.secret_box = before

@@ -23,6 +23,7 @@ from core.domain.commands import (
     DeleteNotificationRule,
     RecordNotification,
     RequestApproval,
+    RewrapNotificationChannel,
     SmtpSpec,
     SubmitTask,
 )
@@ -34,6 +35,7 @@ from core.domain.events import (
     Escalation,
     Event,
     NotificationChannelDefined,
+    NotificationChannelRewrapped,
     PolicyDecision,
     SealedText,
     WorkflowRef,
@@ -47,6 +49,7 @@ from core.domain.notifications import (
     NOTIFICATIONS,
     AlreadyRecorded,
     ChannelInUse,
+    ChannelRedefined,
     NotificationSettings,
     check_channel_url,
     notification_id,
@@ -200,6 +203,39 @@ def test_a_channels_url_and_secret_reach_the_log_only_sealed_and_open_only_for_t
         BOX.open_text("acme", sealing_purpose("other", "url"), event.url)
     with pytest.raises(SecretUnreadable):
         BOX.open_text("globex", sealing_purpose("hook", "url"), event.url)
+
+
+def test_a_rewrap_moves_a_channels_sealed_fields_to_the_new_key_unless_it_was_defined_again() -> None:
+    url, secret = "https://hooks.example.com/services/T0/B0/tok3n", "whsec_c2VjcmV0"
+    command = sealed(DefineNotificationChannel(name="hook", kind="webhook", url=url, secret=secret))
+    [defined] = NOTIFICATIONS.decide(NOTIFICATIONS.initial, command, context())
+    state = NOTIFICATIONS.evolve(NOTIFICATIONS.initial, defined)
+    channel = state.channels["hook"]
+    assert channel.url is not None and channel.secret is not None
+    rotated = SecretBox(b"\x01" * 32, [bytes(32)])
+    rewrap = RewrapNotificationChannel(
+        name="hook",
+        defined_at=channel.updated_at,
+        url=rotated.rewrap_text("acme", sealing_purpose("hook", "url"), channel.url),
+        secret=rotated.rewrap_text("acme", sealing_purpose("hook", "secret"), channel.secret),
+    )
+    [rewrapped] = NOTIFICATIONS.decide(state, rewrap, context(1))
+    assert isinstance(rewrapped, NotificationChannelRewrapped)
+    assert decode_event(encode_event(rewrapped)) == rewrapped
+    assert (public_event(rewrapped).url, public_event(rewrapped).secret) == (REDACTED, REDACTED)
+    after = NOTIFICATIONS.evolve(state, rewrapped)
+    moved = after.channels["hook"]
+    assert moved == msgspec.structs.replace(channel, url=rewrap.url, secret=rewrap.secret)
+    assert moved.url is not None and moved.secret is not None
+    retired = SecretBox(b"\x01" * 32)  # the old key gone: the new one alone opens them
+    assert retired.open_text("acme", sealing_purpose("hook", "url"), moved.url) == url
+    assert retired.open_text("acme", sealing_purpose("hook", "secret"), moved.secret) == secret
+
+    [again] = NOTIFICATIONS.decide(after, msgspec.structs.replace(command, replace=True), context(2))
+    redefined = NOTIFICATIONS.evolve(after, again)
+    with pytest.raises(ChannelRedefined, match="defined again"):
+        NOTIFICATIONS.decide(redefined, rewrap, context(3))
+    assert NOTIFICATIONS.evolve(redefined, rewrapped) == redefined, "a stale re-wrap folds as nothing"
 
 
 def test_check_channel_url_takes_http_and_https_with_a_host_only() -> None:
