@@ -10,10 +10,10 @@ the gateway's memory.
 Rotating the master key: the new key goes in ``CP_SECRETS_KEY`` and seals everything from then on;
 the keys it replaces go in ``CP_SECRETS_PREVIOUS_KEYS`` (comma-separated), which open what they sealed
 and seal nothing. Every sealed value names its key's id, so the box picks the key that opens it, and
-a value sealed by a key the box does not hold is refused saying which key it needs. A previous key can
-be dropped once nothing still read is sealed by it: each secret set again (a new version, sealed by
-the new key), the tasks pinned to older versions ended, and each notification channel's credentials
-set again."""
+a value sealed by a key the box does not hold is refused saying which key it needs. :meth:`rewrap`
+wraps a sealed value's data key with the sealing key, leaving its ciphertext as it is
+(``POST /v1/secrets/rewrap`` does so for everything an org has sealed): once nothing is left under a
+previous key, that key can be dropped."""
 
 from __future__ import annotations
 
