@@ -16,11 +16,9 @@ from starlette.responses import Response
 from application.idempotency import derived_id
 from application.principal import Principal
 from core.domain.commands import RewrapNotificationChannel, RewrapSecret
-from core.domain.events import SealedText
 from core.domain.notifications import (
     NOTIFICATIONS_AGGREGATE,
     NOTIFICATIONS_ID,
-    Channel,
     ChannelRedefined,
     sealing_purpose,
 )
@@ -86,16 +84,21 @@ async def _channels(svc: Services, who: Principal, box: SecretBox) -> tuple[List
     rewrapped: Listed = []
     unreadable: Listed = []
     for channel in settings.channels.values():
-        fields = [name for name, sealed in _sealed_fields(channel) if sealed.key_id != box.key_id]
+        sealed_fields = {"url": channel.url, "secret": channel.secret}
+        fields = [name for name, sealed in sealed_fields.items() if sealed is not None and sealed.key_id != box.key_id]
         if not fields:
             continue
         try:
-            url = _rewrapped(box, who.org, channel.name, "url", channel.url)
-            secret = _rewrapped(box, who.org, channel.name, "secret", channel.secret)
+            moved = {
+                name: None if sealed is None else box.rewrap_text(who.org, sealing_purpose(channel.name, name), sealed)
+                for name, sealed in sealed_fields.items()
+            }
         except SecretUnreadable as exc:
             unreadable.append({"name": channel.name, "reason": str(exc)})
             continue
-        command = RewrapNotificationChannel(name=channel.name, defined_at=channel.updated_at, url=url, secret=secret)
+        command = RewrapNotificationChannel(
+            name=channel.name, defined_at=channel.updated_at, url=moved["url"], secret=moved["secret"]
+        )
         with contextlib.suppress(ChannelRedefined):  # defined again meanwhile: by the current key
             await svc.handler.handle(
                 who.org,
@@ -107,11 +110,3 @@ async def _channels(svc: Services, who: Principal, box: SecretBox) -> tuple[List
             )
         rewrapped.append({"name": channel.name, "fields": fields})
     return rewrapped, unreadable
-
-
-def _sealed_fields(channel: Channel) -> list[tuple[str, SealedText]]:
-    return [(name, sealed) for name, sealed in (("url", channel.url), ("secret", channel.secret)) if sealed is not None]
-
-
-def _rewrapped(box: SecretBox, org: str, channel: str, field: str, sealed: SealedText | None) -> SealedText | None:
-    return None if sealed is None else box.rewrap_text(org, sealing_purpose(channel, field), sealed)

@@ -34,7 +34,7 @@ from core.domain.events import ScheduleFired, UnknownEvent, decode_event
 from core.domain.schedules import SCHEDULE_AGGREGATE, SCHEDULE_FIRES, FireNotDue, is_due, run_task_id
 from core.domain.subjects import EVENTS_PREFIX, parse_aggregate_subject
 from core.log.reader import Puller
-from gateway.schedules import Transient, finish_run, run_fire
+from gateway.schedules import SCHEDULER_ACTOR, Transient, finish_run, run_fire
 from gateway.services import Services
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ CONSUMER = "cp_schedule_fires"
 FIRE_SUBJECTS = f"{EVENTS_PREFIX}.*.{SCHEDULE_FIRES}.*"
 LEGACY_CONSUMER = "cp_scheduler"
 """The consumer of releases whose fires landed on the schedule's own subject."""
-UPGRADE_ACTOR = "system:scheduler"
 UPGRADE_RETRY_SECONDS = 30.0
 ACK_WAIT_SECONDS = 10.0
 RETRY_SECONDS = 1.0
@@ -115,7 +114,7 @@ class Scheduler:
             return None
         armed = 0
         for org, schedule_id in schedules:
-            armed += len(await self._svc.handler.rearm(org, SCHEDULE_AGGREGATE, schedule_id, actor=UPGRADE_ACTOR))
+            armed += len(await self._svc.handler.rearm(org, SCHEDULE_AGGREGATE, schedule_id, actor=SCHEDULER_ACTOR.id))
         with contextlib.suppress(NotFoundError):  # another gateway upgraded at the same time
             await js.delete_consumer(self._svc.store.stream, LEGACY_CONSUMER)
         log.info("scheduler: %d schedules' fires moved to their fire subjects (%d timers armed)", len(schedules), armed)

@@ -290,8 +290,10 @@ async def run_fire(
 
 async def finish_run(svc: Services, org: str, schedule_id: str, task_id: str) -> bool:
     """Carry out the run an earlier attempt recorded for the fire whose task is ``task_id`` and
-    stopped before doing (a crash between the record and the submit). False if no run is recorded."""
-    recorded = await svc.handler.outcome_of(org, SCHEDULE_AGGREGATE, schedule_id, _run_command_id(task_id))
+    stopped before doing (a crash between the record and the submit). False if no run is recorded.
+    The schedule is taken as the handler last read it: the caller has just read it from the log."""
+    command_id = _run_command_id(task_id)
+    recorded = await svc.handler.outcome_of(org, SCHEDULE_AGGREGATE, schedule_id, command_id, refresh=False)
     if recorded is None:
         return False
     await _carry_out(svc, org, recorded, None)

@@ -339,11 +339,16 @@ class CommandHandler:
         loaded = await self._refreshed(org, aggregate, aggregate_id)
         return loaded.state, loaded.last_seq
 
-    async def outcome_of(self, org: str, aggregate: str, aggregate_id: str, command_id: str) -> Outcome | None:
+    async def outcome_of(
+        self, org: str, aggregate: str, aggregate_id: str, command_id: str, *, refresh: bool = True
+    ) -> Outcome | None:
         """What the command ``command_id`` recorded on the aggregate, as the log holds it now (None if it
-        recorded nothing there): for a process finishing what an earlier attempt at that command began."""
+        recorded nothing there): for a process finishing what an earlier attempt at that command began.
+        ``refresh=False``: as this handler last read it, for a caller that has just read it."""
         decider = self._decider_named(aggregate)
-        return (await self._refreshed(org, aggregate, aggregate_id)).outcome_of(decider, command_id)
+        subject = aggregate_subject(org, aggregate, aggregate_id)
+        async with self._lock(subject):
+            return (await self._load(subject, decider, refresh=refresh)).outcome_of(decider, command_id)
 
     async def history(self, org: str, aggregate: str, aggregate_id: str) -> list[RecordedEvent]:
         return list((await self._refreshed(org, aggregate, aggregate_id)).history)
@@ -445,6 +450,6 @@ def timer_schedule(subject: str, timer: Timer, definition: str | None = None) ->
 def timer_subject(subject: str, timer: Timer) -> str:
     """One schedule subject per distinct timer: a racing command can never overwrite the timer of the
     command that won, because equal subjects mean equal timers (where a timer fires is part of it)."""
-    identity = encode_event(timer.event) if timer.into is None else encode_event(timer.event) + timer.into.encode()
+    identity = encode_event(timer.event) + (timer.into or "").encode()
     digest = hashlib.blake2b(identity, digest_size=6).hexdigest()
     return schedule_subject(subject, f"{timer.key}-{digest}")
